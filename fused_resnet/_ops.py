@@ -1,0 +1,274 @@
+"""The fused op registered with torch.library, with fake implementations and autograd.
+
+Three ops, one name family:
+  fused_resnet::batch_stats                 per-channel (mean, biased var) of x
+  fused_resnet::bn_relu_conv2d              y = conv(relu(x*scale+shift)) + bias + residual [+ stats of y]
+  fused_resnet::bn_relu_conv2d_backward     (dx, dW, dgamma, dbeta) from dL/dy, recomputing relu(bn(x))
+
+The BN statistics enter the conv op as detached inputs with a flag `batch_stats` saying whether they
+are x's own batch statistics; its backward then applies the full BN-backward formula, so the
+statistics need no autograd node of their own and the op stays a plain functional (non-mutating) op
+that torch.compile treats as one opaque node. Running-buffer updates happen outside, in functional.py.
+
+Each op takes a `backend` string ("reference" or "triton") and runs that implementation.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._layout import memory_format_of
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _affine(mean, invstd, gamma, beta):
+    """Per-channel scale/shift so that bn(x) = x*scale + shift (accumulation dtype)."""
+    scale = invstd * gamma.to(invstd.dtype) if gamma is not None else invstd.clone()
+    shift = -mean * scale
+    if beta is not None:
+        shift = shift + beta.to(invstd.dtype)
+    return scale.contiguous(), shift.contiguous()
+
+
+def _empty(like):
+    return like.new_empty((0,))
+
+
+# ---------------------------------------------------------------- reference implementations
+# Plain PyTorch, used for CPU tensors and where Triton cannot run. Padding is applied explicitly so
+# that asymmetric ("same") padding and any requested output size are honoured exactly.
+
+def _pad_for(h, w, weight, stride, padding, dilation, out_size):
+    kh, kw = weight.shape[2], weight.shape[3]
+    need_h = (out_size[0] - 1) * stride[0] + dilation[0] * (kh - 1) + 1
+    need_w = (out_size[1] - 1) * stride[1] + dilation[1] * (kw - 1) + 1
+    return (padding[1], need_w - w - padding[1], padding[0], need_h - h - padding[0])
+
+
+def _ref_conv(a, weight, stride, padding, dilation, out_size, groups):
+    a = F.pad(a, _pad_for(a.shape[2], a.shape[3], weight, stride, padding, dilation, out_size))
+    return F.conv2d(a, weight, None, stride, 0, dilation, groups)
+
+
+def _ref_preact(x, mean, invstd, gamma, beta):
+    c = x.shape[1]
+    scale, shift = _affine(mean, invstd, gamma, beta)
+    a = torch.relu(x.to(scale.dtype) * scale.view(1, c, 1, 1) + shift.view(1, c, 1, 1))
+    return a.to(x.dtype)
+
+
+def _ref_forward(x, weight, bias, gamma, beta, mean, invstd, residual, stride, padding, dilation,
+                 out_size, groups):
+    y = _ref_conv(_ref_preact(x, mean, invstd, gamma, beta), weight, stride, padding, dilation,
+                  out_size, groups)
+    if bias is not None:
+        y = y + bias.view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual
+    return y
+
+
+def _ref_backward(grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, eps, stride, padding,
+                  dilation, groups, needs):
+    """The DESIGN.md backward formulas in PyTorch ops, recomputing a from x (a is never stored).
+
+    Autograd is off inside a custom op's implementation, so this spells the math out: conv backward
+    (aten.convolution_backward) for ga and dW, then the ReLU mask and BN backward by hand.
+    """
+    acc = _acc(x.dtype)
+    c = x.shape[1]
+    need_dx, need_dw, need_dg, need_db = needs
+    scale, shift = _affine(mean, invstd, gamma, beta)
+    xf = x.to(acc)
+    pre = xf * scale.view(1, c, 1, 1) + shift.view(1, c, 1, 1)
+    pads = _pad_for(x.shape[2], x.shape[3], weight, stride, padding, dilation, grad_y.shape[2:])
+    a = F.pad(torch.relu(pre).to(x.dtype), pads)
+    need_ga = need_dx or need_dg or need_db
+    ga, dw, _ = torch.ops.aten.convolution_backward(
+        grad_y, a, weight, None, list(stride), [0, 0], list(dilation), False, [0, 0], groups,
+        [need_ga, need_dw, False])
+    dx = dgamma = dbeta = None
+    if need_ga:
+        ga = F.pad(ga, [-p for p in pads])  # adjoint of the padding: crop what was padded
+        gm = ga.to(acc) * (pre > 0)
+        xhat = (xf - mean.view(1, c, 1, 1)) * invstd.view(1, c, 1, 1)
+        s1 = gm.sum((0, 2, 3))
+        s2 = (gm * xhat).sum((0, 2, 3))
+        dgamma = s2 if need_dg else None
+        dbeta = s1 if need_db else None
+        if need_dx:
+            if batch_stats:
+                m = x.numel() // c
+                k = invstd * gamma.to(acc) if gamma is not None else invstd
+                dx = k.view(1, c, 1, 1) * (gm - (s1 / m).view(1, c, 1, 1) - xhat * (s2 / m).view(1, c, 1, 1))
+            else:
+                dx = gm * scale.view(1, c, 1, 1)
+    return dx, (dw if need_dw else None), dgamma, dbeta
+
+
+# ---------------------------------------------------------------- triton implementations
+
+def _triton():
+    from . import triton as ft  # imported lazily: importing fused_resnet must not need triton
+
+    return ft
+
+
+def _triton_forward(x, weight, bias, gamma, beta, mean, invstd, residual, stride, padding, dilation,
+                    out_size, out_stats):
+    scale, shift = _affine(mean, invstd, gamma, beta)
+    y = torch.empty((x.shape[0], weight.shape[0], *out_size), dtype=x.dtype, device=x.device,
+                    memory_format=memory_format_of(x))
+    stats = _triton().conv_forward(x, weight, bias, scale, shift, residual, y, stride, padding,
+                                   dilation, out_stats=out_stats)
+    return y, stats
+
+
+def _triton_backward(grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, stride, padding,
+                     dilation, needs):
+    ft = _triton()
+    scale, shift = _affine(mean, invstd, gamma, beta)
+    dx = dw = dgamma = dbeta = None
+    need_dx, need_dw, need_dg, need_db = needs
+    if need_dx or need_dg or need_db:
+        dx, s1, s2 = ft.conv_dgrad_bn(grad_y, x, weight, scale, shift, mean, invstd, gamma,
+                                      batch_stats and need_dx, need_dg or need_db, stride, padding,
+                                      dilation)
+        dx = dx if need_dx else None
+        dgamma = s2 if need_dg else None
+        dbeta = s1 if need_db else None
+    if need_dw:
+        dw = ft.conv_wgrad(grad_y, x, weight.shape, scale, shift, stride, padding, dilation)
+    return dx, dw, dgamma, dbeta
+
+
+# ---------------------------------------------------------------- the registered ops
+
+@torch.library.custom_op("fused_resnet::batch_stats", mutates_args=())
+def batch_stats(x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    """Per-channel (mean, biased variance) of x over N, H, W, in float32 (float64 for float64 x)."""
+    if backend == "triton":
+        return _triton().channel_stats(x)
+    var, mean = torch.var_mean(x.to(_acc(x.dtype)), dim=(0, 2, 3), unbiased=False)
+    return mean, var
+
+
+@batch_stats.register_fake
+def _(x, backend):
+    c = x.shape[1]
+    return x.new_empty((c,), dtype=_acc(x.dtype)), x.new_empty((c,), dtype=_acc(x.dtype))
+
+
+@torch.library.custom_op("fused_resnet::bn_relu_conv2d", mutates_args=())
+def bn_relu_conv2d_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor], mean: Tensor, invstd: Tensor, residual: Optional[Tensor],
+    batch_stats: bool, eps: float, stride: List[int], padding: List[int], dilation: List[int],
+    out_size: List[int], groups: int, out_stats: bool, backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (y, mean_y, var_y); the last two are per-channel statistics of y when out_stats,
+    else empty. They are for the next BN's forward and carry no gradient."""
+    if backend == "triton":
+        y, stats = _triton_forward(x, weight, bias, bn_weight, bn_bias, mean, invstd, residual,
+                                   stride, padding, dilation, out_size, out_stats)
+    else:
+        y = _ref_forward(x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, stride,
+                         padding, dilation, out_size, groups)
+        y = y.contiguous(memory_format=memory_format_of(x))
+        stats = None
+        if out_stats:
+            var, mu = torch.var_mean(y.to(_acc(y.dtype)), dim=(0, 2, 3), unbiased=False)
+            stats = (mu, var)
+    if stats is None:
+        return y, _empty(mean), _empty(mean)
+    return y, stats[0], stats[1]
+
+
+@bn_relu_conv2d_op.register_fake
+def _(x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, batch_stats, eps, stride, padding,
+      dilation, out_size, groups, out_stats, backend):
+    y = torch.empty((x.shape[0], weight.shape[0], *out_size), dtype=x.dtype, device=x.device,
+                    memory_format=memory_format_of(x))
+    k = weight.shape[0] if out_stats else 0
+    return y, mean.new_empty((k,)), mean.new_empty((k,))
+
+
+@torch.library.custom_op("fused_resnet::bn_relu_conv2d_backward", mutates_args=())
+def bn_relu_conv2d_backward_op(
+    grad_y: Tensor, x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+    mean: Tensor, invstd: Tensor, batch_stats: bool, eps: float, stride: List[int], padding: List[int],
+    dilation: List[int], groups: int, needs: List[bool], backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dW, dgamma, dbeta); an entry whose `needs` flag is False comes back empty."""
+    needs = list(needs)
+    needs[2] = needs[2] and bn_weight is not None
+    needs[3] = needs[3] and bn_bias is not None
+    if backend == "triton":
+        grads = _triton_backward(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats,
+                                 stride, padding, dilation, needs)
+    else:
+        grads = _ref_backward(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps,
+                              stride, padding, dilation, groups, needs)
+    like = (x, weight, bn_weight, bn_bias)
+    out = []
+    for g, ref in zip(grads, like):
+        if g is None:
+            out.append(_empty(x))
+        else:
+            g = g.to(ref.dtype)
+            out.append(g.contiguous(memory_format=memory_format_of(ref)) if g.dim() == 4 else g.contiguous())
+    return tuple(out)
+
+
+@bn_relu_conv2d_backward_op.register_fake
+def _(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps, stride, padding, dilation,
+      groups, needs, backend):
+    def like(t, need):
+        if not need or t is None:
+            return x.new_empty((0,))
+        return torch.empty_like(t, memory_format=memory_format_of(t)) if t.dim() == 4 else torch.empty_like(t)
+
+    return (like(x, needs[0]), like(weight, needs[1]), like(bn_weight, needs[2]), like(bn_bias, needs[3]))
+
+
+# ---------------------------------------------------------------- autograd
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, batch_stats, eps, stride, padding,
+     dilation, out_size, groups, out_stats, backend) = inputs
+    ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, invstd)
+    ctx.has_bias = bias is not None
+    ctx.has_residual = residual is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.conv = (batch_stats, eps, list(stride), list(padding), list(dilation), groups, backend)
+
+
+def _backward(ctx, grad_y, grad_mean, grad_var):
+    x, weight, bn_weight, bn_bias, mean, invstd = ctx.saved_tensors
+    batch_stats, eps, stride, padding, dilation, groups, backend = ctx.conv
+    ni = ctx.needs_input_grad
+    needs = [bool(ni[0]), bool(ni[1]), bool(ni[3]), bool(ni[4])]
+    dx = dw = dgamma = dbeta = None
+    if any(needs):
+        grads = bn_relu_conv2d_backward_op(grad_y, x, weight, bn_weight, bn_bias, mean, invstd,
+                                           batch_stats, eps, stride, padding, dilation, groups,
+                                           needs, backend)
+        dx, dw, dgamma, dbeta = (g if need else None for g, need in zip(grads, needs))
+        if dgamma is not None and bn_weight is None:
+            dgamma = None
+        if dbeta is not None and bn_bias is None:
+            dbeta = None
+    dbias = None
+    if ctx.has_bias and ni[2]:
+        dbias = grad_y.sum((0, 2, 3), dtype=_acc(grad_y.dtype)).to(ctx.bias_dtype)
+    dres = grad_y if (ctx.has_residual and ni[7]) else None
+    return (dx, dw, dbias, dgamma, dbeta, None, None, dres) + (None,) * 9
+
+
+torch.library.register_autograd("fused_resnet::bn_relu_conv2d", _backward, setup_context=_setup_context)

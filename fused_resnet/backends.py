@@ -1,0 +1,117 @@
+"""Which backends can run here, why not the others, and which one "auto" picks for a call."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from collections.abc import Mapping
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+CHOICES = ("auto",) + BACKENDS
+
+
+class BackendReport(Mapping):
+    """Maps each backend that can run here to where it runs; `.unavailable` maps the rest to why not.
+
+    Iterating, `in` and `list()` see the available backends only, so `"triton" in available_backends()`
+    answers the question a caller usually has.
+    """
+
+    def __init__(self, available: dict, unavailable: dict):
+        self._available = dict(available)
+        self.unavailable = dict(unavailable)
+
+    def __getitem__(self, name):
+        return self._available[name]
+
+    def __iter__(self):
+        return iter(self._available)
+
+    def __len__(self):
+        return len(self._available)
+
+    def __repr__(self):
+        lines = [f"  {k}: available ({v})" for k, v in self._available.items()]
+        lines += [f"  {k}: unavailable ({v})" for k, v in self.unavailable.items()]
+        return "fused_resnet backends:\n" + "\n".join(lines)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_status():
+    """(can run on CUDA tensors, can run on CPU tensors, reason if neither)."""
+    if importlib.util.find_spec("triton") is None:
+        return False, False, "the triton package is not installed"
+    on_cpu = _interpreting()
+    on_gpu = torch.cuda.is_available() and not on_cpu
+    if on_gpu or on_cpu:
+        return on_gpu, on_cpu, ""
+    return False, False, "no CUDA GPU visible and TRITON_INTERPRET=1 is not set (CPU interpreter off)"
+
+
+def _cuda_status():
+    """(available, reason)."""
+    if importlib.util.find_spec("fused_resnet._C") is None:
+        return False, ("the compiled extension fused_resnet._C is not built (the CUDA kernels have not "
+                       "landed yet; `pip install .` builds them where nvcc and a CUDA torch exist)")
+    if not torch.cuda.is_available():
+        return False, "fused_resnet._C is built but no CUDA GPU is visible"
+    return True, ""
+
+
+def available_backends() -> BackendReport:
+    avail, unavail = {"reference": "plain PyTorch, any device"}, {}
+    on_gpu, on_cpu, why = _triton_status()
+    if on_gpu:
+        avail["triton"] = f"CUDA GPU: {torch.cuda.get_device_name()}"
+    elif on_cpu:
+        avail["triton"] = "CPU tensors through the Triton interpreter (TRITON_INTERPRET=1; slow, for testing)"
+    else:
+        unavail["triton"] = why
+    ok, why = _cuda_status()
+    if ok:
+        avail["cuda"] = f"CUDA GPU: {torch.cuda.get_device_name()}"
+    else:
+        unavail["cuda"] = why
+    return BackendReport(avail, unavail)
+
+
+_warned_groups = False
+
+
+def resolve(backend: str, device: torch.device, groups: int) -> str:
+    """The concrete backend for this call, or an error saying why the requested one cannot run it."""
+    global _warned_groups
+    if backend == "auto":
+        if device.type != "cuda":
+            return "reference"
+        if groups != 1:
+            if not _warned_groups:
+                warnings.warn("fused_resnet: groups != 1 is not fused yet; using the reference backend "
+                              "(this warning is shown once)", stacklevel=3)
+                _warned_groups = True
+            return "reference"
+        if _cuda_status()[0]:
+            return "cuda"
+        if _triton_status()[0]:
+            return "triton"
+        return "reference"
+    if backend == "reference":
+        return backend
+    if groups != 1:
+        raise NotImplementedError(f"backend={backend!r} supports groups=1 only (got groups={groups}); "
+                                  "use backend='auto' or 'reference' for grouped convolutions")
+    if backend == "triton":
+        on_gpu, on_cpu, why = _triton_status()
+        if device.type == "cuda" and on_gpu or device.type == "cpu" and on_cpu:
+            return backend
+        raise RuntimeError(f"backend='triton' cannot run on {device.type} tensors here: "
+                           f"{why or ('CPU tensors need TRITON_INTERPRET=1' if device.type == 'cpu' else 'no CUDA GPU')}")
+    ok, why = _cuda_status()
+    if ok and device.type == "cuda":
+        return backend
+    raise RuntimeError(f"backend='cuda' is not available: {why or 'it runs on CUDA tensors only'}")

@@ -1,0 +1,85 @@
+"""bn_relu_conv2d: validate, pick a backend, get the BN statistics, run the registered op, update buffers."""
+from __future__ import annotations
+
+import torch
+
+from . import _ops
+from ._validate import validate
+from .backends import resolve
+
+
+def bn_relu_conv2d(
+    x,
+    weight,
+    bias=None,
+    *,
+    bn_weight=None,
+    bn_bias=None,
+    running_mean=None,
+    running_var=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    residual=None,
+    backend="auto",
+):
+    """conv2d(relu(batch_norm(x)), weight, bias) (+ residual), fused.
+
+    Same meaning as ``F.conv2d(F.relu(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias,
+    training, momentum, eps)), weight, bias, stride, padding, dilation, groups) (+ residual)``,
+    including the in-place running-statistics update in training mode, without ever storing the
+    activation relu(batch_norm(x)).
+    """
+    y, _, _ = bn_relu_conv2d_with_stats(
+        x, weight, bias, bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean,
+        running_var=running_var, training=training, momentum=momentum, eps=eps, stride=stride,
+        padding=padding, dilation=dilation, groups=groups, residual=residual, backend=backend)
+    return y
+
+
+def bn_relu_conv2d_with_stats(
+    x, weight, bias=None, *, bn_weight=None, bn_bias=None, running_mean=None, running_var=None,
+    training=False, momentum=0.1, eps=1e-5, stride=1, padding=0, dilation=1, groups=1, residual=None,
+    backend="auto", input_stats=None, out_stats=False,
+):
+    """The same op, for chaining fused layers.
+
+    input_stats: (mean, biased var) of x per channel, already known (e.g. from the producer conv's
+        epilogue); used in training instead of a pass over x. Running buffers are still updated here.
+    out_stats: also return the per-channel (mean, biased var) of the output, computed in the conv
+        epilogue, for the next BN. Otherwise the last two results are None.
+    """
+    geo = validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
+                   eps, stride, padding, dilation, groups, residual, backend)
+    impl = resolve(backend, x.device, geo.groups)
+    if impl == "cuda":  # resolve() only returns it once fused_resnet._C exists; guard the op layer anyway
+        raise NotImplementedError("the CUDA backend's kernels are not part of this build")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if training:
+        if input_stats is not None:
+            mean, var = (s.detach().to(acc) for s in input_stats)
+        else:
+            mean, var = _ops.batch_stats(x.detach(), impl)
+    else:
+        mean, var = running_mean.detach().to(acc), running_var.detach().to(acc)
+    invstd = torch.rsqrt(var + eps)
+    y, mean_y, var_y = _ops.bn_relu_conv2d_op(
+        x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, training, float(eps),
+        list(geo.stride), list(geo.padding), list(geo.dilation), list(geo.out_size), geo.groups,
+        bool(out_stats), impl)
+    if training and running_mean is not None:
+        # After the op succeeded, so a failed call leaves the buffers as they were.
+        update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
+    return (y, mean_y, var_y) if out_stats else (y, None, None)
+
+
+def update_running_stats(running_mean, running_var, mean, var, count, momentum):
+    """nn.BatchNorm2d's update: EMA with `momentum`, the running variance unbiased (count / (count-1))."""
+    with torch.no_grad():
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        unbiased = var * (count / (count - 1))
+        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)

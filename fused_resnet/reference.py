@@ -1,0 +1,32 @@
+"""The fused op in plain PyTorch: the oracle every backend is tested against.
+
+This is deliberately the unfused, eager composition (BN, ReLU, Conv, Add as separate ops) so that it
+shares no code with the kernels it checks. Autograd differentiates it; nothing here is clever.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def bn_relu_conv2d(
+    x,
+    weight,
+    bias=None,
+    *,
+    bn_weight=None,
+    bn_bias=None,
+    running_mean=None,
+    running_var=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    residual=None,
+):
+    a = F.relu(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps))
+    y = F.conv2d(a, weight, bias, stride, padding, dilation, groups)
+    return y if residual is None else y + residual
