@@ -1,0 +1,43 @@
+"""Test setup: the Triton interpreter on machines without a GPU, the `gpu` marker, backend params.
+
+TRITON_INTERPRET must be set before triton is first imported, so it is set here, at collection.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fused_resnet  # noqa: E402
+
+ALL_BACKENDS = ("reference", "triton", "cuda")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def backend(request):
+    """Every backend; one that cannot run here is skipped with the reason available_backends() gives."""
+    report = fused_resnet.available_backends()
+    if request.param not in report:
+        pytest.skip(f"backend {request.param!r} unavailable: {report.unavailable[request.param]}")
+    return request.param
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
