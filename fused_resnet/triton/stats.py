@@ -2,7 +2,7 @@
 
 Each program reduces a tile of pixels x channels to (mean, M2) per channel with a two-pass over the
 tile held in registers, after shifting every value by a per-channel pivot (the channel's first
-element). Tiles are merged with Chan's parallel formula in `merge_partials`. Neither step forms a
+element, so shifted values are of the order of the std). Tiles are merged with Chan's parallel formula in `merge_partials`. Neither step forms a
 float32 Σx² − (Σx)², so inputs with |mean| >> std (DESIGN.md: mean 1e3, std 1e-2) keep their variance.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _tile_mean_m2(v, mask, cnt):
 
 @triton.jit
 def _channel_stats_kernel(
-    x_ptr, part_ptr,
+    x_ptr, pivot_ptr, part_ptr,
     N, C, H, W,
     sxn, sxc, sxh, sxw,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -45,17 +45,20 @@ def _channel_stats_kernel(
     row = nb.to(tl.int64) * sxn + h * sxh + w * sxw
     mask = mask_m[:, None] & mask_c[None, :]
     v = tl.load(x_ptr + row[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(ACC)
-    pivot = tl.load(x_ptr + offs_c * sxc, mask=mask_c, other=0.0).to(ACC)
+    pivot = tl.load(pivot_ptr + offs_c, mask=mask_c, other=0.0)
     cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(ACC)
+    # Store the tile mean relative to the pivot: adding the pivot back in float32 here would round
+    # each tile mean to the ulp of |mean| and swamp the between-tile part of the variance.
     mean, m2 = _tile_mean_m2(v - pivot[None, :], mask, cnt)
-    tl.store(part_ptr + pid_m * C + offs_c, mean + pivot, mask=mask_c)
+    tl.store(part_ptr + pid_m * C + offs_c, mean, mask=mask_c)
     tl.store(part_ptr + (num_m + pid_m) * C + offs_c, m2, mask=mask_c)
 
 
-def merge_partials(part: torch.Tensor, total: int, block_m: int):
+def merge_partials(part: torch.Tensor, total: int, block_m: int, pivot=None):
     """Chan's merge of per-tile (mean, M2) rows into per-channel (mean, biased var).
 
     part: [2, tiles, C] -- row-tile i covers min(block_m, total - i*block_m) elements of each channel.
+    Tile means are relative to `pivot` (per channel) when one is given.
     The merge runs in float64: it touches tiles x C numbers, nothing next to the tensor itself.
     """
     tiles = part.shape[1]
@@ -65,6 +68,8 @@ def merge_partials(part: torch.Tensor, total: int, block_m: int):
     m2s = part[1].double()
     mean = (counts[:, None] * means).sum(0) / total
     m2 = m2s.sum(0) + (counts[:, None] * (means - mean) ** 2).sum(0)
+    if pivot is not None:
+        mean = mean + pivot.double()
     return mean, m2 / total
 
 
@@ -77,11 +82,12 @@ def channel_stats(x: torch.Tensor):
     block_m = 64 if interpreting() else max(32, min(256, 8192 // block_c))
     tiles = triton.cdiv(m, block_m)
     part = torch.empty((2, tiles, c), dtype=acc, device=x.device)
+    pivot = x[0, :, 0, 0].to(acc).contiguous()  # one sample per channel: its shift for the sums
     grid = (tiles, triton.cdiv(c, block_c))
     _channel_stats_kernel[grid](
-        x, part, n, c, h, w, *x.stride(),
+        x, pivot, part, n, c, h, w, *x.stride(),
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
         BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4,
     )
-    mean, var = merge_partials(part, m, block_m)
+    mean, var = merge_partials(part, m, block_m, pivot)
     return mean.to(acc), var.to(acc)
