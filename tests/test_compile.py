@@ -1,0 +1,84 @@
+"""torch.library registration: torch.compile traces through the fused op with no graph break, and
+torch.library.opcheck validates the ops' schemas, fake implementations and autograd."""
+import pytest
+import torch
+
+import fused_resnet
+from fused_resnet import _ops
+
+
+class PreActLayer(torch.nn.Module):
+    def __init__(self, backend):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm2d(3)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.backend = backend
+
+    def forward(self, x, residual):
+        return fused_resnet.bn_relu_conv2d(
+            x, self.conv.weight, bn_weight=self.bn.weight, bn_bias=self.bn.bias,
+            running_mean=self.bn.running_mean, running_var=self.bn.running_var,
+            training=self.training, residual=residual, padding=1, backend=self.backend)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torch_compile_fullgraph(training):
+    torch._dynamo.reset()
+    model = PreActLayer("reference").train(training)
+    compiled_model = PreActLayer("reference").train(training)
+    compiled_model.load_state_dict(model.state_dict())
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    r = torch.randn(2, 4, 6, 6)
+    y1 = model(x, r)
+    y2 = compiled(x, r)  # fullgraph=True raises on any graph break
+    torch.testing.assert_close(y1, y2)
+    g1, = torch.autograd.grad(y1.sum(), x)
+    g2, = torch.autograd.grad(y2.sum(), x)
+    torch.testing.assert_close(g1, g2)
+    torch.testing.assert_close(model.bn.running_mean, compiled_model.bn.running_mean)
+
+
+def test_torch_compile_inductor_cpu():
+    pytest.importorskip("torch._inductor")
+    torch._dynamo.reset()
+    model = PreActLayer("reference").eval()
+    compiled = torch.compile(model, fullgraph=True)
+    x, r = torch.randn(2, 3, 6, 6), torch.randn(2, 4, 6, 6)
+    try:
+        got = compiled(x, r)
+    except Exception as e:  # Inductor needs a C++ toolchain at run time; say so rather than pass
+        pytest.skip(f"inductor could not build on this machine: {type(e).__name__}: {e}"[:300])
+    torch.testing.assert_close(got, model(x, r))
+
+
+def _op_args(backend, training, device):
+    x = torch.randn(2, 3, 5, 5, device=device, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(4, device=device, requires_grad=True)
+    g = (torch.rand(3, device=device) + 0.5).requires_grad_()
+    be = torch.randn(3, device=device, requires_grad=True)
+    mean = torch.randn(3, device=device) * 0.1
+    invstd = torch.rand(3, device=device) + 0.5
+    r = torch.randn(2, 4, 5, 5, device=device, requires_grad=True)
+    return (x, w, b, g, be, mean, invstd, r, training, 1e-5, [1, 1], [1, 1], [1, 1], [5, 5], 1, True, backend)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck_conv_op(backend, device, training):
+    if backend == "cuda":
+        pytest.skip("the CUDA backend registers its own ops")
+    torch.library.opcheck(_ops.bn_relu_conv2d_op, _op_args(backend, training, device))
+
+
+def test_opcheck_backward_and_stats_ops(backend, device):
+    if backend == "cuda":
+        pytest.skip("the CUDA backend registers its own ops")
+    x = torch.randn(2, 3, 5, 5, device=device)
+    torch.library.opcheck(_ops.batch_stats, (x, backend))
+    w = torch.randn(4, 3, 3, 3, device=device)
+    gy = torch.randn(2, 4, 5, 5, device=device)
+    args = (gy, x, w, torch.rand(3, device=device) + 0.5, torch.randn(3, device=device),
+            torch.randn(3, device=device) * 0.1, torch.rand(3, device=device) + 0.5, True, 1e-5,
+            [1, 1], [1, 1], [1, 1], 1, [True, True, True, False], backend)
+    torch.library.opcheck(_ops.bn_relu_conv2d_backward_op, args)
