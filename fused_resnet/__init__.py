@@ -1,8 +1,11 @@
 """fused_resnet: fused BN -> ReLU -> Conv2d (+ residual) for pre-activation ResNets."""
-from . import reference
+from . import models, reference
 from .backends import available_backends
+from .convert import convert
 from .functional import bn_relu_conv2d
+from .nn import FusedBNReLUConv2d, PreActBlock, PreActBottleneck
 
 __version__ = "0.1.0"
 
-__all__ = ["available_backends", "bn_relu_conv2d", "reference", "__version__"]
+__all__ = ["FusedBNReLUConv2d", "PreActBlock", "PreActBottleneck", "available_backends", "bn_relu_conv2d",
+           "convert", "models", "reference", "__version__"]

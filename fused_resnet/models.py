@@ -1,0 +1,115 @@
+"""Pre-activation ResNets (He et al. 2016, "Identity Mappings in Deep Residual Networks").
+
+fused=True runs every BN->ReLU->Conv through the fused op and passes each block's output statistics
+(from its last conv's epilogue) to the next block's bn1; fused=False runs the same modules in plain
+PyTorch. Both have the same state_dict keys, so weights move both ways with strict loading.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from .nn import PreActBlock, PreActBottleneck
+
+
+class PreActResNet(nn.Module):
+    def __init__(self, block, num_blocks, planes, stem, num_classes, fused=True, backend="auto"):
+        super().__init__()
+        self.fused, self.backend = fused, backend
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(3, planes[0], 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        else:
+            self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+            self.maxpool = None
+        in_planes = self.conv1.out_channels
+        for i, (p, n) in enumerate(zip(planes, num_blocks)):
+            stride = 1 if i == 0 else 2
+            blocks = []
+            for j in range(n):
+                blocks.append(block(in_planes, p, stride if j == 0 else 1, backend=backend, fused=fused))
+                in_planes = p * block.expansion
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.num_stages = len(planes)
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.linear = nn.Linear(in_planes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def blocks(self):
+        for i in range(self.num_stages):
+            yield from getattr(self, f"layer{i + 1}")
+
+    def forward(self, x):
+        x = self.conv1(x)
+        if self.maxpool is not None:
+            x = self.maxpool(x)
+        blocks = list(self.blocks())
+        stats = None
+        for i, blk in enumerate(blocks):
+            if self.fused:
+                # The last block's statistics would feed the plain final BN, which computes its own.
+                x, stats = blk.forward_with_stats(x, stats, want_stats=i < len(blocks) - 1)
+            else:
+                x = blk(x)
+        x = F.relu(self.bn(x))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.linear(x)
+
+
+def _imagenet(block, layers, num_classes, fused, backend):
+    return PreActResNet(block, layers, (64, 128, 256, 512), "imagenet", num_classes, fused, backend)
+
+
+def _cifar(block, depth, per_block_layers, num_classes, fused, backend):
+    n = (depth - 2) // per_block_layers
+    return PreActResNet(block, (n, n, n), (16, 32, 64), "cifar", num_classes, fused, backend)
+
+
+def preact_resnet18(num_classes=1000, fused=True, backend="auto"):
+    return _imagenet(PreActBlock, (2, 2, 2, 2), num_classes, fused, backend)
+
+
+def preact_resnet34(num_classes=1000, fused=True, backend="auto"):
+    return _imagenet(PreActBlock, (3, 4, 6, 3), num_classes, fused, backend)
+
+
+def preact_resnet50(num_classes=1000, fused=True, backend="auto"):
+    return _imagenet(PreActBottleneck, (3, 4, 6, 3), num_classes, fused, backend)
+
+
+def preact_resnet101(num_classes=1000, fused=True, backend="auto"):
+    return _imagenet(PreActBottleneck, (3, 4, 23, 3), num_classes, fused, backend)
+
+
+def preact_resnet152(num_classes=1000, fused=True, backend="auto"):
+    return _imagenet(PreActBottleneck, (3, 8, 36, 3), num_classes, fused, backend)
+
+
+def preact_resnet20(num_classes=10, fused=True, backend="auto"):
+    return _cifar(PreActBlock, 20, 6, num_classes, fused, backend)
+
+
+def preact_resnet32(num_classes=10, fused=True, backend="auto"):
+    return _cifar(PreActBlock, 32, 6, num_classes, fused, backend)
+
+
+def preact_resnet44(num_classes=10, fused=True, backend="auto"):
+    return _cifar(PreActBlock, 44, 6, num_classes, fused, backend)
+
+
+def preact_resnet56(num_classes=10, fused=True, backend="auto"):
+    return _cifar(PreActBlock, 56, 6, num_classes, fused, backend)
+
+
+def preact_resnet110(num_classes=10, fused=True, backend="auto"):
+    return _cifar(PreActBlock, 110, 6, num_classes, fused, backend)
+
+
+def preact_resnet164(num_classes=10, fused=True, backend="auto"):
+    return _cifar(PreActBottleneck, 164, 9, num_classes, fused, backend)
+
+
+def preact_resnet1001(num_classes=10, fused=True, backend="auto"):
+    return _cifar(PreActBottleneck, 1001, 9, num_classes, fused, backend)

@@ -1,0 +1,164 @@
+"""Fused modules: FusedBNReLUConv2d and the pre-activation blocks.
+
+Parameters and buffers live in ordinary nn.BatchNorm2d / nn.Conv2d submodules, so state_dicts are the
+unfused modules' and weights move both ways. The fused forward never calls those submodules: it hands
+their tensors to the fused op.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import bn_relu_conv2d_with_stats
+
+
+def _check_pair(bn, conv):
+    if not isinstance(bn, nn.BatchNorm2d) or not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"expected (nn.BatchNorm2d, nn.Conv2d), got ({type(bn).__name__}, {type(conv).__name__})")
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"only padding_mode='zeros' convolutions can be fused, got {conv.padding_mode!r}")
+    if bn.num_features != conv.in_channels:
+        raise ValueError(f"BatchNorm2d has {bn.num_features} features but the conv expects "
+                         f"{conv.in_channels} input channels")
+
+
+def fused_bn_relu_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d, x, residual=None, *, backend="auto",
+                       input_stats=None, out_stats=False, update_running_stats=True):
+    """conv(relu(bn(x))) (+ residual) with nn.BatchNorm2d's exact training/eval semantics.
+
+    Mirrors nn.BatchNorm2d.forward: num_batches_tracked, momentum=None (cumulative average),
+    track_running_stats=False. update_running_stats=False lets a second consumer of the same BN use
+    batch statistics without updating the buffers a second time.
+    Returns (y, stats_of_y or None).
+    """
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    tracking = bn.training and bn.track_running_stats and update_running_stats
+    if tracking and bn.num_batches_tracked is not None and bn.momentum is None:
+        factor = 1.0 / float(bn.num_batches_tracked + 1)
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep_buffers = (not bn.training or bn.track_running_stats) and (update_running_stats or not use_batch_stats)
+    y, mean, var = bn_relu_conv2d_with_stats(
+        x, conv.weight, conv.bias, bn_weight=bn.weight, bn_bias=bn.bias,
+        running_mean=bn.running_mean if keep_buffers else None,
+        running_var=bn.running_var if keep_buffers else None,
+        training=use_batch_stats, momentum=factor, eps=bn.eps, stride=conv.stride,
+        padding=conv.padding, dilation=conv.dilation, groups=conv.groups, residual=residual,
+        backend=backend, input_stats=input_stats if use_batch_stats else None,
+        out_stats=out_stats and use_batch_stats)
+    if tracking and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    return y, ((mean, var) if mean is not None else None)
+
+
+class FusedBNReLUConv2d(nn.Module):
+    """conv(relu(bn(x))) (+ residual) as one fused op; `.bn` and `.conv` hold the parameters."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=False, eps=1e-5, momentum=0.1, backend="auto"):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(in_channels, eps=eps, momentum=momentum)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        self.backend = backend
+        self.update_running_stats = True
+
+    @classmethod
+    def from_modules(cls, bn: nn.BatchNorm2d, conv: nn.Conv2d, backend="auto"):
+        """Wrap existing modules; their parameters and buffers are reused, not copied."""
+        _check_pair(bn, conv)
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.bn, self.conv, self.backend = bn, conv, backend
+        self.update_running_stats = True
+        return self
+
+    def forward(self, x, residual=None):
+        return fused_bn_relu_conv(self.bn, self.conv, x, residual, backend=self.backend,
+                                  update_running_stats=self.update_running_stats)[0]
+
+    def extra_repr(self):
+        return f"backend={self.backend!r}"
+
+
+def _plain(bn, conv, x):
+    return conv(F.relu(bn(x)))
+
+
+class PreActBlock(nn.Module):
+    """Basic pre-activation block (He et al. 2016):
+    out = relu(bn1(x)); sc = shortcut(out) or x; return conv2(relu(bn2(conv1(out)))) + sc.
+
+    fused=False runs the same modules in plain PyTorch (identical state_dict).
+    """
+
+    expansion = 1
+
+    def __init__(self, in_planes, planes, stride=1, backend="auto", fused=True):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        out = planes * self.expansion
+        self.shortcut = (nn.Conv2d(in_planes, out, 1, stride, bias=False)
+                         if stride != 1 or in_planes != out else None)
+        self.backend, self.fused = backend, fused
+
+    def _chain(self):
+        return [(self.bn1, self.conv1), (self.bn2, self.conv2)]
+
+    def forward(self, x):
+        return self.forward_with_stats(x, None, False)[0]
+
+    def forward_with_stats(self, x, input_stats=None, want_stats=True):
+        """Fused path with statistics passed along: input_stats are x's batch statistics (from the
+        previous block's last epilogue); returns (out, statistics of out or None)."""
+        if not self.fused:
+            return self._forward_plain(x), None
+        chain = self._chain()
+        bn1, conv1 = chain[0]
+        if bn1.training and input_stats is None and self.shortcut is not None:
+            # Two consumers of bn1: compute its batch statistics once for both.
+            from . import _ops
+            from .backends import resolve
+            input_stats = _ops.batch_stats(x.detach(), resolve(self.backend, x.device, 1))
+        sc = x
+        if self.shortcut is not None:
+            sc, _ = fused_bn_relu_conv(bn1, self.shortcut, x, backend=self.backend, input_stats=input_stats,
+                                       update_running_stats=False)
+        out, stats = x, input_stats
+        for i, (bn, conv) in enumerate(chain):
+            last = i == len(chain) - 1
+            out, stats = fused_bn_relu_conv(bn, conv, out, sc if last else None, backend=self.backend,
+                                            input_stats=stats, out_stats=want_stats or not last)
+        return out, stats
+
+    def _forward_plain(self, x):
+        out = F.relu(self.bn1(x))
+        sc = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        for bn, conv in self._chain()[1:]:
+            out = conv(F.relu(bn(out)))
+        return out + sc
+
+
+class PreActBottleneck(PreActBlock):
+    """Bottleneck pre-activation block: 1x1 -> 3x3 (stride here) -> 1x1 (x4 channels)."""
+
+    expansion = 4
+
+    def __init__(self, in_planes, planes, stride=1, backend="auto", fused=True):
+        nn.Module.__init__(self)
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        out = planes * self.expansion
+        self.shortcut = (nn.Conv2d(in_planes, out, 1, stride, bias=False)
+                         if stride != 1 or in_planes != out else None)
+        self.backend, self.fused = backend, fused
+
+    def _chain(self):
+        return [(self.bn1, self.conv1), (self.bn2, self.conv2), (self.bn3, self.conv3)]
