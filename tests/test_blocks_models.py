@@ -123,8 +123,10 @@ def test_imagenet_model_layout():
     assert 25.4e6 < sum(p.numel() for p in m.parameters()) < 25.7e6  # torchvision's resnet50: 25.56M
 
 
-@pytest.mark.parametrize("name,hw", [("preact_resnet20", 8), ("preact_resnet18", 32)])
+@pytest.mark.parametrize("name,hw", [("preact_resnet20", 8), ("preact_resnet18", 64)])
 def test_model_parity_eval_and_training(backend, device, name, hw):
+    if name == "preact_resnet18" and device.type == "cpu" and backend != "reference":
+        pytest.skip("an ImageNet-stem model is too slow for the CPU interpreter; runs on a GPU")
     torch.manual_seed(3)
     fused, plain = _twins(lambda: getattr(models, name)(num_classes=5, backend=backend),
                           lambda: getattr(models, name)(num_classes=5, fused=False), device)
