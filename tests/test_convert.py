@@ -1,0 +1,147 @@
+"""convert() on hand-written models: what it fuses, that no BatchNorm runs on its own afterwards, and
+that eval outputs and training steps (outputs, gradients, running stats) match the original."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fused_resnet
+
+
+class HandWrittenPreAct(nn.Module):
+    """The common hand-written PreActBlock: F.relu in forward, projection on the pre-activation."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False)) if stride != 1 else None
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        sc = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(torch.relu(self.bn2(out)))
+        return out + sc
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block1 = HandWrittenPreAct(4, 4, 1)
+        self.block2 = HandWrittenPreAct(4, 6, 2)
+        self.head = nn.Sequential(nn.BatchNorm2d(6), nn.ReLU(inplace=True), nn.Conv2d(6, 5, 1, bias=True),
+                                  nn.BatchNorm2d(5), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x):
+        return self.head(self.block2(self.block1(self.stem(x))))
+
+
+def _count_bn_calls(model, x):
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in model.modules()
+             if isinstance(m, nn.BatchNorm2d)]
+    model(x)
+    for h in hooks:
+        h.remove()
+    return len(calls)
+
+
+def test_convert_fuses_and_reports(backend, device):
+    torch.manual_seed(0)
+    model = Net().to(device)
+    conv = fused_resnet.convert(model, backend=backend)
+    fused = [e for e in conv.fusion_report if e.fused]
+    skipped = [e for e in conv.fusion_report if not e.fused]
+    # block1: bn1->conv1, bn2->conv2 (+residual); block2: bn1->{conv1, shortcut}, bn2->conv2; head: one.
+    assert len(fused) == 6, "\n".join(map(str, conv.fusion_report))
+    assert sum("residual add in the epilogue" in e.why for e in fused) == 2
+    assert any("head.3" in e.where for e in skipped)  # the BN followed by pooling stays as it is
+    x = torch.randn(2, 3, 6, 6, device=device)
+    assert _count_bn_calls(conv, x) == 1  # only the head's unfused BN runs on its own
+    assert _count_bn_calls(model, x) == 6  # the original is untouched (inplace=False)
+
+
+def _tagged_state(model):
+    """State of every module carrying a `_tag` (its name in the original), keyed like a state_dict."""
+    out = {}
+    for m in model.modules():
+        tag = getattr(m, "_tag", None)
+        if tag is not None:
+            for k, v in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+                out[f"{tag}.{k}" if tag else k] = v
+    return out
+
+
+def test_converted_model_matches_original(backend, device):
+    torch.manual_seed(1)
+    model = Net().to(device)
+    for name, m in model.named_modules():
+        m._tag = name  # convert() shares modules, so the tags show where each tensor came from
+    conv = fused_resnet.convert(model, backend=backend)
+    xs = [torch.randn(2, 3, 6, 6, device=device) for _ in range(2)]
+    opt_a = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt_b = torch.optim.SGD(conv.parameters(), lr=0.1)
+    for x in xs:
+        ya, yb = model(x), conv(x)
+        torch.testing.assert_close(yb, ya, rtol=1e-4, atol=1e-5)
+        opt_a.zero_grad(), opt_b.zero_grad()
+        ya.square().sum().backward(), yb.square().sum().backward()
+        sa, sb = _tagged_state(model), _tagged_state(conv)
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            if isinstance(sa[k], nn.Parameter):
+                torch.testing.assert_close(sb[k].grad, sa[k].grad, rtol=1e-4, atol=1e-5, msg=lambda s: f"d{k}: {s}")
+        opt_a.step(), opt_b.step()
+    sa, sb = _tagged_state(model), _tagged_state(conv)
+    for k in sa:  # parameters after the steps, running stats, num_batches_tracked
+        torch.testing.assert_close(sb[k].float(), sa[k].float(), rtol=1e-4, atol=1e-5, msg=lambda s: f"{k}: {s}")
+    model.eval(), conv.eval()
+    x = torch.randn(2, 3, 6, 6, device=device)
+    torch.testing.assert_close(conv(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_convert_inplace_and_bad_input():
+    model = Net()
+    out = fused_resnet.convert(model, inplace=True)
+    assert any(isinstance(m, fused_resnet.FusedBNReLUConv2d) for m in out.modules())
+    with pytest.raises(TypeError, match="nn.Module"):
+        fused_resnet.convert(lambda x: x)
+    with pytest.raises(ValueError, match="unknown backend"):
+        fused_resnet.convert(Net(), backend="fast")
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow at the top: fx fails there, so the children are converted."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 3, padding=1))
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.body(x)
+        return self.body(-x)
+
+
+def test_untraceable_top_level_converts_children():
+    torch.manual_seed(2)
+    model = Untraceable()
+    conv = fused_resnet.convert(model)
+    assert any("not traceable" in e.why for e in conv.fusion_report)
+    assert sum(e.fused for e in conv.fusion_report) == 1
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(conv(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_our_models_are_left_alone():
+    m = fused_resnet.models.preact_resnet20().eval()
+    conv = fused_resnet.convert(m)
+    assert not any(e.fused for e in conv.fusion_report)  # blocks are fused already; the head BN feeds a pool
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(conv(x), m(x))
