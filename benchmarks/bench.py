@@ -8,6 +8,7 @@ traced to what produced it. Needs a CUDA GPU (timings on the CPU interpreter wou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -38,7 +39,6 @@ def main(argv=None):
     import triton
     from tqdm import tqdm
 
-    import fused_resnet
     from fused_resnet import _bench
 
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -57,7 +57,7 @@ def main(argv=None):
         te, tf = _bench.time_cuda(fe, reps=reps), _bench.time_cuda(ff, reps=reps)
         me, mf = _bench.peak_memory_mb(fe), _bench.peak_memory_mb(ff)
         flop = layer.flops() * (3 if training else 1)
-        rows.append(dict(_bench.layer_dict(layer), dtype=str(dtype).replace("torch.", ""),
+        rows.append(dict(dataclasses.asdict(layer), dtype=str(dtype).replace("torch.", ""),
                          mode="train" if training else "eval", layout="nhwc" if cl else "nchw",
                          eager_ms=te, fused_ms=tf, speedup=te / tf, eager_peak_mib=me, fused_peak_mib=mf,
                          fused_tflops=flop / tf / 1e9))

@@ -3,7 +3,7 @@ peak memory and the parity self-check."""
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -162,7 +162,3 @@ def parity_errors(layer, dtype, device, backend, training, seed=0):
 
     return {"fused_y": rel(got[0], want[0]), "fused_dx": rel(got[1], want[1]),
             "eager_y": rel(base[0], want[0]), "eager_dx": rel(base[1], want[1])}
-
-
-def layer_dict(layer):
-    return asdict(layer)

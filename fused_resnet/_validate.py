@@ -47,6 +47,14 @@ def _check_tensor(name, t, *, dim=None, numel=None, dtype=None, device=None, flo
         raise TypeError(f"{name} has dtype {t.dtype}, expected {want} (x is {dtype[0]})")
 
 
+def output_size(in_hw, kernel, stride, padding, dilation):
+    """(OH, OW) of a convolution; padding is a (top, left) pair or 'same' (output = input size)."""
+    if padding == "same":
+        return tuple(in_hw)
+    return tuple((size + 2 * p - d * (kk - 1) - 1) // s + 1
+                 for size, p, d, kk, s in zip(in_hw, padding, dilation, kernel, stride))
+
+
 def validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
              stride, padding, dilation, groups, residual, backend) -> ConvGeometry:
     if not isinstance(backend, str) or backend not in CHOICES:
@@ -106,11 +114,7 @@ def validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, tra
             raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
     else:
         pad = _pair("padding", padding, 0)
-    if padding == "same":
-        out = (h, w)
-    else:
-        out = tuple((size + 2 * p - d * (kk - 1) - 1) // s + 1
-                    for size, p, d, kk, s in zip((h, w), pad, dil, (kh, kw), st))
+    out = output_size((h, w), (kh, kw), st, "same" if padding == "same" else pad, dil)
     if min(out) < 1:
         raise ValueError(f"output would be empty: input {h}x{w}, kernel {kh}x{kw}, stride {st}, padding {pad}, "
                          f"dilation {dil} give {out[0]}x{out[1]}")

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ._validate import output_size
 from .nn import FusedBNReLUConv2d, PreActBlock, _check_pair
 
 log = logging.getLogger("fused_resnet.convert")
@@ -78,13 +79,10 @@ def _fused_residual_call(module, x, residual):
     """Residual into the epilogue when shapes agree exactly; otherwise the plain (broadcasting) add."""
     if (isinstance(residual, torch.Tensor) and residual.dtype == x.dtype and residual.dim() == 4
             and residual.device == x.device):
-        n, _, h, w = x.shape
         conv = module.conv
-        if isinstance(conv.padding, str):
-            return module(x) + residual
-        oh = (h + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
-        ow = (w + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) // conv.stride[1] + 1
-        if tuple(residual.shape) == (n, conv.out_channels, oh, ow):
+        padding = (0, 0) if conv.padding == "valid" else conv.padding
+        out = output_size(x.shape[2:], conv.kernel_size, conv.stride, padding, conv.dilation)
+        if tuple(residual.shape) == (x.shape[0], conv.out_channels, *out):
             return module(x, residual)
     return module(x) + residual
 

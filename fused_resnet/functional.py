@@ -77,6 +77,11 @@ def bn_relu_conv2d_with_stats(
     return (y, mean_y, var_y) if out_stats else (y, None, None)
 
 
+def batch_statistics(x, backend="auto"):
+    """Per-channel (mean, biased var) of x, detached, from the backend "auto"/backend would pick."""
+    return _ops.batch_stats(x.detach(), resolve(backend, x.device, 1))
+
+
 def update_running_stats(running_mean, running_var, mean, var, count, momentum):
     """nn.BatchNorm2d's update: EMA with `momentum`, the running variance unbiased (count / (count-1))."""
     with torch.no_grad():

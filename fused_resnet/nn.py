@@ -6,11 +6,10 @@ their tensors to the fused op.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import bn_relu_conv2d_with_stats
+from .functional import batch_statistics, bn_relu_conv2d_with_stats
 
 
 def _check_pair(bn, conv):
@@ -80,10 +79,6 @@ class FusedBNReLUConv2d(nn.Module):
         return f"backend={self.backend!r}"
 
 
-def _plain(bn, conv, x):
-    return conv(F.relu(bn(x)))
-
-
 class PreActBlock(nn.Module):
     """Basic pre-activation block (He et al. 2016):
     out = relu(bn1(x)); sc = shortcut(out) or x; return conv2(relu(bn2(conv1(out)))) + sc.
@@ -119,9 +114,7 @@ class PreActBlock(nn.Module):
         bn1, conv1 = chain[0]
         if bn1.training and input_stats is None and self.shortcut is not None:
             # Two consumers of bn1: compute its batch statistics once for both.
-            from . import _ops
-            from .backends import resolve
-            input_stats = _ops.batch_stats(x.detach(), resolve(self.backend, x.device, 1))
+            input_stats = batch_statistics(x, self.backend)
         sc = x
         if self.shortcut is not None:
             sc, _ = fused_bn_relu_conv(bn1, self.shortcut, x, backend=self.backend, input_stats=input_stats,

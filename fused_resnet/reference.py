@@ -5,7 +5,6 @@ shares no code with the kernels it checks. Autograd differentiates it; nothing h
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 

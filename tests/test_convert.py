@@ -1,6 +1,5 @@
 """convert() on hand-written models: what it fuses, that no BatchNorm runs on its own afterwards, and
 that eval outputs and training steps (outputs, gradients, running stats) match the original."""
-import copy
 
 import pytest
 import torch

@@ -1,5 +1,4 @@
 """Forward and every gradient of each backend vs the reference, over a matrix of configurations."""
-import itertools
 
 import pytest
 import torch
