@@ -1,39 +1,56 @@
 """Build: a pure-Python package everywhere; plus the CUDA extension fused_resnet._C where it can build.
 
-The extension builds only when csrc/ holds CUDA sources AND the installed torch is a CUDA build with a
-CUDA toolchain (torch.utils.cpp_extension finds CUDA_HOME). Otherwise the install still succeeds and
-the Triton and reference backends are what runs; `fused_resnet.available_backends()` says which.
-Set FUSED_RESNET_NO_CUDA=1 to skip the extension on purpose.
+The extension builds when the installed torch is a CUDA build and a CUDA toolchain is found
+(torch.utils.cpp_extension's CUDA_HOME). Otherwise the install still succeeds, prints one line saying
+why, and the Triton and reference backends are what runs; `fused_resnet.available_backends()` says so.
+
+Environment:
+  FUSED_RESNET_CUDA=1 / 0   force the extension (a missing toolchain is an error) / skip it
+  FUSED_RESNET_CUDA_ARCH    arch list, e.g. "9.0" (else TORCH_CUDA_ARCH_LIST, else "8.0;9.0+PTX")
+  MAX_JOBS                  parallel compile jobs (honoured by torch's ninja build)
+Sources: csrc/SOURCES (the same list CMakeLists.txt reads) plus the binding, csrc/binding.cpp.
 """
-import glob
 import os
 
 from setuptools import setup
 
-ext_modules, cmdclass = [], {}
-sources = sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/*.cpp"))
-reason = None
-if os.environ.get("FUSED_RESNET_NO_CUDA") == "1":
-    reason = "FUSED_RESNET_NO_CUDA=1"
-elif not any(s.endswith(".cu") for s in sources):
-    reason = "no CUDA sources in csrc/ yet"
-else:
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def kernel_sources():
+    with open(os.path.join(HERE, "csrc", "SOURCES")) as f:
+        return [os.path.join("csrc", line.strip()) for line in f if line.strip() and not line.startswith("#")]
+
+
+def cuda_extension():
+    """(ext_modules, cmdclass, reason): the extension, or empty lists and why not."""
+    mode = os.environ.get("FUSED_RESNET_CUDA", "auto")
+    if mode == "0":
+        return [], {}, "FUSED_RESNET_CUDA=0"
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
-        reason = "torch is not installed in the build environment (use --no-build-isolation)"
-    else:
-        if torch.version.cuda is None or CUDA_HOME is None:
-            reason = "torch is a CPU build or no CUDA toolchain was found"
-        else:
-            arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-            os.environ["TORCH_CUDA_ARCH_LIST"] = arch
-            ext_modules.append(CUDAExtension(
-                "fused_resnet._C", sources,
-                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]}))
-            cmdclass["build_ext"] = BuildExtension
+        return [], {}, "torch is not importable in the build environment (install with --no-build-isolation)"
+    if torch.version.cuda is None:
+        return [], {}, f"torch {torch.__version__} is a CPU build"
+    if CUDA_HOME is None:
+        return [], {}, "no CUDA toolchain found (set CUDA_HOME)"
+    arch = os.environ.get("FUSED_RESNET_CUDA_ARCH") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0+PTX"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    ext = CUDAExtension(
+        "fused_resnet._C",
+        kernel_sources() + [os.path.join("csrc", "binding.cpp")],
+        include_dirs=[os.path.join(HERE, "csrc", "include")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo", "-std=c++17"]},
+    )
+    return [ext], {"build_ext": BuildExtension}, None
+
+
+ext_modules, cmdclass, reason = cuda_extension()
 if reason:
-    print(f"fused_resnet: building without the CUDA extension ({reason})")
+    if os.environ.get("FUSED_RESNET_CUDA") == "1":
+        raise SystemExit(f"fused_resnet: FUSED_RESNET_CUDA=1 but the CUDA extension cannot build: {reason}")
+    print(f"fused_resnet: installing without the CUDA extension ({reason}); backend='cuda' will be unavailable")
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -10,7 +10,7 @@ are x's own batch statistics; its backward then applies the full BN-backward for
 statistics need no autograd node of their own and the op stays a plain functional (non-mutating) op
 that torch.compile treats as one opaque node. Running-buffer updates happen outside, in functional.py.
 
-Each op takes a `backend` string ("reference" or "triton") and runs that implementation.
+Each op takes a `backend` string ("reference", "triton" or "cuda") and runs that implementation.
 """
 from __future__ import annotations
 
@@ -112,39 +112,43 @@ def _ref_backward(grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, eps
     return dx, (dw if need_dw else None), dgamma, dbeta
 
 
-# ---------------------------------------------------------------- triton implementations
+# ---------------------------------------------------------------- kernel backends (triton, cuda)
+# Both expose the same launchers (channel_stats, conv_forward, conv_dgrad_bn, conv_wgrad), so one
+# glue path serves both; `kb` is the backend's launcher module.
 
-def _triton():
-    from . import triton as ft  # imported lazily: importing fused_resnet must not need triton
+def _kernels(backend: str):
+    # Imported lazily: importing fused_resnet must need neither triton nor the compiled extension.
+    if backend == "cuda":
+        from . import cuda as kb
+    else:
+        from . import triton as kb
+    return kb
 
-    return ft
 
-
-def _triton_forward(x, weight, bias, gamma, beta, mean, invstd, residual, stride, padding, dilation,
+def _kernel_forward(kb, x, weight, bias, gamma, beta, mean, invstd, residual, stride, padding, dilation,
                     out_size, out_stats):
     scale, shift = _affine(mean, invstd, gamma, beta)
     y = torch.empty((x.shape[0], weight.shape[0], *out_size), dtype=x.dtype, device=x.device,
                     memory_format=memory_format_of(x))
-    stats = _triton().conv_forward(x, weight, bias, scale, shift, residual, y, stride, padding,
-                                   dilation, out_stats=out_stats)
+    stats = kb.conv_forward(x, weight, bias, scale, shift, residual, y, stride, padding, dilation,
+                            out_stats=out_stats)
     return y, stats
 
 
-def _triton_backward(grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, stride, padding,
+def _kernel_backward(kb, grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, stride, padding,
                      dilation, needs):
-    ft = _triton()
     scale, shift = _affine(mean, invstd, gamma, beta)
     dx = dw = dgamma = dbeta = None
     need_dx, need_dw, need_dg, need_db = needs
     if need_dx or need_dg or need_db:
-        dx, s1, s2 = ft.conv_dgrad_bn(grad_y, x, weight, scale, shift, mean, invstd, gamma,
+        dx, s1, s2 = kb.conv_dgrad_bn(grad_y, x, weight, scale, shift, mean, invstd, gamma,
                                       batch_stats and need_dx, need_dg or need_db, stride, padding,
                                       dilation)
         dx = dx if need_dx else None
         dgamma = s2 if need_dg else None
         dbeta = s1 if need_db else None
     if need_dw:
-        dw = ft.conv_wgrad(grad_y, x, weight.shape, scale, shift, stride, padding, dilation)
+        dw = kb.conv_wgrad(grad_y, x, weight.shape, scale, shift, stride, padding, dilation)
     return dx, dw, dgamma, dbeta
 
 
@@ -153,8 +157,8 @@ def _triton_backward(grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, 
 @torch.library.custom_op("fused_resnet::batch_stats", mutates_args=())
 def batch_stats(x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     """Per-channel (mean, biased variance) of x over N, H, W, in float32 (float64 for float64 x)."""
-    if backend == "triton":
-        return _triton().channel_stats(x)
+    if backend in ("triton", "cuda"):
+        return _kernels(backend).channel_stats(x)
     var, mean = torch.var_mean(x.to(_acc(x.dtype)), dim=(0, 2, 3), unbiased=False)
     return mean, var
 
@@ -174,8 +178,8 @@ def bn_relu_conv2d_op(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (y, mean_y, var_y); the last two are per-channel statistics of y when out_stats,
     else empty. They are for the next BN's forward and carry no gradient."""
-    if backend == "triton":
-        y, stats = _triton_forward(x, weight, bias, bn_weight, bn_bias, mean, invstd, residual,
+    if backend in ("triton", "cuda"):
+        y, stats = _kernel_forward(_kernels(backend), x, weight, bias, bn_weight, bn_bias, mean, invstd, residual,
                                    stride, padding, dilation, out_size, out_stats)
     else:
         y = _ref_forward(x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, stride,
@@ -209,8 +213,8 @@ def bn_relu_conv2d_backward_op(
     needs = list(needs)
     needs[2] = needs[2] and bn_weight is not None
     needs[3] = needs[3] and bn_bias is not None
-    if backend == "triton":
-        grads = _triton_backward(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats,
+    if backend in ("triton", "cuda"):
+        grads = _kernel_backward(_kernels(backend), grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats,
                                  stride, padding, dilation, needs)
     else:
         grads = _ref_backward(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps,

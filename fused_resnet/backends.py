@@ -56,8 +56,13 @@ def _triton_status():
 def _cuda_status():
     """(available, reason)."""
     if importlib.util.find_spec("fused_resnet._C") is None:
-        return False, ("the compiled extension fused_resnet._C is not built (the CUDA kernels have not "
-                       "landed yet; `pip install .` builds them where nvcc and a CUDA torch exist)")
+        return False, ("extension not built: fused_resnet._C is missing (`pip install --no-build-isolation .` "
+                       "builds it where nvcc and a CUDA build of PyTorch exist; FUSED_RESNET_CUDA=1 makes a "
+                       "missing toolchain an install error)")
+    try:
+        from . import _C  # noqa: F401
+    except ImportError as e:  # built against another torch/CUDA, or a missing shared library
+        return False, f"extension fused_resnet._C is built but does not load: {e}"
     if not torch.cuda.is_available():
         return False, "fused_resnet._C is built but no CUDA GPU is visible"
     return True, ""

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._partials import merge_partials
 from ._common import acc_dtype, interpreting
 
 
@@ -52,25 +53,6 @@ def _channel_stats_kernel(
     mean, m2 = _tile_mean_m2(v - pivot[None, :], mask, cnt)
     tl.store(part_ptr + pid_m * C + offs_c, mean, mask=mask_c)
     tl.store(part_ptr + (num_m + pid_m) * C + offs_c, m2, mask=mask_c)
-
-
-def merge_partials(part: torch.Tensor, total: int, block_m: int, pivot=None):
-    """Chan's merge of per-tile (mean, M2) rows into per-channel (mean, biased var).
-
-    part: [2, tiles, C] -- row-tile i covers min(block_m, total - i*block_m) elements of each channel.
-    Tile means are relative to `pivot` (per channel) when one is given.
-    The merge runs in float64: it touches tiles x C numbers, nothing next to the tensor itself.
-    """
-    tiles = part.shape[1]
-    counts = torch.full((tiles,), float(block_m), dtype=torch.float64, device=part.device)
-    counts[-1] = float(total - (tiles - 1) * block_m)
-    means = part[0].double()
-    m2s = part[1].double()
-    mean = (counts[:, None] * means).sum(0) / total
-    m2 = m2s.sum(0) + (counts[:, None] * (means - mean) ** 2).sum(0)
-    if pivot is not None:
-        mean = mean + pivot.double()
-    return mean, m2 / total
 
 
 def channel_stats(x: torch.Tensor):

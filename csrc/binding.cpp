@@ -1,0 +1,234 @@
+// The one file that sees PyTorch: checks tensors, fills the params structs of
+// include/fused_resnet/params.h, launches on the current stream and turns launch errors into Python
+// exceptions. Python-side launchers (fused_resnet/cuda.py) allocate outputs and merge per-tile partials.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <limits>
+#include <optional>
+
+#include "fused_resnet/params.h"
+
+namespace fr = fused_resnet;
+
+namespace {
+
+fr::DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return fr::DType::kF16;
+    case at::kBFloat16: return fr::DType::kBF16;
+    case at::kFloat: return fr::DType::kF32;
+    case at::kDouble: return fr::DType::kF64;
+    default: TORCH_CHECK(false, "fused_resnet._C: unsupported dtype ", t.scalar_type());
+  }
+  return fr::DType::kF32;
+}
+
+at::ScalarType acc_of(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_4d(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "fused_resnet._C: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.dim() == 4, "fused_resnet._C: ", name, " must be 4-D, got ", t.dim(), "-D");
+  TORCH_CHECK(t.device() == like.device(), "fused_resnet._C: ", name, " is on ", t.device(), ", expected ",
+              like.device());
+}
+
+void check_vec(const at::Tensor& t, int64_t n, at::ScalarType dtype, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "fused_resnet._C: ", name, " must be on ", like.device());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n && t.is_contiguous(), "fused_resnet._C: ", name,
+              " must be a contiguous vector of ", n, " elements");
+  TORCH_CHECK(t.scalar_type() == dtype, "fused_resnet._C: ", name, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+void check_index_range(int64_t pixels, const char* what) {
+  TORCH_CHECK(pixels <= std::numeric_limits<int>::max(), "fused_resnet._C: ", what, " (", pixels,
+              ") exceeds the kernels' 32-bit pixel index; split the batch");
+}
+
+void strides_of(const at::Tensor& t, int64_t* s) {
+  for (int i = 0; i < 4; ++i) s[i] = t.stride(i);
+}
+
+void check_launch(cudaError_t err, const char* kernel) {
+  TORCH_CHECK(err == cudaSuccess, "fused_resnet._C: launching ", kernel, " failed: ", cudaGetErrorString(err));
+}
+
+fr::ConvGeom geom(const at::Tensor& x, int64_t k, int64_t kh, int64_t kw, int64_t oh, int64_t ow,
+                  const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                  const std::vector<int64_t>& dilation) {
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "fused_resnet._C: stride, padding and dilation must have two entries each");
+  check_index_range(x.size(0) * x.size(2) * x.size(3), "N*H*W");
+  check_index_range(x.size(0) * oh * ow, "N*OH*OW");
+  return fr::ConvGeom{static_cast<int>(x.size(0)), static_cast<int>(x.size(1)), static_cast<int>(x.size(2)),
+                      static_cast<int>(x.size(3)), static_cast<int>(k), static_cast<int>(oh),
+                      static_cast<int>(ow), static_cast<int>(kh), static_cast<int>(kw),
+                      static_cast<int>(stride[0]), static_cast<int>(stride[1]), static_cast<int>(padding[0]),
+                      static_cast<int>(padding[1]), static_cast<int>(dilation[0]), static_cast<int>(dilation[1])};
+}
+
+void check_same_dtype(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fused_resnet._C: ", name, " must be ", x.scalar_type(),
+              " like x, got ", t.scalar_type());
+}
+
+}  // namespace
+
+// Per-tile (mean relative to pivot, M2): [2, tiles, C].
+at::Tensor batch_stats(const at::Tensor& x, const at::Tensor& pivot) {
+  check_4d(x, x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t c = x.size(1);
+  check_vec(pivot, c, acc_of(x), x, "pivot");
+  check_index_range(x.size(0) * x.size(2) * x.size(3), "N*H*W");
+  const int tiles = fr::ceil_div(x.size(0) * x.size(2) * x.size(3), fr::kStatsRows);
+  at::Tensor part = at::empty({2, tiles, c}, pivot.options());
+  fr::BatchStatsParams p{};
+  p.dtype = dtype_of(x);
+  p.N = static_cast<int>(x.size(0)); p.C = static_cast<int>(c);
+  p.H = static_cast<int>(x.size(2)); p.W = static_cast<int>(x.size(3));
+  p.x = x.data_ptr(); strides_of(x, p.sx);
+  p.pivot = pivot.data_ptr();
+  p.part = part.data_ptr();
+  if (tiles > 0 && c > 0) check_launch(fr::batch_stats(p, at::cuda::getCurrentCUDAStream()), "batch_stats");
+  return part;
+}
+
+// Writes y; returns the per-tile (mean, M2) of y, [2, tiles_m, K], or an empty tensor.
+at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                        const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& residual,
+                        at::Tensor& y, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                        std::vector<int64_t> dilation, bool out_stats) {
+  check_4d(x, x, "x"); check_4d(w, x, "weight"); check_4d(y, x, "y");
+  check_same_dtype(w, x, "weight"); check_same_dtype(y, x, "y");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto acc = acc_of(x);
+  const int64_t c = x.size(1), k = w.size(0);
+  TORCH_CHECK(w.size(1) == c, "fused_resnet._C: weight has ", w.size(1), " input channels, x has ", c);
+  TORCH_CHECK(y.size(0) == x.size(0) && y.size(1) == k, "fused_resnet._C: y must be [N, K, OH, OW]");
+  check_vec(scale, c, acc, x, "scale"); check_vec(shift, c, acc, x, "shift");
+  fr::ConvForwardParams p{};
+  p.dtype = dtype_of(x);
+  p.g = geom(x, k, w.size(2), w.size(3), y.size(2), y.size(3), stride, padding, dilation);
+  p.x = x.data_ptr(); strides_of(x, p.sx);
+  p.w = w.data_ptr(); strides_of(w, p.sw);
+  p.y = y.data_ptr(); strides_of(y, p.sy);
+  p.scale = scale.data_ptr(); p.shift = shift.data_ptr();
+  at::Tensor bias_acc;
+  if (bias.has_value()) {
+    bias_acc = bias->to(acc).contiguous();
+    check_vec(bias_acc, k, acc, x, "bias");
+    p.bias = bias_acc.data_ptr();
+  }
+  if (residual.has_value()) {
+    check_4d(*residual, x, "residual"); check_same_dtype(*residual, x, "residual");
+    TORCH_CHECK(residual->sizes() == y.sizes(), "fused_resnet._C: residual must have y's shape ", y.sizes());
+    p.residual = residual->data_ptr(); strides_of(*residual, p.sr);
+  }
+  const int tiles = fr::ceil_div(x.size(0) * y.size(2) * y.size(3), fr::kTileM);
+  at::Tensor part = at::empty({out_stats ? 2 : 0, tiles, k}, scale.options());
+  if (out_stats) p.part = part.data_ptr();
+  if (y.numel() > 0) check_launch(fr::conv_forward(p, at::cuda::getCurrentCUDAStream()), "conv_forward");
+  return part;
+}
+
+// Writes out (dx in x's dtype, or gm in the accumulation dtype when batch_stats); returns per-tile
+// (S1, S2), [2, tiles_m, C], or an empty tensor when neither is needed.
+at::Tensor conv_dgrad(const at::Tensor& gy, const at::Tensor& w, const at::Tensor& x, const at::Tensor& scale,
+                      const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& invstd, at::Tensor& out,
+                      bool batch_stats, bool need_sums, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                      std::vector<int64_t> dilation) {
+  check_4d(gy, x, "grad_y"); check_4d(w, x, "weight"); check_4d(x, x, "x"); check_4d(out, x, "out");
+  check_same_dtype(gy, x, "grad_y"); check_same_dtype(w, x, "weight");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto acc = acc_of(x);
+  const int64_t c = x.size(1), k = w.size(0);
+  TORCH_CHECK(out.sizes() == x.sizes(), "fused_resnet._C: out must have x's shape");
+  TORCH_CHECK(out.scalar_type() == (batch_stats ? acc : x.scalar_type()), "fused_resnet._C: out has dtype ",
+              out.scalar_type());
+  check_vec(scale, c, acc, x, "scale"); check_vec(shift, c, acc, x, "shift");
+  check_vec(mean, c, acc, x, "mean"); check_vec(invstd, c, acc, x, "invstd");
+  fr::ConvDgradParams p{};
+  p.dtype = dtype_of(x);
+  p.g = geom(x, k, w.size(2), w.size(3), gy.size(2), gy.size(3), stride, padding, dilation);
+  p.gy = gy.data_ptr(); strides_of(gy, p.sg);
+  p.w = w.data_ptr(); strides_of(w, p.sw);
+  p.x = x.data_ptr(); strides_of(x, p.sx);
+  p.out = out.data_ptr(); strides_of(out, p.so);
+  p.scale = scale.data_ptr(); p.shift = shift.data_ptr(); p.mean = mean.data_ptr(); p.invstd = invstd.data_ptr();
+  p.batch_stats = batch_stats;
+  const bool sums = need_sums || batch_stats;
+  const int tiles = fr::ceil_div(x.size(0) * x.size(2) * x.size(3), fr::kTileM);
+  at::Tensor part = at::empty({sums ? 2 : 0, tiles, c}, scale.options());
+  if (sums) p.part = part.data_ptr();
+  if (x.numel() > 0) check_launch(fr::conv_dgrad(p, at::cuda::getCurrentCUDAStream()), "conv_dgrad");
+  return part;
+}
+
+void bn_backward_finish(const at::Tensor& gm, const at::Tensor& x, at::Tensor& dx, const at::Tensor& mean,
+                        const at::Tensor& invstd, const std::optional<at::Tensor>& gamma, const at::Tensor& s1,
+                        const at::Tensor& s2) {
+  check_4d(gm, x, "gm"); check_4d(x, x, "x"); check_4d(dx, x, "dx"); check_same_dtype(dx, x, "dx");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto acc = acc_of(x);
+  const int64_t c = x.size(1);
+  TORCH_CHECK(gm.scalar_type() == acc && gm.sizes() == x.sizes() && dx.sizes() == x.sizes(),
+              "fused_resnet._C: gm/dx must match x");
+  check_vec(mean, c, acc, x, "mean"); check_vec(invstd, c, acc, x, "invstd");
+  check_vec(s1, c, acc, x, "s1"); check_vec(s2, c, acc, x, "s2");
+  fr::BnBackwardFinishParams p{};
+  p.dtype = dtype_of(x);
+  p.N = static_cast<int>(x.size(0)); p.C = static_cast<int>(c);
+  p.H = static_cast<int>(x.size(2)); p.W = static_cast<int>(x.size(3));
+  p.gm = gm.data_ptr(); strides_of(gm, p.sgm);
+  p.x = x.data_ptr(); strides_of(x, p.sx);
+  p.dx = dx.data_ptr(); strides_of(dx, p.sdx);
+  p.mean = mean.data_ptr(); p.invstd = invstd.data_ptr(); p.s1 = s1.data_ptr(); p.s2 = s2.data_ptr();
+  at::Tensor gamma_acc;
+  if (gamma.has_value()) {
+    gamma_acc = gamma->to(acc).contiguous();
+    check_vec(gamma_acc, c, acc, x, "gamma");
+    p.gamma = gamma_acc.data_ptr();
+  }
+  const int64_t m = x.size(0) * x.size(2) * x.size(3);
+  p.inv_count = m > 0 ? 1.0 / static_cast<double>(m) : 0.0;
+  if (x.numel() > 0) check_launch(fr::bn_backward_finish(p, at::cuda::getCurrentCUDAStream()), "bn_backward_finish");
+}
+
+// Split-K slabs [split, K, C, KH, KW] in the accumulation dtype; the caller sums over split.
+at::Tensor conv_wgrad(const at::Tensor& gy, const at::Tensor& x, int64_t k, int64_t kh, int64_t kw,
+                      const at::Tensor& scale, const at::Tensor& shift, std::vector<int64_t> stride,
+                      std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t chunk, int64_t split) {
+  check_4d(gy, x, "grad_y"); check_4d(x, x, "x"); check_same_dtype(gy, x, "grad_y");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto acc = acc_of(x);
+  const int64_t c = x.size(1);
+  check_vec(scale, c, acc, x, "scale"); check_vec(shift, c, acc, x, "shift");
+  TORCH_CHECK(split >= 1 && chunk >= 1 && split <= 65535 / (kh * kw), "fused_resnet._C: bad split ", split);
+  fr::ConvWgradParams p{};
+  p.dtype = dtype_of(x);
+  p.g = geom(x, k, kh, kw, gy.size(2), gy.size(3), stride, padding, dilation);
+  p.gy = gy.data_ptr(); strides_of(gy, p.sg);
+  p.x = x.data_ptr(); strides_of(x, p.sx);
+  p.scale = scale.data_ptr(); p.shift = shift.data_ptr();
+  p.chunk = static_cast<int>(chunk); p.split = static_cast<int>(split);
+  at::Tensor part = at::zeros({split, k, c, kh, kw}, scale.options());
+  p.part = part.data_ptr();
+  if (part.numel() > 0 && gy.numel() > 0)
+    check_launch(fr::conv_wgrad(p, at::cuda::getCurrentCUDAStream()), "conv_wgrad");
+  return part;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fused_resnet CUDA kernels (hand-written); called through fused_resnet/cuda.py";
+  m.attr("TILE_M") = fr::kTileM;
+  m.attr("TILE_N") = fr::kTileN;
+  m.attr("TILE_K") = fr::kTileK;
+  m.attr("STATS_ROWS") = fr::kStatsRows;
+  m.def("batch_stats", &batch_stats);
+  m.def("conv_forward", &conv_forward);
+  m.def("conv_dgrad", &conv_dgrad);
+  m.def("bn_backward_finish", &bn_backward_finish);
+  m.def("conv_wgrad", &conv_wgrad);
+}

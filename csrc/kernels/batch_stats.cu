@@ -1,0 +1,71 @@
+// Per-channel batch statistics, numerically stable: each thread runs Welford's update over its rows
+// after shifting by a per-channel pivot (one sample of the channel, so shifted values are of the order
+// of the std), the 8 row groups of a block are merged with Chan's formula, and the per-block
+// (mean, M2) go to the host-side merge (fused_resnet/_partials.py). No float32 sum of squares anywhere,
+// so |mean| >> std keeps its variance.
+#include "dtype.cuh"
+
+namespace fused_resnet {
+namespace detail {
+namespace {
+
+constexpr int kChannels = 32;                    // channels per block: one warp's lanes
+constexpr int kGroups = 8;                       // row groups per block: one warp each
+constexpr int kRowsPerThread = kStatsRows / kGroups;
+
+template <class T>
+__global__ void __launch_bounds__(kChannels * kGroups) batch_stats_kernel(const BatchStatsParams p) {
+  using Acc = acc_t<T>;
+  __shared__ Acc s_mean[kGroups][kChannels], s_m2[kGroups][kChannels];
+  __shared__ int s_cnt[kGroups];
+  const T* x = static_cast<const T*>(p.x);
+  const int lane = threadIdx.x % kChannels, grp = threadIdx.x / kChannels;
+  const int c = blockIdx.y * kChannels + lane;
+  const int M = p.N * p.H * p.W;
+  const int m0 = blockIdx.x * kStatsRows;
+  const Acc pivot = c < p.C ? static_cast<const Acc*>(p.pivot)[c] : Acc(0);
+  Acc mean = 0, m2 = 0;
+  int cnt = 0;
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    const int m = m0 + grp + kGroups * i;
+    if (m >= M) break;
+    ++cnt;
+    if (c >= p.C) continue;
+    const int w = m % p.W, t = m / p.W;
+    const Acc v = to_acc(x[offset4(p.sx, t / p.H, c, t % p.H, w)]) - pivot;
+    const Acc d = v - mean;
+    mean += d / Acc(cnt);
+    m2 = fma(d, v - mean, m2);
+  }
+  s_mean[grp][lane] = mean;
+  s_m2[grp][lane] = m2;
+  if (lane == 0) s_cnt[grp] = cnt;
+  __syncthreads();
+  if (grp != 0 || c >= p.C) return;
+  Acc n_a = 0, mean_a = 0, m2_a = 0;
+  for (int j = 0; j < kGroups; ++j) {
+    const Acc n_b = Acc(s_cnt[j]);
+    if (n_b == Acc(0)) continue;
+    const Acc n = n_a + n_b, delta = s_mean[j][lane] - mean_a;
+    mean_a += delta * (n_b / n);
+    m2_a += s_m2[j][lane] + delta * delta * (n_a * n_b / n);
+    n_a = n;
+  }
+  Acc* part = static_cast<Acc*>(p.part);
+  part[static_cast<int64_t>(blockIdx.x) * p.C + c] = mean_a;
+  part[static_cast<int64_t>(gridDim.x + blockIdx.x) * p.C + c] = m2_a;
+}
+
+}  // namespace
+}  // namespace detail
+
+cudaError_t batch_stats(const BatchStatsParams& p, cudaStream_t stream) {
+  return dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const dim3 grid(ceil_div(static_cast<int64_t>(p.N) * p.H * p.W, kStatsRows), ceil_div(p.C, detail::kChannels));
+    detail::batch_stats_kernel<T><<<grid, detail::kChannels * detail::kGroups, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace fused_resnet

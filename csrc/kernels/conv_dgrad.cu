@@ -1,0 +1,124 @@
+// Backward w.r.t. the input: conv dgrad with the recomputed ReLU mask and the BN-backward reductions in
+// its epilogue. GEMM view: rows = input pixels (N*H*W), columns = input channels, reduction =
+// (tap, output channel). For tap (r, s), input row h receives from output row
+// oh = (h + pad - r*dil) / stride when that divides exactly and lands inside [0, OH).
+//
+// Epilogue per element: gm = ga * (x*scale + shift > 0); per column S1 = sum gm, S2 = sum gm*xhat over
+// the tile's rows. With running statistics dx = gm*scale is final here; with batch statistics dx needs
+// the global sums, so gm (accumulation dtype) is stored and bn_backward_finish.cu completes it.
+#include "gemm_tile.cuh"
+
+namespace fused_resnet {
+namespace detail {
+namespace {
+
+template <class T>
+struct DgradProblem {
+  const ConvDgradParams& p;
+  const T* gy; const T* w;
+  const int* row_n; const int* row_h; const int* row_w;  // shared: input pixel of each tile row
+  int n0, kchunks, r = 0, s = 0, k0 = 0;
+  bool a_kfast, b_kfast;
+
+  __device__ int steps() const { return p.g.KH * p.g.KW * kchunks; }
+  __device__ void begin_step(int step) {
+    const int rs = step / kchunks;
+    k0 = (step % kchunks) * kTileK;
+    r = rs / p.g.KW;
+    s = rs % p.g.KW;
+  }
+  __device__ T a(int row, int k) const {
+    const int kout = k0 + k, nb = row_n[row];
+    if (nb < 0 || kout >= p.g.K) return zero<T>();
+    const int th = row_h[row] + p.g.pad_h - r * p.g.dil_h;
+    const int tw = row_w[row] + p.g.pad_w - s * p.g.dil_w;
+    if (th < 0 || tw < 0 || th % p.g.stride_h != 0 || tw % p.g.stride_w != 0) return zero<T>();
+    const int oh = th / p.g.stride_h, ow = tw / p.g.stride_w;
+    if (oh >= p.g.OH || ow >= p.g.OW) return zero<T>();
+    return gy[offset4(p.sg, nb, kout, oh, ow)];
+  }
+  __device__ T b(int k, int col) const {
+    const int kout = k0 + k, c = n0 + col;
+    if (kout >= p.g.K || c >= p.g.C) return zero<T>();
+    return w[offset4(p.sw, kout, c, r, s)];
+  }
+};
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) conv_dgrad_kernel(const ConvDgradParams p) {
+  using Acc = acc_t<T>;
+  __shared__ __align__(128) unsigned char raw[SharedTiles<T>::kBytes];
+  __shared__ int row_n[kTileM], row_h[kTileM], row_w[kTileM];
+  const ConvGeom& g = p.g;
+  const int M = g.N * g.H * g.W;
+  const int m0 = blockIdx.x * kTileM, n0 = blockIdx.y * kTileN;
+  if (threadIdx.x < kTileM) {
+    const int m = m0 + threadIdx.x;
+    const int t = m / g.W;
+    row_n[threadIdx.x] = m < M ? t / g.H : -1;
+    row_h[threadIdx.x] = t % g.H;
+    row_w[threadIdx.x] = m % g.W;
+  }
+  __syncthreads();
+
+  DgradProblem<T> prob{p, static_cast<const T*>(p.gy), static_cast<const T*>(p.w), row_n, row_h, row_w, n0,
+                       ceil_div(g.K, kTileK)};
+  prob.a_kfast = p.sg[1] <= p.sg[3];
+  prob.b_kfast = p.sw[0] <= p.sw[1];  // B[k=out channel][col=in channel]
+  gemm_tile<T>(prob, raw);
+
+  auto c = SharedTiles<T>::c(raw);
+  const T* x = static_cast<const T*>(p.x);
+  const Acc* scale = static_cast<const Acc*>(p.scale);
+  const Acc* shift = static_cast<const Acc*>(p.shift);
+  const bool cfast = p.sx[1] <= p.sx[3];
+  for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
+    int row, col;
+    tile_coord<kTileM, kTileN>(idx, cfast, row, col);
+    const int ch = n0 + col, nb = row_n[row];
+    if (nb < 0 || ch >= g.C) {
+      c[row][col] = Acc(0);  // excluded from the column sums below
+      continue;
+    }
+    const Acc xv = to_acc(x[offset4(p.sx, nb, ch, row_h[row], row_w[row])]);
+    const Acc gm = fma(xv, scale[ch], shift[ch]) > Acc(0) ? c[row][col] : Acc(0);
+    c[row][col] = gm;
+    if (p.batch_stats)
+      static_cast<Acc*>(p.out)[offset4(p.so, nb, ch, row_h[row], row_w[row])] = gm;
+    else
+      static_cast<T*>(p.out)[offset4(p.so, nb, ch, row_h[row], row_w[row])] = Cvt<T>::from(gm * scale[ch]);
+  }
+  if (p.part == nullptr) return;
+  __syncthreads();
+  const int col = threadIdx.x, ch = n0 + col;
+  if (col < kTileN && ch < g.C) {
+    const Acc* mean = static_cast<const Acc*>(p.mean);
+    const Acc* invstd = static_cast<const Acc*>(p.invstd);
+    const int cnt = min(M - m0, kTileM);
+    Acc s1 = 0, s2 = 0;
+    for (int row = 0; row < cnt; ++row) {
+      const Acc gm = c[row][col];
+      if (gm == Acc(0)) continue;
+      const Acc xhat = (to_acc(x[offset4(p.sx, row_n[row], ch, row_h[row], row_w[row])]) - mean[ch]) * invstd[ch];
+      s1 += gm;
+      s2 = fma(gm, xhat, s2);
+    }
+    Acc* part = static_cast<Acc*>(p.part);
+    part[static_cast<int64_t>(blockIdx.x) * g.C + ch] = s1;
+    part[static_cast<int64_t>(gridDim.x + blockIdx.x) * g.C + ch] = s2;
+  }
+}
+
+}  // namespace
+}  // namespace detail
+
+cudaError_t conv_dgrad(const ConvDgradParams& p, cudaStream_t stream) {
+  return dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const dim3 grid(ceil_div(static_cast<int64_t>(p.g.N) * p.g.H * p.g.W, kTileM), ceil_div(p.g.C, kTileN));
+    detail::conv_dgrad_kernel<T><<<grid, detail::kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace fused_resnet

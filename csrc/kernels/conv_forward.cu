@@ -1,0 +1,118 @@
+// Forward: implicit-GEMM conv with the BN-affine+ReLU prologue and the bias/residual/statistics epilogue.
+// GEMM view: rows = output pixels (N*OH*OW), columns = output channels, reduction = (tap, input channel).
+// The activation a = max(0, x*scale + shift) is formed while gathering A, is zero where a tap falls into
+// padding (the conv pads a, not x), and is rounded to the input dtype as eager's stored activation is.
+#include "gemm_tile.cuh"
+
+namespace fused_resnet {
+namespace detail {
+namespace {
+
+template <class T>
+struct ForwardProblem {
+  using Acc = acc_t<T>;
+  const ConvForwardParams& p;
+  const T* x; const T* w; const Acc* scale; const Acc* shift;
+  const int* row_n; const int* row_oh; const int* row_ow;  // shared: output pixel of each tile row
+  int n0, cchunks, r = 0, s = 0, c0 = 0;
+  bool a_kfast, b_kfast;
+
+  __device__ int steps() const { return p.g.KH * p.g.KW * cchunks; }
+  __device__ void begin_step(int step) {
+    const int rs = step / cchunks;
+    c0 = (step % cchunks) * kTileK;
+    r = rs / p.g.KW;
+    s = rs % p.g.KW;
+  }
+  __device__ T a(int row, int k) const {
+    const int c = c0 + k, nb = row_n[row];
+    if (nb < 0 || c >= p.g.C) return zero<T>();
+    const int ih = row_oh[row] * p.g.stride_h - p.g.pad_h + r * p.g.dil_h;
+    const int iw = row_ow[row] * p.g.stride_w - p.g.pad_w + s * p.g.dil_w;
+    if (ih < 0 || ih >= p.g.H || iw < 0 || iw >= p.g.W) return zero<T>();
+    const Acc v = to_acc(x[offset4(p.sx, nb, c, ih, iw)]);
+    const Acc act = fma(v, scale[c], shift[c]);
+    return Cvt<T>::from(act > Acc(0) ? act : Acc(0));
+  }
+  __device__ T b(int k, int col) const {
+    const int c = c0 + k, kout = n0 + col;
+    if (c >= p.g.C || kout >= p.g.K) return zero<T>();
+    return w[offset4(p.sw, kout, c, r, s)];
+  }
+};
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) conv_forward_kernel(const ConvForwardParams p) {
+  using Acc = acc_t<T>;
+  __shared__ __align__(128) unsigned char raw[SharedTiles<T>::kBytes];
+  __shared__ int row_n[kTileM], row_oh[kTileM], row_ow[kTileM];
+  const ConvGeom& g = p.g;
+  const int M = g.N * g.OH * g.OW;
+  const int m0 = blockIdx.x * kTileM, n0 = blockIdx.y * kTileN;
+  if (threadIdx.x < kTileM) {
+    const int m = m0 + threadIdx.x;
+    const int t = m / g.OW;
+    row_n[threadIdx.x] = m < M ? t / g.OH : -1;
+    row_oh[threadIdx.x] = t % g.OH;
+    row_ow[threadIdx.x] = m % g.OW;
+  }
+  __syncthreads();
+
+  ForwardProblem<T> prob{p, static_cast<const T*>(p.x), static_cast<const T*>(p.w),
+                         static_cast<const Acc*>(p.scale), static_cast<const Acc*>(p.shift),
+                         row_n, row_oh, row_ow, n0, ceil_div(g.C, kTileK)};
+  prob.a_kfast = p.sx[1] <= p.sx[3];  // channels contiguous (channels_last) -> walk channels
+  prob.b_kfast = p.sw[1] <= p.sw[0];
+  gemm_tile<T>(prob, raw);
+
+  auto c = SharedTiles<T>::c(raw);
+  const Acc* bias = static_cast<const Acc*>(p.bias);
+  const T* res = static_cast<const T*>(p.residual);
+  T* y = static_cast<T*>(p.y);
+  const bool cfast = p.sy[1] <= p.sy[3];
+  for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
+    int row, col;
+    tile_coord<kTileM, kTileN>(idx, cfast, row, col);
+    const int kout = n0 + col, nb = row_n[row];
+    if (nb < 0 || kout >= g.K) continue;
+    Acc v = c[row][col];
+    if (bias) v += bias[kout];
+    if (res) v += to_acc(res[offset4(p.sr, nb, kout, row_oh[row], row_ow[row])]);
+    const T out = Cvt<T>::from(v);
+    y[offset4(p.sy, nb, kout, row_oh[row], row_ow[row])] = out;
+    c[row][col] = to_acc(out);  // statistics of y as stored: what the next BN reads
+  }
+  if (p.part == nullptr) return;
+  __syncthreads();
+  // Per column: two passes over the tile's valid rows (mean, then M2 about it), merged across tiles
+  // with Chan's formula on the host side; never a float32 sum of squares.
+  const int col = threadIdx.x, kout = n0 + col;
+  if (col < kTileN && kout < g.K) {
+    const int cnt = min(M - m0, kTileM);
+    Acc sum = 0;
+    for (int row = 0; row < cnt; ++row) sum += c[row][col];
+    const Acc mean = sum / Acc(cnt);
+    Acc m2 = 0;
+    for (int row = 0; row < cnt; ++row) {
+      const Acc d = c[row][col] - mean;
+      m2 = fma(d, d, m2);
+    }
+    Acc* part = static_cast<Acc*>(p.part);
+    part[static_cast<int64_t>(blockIdx.x) * g.K + kout] = mean;
+    part[static_cast<int64_t>(gridDim.x + blockIdx.x) * g.K + kout] = m2;
+  }
+}
+
+}  // namespace
+}  // namespace detail
+
+cudaError_t conv_forward(const ConvForwardParams& p, cudaStream_t stream) {
+  return dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const dim3 grid(ceil_div(static_cast<int64_t>(p.g.N) * p.g.OH * p.g.OW, kTileM), ceil_div(p.g.K, kTileN));
+    detail::conv_forward_kernel<T><<<grid, detail::kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace fused_resnet

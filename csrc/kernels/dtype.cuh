@@ -1,0 +1,52 @@
+// Element types, their accumulation types and conversions, and the dtype switch of every launcher.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "fused_resnet/params.h"
+
+namespace fused_resnet {
+namespace detail {
+
+template <class T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+template <class T> using acc_t = typename AccOf<T>::type;
+
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+
+// Round-to-nearest conversion from the accumulation type: what eager PyTorch's stored tensors hold.
+template <class T> struct Cvt;
+template <> struct Cvt<__half> { __device__ static __half from(float v) { return __float2half_rn(v); } };
+template <> struct Cvt<__nv_bfloat16> {
+  __device__ static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+};
+template <> struct Cvt<float> { __device__ static float from(float v) { return v; } };
+template <> struct Cvt<double> { __device__ static double from(double v) { return v; } };
+
+template <class T> __device__ __forceinline__ T zero() { return Cvt<T>::from(acc_t<T>(0)); }
+
+// 64-bit element offset of logical (n, c, h, w) under strides s.
+__device__ __forceinline__ int64_t offset4(const int64_t* s, int n, int c, int h, int w) {
+  return static_cast<int64_t>(n) * s[0] + static_cast<int64_t>(c) * s[1] + static_cast<int64_t>(h) * s[2] +
+         static_cast<int64_t>(w) * s[3];
+}
+
+}  // namespace detail
+
+// Calls f(T{}) with T the element type of dtype; an unknown dtype is an invalid value.
+template <class F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kF16: return f(__half{});
+    case DType::kBF16: return f(__nv_bfloat16{});
+    case DType::kF32: return f(float{});
+    case DType::kF64: return f(double{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace fused_resnet

@@ -1,0 +1,89 @@
+"""CUDA backend: thin launchers over the compiled extension fused_resnet._C (csrc/).
+
+Same functions and signatures as the Triton launchers (fused_resnet/triton/__init__.py), so the op
+layer treats the two backends alike. Outputs are allocated here; the kernels fill them and return
+per-tile partial statistics, merged by the torch-only helpers in _partials.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._layout import memory_format_of
+from ._partials import merge_partials
+
+
+def _ext():
+    from . import _C  # imported lazily: backends.py reports why when it is missing
+
+    return _C
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def channel_stats(x):
+    """(mean, biased var) per channel of x [N, C, H, W], in float32 (float64 for float64 input)."""
+    ext = _ext()
+    acc = _acc(x.dtype)
+    pivot = x[0, :, 0, 0].to(acc).contiguous()  # one sample per channel: the shift for the sums
+    part = ext.batch_stats(x, pivot)
+    n, _, h, w = x.shape
+    mean, var = merge_partials(part, n * h * w, ext.STATS_ROWS, pivot)
+    return mean.to(acc), var.to(acc)
+
+
+def conv_forward(x, weight, bias, scale, shift, residual, y, stride, padding, dilation, out_stats=False):
+    """y <- conv2d(relu(x*scale+shift), weight) + bias + residual, into the preallocated y.
+
+    Returns per-channel (mean, biased var) of y when out_stats, else None.
+    """
+    ext = _ext()
+    part = ext.conv_forward(x, weight, bias, scale, shift, residual, y, list(stride), list(padding),
+                            list(dilation), out_stats)
+    if not out_stats:
+        return None
+    mean, var = merge_partials(part, y.shape[0] * y.shape[2] * y.shape[3], ext.TILE_M)
+    acc = _acc(x.dtype)
+    return mean.to(acc), var.to(acc)
+
+
+def conv_dgrad_bn(grad_y, x, weight, scale, shift, mean, invstd, gamma, batch_stats, need_sums,
+                  stride, padding, dilation):
+    """Returns (dx, S1, S2); S1/S2 (= dbeta, dgamma) are None unless need_sums or batch_stats."""
+    ext = _ext()
+    acc = _acc(x.dtype)
+    dx = torch.empty_like(x, memory_format=memory_format_of(x))
+    out = torch.empty_like(x, dtype=acc, memory_format=memory_format_of(x)) if batch_stats else dx
+    mean, invstd = mean.contiguous(), invstd.contiguous()
+    part = ext.conv_dgrad(grad_y, weight, x, scale, shift, mean, invstd, out, batch_stats, need_sums,
+                          list(stride), list(padding), list(dilation))
+    if not (need_sums or batch_stats):
+        return dx, None, None
+    s1, s2 = part[0].sum(0), part[1].sum(0)  # separate tensors: op outputs may not alias
+    if batch_stats:
+        g = gamma.to(acc).contiguous() if gamma is not None else None
+        ext.bn_backward_finish(out, x, dx, mean, invstd, g, s1, s2)
+    return dx, s1, s2
+
+
+def _num_sms(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def conv_wgrad(grad_y, x, weight_shape, scale, shift, stride, padding, dilation):
+    """dW in the accumulation dtype (the op layer casts it to the weight's dtype)."""
+    ext = _ext()
+    n, c, _, _ = x.shape
+    k, _, kh, kw = weight_shape
+    pixels = n * grad_y.shape[2] * grad_y.shape[3]
+    tile = ext.TILE_K
+    blocks = -(-k // ext.TILE_M) * -(-c // ext.TILE_N) * kh * kw
+    p_tiles = max(1, -(-pixels // tile))
+    # Enough splits to give every SM two blocks, within the grid's z limit.
+    split = max(1, min(p_tiles, -(-2 * _num_sms(x.device) // blocks), 65535 // (kh * kw)))
+    chunk = -(-p_tiles // split) * tile
+    split = max(1, -(-pixels // chunk))
+    part = ext.conv_wgrad(grad_y, x, k, kh, kw, scale, shift, list(stride), list(padding), list(dilation),
+                          chunk, split)
+    return part.sum(0) if split > 1 else part[0]
