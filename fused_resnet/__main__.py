@@ -1,5 +1,9 @@
-"""`python -m fused_resnet` / `fused-resnet`: self-check the fused op against the reference on this
-machine's device and, with a GPU, time fused vs eager PyTorch for pre-activation layer shapes."""
+"""`fused-resnet` / `python -m fused_resnet`:
+
+  fused-resnet [check]   self-check the fused op against a float64 reference on this machine's device
+  fused-resnet bench     throughput/memory benchmarks, fused vs eager and torch.compile (--help)
+  fused-resnet train     train a pre-activation ResNet on scikit-learn's digits (--help)
+"""
 from __future__ import annotations
 
 import argparse
@@ -17,11 +21,11 @@ def _table(rows, headers):
     return "\n".join(out)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="fused-resnet", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="fewer layers and repetitions")
+def check(argv=None):
+    p = argparse.ArgumentParser(prog="fused-resnet check", description="Self-check the fused op against a float64 reference.")
+    p.add_argument("--quick", action="store_true", help="fewer layers")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="dtype for the timing table (default: bfloat16 and float32)")
+                   help="dtype to check (default: bfloat16 and float32)")
     args = p.parse_args(argv)
 
     gpu = torch.cuda.is_available()
@@ -57,26 +61,23 @@ def main(argv=None):
                      f"{e['eager_dx']:.1e}", "ok" if good else "FAIL"])
     print(_table(rows, ["layer", "dtype", "mode", "fused y", "eager y", "fused dx", "eager dx", "check"]))
 
-    if not gpu:
-        print("\nThroughput needs a CUDA GPU; none is visible, so no timings are shown. The check above "
-              "ran the Triton kernels in the CPU interpreter on small shapes.")
-        return 0 if ok else 1
-
-    print("\nTiming (median ms over warmed-up runs; train = forward+backward with batch statistics)")
-    rows = []
-    reps = 5 if args.quick else 20
-    jobs = [(l, d, tr) for l in layers for d in dtypes for tr in (False, True)]
-    for layer, dtype, training in tqdm(jobs, desc="timing", leave=False, disable=None):
-        t = _bench.make_inputs(layer, dtype, device, channels_last=True)
-        fe = _bench.step_fn(_bench.eager, t, layer, training, backward=training)
-        ff = _bench.step_fn(lambda d, l, tr: _bench.fused(d, l, tr, backend), t, layer, training,
-                            backward=training)
-        te, tf = _bench.time_cuda(fe, reps=reps), _bench.time_cuda(ff, reps=reps)
-        me, mf = _bench.peak_memory_mb(fe), _bench.peak_memory_mb(ff)
-        rows.append([layer.name, str(dtype).replace("torch.", ""), "train" if training else "eval",
-                     f"{te:.3f}", f"{tf:.3f}", f"{te / tf:.2f}x", f"{me:.0f}", f"{mf:.0f}"])
-    print(_table(rows, ["layer", "dtype", "mode", "eager ms", "fused ms", "speedup", "eager MiB", "fused MiB"]))
+    print("\nThroughput and memory: `fused-resnet bench --quick` (or --full).")
     return 0 if ok else 1
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        from .bench.__main__ import main as bench
+
+        return bench(argv[1:])
+    if argv and argv[0] == "train":
+        from .train import main as train
+
+        return train(argv[1:])
+    if argv and argv[0] == "check":
+        argv = argv[1:]
+    return check(argv)
 
 
 if __name__ == "__main__":

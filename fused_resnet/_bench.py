@@ -1,8 +1,7 @@
-"""What the main job and the benchmark harness share: layer shapes, the eager baseline, timing,
-peak memory and the parity self-check."""
+"""The self-check of `fused-resnet check`: layer shapes, the eager baseline and parity errors
+against a float64 reference run. (Timing lives in fused_resnet/bench/.)"""
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 
 import torch
@@ -89,48 +88,6 @@ def fused(t, layer, training, backend="auto"):
                           running_mean=t["running_mean"], running_var=t["running_var"], training=training,
                           stride=layer.stride, padding=layer.padding, residual=t["residual"],
                           backend=backend)
-
-
-def step_fn(impl, t, layer, training, backward):
-    """A closure running one forward (and backward, in training) of impl on fresh-grad leaves."""
-    leaves = {k: (v.detach().requires_grad_(backward) if k in ("x", "weight", "bn_weight", "bn_bias") else v)
-              for k, v in t.items()}
-
-    def run():
-        y = impl(leaves, layer, training)
-        if backward:
-            y.backward(t["grad"])
-            for k in ("x", "weight", "bn_weight", "bn_bias"):
-                leaves[k].grad = None
-        return y
-
-    return run
-
-
-def time_cuda(fn, warmup=5, reps=20):
-    """Median milliseconds per call over reps timed calls after warmup calls (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def peak_memory_mb(fn):
-    """Peak CUDA memory allocated during one call, above what was allocated before it (MiB)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def _oracle(d, layer, training):

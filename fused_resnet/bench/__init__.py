@@ -1,0 +1,1 @@
+"""Benchmark harness (`fused-resnet bench`): cases, providers, timing, roofline, results and reports."""

@@ -1,0 +1,114 @@
+"""`fused-resnet bench` / `python -m fused_resnet.bench`: throughput and memory of fused vs unfused.
+
+On a GPU: the preset's cases x modes x dtypes x providers, a results file
+benchmarks/results/<device>-<date>-<commit>.json, RESULTS.md and a chart regenerated from it.
+Without a GPU: the same harness at interpreter-sized shapes, printed only (CPU figures are not GPU
+figures and are never written into benchmarks/results/; --json writes them elsewhere).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+
+def _csv(choices):
+    def parse(s):
+        vals = [v.strip() for v in s.split(",") if v.strip()]
+        bad = [v for v in vals if v not in choices]
+        if bad or not vals:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)} (got {s!r})")
+        return vals
+    return parse
+
+
+def build_parser(prog="fused-resnet bench"):
+    from .providers import PROVIDERS
+    from .run import DTYPES, MODES
+
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="a subset of cases, fewer repetitions, no compile_max (default)")
+    g.add_argument("--full", action="store_true", help="every case and provider (compile_max autotunes: slow)")
+    p.add_argument("--providers", type=_csv(PROVIDERS), help="comma list (default: all for the preset)")
+    p.add_argument("--modes", type=_csv(MODES), default=list(MODES))
+    p.add_argument("--dtypes", type=_csv(tuple(DTYPES)), help="comma list (default bf16,fp16,fp32; CPU: fp32)")
+    p.add_argument("--kinds", type=_csv(("layer", "block", "model")), default=["layer", "block", "model"])
+    p.add_argument("--reps", type=int, help="timed repetitions per measurement (median reported)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--out", default=os.path.join("benchmarks", "results"),
+                   help="GPU runs: folder for the results JSON (RESULTS.md goes to its parent)")
+    p.add_argument("--json", help="also write the JSON here (the only way a CPU run is written)")
+    p.add_argument("--report-only", action="store_true", help="regenerate RESULTS.md from --out, measure nothing")
+    return p
+
+
+def _table(records):
+    from ..__main__ import _table as table
+
+    rows = [[r["case"], r["mode"], r["dtype"], r["provider"], r["layout"], f"{r['median_ms']:.3f}",
+             f"{r['images_per_s']:.0f}", "–" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}",
+             "–" if r["pct_of_roofline"] is None else f"{r['pct_of_roofline']:.0f}%"] for r in records]
+    return table(rows, ["case", "mode", "dtype", "provider", "layout", "median ms", "img/s", "peak MiB", "roofline"])
+
+
+def main(argv=None, prog="fused-resnet bench"):
+    args = build_parser(prog).parse_args(argv)
+    gpu = torch.cuda.is_available()
+    if not gpu:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    from . import cases as C
+    from . import report
+    from .run import environment, provider_status, run
+
+    results_dir = args.out
+    results_md = os.path.join(os.path.dirname(os.path.abspath(results_dir)), "RESULTS.md")
+    if args.report_only:
+        print(f"wrote {report.regenerate(results_dir, results_md)}")
+        return 0
+    if args.reps is not None and args.reps < 1:
+        print("--reps must be at least 1", file=sys.stderr)
+        return 2
+    from tqdm import tqdm
+
+    full = args.full
+    device = torch.device("cuda" if gpu else "cpu")
+    cases = C.preset("full" if full else "quick", tuple(args.kinds))
+    providers = args.providers or [p for p in ("eager", "eager_cl", "compile", "compile_max", "triton", "cuda")
+                                   if full or p != "compile_max"]
+    dtypes = args.dtypes or (["bf16", "fp16", "fp32"] if gpu else ["fp32"])
+    reps = args.reps or (50 if full else 20)
+    if not gpu:
+        cases = [C.tiny(c) for c in cases]
+        reps = args.reps or 3
+        print("NOTE: no CUDA GPU visible. Running the harness on the CPU at interpreter-sized shapes; these are "
+              "CPU figures (Triton runs in its interpreter), NOT GPU figures, and are not written to "
+              f"{results_dir}.")
+    providers, skipped = provider_status(providers, device)
+    for p, why in skipped.items():
+        print(f"provider {p} skipped: {why}")
+    env = environment(device)
+    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | commit {env['commit']}")
+    total = len(cases) * len(args.modes) * len(dtypes) * len(providers)
+    with tqdm(total=total, desc="bench", disable=None) as bar:
+        records, peaks = run(cases, providers, args.modes, dtypes, device, args.warmup, reps, progress=bar,
+                             log=bar.write)
+    print(_table(records))
+    meta = {"peaks": peaks, "preset": "full" if full else "quick", "reps": reps, "warmup": args.warmup,
+            "gpu": gpu, "cuda_graphs": False}
+    if gpu:
+        path = report.write_results(os.path.join(results_dir, report.results_name(env)), env, records, meta)
+        print(f"wrote {path}")
+        print(f"wrote {report.regenerate(results_dir, results_md)}")
+    if args.json:
+        if not gpu and os.path.abspath(args.json).startswith(os.path.abspath(results_dir) + os.sep):
+            print(f"refusing to write a CPU run into {results_dir}", file=sys.stderr)
+            return 2
+        print(f"wrote {report.write_results(args.json, env, records, meta)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m fused_resnet.bench"))

@@ -1,0 +1,100 @@
+"""The benchmark run: every (case, mode, dtype, provider) measured in one process, one record each."""
+from __future__ import annotations
+
+import datetime
+import gc
+import math
+import os
+import platform
+import subprocess
+import warnings
+
+import torch
+
+from .cases import Case
+from .providers import FUSED, Runner
+from .roofline import device_peaks, roofline_fraction
+from .timing import measure, peak_memory_mb
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MODES = ("inference", "training")
+L2_BYTES = 50 * 2 ** 20  # H100 L2; the rotation keeps each step's inputs out of it
+
+
+def commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(device: torch.device):
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    return {"device": name, "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+            "commit": commit(), "date": datetime.date.today().isoformat()}
+
+
+def provider_status(providers, device):
+    """(runnable providers, {skipped provider: why}) on this device."""
+    from ..backends import available_backends
+
+    report = available_backends()
+    ok, skipped = [], {}
+    for p in providers:
+        if p in FUSED and p not in report:
+            skipped[p] = report.unavailable.get(p, "unavailable")
+        elif p in FUSED and device.type == "cpu" and p == "cuda":
+            skipped[p] = "runs on CUDA tensors only"
+        else:
+            ok.append(p)
+    return ok, skipped
+
+
+def run(cases, providers, modes, dtypes, device, warmup, reps, progress=None, log=print):
+    """Returns (records, peaks). A provider that fails on a case is logged and left out, not guessed."""
+    peaks = {d: device_peaks(device, DTYPES[d]) for d in dtypes}
+    records = []
+    jobs = [(c, m, d) for c in cases for m in modes for d in dtypes]
+    for case, mode, dname in jobs:
+        for provider in providers:
+            if progress is not None:
+                progress.set_postfix_str(f"{case.name} {mode} {dname} {provider}"[:60])
+            try:
+                rec = measure_one(case, provider, mode, dname, device, warmup, reps, peaks[dname])
+            except Exception as e:  # noqa: BLE001 - one broken provider must not end the run
+                log(f"  {case.name} {mode} {dname} {provider}: FAILED ({type(e).__name__}: {str(e)[:200]})")
+                rec = None
+            if rec is not None:
+                records.append(rec)
+            if progress is not None:
+                progress.update(1)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return records, peaks
+
+
+def measure_one(case: Case, provider: str, mode: str, dname: str, device, warmup, reps, peaks):
+    dtype = DTYPES[dname]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runner = Runner(case, provider, mode, dtype, device)
+        mem = peak_memory_mb(runner.step, device)
+        rotate = 1 if device.type != "cuda" else max(1, min(8, math.ceil(2 * L2_BYTES / runner.input_bytes())))
+        runner.add_inputs(rotate - 1)
+        t = measure(runner.step, len(runner.inputs), device, warmup=warmup, reps=reps)
+    rec = {"case": case.name, "kind": case.kind, "mode": mode, "dtype": dname, "layout": runner.layout,
+           "provider": provider, **{k: round(v, 5) for k, v in t.items()},
+           "images_per_s": round(case.n / (t["median_ms"] * 1e-3), 1),
+           "peak_mem_mb": None if mem is None else round(mem, 1), "achieved_gbps": None, "pct_of_roofline": None}
+    if case.kind == "layer":
+        gbps, pct = roofline_fraction(case, mode, torch.empty((), dtype=dtype).element_size(), t["median_ms"], peaks)
+        rec["achieved_gbps"], rec["pct_of_roofline"] = round(gbps, 1), round(pct, 1)
+    return rec
