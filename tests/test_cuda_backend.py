@@ -74,3 +74,29 @@ def test_kernels_include_no_pytorch_headers():
         text = path.read_text()
         for banned in ("<torch/", "<ATen/", "<c10/", '"torch/', '"ATen/', '"c10/'):
             assert banned not in text, f"{path} includes a PyTorch header ({banned})"
+
+
+def test_cuda_backend_reaches_its_launchers(monkeypatch):
+    """Once resolve() picks "cuda", every kernel call goes to fused_resnet.cuda's launchers (here stood in
+    for by the Triton ones, which share their signatures, so the glue runs on the CPU): a regression test
+    for a guard that once made backend="cuda" unreachable even with the extension built."""
+    import fused_resnet.triton as tk
+    from fused_resnet import _ops, functional
+
+    called = []
+
+    class Recording:
+        def __getattr__(self, name):
+            called.append(name)
+            return getattr(tk, name)
+
+    real = _ops._kernels
+    monkeypatch.setattr(_ops, "_kernels", lambda b: Recording() if b == "cuda" else real(b))
+    monkeypatch.setattr(functional, "resolve", lambda backend, device, groups: "cuda")
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    y = fused_resnet.bn_relu_conv2d(x, w, bn_weight=torch.rand(3) + 0.5, bn_bias=torch.randn(3),
+                                    running_mean=torch.zeros(3), running_var=torch.ones(3), training=True,
+                                    padding=1, backend="cuda")
+    y.backward(torch.randn_like(y))
+    assert set(called) == {"channel_stats", "conv_forward", "conv_dgrad_bn", "conv_wgrad"}

@@ -50,7 +50,7 @@ def _table(records):
 
     rows = [[r["case"], r["mode"], r["dtype"], r["provider"], r["layout"], f"{r['median_ms']:.3f}",
              f"{r['images_per_s']:.0f}", "–" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}",
-             "–" if r["pct_of_roofline"] is None else f"{r['pct_of_roofline']:.0f}%"] for r in records]
+             "–" if r["pct_of_roofline"] is None else f"{r['pct_of_roofline']:.3g}%"] for r in records]
     return table(rows, ["case", "mode", "dtype", "provider", "layout", "median ms", "img/s", "peak MiB", "roofline"])
 
 

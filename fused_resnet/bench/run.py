@@ -81,6 +81,11 @@ def run(cases, providers, modes, dtypes, device, warmup, reps, progress=None, lo
     return records, peaks
 
 
+def _sig(v: float, digits: int = 5) -> float:
+    """Rounded to significant digits, not decimals: tiny CPU figures must not round to 0."""
+    return float(f"{v:.{digits}g}")
+
+
 def measure_one(case: Case, provider: str, mode: str, dname: str, device, warmup, reps, peaks):
     dtype = DTYPES[dname]
     with warnings.catch_warnings():
@@ -91,10 +96,10 @@ def measure_one(case: Case, provider: str, mode: str, dname: str, device, warmup
         runner.add_inputs(rotate - 1)
         t = measure(runner.step, len(runner.inputs), device, warmup=warmup, reps=reps)
     rec = {"case": case.name, "kind": case.kind, "mode": mode, "dtype": dname, "layout": runner.layout,
-           "provider": provider, **{k: round(v, 5) for k, v in t.items()},
-           "images_per_s": round(case.n / (t["median_ms"] * 1e-3), 1),
+           "provider": provider, **{k: _sig(v) for k, v in t.items()},
+           "images_per_s": _sig(case.n / (t["median_ms"] * 1e-3)),
            "peak_mem_mb": None if mem is None else round(mem, 1), "achieved_gbps": None, "pct_of_roofline": None}
     if case.kind == "layer":
         gbps, pct = roofline_fraction(case, mode, torch.empty((), dtype=dtype).element_size(), t["median_ms"], peaks)
-        rec["achieved_gbps"], rec["pct_of_roofline"] = round(gbps, 1), round(pct, 1)
+        rec["achieved_gbps"], rec["pct_of_roofline"] = _sig(gbps, 4), _sig(pct, 4)
     return rec
