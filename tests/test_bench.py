@@ -84,6 +84,16 @@ def test_bad_arguments_fail_before_measuring(capsys):
     assert bench_main(["--reps", "0", "--providers", "eager"]) == 2
 
 
+def test_time_budget_lists_what_was_not_run(tmp_path):
+    rc = bench_main(["--providers", "eager", "--kinds", "layer", "--modes", "inference", "--reps", "1",
+                     "--warmup", "0", "--time-budget", "1e-9", "--out", str(tmp_path / "r"),
+                     "--json", str(tmp_path / "b.json")])
+    doc = json.loads((tmp_path / "b.json").read_text())
+    assert rc == 0 and doc["records"] == []
+    assert len(doc["meta"]["not_run"]) == len(C.preset("quick", ("layer",)))
+    assert "not run (time budget spent)" in report.device_section(doc)
+
+
 def test_report_from_a_run(cpu_run, tmp_path):
     tmp, docs = cpu_run
     results = tmp_path / "results"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -38,6 +39,8 @@ def build_parser(prog="fused-resnet bench"):
     p.add_argument("--kinds", type=_csv(("layer", "block", "model")), default=["layer", "block", "model"])
     p.add_argument("--reps", type=int, help="timed repetitions per measurement (median reported)")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="stop starting new measurements after this long; the rest are listed as not run")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"),
                    help="GPU runs: folder for the results JSON (RESULTS.md goes to its parent)")
     p.add_argument("--json", help="also write the JSON here (the only way a CPU run is written)")
@@ -71,6 +74,9 @@ def main(argv=None, prog="fused-resnet bench"):
     if args.reps is not None and args.reps < 1:
         print("--reps must be at least 1", file=sys.stderr)
         return 2
+    if args.time_budget is not None and args.time_budget <= 0:
+        print("--time-budget must be positive", file=sys.stderr)
+        return 2
     from tqdm import tqdm
 
     full = args.full
@@ -93,11 +99,15 @@ def main(argv=None, prog="fused-resnet bench"):
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | commit {env['commit']}")
     total = len(cases) * len(args.modes) * len(dtypes) * len(providers)
     with tqdm(total=total, desc="bench", disable=None) as bar:
-        records, peaks = run(cases, providers, args.modes, dtypes, device, args.warmup, reps, progress=bar,
-                             log=bar.write)
+        deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
+        records, peaks, not_run = run(cases, providers, args.modes, dtypes, device, args.warmup, reps,
+                                      progress=bar, log=bar.write, deadline=deadline)
     print(_table(records))
+    if not_run:
+        print(f"time budget of {args.time_budget:g}s spent: {len(not_run)} of {total} measurements not run "
+              f"(listed in the results' meta.not_run)")
     meta = {"peaks": peaks, "preset": "full" if full else "quick", "reps": reps, "warmup": args.warmup,
-            "gpu": gpu, "cuda_graphs": False}
+            "gpu": gpu, "cuda_graphs": False, "not_run": not_run}
     if gpu:
         path = report.write_results(os.path.join(results_dir, report.results_name(env)), env, records, meta)
         print(f"wrote {path}")

@@ -128,6 +128,10 @@ def device_section(doc, chart=None):
     if peaks:
         lines.append("Measured in the same run: " + "; ".join(
             f"{d}: {p['hbm_gbps']:.4g} GB/s copy, {p['matmul_tflops']:.4g} TFLOP/s matmul" for d, p in peaks.items()))
+    not_run = doc.get("meta", {}).get("not_run") or []
+    if not_run:
+        lines.append(f"**{len(not_run)} measurements were not run (time budget spent)**: "
+                     + ", ".join(not_run[:20]) + (" ..." if len(not_run) > 20 else ""))
     lines += ["", "### Targets (bf16, geometric means over the cases of this run)", "",
               "| target | measured | holds |", "| --- | --- | --- |"]
     for name, val, ok in targets(doc):

@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import subprocess
+import time
 import warnings
 
 import torch
@@ -57,13 +58,19 @@ def provider_status(providers, device):
     return ok, skipped
 
 
-def run(cases, providers, modes, dtypes, device, warmup, reps, progress=None, log=print):
-    """Returns (records, peaks). A provider that fails on a case is logged and left out, not guessed."""
+def run(cases, providers, modes, dtypes, device, warmup, reps, progress=None, log=print, deadline=None):
+    """Returns (records, peaks, not_run). A provider that fails on a case is logged and left out, not
+    guessed; once time.monotonic() passes `deadline`, the remaining measurements are listed in not_run."""
     peaks = {d: device_peaks(device, DTYPES[d]) for d in dtypes}
-    records = []
-    jobs = [(c, m, d) for c in cases for m in modes for d in dtypes]
+    records, not_run = [], []
+    jobs = [(c, m, d) for d in dtypes for c in cases for m in modes]  # dtype-major: a spent budget cuts the last dtype
     for case, mode, dname in jobs:
         for provider in providers:
+            if deadline is not None and time.monotonic() > deadline:
+                not_run.append(f"{case.name} {mode} {dname} {provider}")
+                if progress is not None:
+                    progress.update(1)
+                continue
             if progress is not None:
                 progress.set_postfix_str(f"{case.name} {mode} {dname} {provider}"[:60])
             try:
@@ -78,7 +85,7 @@ def run(cases, providers, modes, dtypes, device, warmup, reps, progress=None, lo
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    return records, peaks
+    return records, peaks, not_run
 
 
 def _sig(v: float, digits: int = 5) -> float:

@@ -1,0 +1,70 @@
+"""A small case of every kernel of one backend, for compute-sanitizer (memcheck, racecheck):
+
+  compute-sanitizer --tool memcheck python benchmarks/sanitize_case.py --backend cuda
+
+Batch statistics, forward (with and without residual, bias and output statistics), dgrad with the fused
+BN-backward sums and the dx finish, and split-K wgrad; in fp32, bf16 (tensor-core path), fp16 and fp64;
+NCHW and channels_last; stride 1 and 2; a channel count that is not a multiple of any tile. Checks the
+result against the reference too, so a kernel that reads out of bounds silently still fails here.
+"""
+import argparse
+import sys
+
+import torch
+
+import fused_resnet
+from fused_resnet import reference
+
+
+def one(backend, dtype, channels_last, stride, residual):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, c, h, k = 2, 19, 9, 21  # odd sizes: every tile edge is a partial one
+    x = torch.randn(n, c, h, h, device="cuda", dtype=dtype, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(k, c, 3, 3, device="cuda", dtype=dtype, generator=g) * (9 * c) ** -0.5)
+    oh = (h + 2 - 3) // stride + 1
+    r = torch.randn(n, k, oh, oh, device="cuda", dtype=dtype, generator=g) if residual else None
+    bn_w = (torch.rand(c, device="cuda", generator=g) + 0.5).to(dtype if dtype == torch.float64 else torch.float32)
+    bn_b = torch.randn(c, device="cuda", generator=g).to(bn_w.dtype)
+    args = dict(bias=torch.randn(k, device="cuda", dtype=dtype, generator=g), stride=stride, padding=1,
+                training=True, residual=r)
+    outs = []
+    for impl in (backend, "reference"):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, bn_w, bn_b)]
+        y = (fused_resnet.bn_relu_conv2d if impl == backend else reference.bn_relu_conv2d)(
+            leaves[0], leaves[1], bn_weight=leaves[2], bn_bias=leaves[3],
+            running_mean=torch.zeros(c, device="cuda", dtype=bn_w.dtype),
+            running_var=torch.ones(c, device="cuda", dtype=bn_w.dtype),
+            **({"backend": backend} if impl == backend else {}), **args)
+        y.backward(torch.ones_like(y) * 0.01 + y.detach() * 0.1)
+        outs.append([y.detach().double()] + [t.grad.double() for t in leaves])
+    torch.cuda.synchronize()
+    tol = {torch.float64: 1e-9, torch.float32: 1e-2, torch.float16: 5e-2, torch.bfloat16: 2e-1}[dtype]
+    for name, a, b in zip(("y", "dx", "dw", "dgamma", "dbeta"), *outs):
+        err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+        if not err <= tol:
+            return f"{name} relative error {err:.2e} > {tol:.0e}"
+    return None
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backend", choices=["triton", "cuda"], required=True)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    bad = 0
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for channels_last in (False, True):
+            for stride, residual in ((1, True), (2, False)):
+                why = one(args.backend, dtype, channels_last, stride, residual)
+                tag = f"{args.backend} {str(dtype)[6:]} {'channels_last' if channels_last else 'nchw'} s{stride}"
+                print(f"{tag}: {'ok' if why is None else 'FAIL ' + why}")
+                bad += why is not None
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
