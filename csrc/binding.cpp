@@ -168,7 +168,7 @@ at::Tensor conv_dgrad(const at::Tensor& gy, const at::Tensor& w, const at::Tenso
 
 void bn_backward_finish(const at::Tensor& gm, const at::Tensor& x, at::Tensor& dx, const at::Tensor& mean,
                         const at::Tensor& invstd, const std::optional<at::Tensor>& gamma, const at::Tensor& s1,
-                        const at::Tensor& s2) {
+                        const at::Tensor& s2, int64_t count) {
   check_4d(gm, x, "gm"); check_4d(x, x, "x"); check_4d(dx, x, "dx"); check_same_dtype(dx, x, "dx");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc = acc_of(x);
@@ -191,8 +191,10 @@ void bn_backward_finish(const at::Tensor& gm, const at::Tensor& x, at::Tensor& d
     check_vec(gamma_acc, c, acc, x, "gamma");
     p.gamma = gamma_acc.data_ptr();
   }
-  const int64_t m = x.size(0) * x.size(2) * x.size(3);
-  p.inv_count = m > 0 ? 1.0 / static_cast<double>(m) : 0.0;
+  // count: elements per channel behind S1/S2 -- this tensor's N*H*W, or the whole process group's when
+  // the statistics are synchronized across ranks.
+  TORCH_CHECK(count >= 0, "fused_resnet._C: negative count");
+  p.inv_count = count > 0 ? 1.0 / static_cast<double>(count) : 0.0;
   if (x.numel() > 0) check_launch(fr::bn_backward_finish(p, at::cuda::getCurrentCUDAStream()), "bn_backward_finish");
 }
 

@@ -4,8 +4,9 @@ from .backends import available_backends
 from .convert import convert
 from .functional import bn_relu_conv2d
 from .nn import FusedBNReLUConv2d, PreActBlock, PreActBottleneck
+from .sync_bn import SyncBatchNorm2d, convert_sync_batchnorm
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedBNReLUConv2d", "PreActBlock", "PreActBottleneck", "available_backends", "bn_relu_conv2d",
-           "convert", "models", "reference", "__version__"]
+__all__ = ["FusedBNReLUConv2d", "PreActBlock", "PreActBottleneck", "SyncBatchNorm2d", "available_backends",
+           "bn_relu_conv2d", "convert", "convert_sync_batchnorm", "models", "reference", "__version__"]

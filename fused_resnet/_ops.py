@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _sync
 from ._layout import memory_format_of
 
 
@@ -75,7 +76,7 @@ def _ref_forward(x, weight, bias, gamma, beta, mean, invstd, residual, stride, p
 
 
 def _ref_backward(grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, eps, stride, padding,
-                  dilation, groups, needs):
+                  dilation, groups, needs, sync=None):
     """The DESIGN.md backward formulas in PyTorch ops, recomputing a from x (a is never stored).
 
     Autograd is off inside a custom op's implementation, so this spells the math out: conv backward
@@ -105,6 +106,8 @@ def _ref_backward(grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, eps
         if need_dx:
             if batch_stats:
                 m = x.numel() // c
+                if sync is not None:  # the process group's sums and count; dgamma/dbeta stay local
+                    s1, s2, m = sync(s1, s2, m)
                 k = invstd * gamma.to(acc) if gamma is not None else invstd
                 dx = k.view(1, c, 1, 1) * (gm - (s1 / m).view(1, c, 1, 1) - xhat * (s2 / m).view(1, c, 1, 1))
             else:
@@ -136,14 +139,14 @@ def _kernel_forward(kb, x, weight, bias, gamma, beta, mean, invstd, residual, st
 
 
 def _kernel_backward(kb, grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, stride, padding,
-                     dilation, needs):
+                     dilation, needs, sync=None):
     scale, shift = _affine(mean, invstd, gamma, beta)
     dx = dw = dgamma = dbeta = None
     need_dx, need_dw, need_dg, need_db = needs
     if need_dx or need_dg or need_db:
         dx, s1, s2 = kb.conv_dgrad_bn(grad_y, x, weight, scale, shift, mean, invstd, gamma,
                                       batch_stats and need_dx, need_dg or need_db, stride, padding,
-                                      dilation)
+                                      dilation, sync=sync)
         dx = dx if need_dx else None
         dgamma = s2 if need_dg else None
         dbeta = s1 if need_db else None
@@ -174,7 +177,7 @@ def bn_relu_conv2d_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
     bn_bias: Optional[Tensor], mean: Tensor, invstd: Tensor, residual: Optional[Tensor],
     batch_stats: bool, eps: float, stride: List[int], padding: List[int], dilation: List[int],
-    out_size: List[int], groups: int, out_stats: bool, backend: str,
+    out_size: List[int], groups: int, out_stats: bool, backend: str, sync_group: int = 0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (y, mean_y, var_y); the last two are per-channel statistics of y when out_stats,
     else empty. They are for the next BN's forward and carry no gradient."""
@@ -196,7 +199,7 @@ def bn_relu_conv2d_op(
 
 @bn_relu_conv2d_op.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, batch_stats, eps, stride, padding,
-      dilation, out_size, groups, out_stats, backend):
+      dilation, out_size, groups, out_stats, backend, sync_group=0):
     y = torch.empty((x.shape[0], weight.shape[0], *out_size), dtype=x.dtype, device=x.device,
                     memory_format=memory_format_of(x))
     k = weight.shape[0] if out_stats else 0
@@ -207,18 +210,20 @@ def _(x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, batch_stats, 
 def bn_relu_conv2d_backward_op(
     grad_y: Tensor, x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     mean: Tensor, invstd: Tensor, batch_stats: bool, eps: float, stride: List[int], padding: List[int],
-    dilation: List[int], groups: int, needs: List[bool], backend: str,
+    dilation: List[int], groups: int, needs: List[bool], backend: str, sync_group: int = 0,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dW, dgamma, dbeta); an entry whose `needs` flag is False comes back empty."""
+    """(dx, dW, dgamma, dbeta); an entry whose `needs` flag is False comes back empty.
+    sync_group (an id from _sync.group_id): dx uses the process group's BN-backward sums."""
     needs = list(needs)
+    sync = _sync.sum_reducer(sync_group) if (batch_stats and needs[0]) else None
     needs[2] = needs[2] and bn_weight is not None
     needs[3] = needs[3] and bn_bias is not None
     if backend in ("triton", "cuda"):
         grads = _kernel_backward(_kernels(backend), grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats,
-                                 stride, padding, dilation, needs)
+                                 stride, padding, dilation, needs, sync)
     else:
         grads = _ref_backward(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps,
-                              stride, padding, dilation, groups, needs)
+                              stride, padding, dilation, groups, needs, sync)
     like = (x, weight, bn_weight, bn_bias)
     out = []
     for g, ref in zip(grads, like):
@@ -232,7 +237,7 @@ def bn_relu_conv2d_backward_op(
 
 @bn_relu_conv2d_backward_op.register_fake
 def _(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps, stride, padding, dilation,
-      groups, needs, backend):
+      groups, needs, backend, sync_group=0):
     def like(t, need):
         if not need or t is None:
             return x.new_empty((0,))
@@ -245,24 +250,24 @@ def _(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps, str
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, batch_stats, eps, stride, padding,
-     dilation, out_size, groups, out_stats, backend) = inputs
+     dilation, out_size, groups, out_stats, backend, sync_group) = inputs
     ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, invstd)
     ctx.has_bias = bias is not None
     ctx.has_residual = residual is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.conv = (batch_stats, eps, list(stride), list(padding), list(dilation), groups, backend)
+    ctx.conv = (batch_stats, eps, list(stride), list(padding), list(dilation), groups, backend, sync_group)
 
 
 def _backward(ctx, grad_y, grad_mean, grad_var):
     x, weight, bn_weight, bn_bias, mean, invstd = ctx.saved_tensors
-    batch_stats, eps, stride, padding, dilation, groups, backend = ctx.conv
+    batch_stats, eps, stride, padding, dilation, groups, backend, sync_group = ctx.conv
     ni = ctx.needs_input_grad
     needs = [bool(ni[0]), bool(ni[1]), bool(ni[3]), bool(ni[4])]
     dx = dw = dgamma = dbeta = None
     if any(needs):
         grads = bn_relu_conv2d_backward_op(grad_y, x, weight, bn_weight, bn_bias, mean, invstd,
                                            batch_stats, eps, stride, padding, dilation, groups,
-                                           needs, backend)
+                                           needs, backend, sync_group)
         dx, dw, dgamma, dbeta = (g if need else None for g, need in zip(grads, needs))
         if dgamma is not None and bn_weight is None:
             dgamma = None
@@ -272,7 +277,7 @@ def _backward(ctx, grad_y, grad_mean, grad_var):
     if ctx.has_bias and ni[2]:
         dbias = grad_y.sum((0, 2, 3), dtype=_acc(grad_y.dtype)).to(ctx.bias_dtype)
     dres = grad_y if (ctx.has_residual and ni[7]) else None
-    return (dx, dw, dbias, dgamma, dbeta, None, None, dres) + (None,) * 9
+    return (dx, dw, dbias, dgamma, dbeta, None, None, dres) + (None,) * 10
 
 
 torch.library.register_autograd("fused_resnet::bn_relu_conv2d", _backward, setup_context=_setup_context)

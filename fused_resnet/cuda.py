@@ -49,8 +49,10 @@ def conv_forward(x, weight, bias, scale, shift, residual, y, stride, padding, di
 
 
 def conv_dgrad_bn(grad_y, x, weight, scale, shift, mean, invstd, gamma, batch_stats, need_sums,
-                  stride, padding, dilation):
-    """Returns (dx, S1, S2); S1/S2 (= dbeta, dgamma) are None unless need_sums or batch_stats."""
+                  stride, padding, dilation, sync=None):
+    """Returns (dx, S1, S2); S1/S2 (= dbeta, dgamma) are None unless need_sums or batch_stats.
+    sync(s1, s2, count) -> (s1, s2, count) makes the dx finish use process-group-wide sums (the
+    returned S1/S2 stay local, as nn.SyncBatchNorm's weight/bias gradients do)."""
     ext = _ext()
     acc = _acc(x.dtype)
     dx = torch.empty_like(x, memory_format=memory_format_of(x))
@@ -63,7 +65,9 @@ def conv_dgrad_bn(grad_y, x, weight, scale, shift, mean, invstd, gamma, batch_st
     s1, s2 = part[0].sum(0), part[1].sum(0)  # separate tensors: op outputs may not alias
     if batch_stats:
         g = gamma.to(acc).contiguous() if gamma is not None else None
-        ext.bn_backward_finish(out, x, dx, mean, invstd, g, s1, s2)
+        n, _, h, w = x.shape
+        fs1, fs2, count = sync(s1, s2, n * h * w) if sync is not None else (s1, s2, n * h * w)
+        ext.bn_backward_finish(out, x, dx, mean, invstd, g, fs1.contiguous(), fs2.contiguous(), int(count))
     return dx, s1, s2
 
 

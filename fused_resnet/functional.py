@@ -1,9 +1,11 @@
 """bn_relu_conv2d: validate, pick a backend, get the BN statistics, run the registered op, update buffers."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from . import _ops
+from . import _ops, _sync
 from ._validate import validate
 from .backends import resolve
 
@@ -26,52 +28,93 @@ def bn_relu_conv2d(
     groups=1,
     residual=None,
     backend="auto",
+    sync_stats=False,
+    process_group=None,
 ):
     """conv2d(relu(batch_norm(x)), weight, bias) (+ residual), fused.
 
     Same meaning as ``F.conv2d(F.relu(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias,
     training, momentum, eps)), weight, bias, stride, padding, dilation, groups) (+ residual)``,
     including the in-place running-statistics update in training mode, without ever storing the
-    activation relu(batch_norm(x)).
+    activation relu(batch_norm(x)). sync_stats=True: training statistics over the process group
+    (nn.SyncBatchNorm's semantics). Under torch.autocast, x/weight/bias/residual take the conv's
+    autocast dtype; BN parameters and statistics stay float32.
     """
     y, _, _ = bn_relu_conv2d_with_stats(
         x, weight, bias, bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean,
         running_var=running_var, training=training, momentum=momentum, eps=eps, stride=stride,
-        padding=padding, dilation=dilation, groups=groups, residual=residual, backend=backend)
+        padding=padding, dilation=dilation, groups=groups, residual=residual, backend=backend,
+        sync_stats=sync_stats, process_group=process_group)
     return y
 
 
 def bn_relu_conv2d_with_stats(
     x, weight, bias=None, *, bn_weight=None, bn_bias=None, running_mean=None, running_var=None,
     training=False, momentum=0.1, eps=1e-5, stride=1, padding=0, dilation=1, groups=1, residual=None,
-    backend="auto", input_stats=None, out_stats=False,
+    backend="auto", input_stats=None, out_stats=False, sync_stats=False, process_group=None,
 ):
     """The same op, for chaining fused layers.
 
     input_stats: (mean, biased var) of x per channel, already known (e.g. from the producer conv's
         epilogue); used in training instead of a pass over x. Running buffers are still updated here.
+        They are this rank's statistics: with sync_stats they are synchronized here.
     out_stats: also return the per-channel (mean, biased var) of the output, computed in the conv
         epilogue, for the next BN. Otherwise the last two results are None.
+    sync_stats: in training, use the batch statistics of the whole process group (default group, or
+        process_group), with nn.SyncBatchNorm's semantics (see _sync.py). A no-op when torch.distributed
+        is not initialized or the group has one process.
     """
+    x, weight, bias, residual, amp_off = _autocast_inputs(x, weight, bias, residual)
+    with amp_off:
+        return _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
+                           eps, stride, padding, dilation, groups, residual, backend, input_stats, out_stats,
+                           sync_stats, process_group)
+
+
+def _autocast_inputs(x, weight, bias, residual):
+    """Under torch.autocast, the conv's operands in the dtype autocast would give the conv (x too: the
+    BN+ReLU prologue reads it in that dtype); BN parameters, statistics and running buffers stay as they
+    are (float32). Returns them with a context that turns autocast off around the op, so the reference
+    path's inner ops are not cast a second time. float64 tensors are never cast, as autocast does."""
+    dev = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+    if not (isinstance(x, torch.Tensor) and torch.is_autocast_enabled(dev)):
+        return x, weight, bias, residual, contextlib.nullcontext()
+    dt = torch.get_autocast_dtype(dev)
+
+    def cast(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+            return t.to(dt)
+        return t
+
+    return cast(x), cast(weight), cast(bias), cast(residual), torch.autocast(dev, enabled=False)
+
+
+def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
+                stride, padding, dilation, groups, residual, backend, input_stats, out_stats, sync_stats,
+                process_group):
     geo = validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
                    eps, stride, padding, dilation, groups, residual, backend)
     impl = resolve(backend, x.device, geo.groups)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    count = x.numel() // x.shape[1]
+    gid = _sync.group_id(process_group) if (training and sync_stats) else 0
     if training:
         if input_stats is not None:
             mean, var = (s.detach().to(acc) for s in input_stats)
         else:
             mean, var = _ops.batch_stats(x.detach(), impl)
+        if gid:
+            mean, var, count = _sync.gather_stats(mean, var, count, gid)
     else:
         mean, var = running_mean.detach().to(acc), running_var.detach().to(acc)
     invstd = torch.rsqrt(var + eps)
     y, mean_y, var_y = _ops.bn_relu_conv2d_op(
         x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, training, float(eps),
         list(geo.stride), list(geo.padding), list(geo.dilation), list(geo.out_size), geo.groups,
-        bool(out_stats), impl)
+        bool(out_stats), impl, gid)
     if training and running_mean is not None:
         # After the op succeeded, so a failed call leaves the buffers as they were.
-        update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
+        update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return (y, mean_y, var_y) if out_stats else (y, None, None)
 
 

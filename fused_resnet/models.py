@@ -3,6 +3,9 @@
 fused=True runs every BN->ReLU->Conv through the fused op and passes each block's output statistics
 (from its last conv's epilogue) to the next block's bn1; fused=False runs the same modules in plain
 PyTorch. Both have the same state_dict keys, so weights move both ways with strict loading.
+
+Every factory also takes in_channels (default 3) and sync_stats (default False: True makes every BN a
+SyncBatchNorm2d, for DistributedDataParallel training with process-group-wide batch statistics).
 """
 from __future__ import annotations
 
@@ -10,17 +13,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .nn import PreActBlock, PreActBottleneck
+from .sync_bn import convert_sync_batchnorm
 
 
 class PreActResNet(nn.Module):
-    def __init__(self, block, num_blocks, planes, stem, num_classes, fused=True, backend="auto"):
+    def __init__(self, block, num_blocks, planes, stem, num_classes, fused=True, backend="auto", in_channels=3,
+                 sync_stats=False):
         super().__init__()
         self.fused, self.backend = fused, backend
         if stem == "imagenet":
-            self.conv1 = nn.Conv2d(3, planes[0], 7, 2, 3, bias=False)
+            self.conv1 = nn.Conv2d(in_channels, planes[0], 7, 2, 3, bias=False)
             self.maxpool = nn.MaxPool2d(3, 2, 1)
         else:
-            self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+            self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
             self.maxpool = None
         in_planes = self.conv1.out_channels
         for i, (p, n) in enumerate(zip(planes, num_blocks)):
@@ -36,6 +41,8 @@ class PreActResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if sync_stats:  # every BN, fused or not, uses the process group's batch statistics in training
+            convert_sync_batchnorm(self)
 
     def blocks(self):
         for i in range(self.num_stages):
@@ -58,58 +65,58 @@ class PreActResNet(nn.Module):
         return self.linear(x)
 
 
-def _imagenet(block, layers, num_classes, fused, backend):
-    return PreActResNet(block, layers, (64, 128, 256, 512), "imagenet", num_classes, fused, backend)
+def _imagenet(block, layers, num_classes, fused, backend, **kw):
+    return PreActResNet(block, layers, (64, 128, 256, 512), "imagenet", num_classes, fused, backend, **kw)
 
 
-def _cifar(block, depth, per_block_layers, num_classes, fused, backend):
+def _cifar(block, depth, per_block_layers, num_classes, fused, backend, **kw):
     n = (depth - 2) // per_block_layers
-    return PreActResNet(block, (n, n, n), (16, 32, 64), "cifar", num_classes, fused, backend)
+    return PreActResNet(block, (n, n, n), (16, 32, 64), "cifar", num_classes, fused, backend, **kw)
 
 
-def preact_resnet18(num_classes=1000, fused=True, backend="auto"):
-    return _imagenet(PreActBlock, (2, 2, 2, 2), num_classes, fused, backend)
+def preact_resnet18(num_classes=1000, fused=True, backend="auto", **kw):
+    return _imagenet(PreActBlock, (2, 2, 2, 2), num_classes, fused, backend, **kw)
 
 
-def preact_resnet34(num_classes=1000, fused=True, backend="auto"):
-    return _imagenet(PreActBlock, (3, 4, 6, 3), num_classes, fused, backend)
+def preact_resnet34(num_classes=1000, fused=True, backend="auto", **kw):
+    return _imagenet(PreActBlock, (3, 4, 6, 3), num_classes, fused, backend, **kw)
 
 
-def preact_resnet50(num_classes=1000, fused=True, backend="auto"):
-    return _imagenet(PreActBottleneck, (3, 4, 6, 3), num_classes, fused, backend)
+def preact_resnet50(num_classes=1000, fused=True, backend="auto", **kw):
+    return _imagenet(PreActBottleneck, (3, 4, 6, 3), num_classes, fused, backend, **kw)
 
 
-def preact_resnet101(num_classes=1000, fused=True, backend="auto"):
-    return _imagenet(PreActBottleneck, (3, 4, 23, 3), num_classes, fused, backend)
+def preact_resnet101(num_classes=1000, fused=True, backend="auto", **kw):
+    return _imagenet(PreActBottleneck, (3, 4, 23, 3), num_classes, fused, backend, **kw)
 
 
-def preact_resnet152(num_classes=1000, fused=True, backend="auto"):
-    return _imagenet(PreActBottleneck, (3, 8, 36, 3), num_classes, fused, backend)
+def preact_resnet152(num_classes=1000, fused=True, backend="auto", **kw):
+    return _imagenet(PreActBottleneck, (3, 8, 36, 3), num_classes, fused, backend, **kw)
 
 
-def preact_resnet20(num_classes=10, fused=True, backend="auto"):
-    return _cifar(PreActBlock, 20, 6, num_classes, fused, backend)
+def preact_resnet20(num_classes=10, fused=True, backend="auto", **kw):
+    return _cifar(PreActBlock, 20, 6, num_classes, fused, backend, **kw)
 
 
-def preact_resnet32(num_classes=10, fused=True, backend="auto"):
-    return _cifar(PreActBlock, 32, 6, num_classes, fused, backend)
+def preact_resnet32(num_classes=10, fused=True, backend="auto", **kw):
+    return _cifar(PreActBlock, 32, 6, num_classes, fused, backend, **kw)
 
 
-def preact_resnet44(num_classes=10, fused=True, backend="auto"):
-    return _cifar(PreActBlock, 44, 6, num_classes, fused, backend)
+def preact_resnet44(num_classes=10, fused=True, backend="auto", **kw):
+    return _cifar(PreActBlock, 44, 6, num_classes, fused, backend, **kw)
 
 
-def preact_resnet56(num_classes=10, fused=True, backend="auto"):
-    return _cifar(PreActBlock, 56, 6, num_classes, fused, backend)
+def preact_resnet56(num_classes=10, fused=True, backend="auto", **kw):
+    return _cifar(PreActBlock, 56, 6, num_classes, fused, backend, **kw)
 
 
-def preact_resnet110(num_classes=10, fused=True, backend="auto"):
-    return _cifar(PreActBlock, 110, 6, num_classes, fused, backend)
+def preact_resnet110(num_classes=10, fused=True, backend="auto", **kw):
+    return _cifar(PreActBlock, 110, 6, num_classes, fused, backend, **kw)
 
 
-def preact_resnet164(num_classes=10, fused=True, backend="auto"):
-    return _cifar(PreActBottleneck, 164, 9, num_classes, fused, backend)
+def preact_resnet164(num_classes=10, fused=True, backend="auto", **kw):
+    return _cifar(PreActBottleneck, 164, 9, num_classes, fused, backend, **kw)
 
 
-def preact_resnet1001(num_classes=10, fused=True, backend="auto"):
-    return _cifar(PreActBottleneck, 1001, 9, num_classes, fused, backend)
+def preact_resnet1001(num_classes=10, fused=True, backend="auto", **kw):
+    return _cifar(PreActBottleneck, 1001, 9, num_classes, fused, backend, **kw)

@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import batch_statistics, bn_relu_conv2d_with_stats
+from .sync_bn import SyncBatchNorm2d
 
 
 def _check_pair(bn, conv):
-    if not isinstance(bn, nn.BatchNorm2d) or not isinstance(conv, nn.Conv2d):
+    if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) or not isinstance(conv, nn.Conv2d):
         raise TypeError(f"expected (nn.BatchNorm2d, nn.Conv2d), got ({type(bn).__name__}, {type(conv).__name__})")
     if conv.padding_mode != "zeros":
         raise ValueError(f"only padding_mode='zeros' convolutions can be fused, got {conv.padding_mode!r}")
@@ -28,7 +29,8 @@ def fused_bn_relu_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d, x, residual=None, *,
 
     Mirrors nn.BatchNorm2d.forward: num_batches_tracked, momentum=None (cumulative average),
     track_running_stats=False. update_running_stats=False lets a second consumer of the same BN use
-    batch statistics without updating the buffers a second time.
+    batch statistics without updating the buffers a second time. A SyncBatchNorm2d (or nn.SyncBatchNorm)
+    bn synchronizes its training statistics over its process group.
     Returns (y, stats_of_y or None).
     """
     factor = 0.0 if bn.momentum is None else bn.momentum
@@ -44,7 +46,8 @@ def fused_bn_relu_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d, x, residual=None, *,
         training=use_batch_stats, momentum=factor, eps=bn.eps, stride=conv.stride,
         padding=conv.padding, dilation=conv.dilation, groups=conv.groups, residual=residual,
         backend=backend, input_stats=input_stats if use_batch_stats else None,
-        out_stats=out_stats and use_batch_stats)
+        out_stats=out_stats and use_batch_stats, sync_stats=isinstance(bn, (SyncBatchNorm2d, nn.SyncBatchNorm)),
+        process_group=getattr(bn, "process_group", None))
     if tracking and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
     return y, ((mean, var) if mean is not None else None)

@@ -126,8 +126,10 @@ def _bn_backward_finish_kernel(
 
 
 def conv_dgrad_bn(grad_y, x, weight, scale, shift, mean, invstd, gamma, batch_stats, need_sums,
-                  stride, padding, dilation):
-    """Returns (dx, S1, S2); S1/S2 (= dbeta, dgamma) are None unless need_sums or batch_stats."""
+                  stride, padding, dilation, sync=None):
+    """Returns (dx, S1, S2); S1/S2 (= dbeta, dgamma) are None unless need_sums or batch_stats.
+    sync(s1, s2, count) -> (s1, s2, count) makes the dx finish use process-group-wide sums (the
+    returned S1/S2 stay local, as nn.SyncBatchNorm's weight/bias gradients do)."""
     n, c, h, w = x.shape
     k, _, kh, kw = weight.shape
     oh, ow = grad_y.shape[2], grad_y.shape[3]
@@ -157,9 +159,10 @@ def conv_dgrad_bn(grad_y, x, weight, scale, shift, mean, invstd, gamma, batch_st
         block_c = 16 if interpreting() else min(64, triton.next_power_of_2(c))
         block_m = 64 if interpreting() else max(32, 4096 // block_c)
         fgrid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
+        fs1, fs2, count = sync(s1, s2, m) if sync is not None else (s1, s2, m)
         _bn_backward_finish_kernel[fgrid](
-            out, x, dx, mean, invstd, gamma if gamma is not None else mean, s1, s2,
-            n, c, h, w, 1.0 / m,
+            out, x, dx, mean, invstd, gamma if gamma is not None else mean, fs1, fs2,
+            n, c, h, w, 1.0 / count,
             *out.stride(), *x.stride(), *dx.stride(),
             HAS_GAMMA=gamma is not None, ACC=tl_dtype(acc), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4,
         )
