@@ -107,8 +107,8 @@ def _oracle(kind):
 
 @pytest.mark.parametrize("kind,backend", [("model", "reference"), ("layer", "reference"), ("layer", "triton")])
 def test_ddp_sync_stats_matches_global_batchnorm(kind, backend, tmp_path):
-    if backend not in fused_resnet.available_backends() and not (backend == "triton" and torch.cuda.is_available() is False):
-        pytest.skip(f"{backend} unavailable")
+    if backend == "triton" and torch.cuda.is_available():
+        pytest.skip("the Triton case runs CPU tensors in the interpreter; on a GPU the nn.SyncBatchNorm test covers it")
     mp.spawn(_worker, args=(len(SPLIT), _free_port(), kind, backend, str(tmp_path)), nprocs=len(SPLIT), join=True)
     want = _oracle(kind)
     names = {"0.weight": "bn.weight", "0.bias": "bn.bias", "2.weight": "conv.weight", "0.running_mean": "bn.running_mean",
