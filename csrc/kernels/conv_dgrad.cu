@@ -52,14 +52,7 @@ __global__ void __launch_bounds__(kThreads) conv_dgrad_kernel(const ConvDgradPar
   const ConvGeom& g = p.g;
   const int M = g.N * g.H * g.W;
   const int m0 = blockIdx.x * kTileM, n0 = blockIdx.y * kTileN;
-  if (threadIdx.x < kTileM) {
-    const int m = m0 + threadIdx.x;
-    const int t = m / g.W;
-    row_n[threadIdx.x] = m < M ? t / g.H : -1;
-    row_h[threadIdx.x] = t % g.H;
-    row_w[threadIdx.x] = m % g.W;
-  }
-  __syncthreads();
+  decompose_rows(m0, M, g.H, g.W, row_n, row_h, row_w);
 
   DgradProblem<T> prob{p, static_cast<const T*>(p.gy), static_cast<const T*>(p.w), row_n, row_h, row_w, n0,
                        ceil_div(g.K, kTileK)};

@@ -49,14 +49,7 @@ __global__ void __launch_bounds__(kThreads) conv_forward_kernel(const ConvForwar
   const ConvGeom& g = p.g;
   const int M = g.N * g.OH * g.OW;
   const int m0 = blockIdx.x * kTileM, n0 = blockIdx.y * kTileN;
-  if (threadIdx.x < kTileM) {
-    const int m = m0 + threadIdx.x;
-    const int t = m / g.OW;
-    row_n[threadIdx.x] = m < M ? t / g.OH : -1;
-    row_oh[threadIdx.x] = t % g.OH;
-    row_ow[threadIdx.x] = m % g.OW;
-  }
-  __syncthreads();
+  decompose_rows(m0, M, g.OH, g.OW, row_n, row_oh, row_ow);
 
   ForwardProblem<T> prob{p, static_cast<const T*>(p.x), static_cast<const T*>(p.w),
                          static_cast<const Acc*>(p.scale), static_cast<const Acc*>(p.shift),

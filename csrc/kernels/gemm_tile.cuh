@@ -131,6 +131,21 @@ __device__ __forceinline__ void tile_coord(int idx, bool kfast, int& row, int& k
   if (kfast) { row = idx / Kd; k = idx % Kd; } else { row = idx % R; k = idx / R; }
 }
 
+// Pixel index m -> (n, h, w) of an [N, H, W] grid for the block's kTileM rows starting at m0, into
+// shared arrays (n = -1 past the end); the gathers index them instead of dividing per element.
+// Ends with a barrier.
+__device__ __forceinline__ void decompose_rows(int m0, int total, int H, int W, int* row_n, int* row_h,
+                                               int* row_w) {
+  if (threadIdx.x < kTileM) {
+    const int m = m0 + threadIdx.x;
+    const int t = m / W;
+    row_n[threadIdx.x] = m < total ? t / H : -1;
+    row_h[threadIdx.x] = t % H;
+    row_w[threadIdx.x] = m % W;
+  }
+  __syncthreads();
+}
+
 // Runs the whole reduction for the block's tile and leaves the accumulator in shared memory (the C
 // view of `raw`), followed by a __syncthreads. Prob supplies:
 //   int steps() const;                      number of kTileK slices
