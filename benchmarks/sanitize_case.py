@@ -16,30 +16,32 @@ import fused_resnet
 from fused_resnet import reference
 
 
-def one(backend, dtype, channels_last, stride, residual):
-    g = torch.Generator(device="cuda").manual_seed(0)
+def one(backend, dtype, channels_last, stride, residual, device="cuda"):
+    """None when every output and gradient matches the reference, else what did not."""
+    g = torch.Generator(device=device).manual_seed(0)
     n, c, h, k = 2, 19, 9, 21  # odd sizes: every tile edge is a partial one
-    x = torch.randn(n, c, h, h, device="cuda", dtype=dtype, generator=g)
+    x = torch.randn(n, c, h, h, device=device, dtype=dtype, generator=g)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    w = (torch.randn(k, c, 3, 3, device="cuda", dtype=dtype, generator=g) * (9 * c) ** -0.5)
+    w = (torch.randn(k, c, 3, 3, device=device, dtype=dtype, generator=g) * (9 * c) ** -0.5)
     oh = (h + 2 - 3) // stride + 1
-    r = torch.randn(n, k, oh, oh, device="cuda", dtype=dtype, generator=g) if residual else None
-    bn_w = (torch.rand(c, device="cuda", generator=g) + 0.5).to(dtype if dtype == torch.float64 else torch.float32)
-    bn_b = torch.randn(c, device="cuda", generator=g).to(bn_w.dtype)
-    args = dict(bias=torch.randn(k, device="cuda", dtype=dtype, generator=g), stride=stride, padding=1,
+    r = torch.randn(n, k, oh, oh, device=device, dtype=dtype, generator=g) if residual else None
+    bn_w = (torch.rand(c, device=device, generator=g) + 0.5).to(dtype if dtype == torch.float64 else torch.float32)
+    bn_b = torch.randn(c, device=device, generator=g).to(bn_w.dtype)
+    args = dict(bias=torch.randn(k, device=device, dtype=dtype, generator=g), stride=stride, padding=1,
                 training=True, residual=r)
     outs = []
     for impl in (backend, "reference"):
         leaves = [t.detach().clone().requires_grad_() for t in (x, w, bn_w, bn_b)]
         y = (fused_resnet.bn_relu_conv2d if impl == backend else reference.bn_relu_conv2d)(
             leaves[0], leaves[1], bn_weight=leaves[2], bn_bias=leaves[3],
-            running_mean=torch.zeros(c, device="cuda", dtype=bn_w.dtype),
-            running_var=torch.ones(c, device="cuda", dtype=bn_w.dtype),
+            running_mean=torch.zeros(c, device=device, dtype=bn_w.dtype),
+            running_var=torch.ones(c, device=device, dtype=bn_w.dtype),
             **({"backend": backend} if impl == backend else {}), **args)
         y.backward(torch.ones_like(y) * 0.01 + y.detach() * 0.1)
         outs.append([y.detach().double()] + [t.grad.double() for t in leaves])
-    torch.cuda.synchronize()
+    if device == "cuda":
+        torch.cuda.synchronize()
     tol = {torch.float64: 1e-9, torch.float32: 1e-2, torch.float16: 5e-2, torch.bfloat16: 2e-1}[dtype]
     for name, a, b in zip(("y", "dx", "dw", "dgamma", "dbeta"), *outs):
         err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()

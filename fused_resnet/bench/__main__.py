@@ -52,7 +52,7 @@ def _table(records):
     from ..__main__ import _table as table
 
     rows = [[r["case"], r["mode"], r["dtype"], r["provider"], r["layout"], f"{r['median_ms']:.3f}",
-             f"{r['images_per_s']:.0f}", "–" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}",
+             f"{r['images_per_s']:.4g}", "–" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}",
              "–" if r["pct_of_roofline"] is None else f"{r['pct_of_roofline']:.3g}%"] for r in records]
     return table(rows, ["case", "mode", "dtype", "provider", "layout", "median ms", "img/s", "peak MiB", "roofline"])
 

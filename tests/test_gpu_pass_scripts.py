@@ -1,0 +1,31 @@
+"""The GPU pass's helper scripts, exercised on the CPU so that a GPU session is not spent on their bugs:
+benchmarks/sanitize_case.py's checks (Triton in the interpreter), and gpu_pass.sh's shell syntax."""
+import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sanitize_case():
+    spec = importlib.util.spec_from_file_location("sanitize_case", ROOT / "benchmarks" / "sanitize_case.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU pass runs it for real")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("channels_last,stride,residual", [(False, 1, True), (True, 2, False)])
+def test_sanitize_case_passes_on_the_interpreter(dtype, channels_last, stride, residual):
+    assert _sanitize_case().one("triton", dtype, channels_last, stride, residual, device="cpu") is None
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_gpu_pass_script_parses():
+    r = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_pass.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
