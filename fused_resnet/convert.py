@@ -90,8 +90,34 @@ def _fused_residual_call(module, x, residual):
 fx.wrap("_fused_residual_call")
 
 
+# Checkpoint keys: a fused layer "fused_<conv>" holds the original BN and conv modules as .bn / .conv, and
+# fx drops the original names from the traced module. These hooks keep the original model's keys in
+# state_dict() and accept them in load_state_dict(), so checkpoints move between the original, the
+# converted, and our fused/unfused models. Module-level functions: a converted model still pickles.
+
+def _aliases_to_original(module, state_dict, prefix, local_metadata):
+    for alias, orig in module._fused_resnet_aliases.items():
+        head = f"{prefix}{alias}."
+        for key in [k for k in state_dict if k.startswith(head)]:
+            value = state_dict.pop(key)
+            state_dict.setdefault(f"{prefix}{orig}.{key[len(head):]}", value)  # a shared BN: saved once
+
+
+def _original_to_aliases(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs):
+    used = set()
+    for alias, orig in module._fused_resnet_aliases.items():
+        head = f"{prefix}{orig}."
+        for key in [k for k in state_dict if k.startswith(head)]:
+            state_dict[f"{prefix}{alias}.{key[len(head):]}"] = state_dict[key]
+            used.add(key)
+    for key in used:  # after every alias is filled: a BN shared by several fused convs feeds them all
+        del state_dict[key]
+
+
 def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: list) -> int:
     count = 0
+    aliases = {}
     for bn_node in list(gm.graph.nodes):
         bn = _module(gm, bn_node, nn.BatchNorm2d)
         if bn is None:
@@ -122,6 +148,7 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: list) -> 
             fused.update_running_stats = i == 0
             name = f"fused_{str(conv_node.target).replace('.', '_')}"
             gm.add_submodule(name, fused)
+            aliases[f"{name}.bn"], aliases[f"{name}.conv"] = str(bn_node.target), str(conv_node.target)
             add, other = _residual_add(conv_node)
             if add is not None:
                 # After the add: both the conv's input and the other operand are defined by then.
@@ -147,6 +174,9 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: list) -> 
         gm.graph.lint()
         gm.delete_all_unused_submodules()
         gm.recompile()
+        gm._fused_resnet_aliases = aliases
+        gm.register_state_dict_post_hook(_aliases_to_original)
+        gm.register_load_state_dict_pre_hook(_original_to_aliases)
     return count
 
 

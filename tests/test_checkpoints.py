@@ -47,17 +47,35 @@ def test_checkpoint_cross_loading(tmp_path, direction, sync):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10, msg=lambda m, k=k: f"{k}: {m}")
 
 
-def test_converted_model_checkpoint_loads_into_original(tmp_path):
-    """convert() keeps the original module names (the fused layers reuse the BN/conv modules), so a
-    checkpoint of the converted model loads into the plain one."""
+def test_convert_keeps_the_original_checkpoint_keys(tmp_path):
+    """convert() rewires BN/conv modules into fused layers (one BN shared by conv1 and the projection
+    shortcut, names nested in Sequentials), yet state_dict() keeps the original model's keys and
+    load_state_dict() takes them, strictly, in both directions; a converted model also pickles whole."""
+    from test_convert import Net
+
     torch.manual_seed(0)
-    plain = models.preact_resnet20(fused=False, in_channels=1)
-    converted = fused_resnet.convert(plain, backend="reference")
-    _train_steps(converted, torch.optim.SGD(converted.parameters(), lr=0.05), 2, seed=3)
-    torch.save(converted.state_dict(), tmp_path / "c.pt")
-    fresh = models.preact_resnet20(fused=False, in_channels=1)
-    missing, unexpected = fresh.load_state_dict(torch.load(tmp_path / "c.pt"), strict=False)
-    assert not missing, missing
-    x = torch.randn(3, 1, 8, 8)
-    converted.eval(), fresh.eval()
-    torch.testing.assert_close(fresh(x), converted(x), rtol=1e-5, atol=1e-6)
+    plain = Net().double()
+    converted = fused_resnet.convert(plain, backend="reference")  # a deep copy
+    assert sum(e.fused for e in converted.fusion_report) >= 4
+    assert sorted(converted.state_dict()) == sorted(plain.state_dict())
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+    opt = torch.optim.SGD(converted.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        loss = converted(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.save(converted.state_dict(), tmp_path / "converted.pt")
+
+    fresh = Net().double()  # other weights until loaded
+    fresh.load_state_dict(torch.load(tmp_path / "converted.pt"), strict=True)
+    back = fused_resnet.convert(Net().double(), backend="reference")
+    back.load_state_dict(fresh.state_dict(), strict=True)
+    for m in (converted, fresh, back):
+        m.eval()
+    torch.testing.assert_close(fresh(x), converted(x), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(back(x), converted(x), rtol=1e-10, atol=1e-12)
+    torch.save(converted, tmp_path / "whole.pt")
+    whole = torch.load(tmp_path / "whole.pt", weights_only=False)
+    torch.testing.assert_close(whole(x), converted(x), rtol=0, atol=0)
