@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ._partials import merge_moments
+
 _GROUPS: list = []  # index + 1 is the id an op carries
 
 
@@ -43,11 +45,9 @@ def gather_stats(mean, var, count: int, gid: int):
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, local, group=group)
     allp = torch.stack(parts)
-    n, means, vars_ = allp[:, :1], allp[:, 1:1 + c], allp[:, 1 + c:]
-    total = n.sum()
-    gmean = (n * means).sum(0) / total
-    gvar = (n * (vars_ + (means - gmean) ** 2)).sum(0) / total
-    return gmean.to(mean.dtype), gvar.to(var.dtype), int(total.item())
+    n, means, vars_ = allp[:, 0], allp[:, 1:1 + c], allp[:, 1 + c:]
+    gmean, gvar = merge_moments(n, means, n[:, None] * vars_)
+    return gmean.to(mean.dtype), gvar.to(var.dtype), int(n.sum().item())
 
 
 def sum_reducer(gid: int):
