@@ -20,6 +20,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import models
+from .backends import available_backends, resolve
 
 MODELS = ("preact_resnet20", "preact_resnet32", "preact_resnet56", "preact_resnet110")
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -204,19 +208,14 @@ def main(argv=None):
         args.amp = "bf16" if device.type == "cuda" else "none"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    from tqdm import tqdm
-
-    from . import models
-    from .backends import available_backends, resolve
-
     dist = Dist(device)
     try:
-        return _run(args, device, dist, tqdm, models, available_backends, resolve)
+        return _run(args, device, dist)
     finally:
         dist.close()
 
 
-def _run(args, device, dist, tqdm, models, available_backends, resolve):
+def _run(args, device, dist):
     lead = dist.rank == 0
     say = print if lead else (lambda *a, **k: None)
     x_tr, y_tr, x_te, y_te = (t.to(device) for t in load_digits(args.seed))
