@@ -9,15 +9,12 @@ GPU's. Without a GPU the cases shrink to interpreter size and the figures are CP
 to check that the suite runs. `fused-resnet bench` is the harness that writes results files; this
 suite is for quick A/B comparisons of a kernel change (`--benchmark-compare`).
 """
-import math
-
 import pytest
 import torch
 
 from fused_resnet.backends import available_backends
 from fused_resnet.bench import cases as C
 from fused_resnet.bench.providers import PROVIDERS, Runner
-from fused_resnet.bench.run import L2_BYTES
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
@@ -35,8 +32,7 @@ def test_layer(benchmark, case, provider, mode):
     if provider in ("triton", "cuda") and provider not in report:
         pytest.skip(f"{provider}: {report.unavailable[provider]}")
     runner = Runner(case, provider, mode, DTYPE, DEVICE)
-    if GPU:
-        runner.add_inputs(max(0, min(7, math.ceil(2 * L2_BYTES / runner.input_bytes()) - 1)))
+    runner.fill_rotation()
     n = len(runner.inputs)
     calls = iter(range(1 << 30))
 

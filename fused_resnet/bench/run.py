@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import datetime
 import gc
-import math
 import os
 import platform
 import subprocess
@@ -19,7 +18,6 @@ from .timing import measure, peak_memory_mb
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("inference", "training")
-L2_BYTES = 50 * 2 ** 20  # H100 L2; the rotation keeps each step's inputs out of it
 
 
 def commit():
@@ -51,8 +49,6 @@ def provider_status(providers, device):
     for p in providers:
         if p in FUSED and p not in report:
             skipped[p] = report.unavailable.get(p, "unavailable")
-        elif p in FUSED and device.type == "cpu" and p == "cuda":
-            skipped[p] = "runs on CUDA tensors only"
         else:
             ok.append(p)
     return ok, skipped
@@ -99,8 +95,7 @@ def measure_one(case: Case, provider: str, mode: str, dname: str, device, warmup
         warnings.simplefilter("ignore")
         runner = Runner(case, provider, mode, dtype, device)
         mem = peak_memory_mb(runner.step, device)
-        rotate = 1 if device.type != "cuda" else max(1, min(8, math.ceil(2 * L2_BYTES / runner.input_bytes())))
-        runner.add_inputs(rotate - 1)
+        runner.fill_rotation()
         t = measure(runner.step, len(runner.inputs), device, warmup=warmup, reps=reps)
     rec = {"case": case.name, "kind": case.kind, "mode": mode, "dtype": dname, "layout": runner.layout,
            "provider": provider, **{k: _sig(v) for k, v in t.items()},
