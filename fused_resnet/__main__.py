@@ -1,9 +1,4 @@
-"""`fused-resnet` / `python -m fused_resnet`:
-
-  fused-resnet [check]   self-check the fused op against a float64 reference on this machine's device
-  fused-resnet bench     throughput/memory benchmarks, fused vs eager and torch.compile (--help)
-  fused-resnet train     train a pre-activation ResNet on scikit-learn's digits (--help)
-"""
+"""`fused-resnet` / `python -m fused_resnet`: the subcommands are listed in USAGE below."""
 from __future__ import annotations
 
 import argparse
@@ -12,13 +7,7 @@ import sys
 
 import torch
 
-
-def _table(rows, headers):
-    widths = [max([len(str(h))] + [len(str(r[i])) for r in rows]) for i, h in enumerate(headers)]
-    line = "  ".join(str(h).ljust(w) for h, w in zip(headers, widths))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(out)
+from ._table import format_table
 
 
 def check(argv=None):
@@ -59,14 +48,32 @@ def check(argv=None):
         rows.append([layer.name, str(dtype).replace("torch.", ""), "train" if training else "eval",
                      f"{e['fused_y']:.1e}", f"{e['eager_y']:.1e}", f"{e['fused_dx']:.1e}",
                      f"{e['eager_dx']:.1e}", "ok" if good else "FAIL"])
-    print(_table(rows, ["layer", "dtype", "mode", "fused y", "eager y", "fused dx", "eager dx", "check"]))
+    print(format_table(rows, ["layer", "dtype", "mode", "fused y", "eager y", "fused dx", "eager dx", "check"]))
 
     print("\nThroughput and memory: `fused-resnet bench --quick` (or --full).")
     return 0 if ok else 1
 
 
+USAGE = """usage: fused-resnet <command> [options]      (fused-resnet <command> --help for its options)
+
+commands:
+  check     self-check the fused op against a float64 reference on this machine's device (default)
+  bench     throughput and memory benchmarks: fused vs eager and torch.compile
+  train     train a pre-activation ResNet on scikit-learn's digits, fused and unfused side by side
+  kernels   static report of every Triton launch compiled for sm_90/sm_80: registers, spills, MMA kind
+  help      this list
+"""
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0
+    if argv and argv[0] == "kernels":
+        from .bench.kernels import main as kernels
+
+        return kernels(argv[1:])
     if argv and argv[0] == "bench":
         from .bench.__main__ import main as bench
 

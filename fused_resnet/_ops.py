@@ -128,30 +128,39 @@ def _kernels(backend: str):
     return kb
 
 
+def _bn_prologue(mean, invstd, gamma, beta):
+    """Per-channel (scale, beta) so that bn(x) = (x - mean)*scale + beta (accumulation dtype). The
+    kernels subtract the mean before scaling, as eager does: a constant channel then gives exactly
+    beta, where x*scale + shift keeps a rounding residual that flips the ReLU mask."""
+    scale = invstd * gamma.to(invstd.dtype) if gamma is not None else invstd
+    beta = beta.to(invstd.dtype) if beta is not None else torch.zeros_like(invstd)
+    return scale.contiguous(), beta.contiguous()
+
+
 def _kernel_forward(kb, x, weight, bias, gamma, beta, mean, invstd, residual, stride, padding, dilation,
                     out_size, out_stats):
-    scale, shift = _affine(mean, invstd, gamma, beta)
+    scale, beta = _bn_prologue(mean, invstd, gamma, beta)
     y = torch.empty((x.shape[0], weight.shape[0], *out_size), dtype=x.dtype, device=x.device,
                     memory_format=memory_format_of(x))
-    stats = kb.conv_forward(x, weight, bias, scale, shift, residual, y, stride, padding, dilation,
+    stats = kb.conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, padding, dilation,
                             out_stats=out_stats)
     return y, stats
 
 
 def _kernel_backward(kb, grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, stride, padding,
                      dilation, needs, sync=None):
-    scale, shift = _affine(mean, invstd, gamma, beta)
+    scale, beta = _bn_prologue(mean, invstd, gamma, beta)
     dx = dw = dgamma = dbeta = None
     need_dx, need_dw, need_dg, need_db = needs
     if need_dx or need_dg or need_db:
-        dx, s1, s2 = kb.conv_dgrad_bn(grad_y, x, weight, scale, shift, mean, invstd, gamma,
+        dx, s1, s2 = kb.conv_dgrad_bn(grad_y, x, weight, mean, scale, beta, invstd, gamma,
                                       batch_stats and need_dx, need_dg or need_db, stride, padding,
                                       dilation, sync=sync)
         dx = dx if need_dx else None
         dgamma = s2 if need_dg else None
         dbeta = s1 if need_db else None
     if need_dw:
-        dw = kb.conv_wgrad(grad_y, x, weight.shape, scale, shift, stride, padding, dilation)
+        dw = kb.conv_wgrad(grad_y, x, weight.shape, mean, scale, beta, stride, padding, dilation)
     return dx, dw, dgamma, dbeta
 
 

@@ -33,12 +33,18 @@ def channel_stats(x):
     return mean.to(acc), var.to(acc)
 
 
-def conv_forward(x, weight, bias, scale, shift, residual, y, stride, padding, dilation, out_stats=False):
-    """y <- conv2d(relu(x*scale+shift), weight) + bias + residual, into the preallocated y.
+def _shift(mean, scale, beta):
+    # The CUDA kernels take bn(x) = x*scale + shift (their fma form is tracked in the semantics issue).
+    return (beta - mean * scale).contiguous()
+
+
+def conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, padding, dilation, out_stats=False):
+    """y <- conv2d(relu((x - mean)*scale + beta), weight) + bias + residual, into the preallocated y.
 
     Returns per-channel (mean, biased var) of y when out_stats, else None.
     """
     ext = _ext()
+    shift = _shift(mean, scale, beta)
     part = ext.conv_forward(x, weight, bias, scale, shift, residual, y, list(stride), list(padding),
                             list(dilation), out_stats)
     if not out_stats:
@@ -48,7 +54,7 @@ def conv_forward(x, weight, bias, scale, shift, residual, y, stride, padding, di
     return mean.to(acc), var.to(acc)
 
 
-def conv_dgrad_bn(grad_y, x, weight, scale, shift, mean, invstd, gamma, batch_stats, need_sums,
+def conv_dgrad_bn(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_stats, need_sums,
                   stride, padding, dilation, sync=None):
     """Returns (dx, S1, S2); S1/S2 (= dbeta, dgamma) are None unless need_sums or batch_stats.
     sync(s1, s2, count) -> (s1, s2, count) makes the dx finish use process-group-wide sums (the
@@ -58,6 +64,7 @@ def conv_dgrad_bn(grad_y, x, weight, scale, shift, mean, invstd, gamma, batch_st
     dx = torch.empty_like(x, memory_format=memory_format_of(x))
     out = torch.empty_like(x, dtype=acc, memory_format=memory_format_of(x)) if batch_stats else dx
     mean, invstd = mean.contiguous(), invstd.contiguous()
+    shift = _shift(mean, scale, beta)
     part = ext.conv_dgrad(grad_y, weight, x, scale, shift, mean, invstd, out, batch_stats, need_sums,
                           list(stride), list(padding), list(dilation))
     if not (need_sums or batch_stats):
@@ -75,7 +82,7 @@ def _num_sms(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def conv_wgrad(grad_y, x, weight_shape, scale, shift, stride, padding, dilation):
+def conv_wgrad(grad_y, x, weight_shape, mean, scale, beta, stride, padding, dilation):
     """dW in the accumulation dtype (the op layer casts it to the weight's dtype)."""
     ext = _ext()
     n, c, _, _ = x.shape
@@ -88,6 +95,7 @@ def conv_wgrad(grad_y, x, weight_shape, scale, shift, stride, padding, dilation)
     split = max(1, min(p_tiles, -(-2 * _num_sms(x.device) // blocks), 65535 // (kh * kw)))
     chunk = -(-p_tiles // split) * tile
     split = max(1, -(-pixels // chunk))
+    shift = _shift(mean, scale, beta)
     part = ext.conv_wgrad(grad_y, x, k, kh, kw, scale, shift, list(stride), list(padding), list(dilation),
                           chunk, split)
     return part.sum(0) if split > 1 else part[0]

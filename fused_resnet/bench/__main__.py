@@ -49,7 +49,7 @@ def build_parser(prog="fused-resnet bench"):
 
 
 def _table(records):
-    from ..__main__ import _table as table
+    from .._table import format_table as table
 
     rows = [[r["case"], r["mode"], r["dtype"], r["provider"], r["layout"], f"{r['median_ms']:.3f}",
              f"{r['images_per_s']:.4g}", "–" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}",

@@ -66,26 +66,71 @@ def pow2_at_least(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
-def gemm_tiles(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
-    """Tile sizes for an implicit GEMM with output m x n and reduction k (per filter tap).
+@triton.jit
+def swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Program id -> (row tile, column tile), GROUP_M row tiles at a time across every column tile:
+    programs running together share their input rows and weight columns in L2."""
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % width) % size_m, (pid % width) // size_m
 
-    Heuristic, not autotuned yet (tuning awaits GPU measurements, see benchmarks/NOTES.md).
-    tl.dot needs every tile dimension >= 16.
-    """
+
+def conv_config(kernel: str, m: int, n: int, k: int, taps: int, x: torch.Tensor) -> dict:
+    """Launch config for one conv kernel ("fwd", "dgrad", "wgrad") at GEMM size m x n, reduction k per
+    tap: the tuned table's entry for this GPU and shape when it has one, else the heuristic."""
+    from . import configs
+
+    return configs.lookup(kernel, m, n, k, taps, x) or heuristic_config(kernel, m, n, k, x)
+
+
+def heuristic_config(kernel: str, m: int, n: int, k: int, x: torch.Tensor) -> dict:
+    """Tiles by shape class. Chosen with the static kernel report (`fused-resnet kernels`): no
+    register spills for bf16/fp16 on sm_90 and sm_80 at the benchmark shapes in either layout
+    (benchmarks/NOTES.md has the before/after). tl.dot needs every tile dimension >= 16."""
+    dtype = x.dtype
     if interpreting():
         # The interpreter runs each program as numpy calls: fewer, larger tiles are faster, and
         # test shapes are tiny, so one size serves.
-        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1)
     if dtype == torch.float64:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=8, num_warps=4, num_stages=2)
-    block_n = pow2_at_least(n, 16, 128)
-    block_k = pow2_at_least(k, 16, 64 if dtype in (torch.float16, torch.bfloat16) else 32)
-    block_m = 128 if m >= 128 * 64 else 64
-    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=3)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=8, GROUP_M=8, num_warps=4, num_stages=2)
+    half = dtype in (torch.float16, torch.bfloat16)
+    nhwc = x.dim() == 4 and x.stride(1) == 1
+    # Without unit stride along channels every element is its own 2-byte load with its own address
+    # (no cp.async, no vector load): NCHW needs narrower reduction slices and one stage fewer to stay
+    # spill-free.
+    block_n = pow2_at_least(n, 16, 128 if nhwc else 64)
+    block_k = pow2_at_least(k, 16, 64 if half and nhwc else 32)
+    block_m = 128 if m >= 128 * 64 and nhwc else 64
+    num_warps = 8 if block_m * block_n >= 128 * 64 else 4
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
+                num_stages=3 if nhwc else 2)
+
+
+def gemm_tiles(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
+    """Tiles for the elementwise/reduction kernels' callers that have no conv config."""
+    return heuristic_config("", m, n, k, torch.empty(0, dtype=dtype, device="meta"))
+
+
+# (compute capability as 90 / 80, SM count): set by the static kernel report (bench/kernels.py),
+# which picks configs and sizes grids for a GPU that is not here.
+ASSUMED_GPU = None
+
+
+def arch_of(device: torch.device):
+    """90 for sm_90 and so on; None where there is no GPU to ask (CPU tensors, the interpreter)."""
+    if ASSUMED_GPU is not None:
+        return ASSUMED_GPU[0]
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return None
 
 
 def num_sms(device: torch.device) -> int:
+    if ASSUMED_GPU is not None:
+        return ASSUMED_GPU[1]
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 2

@@ -1,90 +1,122 @@
 """Backward w.r.t. the input: conv dgrad with the ReLU mask and the BN-backward reductions in its epilogue.
 
-GEMM view: rows = input pixels (N*H*W), columns = input channels, reduction = output channels,
-looped once per filter tap. For tap (r, s) the input pixel h receives from output row
-oh = (h + pad - r*dil) / stride when that divides exactly and lands inside [0, OH).
+GEMM view: rows = input pixels, columns = input channels, reduction = (filter tap, output channel) in
+ONE flattened loop, so the pipeline prefetches across taps (see forward.py).
 
-Epilogue, per element: ga (the conv-transpose result) is masked by the recomputed ReLU mask
-m = (x*scale + shift > 0), and the per-channel sums S1 = Σ ga·m, S2 = Σ ga·m·x̂ are reduced per tile
-(DESIGN.md). With running statistics, dx = ga·m·scale is final right here. With batch statistics dx
-needs the global S1, S2, so the epilogue stores ga·m (accumulation dtype) and `bn_backward_finish`
-turns it into dx in place of a second conv.
+Split by stride phase: input pixel h receives from tap r only when (h + pad - r*dil) is a multiple of
+the stride. Pixels of one phase (h = ph + stride*i) share the same set of contributing taps, so each
+program takes pixels of one phase and loops over that phase's taps only: at stride 2 no MMA multiplies
+a masked tap (the unsplit loop spent three quarters of its MMAs on zero rows). Within a phase, tap r
+reads output row oh = i + (ph + pad - r*dil) / stride: a per-row base plus a scalar, no division.
+
+Epilogue, per element: ga (the conv-transpose result, rounded to the input dtype as eager's conv
+output is) is masked by the recomputed ReLU mask -- kept where NOT (pre <= 0), eager's
+threshold_backward rule, so NaN passes as it does there -- and the per-channel sums S1 = sum ga*m,
+S2 = sum ga*m*xhat are reduced per tile (DESIGN.md). With running statistics dx = ga*m*scale is final
+here. With batch statistics dx needs the global S1, S2: the epilogue stores ga*m in the input dtype
+(what eager's ReLU backward hands its BN backward) and `bn_backward_finish` turns it into dx.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
 from .._layout import memory_format_of
-from ._common import acc_dtype, dot_mode, fp32_precision, gemm_tiles, interpreting, mma, tl_dtype
+from ._common import acc_dtype, conv_config, dot_mode, fp32_precision, interpreting, mma, swizzle, tl_dtype
+
+
+@triton.jit
+def _first_tap(phase, pad, stride, dil, step, KSIZE):
+    """Smallest tap index r < KSIZE with (phase + pad - r*dil) divisible by stride, or KSIZE if none.
+    Candidates repeat with period `step` = stride / gcd(stride, dil), so only r < step is searched."""
+    first = KSIZE
+    for r in range(0, step):
+        # + stride*dil keeps the dividend non-negative (r*dil < stride*dil)
+        hit = ((phase + pad + stride * dil - r * dil) % stride) == 0
+        first = tl.where(hit & (r < first), r, first)
+    return first
 
 
 @triton.jit
 def _conv_dgrad_kernel(
-    g_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, out_ptr, part_ptr,
+    g_ptr, w_ptr, x_ptr, mean_ptr, scale_ptr, beta_ptr, invstd_ptr, out_ptr, part_ptr,
     N, C, H, W, K, OH, OW,
     sgn, sgc, sgh, sgw,
     swk, swc, swr, sws,
     sxn, sxc, sxh, sxw,
     son, soc, soh, sow,
-    KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, step_h, step_w,
     BATCH_STATS: tl.constexpr, NEED_SUMS: tl.constexpr,
     IN_DTYPE: tl.constexpr, ACC: tl.constexpr, DOT_MODE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    M = N * H * W
+    # Programs: [phase][row tile x column tile]; every phase gets the tiles of the largest one.
+    tiles_m = tl.cdiv(N * tl.cdiv(H, stride_h) * tl.cdiv(W, stride_w), BLOCK_M)
+    tiles_n = tl.cdiv(C, BLOCK_N)
+    pid = tl.program_id(0)
+    phase = pid // (tiles_m * tiles_n)
+    pid_m, pid_n = swizzle(pid - phase * tiles_m * tiles_n, tiles_m, tiles_n, GROUP_M)
+    ph = phase // stride_w
+    pw = phase - ph * stride_w
+    hp = tl.cdiv(H - ph, stride_h)  # this phase's rows and columns (0 when the image is smaller)
+    wp = tl.cdiv(W - pw, stride_w)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
+    mask_m = offs_m < N * hp * wp
     mask_c = offs_c < C
-    w = offs_m % W
-    t = offs_m // W
-    h = t % H
-    nb = t // H
-    g_base = nb.to(tl.int64) * sgn
+    j = offs_m % tl.maximum(wp, 1)
+    t = offs_m // tl.maximum(wp, 1)
+    i = t % tl.maximum(hp, 1)
+    nb = t // tl.maximum(hp, 1)
+    g_row = nb.to(tl.int64) * sgn + i * sgh + j * sgw
+    w_col = offs_c * swc
 
+    r0 = _first_tap(ph, pad_h, stride_h, dil_h, step_h, KH)
+    s0 = _first_tap(pw, pad_w, stride_w, dil_w, step_w, KW)
+    taps_w = tl.cdiv(KW - s0, step_w)
+    k_blocks = tl.cdiv(K, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for rs in range(0, KH * KW):
-        r = rs // KW
-        s = rs % KW
-        th = h + pad_h - r * dil_h
-        tw = w + pad_w - s * dil_w
-        # Clamp before dividing: negative th is masked anyway, and this keeps the division exact.
-        thc = tl.maximum(th, 0)
-        twc = tl.maximum(tw, 0)
-        oh = thc // stride_h
-        ow = twc // stride_w
-        valid = (mask_m & (th >= 0) & (tw >= 0) & (oh * stride_h == thc) & (ow * stride_w == twc)
-                 & (oh < OH) & (ow < OW))
-        g_row = g_base + oh * sgh + ow * sgw
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            gt = tl.load(g_ptr + g_row[:, None] + offs_k[None, :] * sgc,
-                         mask=valid[:, None] & mask_k[None, :], other=0.0)
-            wt = tl.load(w_ptr + offs_k[:, None] * swk + offs_c[None, :] * swc + r * swr + s * sws,
-                         mask=mask_k[:, None] & mask_c[None, :], other=0.0)
-            acc = mma(acc, gt, wt, IN_DTYPE, DOT_MODE, PRECISION)
+    for it in range(0, tl.cdiv(KH - r0, step_h) * taps_w * k_blocks):
+        tap = it // k_blocks
+        k0 = (it - tap * k_blocks) * BLOCK_K
+        rj = tap // taps_w
+        r = r0 + rj * step_h
+        s = s0 + (tap - rj * taps_w) * step_w
+        dh = (ph + pad_h - r * dil_h) // stride_h  # exact by construction
+        dw = (pw + pad_w - s * dil_w) // stride_w
+        valid = mask_m & (i + dh >= 0) & (i + dh < OH) & (j + dw >= 0) & (j + dw < OW)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        gt = tl.load(g_ptr + (g_row + (dh * sgh + dw * sgw))[:, None] + offs_k[None, :] * sgc,
+                     mask=valid[:, None] & mask_k[None, :], other=0.0)
+        wt = tl.load(w_ptr + w_col[None, :] + (offs_k.to(tl.int64) * swk + r * swr + s * sws)[:, None],
+                     mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+        acc = mma(acc, gt, wt, IN_DTYPE, DOT_MODE, PRECISION)
 
+    h = ph + stride_h * i
+    w = pw + stride_w * j
     emask = mask_m[:, None] & mask_c[None, :]
     xt = tl.load(x_ptr + (nb.to(tl.int64) * sxn + h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc,
                  mask=emask, other=0.0).to(ACC)
+    mu = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
     sc = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
-    sh = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
-    gm = tl.where(emask & (xt * sc[None, :] + sh[None, :] > 0), acc, 0.0)
+    be = tl.load(beta_ptr + offs_c, mask=mask_c, other=0.0)
+    pre = (xt - mu[None, :]) * sc[None, :] + be[None, :]
+    ga = acc.to(IN_DTYPE).to(ACC)
+    gm = tl.where(emask & ~(pre <= 0), ga, 0.0)
     if NEED_SUMS:
-        mu = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
         istd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0)
         xhat = (xt - mu[None, :]) * istd[None, :]
-        num_m = tl.num_programs(0)
-        tl.store(part_ptr + pid_m * C + offs_c, tl.sum(gm, axis=0), mask=mask_c)
-        tl.store(part_ptr + (num_m + pid_m) * C + offs_c, tl.sum(gm * xhat, axis=0), mask=mask_c)
+        row = phase * tiles_m + pid_m
+        rows = tl.num_programs(0) // tiles_n
+        tl.store(part_ptr + row * C + offs_c, tl.sum(gm, axis=0), mask=mask_c)
+        tl.store(part_ptr + (rows + row) * C + offs_c, tl.sum(gm * xhat, axis=0), mask=mask_c)
     o_off = (nb.to(tl.int64) * son + h * soh + w * sow)[:, None] + offs_c[None, :] * soc
     if BATCH_STATS:
-        tl.store(out_ptr + o_off, gm, mask=emask)
+        tl.store(out_ptr + o_off, gm.to(out_ptr.dtype.element_ty), mask=emask)
     else:
         tl.store(out_ptr + o_off, (gm * sc[None, :]).to(out_ptr.dtype.element_ty), mask=emask)
 
@@ -109,7 +141,8 @@ def _bn_backward_finish_kernel(
     t = offs_m // W
     h = t % H
     nb = (t // H).to(tl.int64)
-    gm = tl.load(gm_ptr + (nb * sgn + h * sgh + w * sgw)[:, None] + offs_c[None, :] * sgc, mask=mask, other=0.0)
+    gm = tl.load(gm_ptr + (nb * sgn + h * sgh + w * sgw)[:, None] + offs_c[None, :] * sgc, mask=mask,
+                 other=0.0).to(ACC)
     xt = tl.load(x_ptr + (nb * sxn + h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc,
                  mask=mask, other=0.0).to(ACC)
     mu = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
@@ -125,7 +158,7 @@ def _bn_backward_finish_kernel(
              dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def conv_dgrad_bn(grad_y, x, weight, scale, shift, mean, invstd, gamma, batch_stats, need_sums,
+def conv_dgrad_bn(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_stats, need_sums,
                   stride, padding, dilation, sync=None):
     """Returns (dx, S1, S2); S1/S2 (= dbeta, dgamma) are None unless need_sums or batch_stats.
     sync(s1, s2, count) -> (s1, s2, count) makes the dx finish use process-group-wide sums (the
@@ -136,21 +169,24 @@ def conv_dgrad_bn(grad_y, x, weight, scale, shift, mean, invstd, gamma, batch_st
     m = n * h * w
     acc = acc_dtype(x.dtype)
     need_sums = need_sums or batch_stats
-    cfg = gemm_tiles(m, c, k, x.dtype)
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    grid = (triton.cdiv(m, bm), triton.cdiv(c, bn))
+    phases = stride[0] * stride[1]
+    m_phase = n * triton.cdiv(h, stride[0]) * triton.cdiv(w, stride[1])
+    cfg = conv_config("dgrad", m_phase, c, k, triton.cdiv(kh, stride[0]) * triton.cdiv(kw, stride[1]), x)
+    tiles_m = triton.cdiv(m_phase, cfg["BLOCK_M"])
+    grid = (phases * tiles_m * triton.cdiv(c, cfg["BLOCK_N"]),)
     dx = torch.empty_like(x, memory_format=memory_format_of(x))
-    out = torch.empty_like(x, dtype=acc, memory_format=memory_format_of(x)) if batch_stats else dx
-    part = torch.empty((2, grid[0], c) if need_sums else (1,), dtype=acc, device=x.device)
+    # ga*m in the input dtype: eager's ReLU backward output, half the bytes of a float32 buffer
+    out = torch.empty_like(x, memory_format=memory_format_of(x)) if batch_stats else dx
+    part = torch.empty((2, phases * tiles_m, c) if need_sums else (1,), dtype=acc, device=x.device)
     _conv_dgrad_kernel[grid](
-        grad_y, weight, x, scale, shift, mean, invstd, out, part,
+        grad_y, weight, x, mean, scale, beta, invstd, out, part,
         n, c, h, w, k, oh, ow,
         *grad_y.stride(), *weight.stride(), *x.stride(), *out.stride(),
         kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        stride[0] // math.gcd(stride[0], dilation[0]), stride[1] // math.gcd(stride[1], dilation[1]),
         BATCH_STATS=batch_stats, NEED_SUMS=need_sums,
         IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc), DOT_MODE=dot_mode(x.dtype),
-        PRECISION=fp32_precision(),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PRECISION=fp32_precision(), **cfg,
     )
     if not need_sums:
         return dx, None, None

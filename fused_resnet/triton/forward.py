@@ -1,11 +1,20 @@
 """Forward: implicit-GEMM conv with a BN-affine+ReLU prologue and a bias/residual/statistics epilogue.
 
-GEMM view: rows = output pixels (N*OH*OW), columns = output channels, reduction = input channels,
-looped once per filter tap (r, s). The prologue turns each loaded x tile into
-a = max(0, x*scale_c + shift_c) in registers, zeroes it where the tap falls into padding (the conv
-pads `a`, not `x`), and rounds it to the input dtype as eager's stored activation would be. The
-activation never reaches memory. All tensors are addressed through their strides, so NCHW,
-channels_last and non-contiguous views need no copy.
+GEMM view: rows = output pixels (N*OH*OW), columns = output channels, reduction = (filter tap, input
+channel). The reduction is ONE flattened loop over (tap, channel block), so Triton's software pipeline
+prefetches the next tap's tiles while the current one multiplies (with nested loops it pipelines only
+the inner channel loop, and at C <= BLOCK_K every tap waited for its own loads). Each tap's addresses are
+a per-row base computed once plus a scalar offset: no division in the loop.
+
+The prologue turns each loaded x tile into a = relu((x - mean_c) * scale_c + beta_c) in registers
+(subtracting the mean first, as eager's BN does, so a constant channel gives exactly beta and the ReLU
+mask matches eager's; NaN propagates through the ReLU as torch.relu's does), zeroes it where the tap
+falls into padding (the conv pads `a`, not `x`), and rounds it to the input dtype as eager's stored
+activation would be. It then is the register operand of the MMA (wgmma on sm_90, mma.sync on sm_80);
+the weight tile is the shared-memory operand. The activation never reaches memory.
+
+All tensors are addressed through their strides: channels_last is the fast path (16-byte loads along
+channels); NCHW and views run correctly at lower speed (README, "Layouts").
 """
 from __future__ import annotations
 
@@ -13,13 +22,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, dot_mode, fp32_precision, gemm_tiles, mma, tl_dtype
+from ._common import acc_dtype, conv_config, dot_mode, fp32_precision, mma, swizzle, tl_dtype
 from .stats import _tile_mean_m2, merge_partials
 
 
 @triton.jit
+def bn_relu(xt, mu, sc, be, ACC: tl.constexpr):
+    """relu((x - mean) * scale + beta) per channel (columns), NaN-propagating like torch.relu."""
+    pre = (xt.to(ACC) - mu[None, :]) * sc[None, :] + be[None, :]
+    return tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _conv_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, scale_ptr, shift_ptr, part_ptr,
+    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, mean_ptr, scale_ptr, beta_ptr, part_ptr,
     N, C, H, W, K, OH, OW,
     sxn, sxc, sxh, sxw,
     swk, swc, swr, sws,
@@ -28,11 +44,10 @@ def _conv_fwd_kernel(
     KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, OUT_STATS: tl.constexpr,
     IN_DTYPE: tl.constexpr, ACC: tl.constexpr, DOT_MODE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     M = N * OH * OW
+    pid_m, pid_n = swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -41,30 +56,33 @@ def _conv_fwd_kernel(
     t = offs_m // OW
     oh = t % OH
     nb = t // OH
-    x_base = nb.to(tl.int64) * sxn
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_row = nb.to(tl.int64) * sxn + ih0 * sxh + iw0 * sxw  # tap (0, 0); tap (r, s) adds a scalar
+    w_col = offs_n.to(tl.int64) * swk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for rs in range(0, KH * KW):
+    c_blocks = tl.cdiv(C, BLOCK_K)
+    for i in range(0, KH * KW * c_blocks):
+        rs = i // c_blocks
+        c0 = (i - rs * c_blocks) * BLOCK_K
         r = rs // KW
-        s = rs % KW
-        ih = oh * stride_h - pad_h + r * dil_h
-        iw = ow * stride_w - pad_w + s * dil_w
+        s = rs - r * KW
+        ih = ih0 + r * dil_h
+        iw = iw0 + s * dil_w
         valid = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_row = x_base + ih * sxh + iw * sxw
-        for c0 in range(0, C, BLOCK_K):
-            offs_c = c0 + tl.arange(0, BLOCK_K)
-            mask_c = offs_c < C
-            amask = valid[:, None] & mask_c[None, :]
-            xt = tl.load(x_ptr + x_row[:, None] + offs_c[None, :] * sxc, mask=amask, other=0.0)
-            sc = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
-            sh = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
-            a = tl.maximum(xt.to(ACC) * sc[None, :] + sh[None, :], 0.0)
-            a = tl.where(amask, a, 0.0)
-            wt = tl.load(
-                w_ptr + offs_n[None, :] * swk + offs_c[:, None] * swc + r * swr + s * sws,
-                mask=mask_c[:, None] & mask_n[None, :], other=0.0,
-            )
-            acc = mma(acc, a, wt, IN_DTYPE, DOT_MODE, PRECISION)
+        offs_c = c0 + tl.arange(0, BLOCK_K)
+        mask_c = offs_c < C
+        amask = valid[:, None] & mask_c[None, :]
+        xt = tl.load(x_ptr + (x_row + (r * dil_h * sxh + s * dil_w * sxw))[:, None] + offs_c[None, :] * sxc,
+                     mask=amask, other=0.0)
+        wt = tl.load(w_ptr + w_col[None, :] + (offs_c * swc + r * swr + s * sws)[:, None],
+                     mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+        mu = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
+        sc = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
+        be = tl.load(beta_ptr + offs_c, mask=mask_c, other=0.0)
+        a = tl.where(amask, bn_relu(xt, mu, sc, be, ACC), 0.0)
+        acc = mma(acc, a, wt, IN_DTYPE, DOT_MODE, PRECISION)
 
     omask = mask_m[:, None] & mask_n[None, :]
     if HAS_BIAS:
@@ -82,13 +100,13 @@ def _conv_fwd_kernel(
         # Statistics of y as stored (rounded), which is what the next BN would read.
         cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(ACC)
         mean, m2 = _tile_mean_m2(out.to(ACC), omask, cnt)
-        num_m = tl.num_programs(0)
+        num_m = tl.cdiv(M, BLOCK_M)
         tl.store(part_ptr + pid_m * K + offs_n, mean, mask=mask_n)
         tl.store(part_ptr + (num_m + pid_m) * K + offs_n, m2, mask=mask_n)
 
 
-def conv_forward(x, weight, bias, scale, shift, residual, y, stride, padding, dilation, out_stats=False):
-    """y <- conv2d(relu(x*scale+shift), weight) + bias + residual, written into the preallocated y.
+def conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, padding, dilation, out_stats=False):
+    """y <- conv2d(relu((x - mean)*scale + beta), weight) + bias + residual, into the preallocated y.
 
     Returns per-channel (mean, biased var) of y when out_stats, else None.
     """
@@ -96,21 +114,21 @@ def conv_forward(x, weight, bias, scale, shift, residual, y, stride, padding, di
     k, _, kh, kw = weight.shape
     oh, ow = y.shape[2], y.shape[3]
     m = n * oh * ow
-    cfg = gemm_tiles(m, k, c, x.dtype)
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    grid = (triton.cdiv(m, bm), triton.cdiv(k, bn))
+    cfg = conv_config("fwd", m, k, c, kh * kw, x)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    tiles_m = triton.cdiv(m, bm)
+    grid = (tiles_m * triton.cdiv(k, bn),)
     acc = acc_dtype(x.dtype)
-    part = torch.empty((2, grid[0], k) if out_stats else (1,), dtype=acc, device=x.device)
+    part = torch.empty((2, tiles_m, k) if out_stats else (1,), dtype=acc, device=x.device)
     res = residual if residual is not None else y
     _conv_fwd_kernel[grid](
-        x, weight, bias if bias is not None else scale, res, y, scale, shift, part,
+        x, weight, bias if bias is not None else scale, res, y, mean, scale, beta, part,
         n, c, h, w, k, oh, ow,
         *x.stride(), *weight.stride(), *res.stride(), *y.stride(),
         kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, OUT_STATS=out_stats,
         IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc), DOT_MODE=dot_mode(x.dtype),
-        PRECISION=fp32_precision(),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PRECISION=fp32_precision(), **cfg,
     )
     if not out_stats:
         return None

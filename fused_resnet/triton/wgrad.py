@@ -1,9 +1,13 @@
-"""Backward w.r.t. the weight: dW = Σ_pixels g ⊗ a, with a = relu(x*scale+shift) rebuilt in the prologue.
+"""Backward w.r.t. the weight: dW = sum over pixels of a x g, with a = relu(bn(x)) rebuilt in registers.
 
-GEMM view per filter tap (r, s): rows = output channels, columns = input channels, reduction = output
-pixels (N*OH*OW). The reduction is long and the output small (Cout x Cin), so the pixel range is split
-across programs (split-K) to fill the GPU; each split writes its own float32 slab and the slabs are
-summed once, which keeps the result deterministic (no atomics).
+GEMM view per filter tap (r, s): rows = input channels, columns = output channels, reduction = output
+pixels (N*OH*OW); dW^T = a^T @ g, so the rebuilt activation is the register operand of the MMA
+(wgmma takes its A operand from registers) and g goes through shared memory untouched: no
+register-to-shared store of a waits on the previous MMA. The reduction is long and the output small
+(C x K per tap), so the pixel range is split across programs (split-K, sized to give every SM two
+programs); each split writes its own float32 slab and the slabs are summed once, which keeps the
+result deterministic (no atomics). Programs are ordered split-major: the ones running together work
+on the same pixel chunk for every tap and channel block, so g and x come from L2 after the first read.
 """
 from __future__ import annotations
 
@@ -11,33 +15,39 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, dot_mode, fp32_precision, gemm_tiles, interpreting, mma, num_sms, tl_dtype
+from ._common import acc_dtype, conv_config, dot_mode, fp32_precision, interpreting, mma, num_sms, tl_dtype
 
 
 @triton.jit
 def _conv_wgrad_kernel(
-    g_ptr, x_ptr, scale_ptr, shift_ptr, part_ptr,
+    g_ptr, x_ptr, mean_ptr, scale_ptr, beta_ptr, part_ptr,
     N, C, H, W, K, OH, OW, CHUNK, SPLIT,
     sgn, sgc, sgh, sgw,
     sxn, sxc, sxh, sxw,
     KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     IN_DTYPE: tl.constexpr, ACC: tl.constexpr, DOT_MODE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_k = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_z = tl.program_id(2)
-    rs = pid_z // SPLIT
-    sp = pid_z % SPLIT
+    tiles_c = tl.cdiv(C, BLOCK_M)
+    tiles = tiles_c * tl.cdiv(K, BLOCK_N)
+    kk = KH * KW
+    pid = tl.program_id(0)
+    sp = pid // (kk * tiles)
+    rs = (pid // tiles) % kk
+    tile = pid % tiles
+    pid_c = tile % tiles_c
+    pid_k = tile // tiles_c
     r = rs // KW
-    s = rs % KW
+    s = rs - r * KW
     P = N * OH * OW
-    offs_k = pid_k * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_k = offs_k < K
+    offs_c = pid_c * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_c = offs_c < C
+    mask_k = offs_k < K
+    mu = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
     sc = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
-    sh = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
+    be = tl.load(beta_ptr + offs_c, mask=mask_c, other=0.0)
+    tap_off = r * dil_h * sxh + s * dil_w * sxw
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     p_start = sp * CHUNK
@@ -49,33 +59,34 @@ def _conv_wgrad_kernel(
         t = offs_p // OW
         oh = t % OH
         nb = (t // OH).to(tl.int64)
-        gt = tl.load(g_ptr + offs_k[:, None] * sgc + (nb * sgn + oh * sgh + ow * sgw)[None, :],
-                     mask=mask_k[:, None] & mask_p[None, :], other=0.0)
+        gt = tl.load(g_ptr + (nb * sgn + oh * sgh + ow * sgw)[:, None] + offs_k[None, :] * sgc,
+                     mask=mask_p[:, None] & mask_k[None, :], other=0.0)
         ih = oh * stride_h - pad_h + r * dil_h
         iw = ow * stride_w - pad_w + s * dil_w
         valid = mask_p & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        amask = valid[:, None] & mask_c[None, :]
-        xt = tl.load(x_ptr + (nb * sxn + ih * sxh + iw * sxw)[:, None] + offs_c[None, :] * sxc,
+        amask = mask_c[:, None] & valid[None, :]
+        xt = tl.load(x_ptr + offs_c[:, None] * sxc + (nb * sxn + (oh * stride_h - pad_h) * sxh
+                                                       + (ow * stride_w - pad_w) * sxw + tap_off)[None, :],
                      mask=amask, other=0.0)
-        a = tl.maximum(xt.to(ACC) * sc[None, :] + sh[None, :], 0.0)
-        a = tl.where(amask, a, 0.0)
-        acc = mma(acc, gt, a, IN_DTYPE, DOT_MODE, PRECISION)
+        pre = (xt.to(ACC) - mu[:, None]) * sc[:, None] + be[:, None]
+        a = tl.where(amask, tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL), 0.0)
+        acc = mma(acc, a, gt, IN_DTYPE, DOT_MODE, PRECISION)
 
-    # part layout: [SPLIT, K, C, KH, KW], contiguous
-    kk = KH * KW
-    off = ((sp * K + offs_k[:, None]) * C + offs_c[None, :]) * kk + rs
-    tl.store(part_ptr + off, acc, mask=mask_k[:, None] & mask_c[None, :])
+    # part layout: [SPLIT, K, C, KH, KW], contiguous; acc is [c, k]
+    off = ((sp * K + offs_k[None, :]) * C + offs_c[:, None]) * kk + rs
+    tl.store(part_ptr + off, acc, mask=mask_c[:, None] & mask_k[None, :])
 
 
-def conv_wgrad(grad_y, x, weight_shape, scale, shift, stride, padding, dilation):
+def conv_wgrad(grad_y, x, weight_shape, mean, scale, beta, stride, padding, dilation):
+    """dW in the accumulation dtype (the op layer casts it to the weight's dtype)."""
     n, c, h, w = x.shape
     k, _, kh, kw = weight_shape
     oh, ow = grad_y.shape[2], grad_y.shape[3]
     p = n * oh * ow
     acc = acc_dtype(x.dtype)
-    cfg = gemm_tiles(k, c, p, x.dtype)
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    base = triton.cdiv(k, bm) * triton.cdiv(c, bn) * kh * kw
+    cfg = conv_config("wgrad", c, k, p, kh * kw, x)
+    bk = cfg["BLOCK_K"]
+    base = triton.cdiv(c, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_N"]) * kh * kw
     p_blocks = triton.cdiv(p, bk)
     if interpreting():
         split = min(2, p_blocks)  # exercise the split path in CPU tests without multiplying programs
@@ -84,14 +95,12 @@ def conv_wgrad(grad_y, x, weight_shape, scale, shift, stride, padding, dilation)
     chunk = triton.cdiv(p_blocks, split) * bk
     split = triton.cdiv(p, chunk)
     part = torch.empty((split, k, c, kh, kw), dtype=acc, device=x.device)
-    grid = (triton.cdiv(k, bm), triton.cdiv(c, bn), kh * kw * split)
-    _conv_wgrad_kernel[grid](
-        grad_y, x, scale, shift, part,
+    _conv_wgrad_kernel[(base * split,)](
+        grad_y, x, mean, scale, beta, part,
         n, c, h, w, k, oh, ow, chunk, split,
         *grad_y.stride(), *x.stride(),
         kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc), DOT_MODE=dot_mode(x.dtype),
-        PRECISION=fp32_precision(),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PRECISION=fp32_precision(), **cfg,
     )
     return part.sum(0) if split > 1 else part[0]

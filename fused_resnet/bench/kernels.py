@@ -1,0 +1,280 @@
+"""Static kernel report: every Triton launch a training step makes, compiled for a GPU that is not here.
+
+For each benchmark layer case the real launchers (fused_resnet.triton) run on meta tensors; each
+`kernel[grid](...)` is turned into a compile-only warm-up for the chosen target (sm_90 / sm_80) through
+a stand-in driver, so the grid, config and specialization are exactly what a GPU run would use. The
+cubin is then read with the cuobjdump that ships in Triton's wheel (registers, stack = spills, shared
+memory) and the PTX says which MMA instruction the conv kernels use (wgmma on sm_90, mma.sync on
+sm_80). Bytes and FLOPs per launch are the floor: every tensor the kernel touches read or written once.
+
+Must run in a process where triton was imported with TRITON_INTERPRET unset (the interpreter replaces
+the kernels at import); `fused-resnet kernels` and the test run it in a subprocess with it unset.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .cases import CIFAR_LAYERS, R50_LAYERS, Case
+
+ASSUMED_SMS = {90: 132, 80: 108}  # H100 SXM / A100: what the launchers size split-K grids for
+
+
+@dataclass
+class Launch:
+    case: str
+    dtype: str
+    layout: str
+    arch: int
+    phase: str  # "forward" | "backward"
+    kernel: str
+    grid: tuple
+    config: str
+    num_warps: int
+    num_stages: int
+    registers: int
+    stack: int  # bytes per thread; > 0 means spills
+    shared: int  # bytes per CTA (static + dynamic)
+    mma: str  # "wgmma" | "mma.sync" | "fma" | "none"
+    bytes: int
+    flops: int
+
+
+class _CompileOnlyDriver:
+    """Just enough of a Triton driver to compile (never launch) for a chosen GPU target."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.arch = arch
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return self.arch  # the JIT caches compiled kernels per device: one "device" per target
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("meta")
+
+
+@contextlib.contextmanager
+def capture(arch: int, sink: list):
+    """Within: Triton launches compile for sm_<arch> and append (name, grid, compiled kernel) to sink."""
+    import triton
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("the kernel report compiles real kernels: run it with TRITON_INTERPRET unset")
+    original = JITFunction.__getitem__
+
+    def getitem(self, grid):
+        def launch(*args, **kwargs):
+            kernel = self.run(*args, grid=grid, warmup=True, **kwargs)
+            sink.append((self.fn.__name__, tuple(grid), kernel, args, kwargs))
+        return launch
+
+    from ..triton import _common
+
+    _common.ASSUMED_GPU = (arch, ASSUMED_SMS[arch])
+    driver.set_active(_CompileOnlyDriver(arch))
+    JITFunction.__getitem__ = getitem
+    try:
+        yield
+    finally:
+        JITFunction.__getitem__ = original
+        driver._active = None  # no GPU driver to fall back to here; the next use re-detects
+        _common.ASSUMED_GPU = None
+        del triton
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+_RES = re.compile(r"Function (\S+):\s*REG:(\d+) STACK:(\d+) SHARED:(\d+)")
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """{function: (registers, stack, static shared)} from cuobjdump --dump-resource-usage."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    return {m.group(1): tuple(int(m.group(i)) for i in (2, 3, 4)) for m in _RES.finditer(out)}
+
+
+def mma_kind(ptx: str) -> str:
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if re.search(r"\bmma\.sync", ptx):
+        return "mma.sync"
+    if re.search(r"\bfma\.rn\.f(32|64)", ptx) and "dot" in ptx:
+        return "fma"
+    return "none"
+
+
+def _tensors(args):
+    seen, out = set(), []
+    for a in args:
+        if isinstance(a, torch.Tensor) and id(a) not in seen and a.numel() > 1:
+            seen.add(id(a))
+            out.append(a)
+    return out
+
+
+def _floor_bytes(args) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(args))
+
+
+def case_tensors(case: Case, dtype: torch.dtype, channels_last: bool):
+    """Meta tensors for one layer case, in the layout given."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    meta = dict(device="meta", dtype=dtype)
+    x = torch.empty(case.n, case.c, case.h, case.h, **meta).contiguous(memory_format=fmt)
+    w = torch.empty(case.k, case.c, case.kernel, case.kernel, **meta).contiguous(memory_format=fmt)
+    oh = case.out_h
+    res = torch.empty(case.n, case.k, oh, oh, **meta).contiguous(memory_format=fmt) if case.residual else None
+    gy = torch.empty(case.n, case.k, oh, oh, **meta).contiguous(memory_format=fmt)
+    return x, w, res, gy
+
+
+def conv_flops(case: Case) -> int:
+    return 2 * case.n * case.out_h ** 2 * case.k * case.c * case.kernel ** 2
+
+
+def record_case(case: Case, dtype: torch.dtype, channels_last: bool, arch: int) -> list:
+    """Compile every launch of one training step (forward + backward) of a layer case."""
+    from .. import _ops
+    from .. import triton as kb
+
+    x, w, res, gy = case_tensors(case, dtype, channels_last)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    c = case.c
+    gamma = torch.empty(c, device="meta", dtype=torch.float32)
+    beta = torch.empty_like(gamma)
+    geo = dict(stride=[case.stride] * 2, padding=[case.padding] * 2, dilation=[1, 1])
+    rows = []
+    for phase in ("forward", "backward"):
+        sink = []
+        with capture(arch, sink):
+            if phase == "forward":
+                mean, var = kb.channel_stats(x)
+                invstd = torch.rsqrt(var + 1e-5)
+                _ops._kernel_forward(kb, x, w, None, gamma, beta, mean, invstd, res, geo["stride"],
+                                     geo["padding"], geo["dilation"], [case.out_h] * 2, False)
+            else:
+                mean = torch.empty(c, device="meta", dtype=acc)
+                invstd = torch.empty_like(mean)
+                _ops._kernel_backward(kb, gy, x, w, gamma, beta, mean, invstd, True, geo["stride"],
+                                      geo["padding"], geo["dilation"], [True, True, True, True])
+        for name, grid, kernel, args, kwargs in sink:
+            regs, stack, shared = resource_usage(kernel.asm["cubin"]).get(kernel.name, (0, 0, 0))
+            cfg = {k: v for k, v in kwargs.items() if k.startswith("BLOCK") or k == "SPLIT"}
+            is_conv = name.startswith("_conv")
+            rows.append(Launch(
+                case=case.name, dtype=str(dtype).replace("torch.", ""), layout="nhwc" if channels_last else "nchw",
+                arch=arch, phase=phase, kernel=name.lstrip("_").replace("_kernel", ""), grid=grid,
+                config=" ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in cfg.items()),
+                num_warps=kernel.metadata.num_warps, num_stages=kernel.metadata.num_stages,
+                registers=regs, stack=stack, shared=max(shared, kernel.metadata.shared),
+                mma=mma_kind(kernel.asm["ptx"]) if is_conv else "none",
+                bytes=_floor_bytes(args), flops=conv_flops(case) if is_conv else 0))
+    return rows
+
+
+def report(cases, dtypes, layouts, archs, progress=None) -> list:
+    rows = []
+    jobs = [(c, d, l, a) for a in archs for d in dtypes for l in layouts for c in cases]
+    for case, dtype, layout, arch in (progress(jobs) if progress else jobs):
+        rows += record_case(case, dtype, layout == "nhwc", arch)
+    return rows
+
+
+def spills(rows, dtypes=("bfloat16", "float16")) -> list:
+    return [r for r in rows if r.stack > 0 and r.dtype in dtypes]
+
+
+def table(rows) -> str:
+    from .._table import format_table
+
+    headers = ["case", "dtype", "layout", "sm", "phase", "kernel", "grid", "config", "warps", "stages",
+               "regs", "stack", "smem KiB", "mma", "MB", "GFLOP"]
+    body = [[r.case, r.dtype, r.layout, r.arch, r.phase, r.kernel, "x".join(map(str, r.grid)), r.config,
+             r.num_warps, r.num_stages, r.registers, r.stack, f"{r.shared / 1024:.0f}", r.mma,
+             f"{r.bytes / 1e6:.1f}", f"{r.flops / 1e9:.1f}"] for r in rows]
+    return format_table(body, headers)
+
+
+def to_json(rows, path):
+    import triton
+
+    with open(path, "w") as f:
+        json.dump({"triton": triton.__version__, "torch": torch.__version__,
+                   "launches": [asdict(r) for r in rows]}, f, indent=1)
+
+
+ALL_CASES = CIFAR_LAYERS + R50_LAYERS
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="fused-resnet kernels",
+        description="Compile every Triton launch of a training step at the benchmark layer shapes for a GPU "
+                    "target (no GPU needed) and report registers, spills, shared memory, MMA kind, bytes, FLOPs.")
+    p.add_argument("--arch", default="90", help="comma list of targets: 90 (H100), 80 (A100) (default 90)")
+    p.add_argument("--dtypes", default="bfloat16,float16", help="comma list (default bfloat16,float16)")
+    p.add_argument("--layouts", default="nhwc,nchw", help="comma list of nhwc, nchw (default both)")
+    p.add_argument("--cases", help="comma list of case names (default: every layer case)")
+    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 on any spill in a bf16/fp16 launch, or a conv kernel without tensor-core MMA")
+    p.add_argument("--quiet", action="store_true", help="print only the summary")
+    args = p.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported (the report compiles for real)
+    cases = ALL_CASES
+    if args.cases:
+        names = args.cases.split(",")
+        unknown = sorted(set(names) - {c.name for c in ALL_CASES})
+        if unknown:
+            p.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(c.name for c in ALL_CASES)}")
+        cases = [c for c in ALL_CASES if c.name in names]
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    archs = [int(a) for a in args.arch.split(",")]
+    from tqdm import tqdm
+
+    print(f"Compiling {len(cases) * len(dtypes) * len(archs) * len(args.layouts.split(','))} training steps "
+          f"(about 1 s each on 2 CPU cores; kernels shared between cases compile once)", flush=True)
+    rows = report(cases, dtypes, args.layouts.split(","), archs,
+                  progress=lambda jobs: tqdm(jobs, desc="compiling", mininterval=5))
+    if not args.quiet:
+        print(table(rows))
+    if args.json:
+        to_json(rows, args.json)
+    bad = spills(rows)
+    want = {90: "wgmma", 80: "mma.sync"}
+    weak = [r for r in rows if r.kernel.startswith("conv") and r.dtype in ("bfloat16", "float16")
+            and want.get(r.arch) and r.mma != want[r.arch]]
+    print(f"{len(rows)} launches; bf16/fp16 launches with spills: {len(bad)}; "
+          f"conv launches without the expected tensor-core MMA: {len(weak)}; max registers "
+          f"{max(r.registers for r in rows)}")
+    for r in bad + weak:
+        print(f"  {r.case} {r.dtype} {r.layout} sm_{r.arch} {r.kernel}: regs {r.registers}, stack {r.stack}, mma {r.mma}")
+    return 1 if args.check and (bad or weak) else 0

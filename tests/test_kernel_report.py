@@ -1,0 +1,38 @@
+"""The static kernel report (`fused-resnet kernels`): every Triton launch of a training step at the
+benchmark layer shapes, compiled for sm_90 and sm_80 on this CPU, must be spill-free in bf16/fp16 in
+both layouts and use the tensor-core MMA of its target (wgmma / mma.sync)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+
+def _run_report(tmp_path, *args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "fused_resnet", "kernels", "--quiet", "--check",
+                           "--json", str(out), *args], capture_output=True, text=True, env=env, timeout=1500)
+    return proc, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_every_bf16_fp16_launch_spill_free_with_tensor_cores(tmp_path):
+    proc, data = _run_report(tmp_path, "--arch", "90,80")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = data["launches"]
+    kernels = {r["kernel"] for r in rows}
+    assert {"channel_stats", "conv_fwd", "conv_dgrad", "bn_backward_finish", "conv_wgrad"} <= kernels
+    assert {(r["arch"], r["layout"], r["dtype"]) for r in rows} == {
+        (a, l, d) for a in (90, 80) for l in ("nhwc", "nchw") for d in ("bfloat16", "float16")}
+    assert all(r["stack"] == 0 for r in rows)
+    conv = [r for r in rows if r["kernel"].startswith("conv")]
+    assert all(r["mma"] == {90: "wgmma", 80: "mma.sync"}[r["arch"]] for r in conv)
+    assert all(r["registers"] > 0 and r["flops"] > 0 and r["bytes"] > 0 for r in conv)
+
+
+def test_report_rejects_unknown_case(tmp_path):
+    proc, _ = _run_report(tmp_path, "--cases", "no-such-layer")
+    assert proc.returncode == 2 and "unknown case" in proc.stderr

@@ -1,0 +1,64 @@
+"""Structural properties of the Triton kernels, counted in the interpreter: which MMAs they issue."""
+import pytest
+import torch
+
+import fused_resnet
+
+pytestmark = pytest.mark.skipif("triton" not in fused_resnet.available_backends() or torch.cuda.is_available(),
+                                reason="counts MMA calls through the Triton interpreter (CPU only)")
+
+
+def _count_mma(monkeypatch, module):
+    calls = []
+    original = module.mma
+
+    def counting(acc, a, b, *args):
+        calls.append(a.shape)
+        return original(acc, a, b, *args)
+
+    monkeypatch.setattr(module, "mma", counting)
+    return calls
+
+
+@pytest.mark.parametrize("stride,dilation,padding,expected", [
+    (2, 1, 1, 9),   # 4 phases with 1x1, 1x2, 2x1, 2x2 taps: 9 MMAs, not 4 phases x 9 taps
+    (1, 1, 1, 9),   # one phase, every tap
+    (2, 2, 2, 9),   # dilation 2: phase (0, 0) takes all 9 taps, the other three none
+])
+def test_dgrad_issues_no_mma_on_masked_taps(monkeypatch, stride, dilation, padding, expected):
+    from fused_resnet.triton import dgrad
+
+    calls = _count_mma(monkeypatch, dgrad)
+    # One row tile and one channel block per phase (interpreter tiles are 32 x 16 x 16).
+    n, c, h, k = 1, 4, 5, 4
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, c, h, h, generator=g)
+    w = torch.randn(k, c, 3, 3, generator=g)
+    bn = torch.nn.BatchNorm2d(c)
+    x.requires_grad_(True)
+    y = fused_resnet.bn_relu_conv2d(x, w, bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean,
+                                    running_var=bn.running_var, training=True, stride=stride, padding=padding,
+                                    dilation=dilation, backend="triton")
+    gy = torch.randn(y.shape, generator=g)
+    calls.clear()
+    (dx,) = torch.autograd.grad(y, x, gy)
+    assert len(calls) == expected
+    # and the result is still right
+    xr = x.detach().clone().requires_grad_(True)
+    bn2 = torch.nn.BatchNorm2d(c)
+    yr = torch.nn.functional.conv2d(torch.relu(bn2(xr)), w, stride=stride, padding=padding, dilation=dilation)
+    (dxr,) = torch.autograd.grad(yr, xr, gy)
+    torch.testing.assert_close(dx, dxr, rtol=1e-4, atol=1e-5)
+
+
+def test_forward_reduction_is_one_loop_over_taps_and_channels(monkeypatch):
+    """C = 40 with interpreter BLOCK_K = 16: 3 channel blocks x 9 taps = 27 MMAs per output tile."""
+    from fused_resnet.triton import forward
+
+    calls = _count_mma(monkeypatch, forward)
+    x = torch.randn(1, 40, 4, 4)
+    w = torch.randn(8, 40, 3, 3)
+    bn = torch.nn.BatchNorm2d(40).eval()
+    fused_resnet.bn_relu_conv2d(x, w, bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean,
+                                running_var=bn.running_var, padding=1, backend="triton")
+    assert len(calls) == 27
