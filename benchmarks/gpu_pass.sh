@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # The whole GPU pass in one call (run it through the device tool):
 #   bash benchmarks/gpu_pass.sh OUT [STAGES]
-# STAGES (default "build tests sanitize train bench"): any subset, in that order, so a pass that does
+# STAGES (default "build tests sanitize kernels train bench tune"): any subset, in that order, so a pass that does
 # not fit one 10-minute call can be split over several (the build stays in the work tree between calls).
 #   build     pip install --no-build-isolation . (builds fused_resnet._C), then copies _C next to the
 #             sources so the tests (which import the work tree) use it
 #   tests     the whole suite on the GPU: every backend, fp32/bf16/fp16 parity, fp64 gradcheck
 #   sanitize  compute-sanitizer memcheck + racecheck on a small case of every kernel, both backends
+#   kernels   the static kernel report with this machine's Triton (registers, spills, MMA kind, sm_90)
+#             and the H100 time predictions per case: OUT/kernels.json, OUT/kernels.md
 #   train     fused-resnet train --compare (digits), with the fused kernels
 #   bench     fused-resnet bench --full (bf16 first, within a time budget); results JSON + RESULTS.md + chart
+#   tune      the Triton config sweep (bf16, channels_last) within a time budget: OUT/configs.json is the
+#             repo's table with this GPU's winners merged in; commit it as fused_resnet/triton/configs.json
 # Every step logs to OUT/<step>.log; a summary of each goes to OUT/summary.txt. Exit status: the number
 # of failed steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: gpu_pass.sh OUT [STAGES]}
-STAGES=${2:-build tests sanitize train bench}
+STAGES=${2:-build tests sanitize kernels train bench tune}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 SUMMARY="$OUT/summary.txt"
@@ -54,12 +58,21 @@ if has sanitize; then
     done
   done
 fi
+if has kernels; then
+  step kernels 300 python -m fused_resnet kernels --arch 90 --quiet --check --json "$OUT/kernels.json" \
+    --markdown "$OUT/kernels.md"
+fi
 if has train; then
   step train 300 python -m fused_resnet train --compare --out "$OUT/train"
 fi
 if has bench; then
   # bf16 is what the targets are stated in; the other dtypes follow if time remains.
   step bench 570 python -m fused_resnet bench --full --dtypes bf16,fp16,fp32 --time-budget 480 --out "$OUT/results"
+fi
+if has tune; then
+  cp fused_resnet/triton/configs.json "$OUT/configs.json"
+  step tune 570 python -m fused_resnet kernels --tune --dtypes bfloat16 --layouts nhwc --time-budget 480 \
+    --table "$OUT/configs.json" --json "$OUT/tune.json"
 fi
 echo "failed steps: $FAILED" | tee -a "$SUMMARY"
 exit "$FAILED"

@@ -138,8 +138,8 @@ def _bn_prologue(mean, invstd, gamma, beta):
 
 
 def _kernel_forward(kb, x, weight, bias, gamma, beta, mean, invstd, residual, stride, padding, dilation,
-                    out_size, out_stats):
-    scale, beta = _bn_prologue(mean, invstd, gamma, beta)
+                    out_size, out_stats, prologue=None):
+    scale, beta = (prologue[0], prologue[1]) if prologue is not None else _bn_prologue(mean, invstd, gamma, beta)
     y = torch.empty((x.shape[0], weight.shape[0], *out_size), dtype=x.dtype, device=x.device,
                     memory_format=memory_format_of(x))
     stats = kb.conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, padding, dilation,
@@ -148,8 +148,13 @@ def _kernel_forward(kb, x, weight, bias, gamma, beta, mean, invstd, residual, st
 
 
 def _kernel_backward(kb, grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, stride, padding,
-                     dilation, needs, sync=None):
-    scale, beta = _bn_prologue(mean, invstd, gamma, beta)
+                     dilation, needs, sync=None, prologue=None):
+    scale, beta = (prologue[0], prologue[1]) if prologue is not None else _bn_prologue(mean, invstd, gamma, beta)
+    if hasattr(kb, "conv_backward"):
+        # Triton: every reduction finishes in its kernels (four launches at most). The CUDA backend
+        # still sums its partials with ATen ops below; its finalize kernels are to come.
+        return kb.conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_stats, needs,
+                                stride, padding, dilation, sync=sync)
     dx = dw = dgamma = dbeta = None
     need_dx, need_dw, need_dg, need_db = needs
     if need_dx or need_dg or need_db:
@@ -181,18 +186,43 @@ def _(x, backend):
     return x.new_empty((c,), dtype=_acc(x.dtype)), x.new_empty((c,), dtype=_acc(x.dtype))
 
 
+@torch.library.custom_op("fused_resnet::bn_finalize", mutates_args=("running_mean", "running_var"))
+def bn_finalize(
+    x: Tensor, mean: Optional[Tensor], var: Optional[Tensor], bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
+    from_x: bool, momentum: float, eps: float, count: int, backend: str,
+) -> Tensor:
+    """[5, C] (mean, var, invstd, scale, beta) of the BN before a fused conv, in the accumulation
+    dtype: from x's own batch statistics (from_x) or from (mean, var); given running buffers, updates
+    them in place (nn.BatchNorm2d's EMA, unbiased variance with `count`). Triton: one or two launches
+    (statistics partials, then one finalize kernel)."""
+    kb = _kernels(backend)
+    acc = _acc(x.dtype)
+    partials = kb.stats_partials(x) if from_x else None
+    return kb.bn_finalize(x.shape[1], acc, partials=partials, x=x if from_x else None, mean=None if from_x else mean,
+                          var=None if from_x else var, gamma=bn_weight, beta=bn_bias, running_mean=running_mean,
+                          running_var=running_var, momentum=momentum, eps=eps, count=count)
+
+
+@bn_finalize.register_fake
+def _(x, mean, var, bn_weight, bn_bias, running_mean, running_var, from_x, momentum, eps, count, backend):
+    return x.new_empty((5, x.shape[1]), dtype=_acc(x.dtype))
+
+
 @torch.library.custom_op("fused_resnet::bn_relu_conv2d", mutates_args=())
 def bn_relu_conv2d_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
     bn_bias: Optional[Tensor], mean: Tensor, invstd: Tensor, residual: Optional[Tensor],
     batch_stats: bool, eps: float, stride: List[int], padding: List[int], dilation: List[int],
     out_size: List[int], groups: int, out_stats: bool, backend: str, sync_group: int = 0,
+    prologue: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (y, mean_y, var_y); the last two are per-channel statistics of y when out_stats,
-    else empty. They are for the next BN's forward and carry no gradient."""
+    else empty. They are for the next BN's forward and carry no gradient. prologue: [2, C] (scale,
+    beta) of the BN affine when already computed (bn_finalize), else derived from the arguments."""
     if backend in ("triton", "cuda"):
         y, stats = _kernel_forward(_kernels(backend), x, weight, bias, bn_weight, bn_bias, mean, invstd, residual,
-                                   stride, padding, dilation, out_size, out_stats)
+                                   stride, padding, dilation, out_size, out_stats, prologue)
     else:
         y = _ref_forward(x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, stride,
                          padding, dilation, out_size, groups)
@@ -208,7 +238,7 @@ def bn_relu_conv2d_op(
 
 @bn_relu_conv2d_op.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, batch_stats, eps, stride, padding,
-      dilation, out_size, groups, out_stats, backend, sync_group=0):
+      dilation, out_size, groups, out_stats, backend, sync_group=0, prologue=None):
     y = torch.empty((x.shape[0], weight.shape[0], *out_size), dtype=x.dtype, device=x.device,
                     memory_format=memory_format_of(x))
     k = weight.shape[0] if out_stats else 0
@@ -220,6 +250,7 @@ def bn_relu_conv2d_backward_op(
     grad_y: Tensor, x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     mean: Tensor, invstd: Tensor, batch_stats: bool, eps: float, stride: List[int], padding: List[int],
     dilation: List[int], groups: int, needs: List[bool], backend: str, sync_group: int = 0,
+    prologue: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dW, dgamma, dbeta); an entry whose `needs` flag is False comes back empty.
     sync_group (an id from _sync.group_id): dx uses the process group's BN-backward sums."""
@@ -229,7 +260,7 @@ def bn_relu_conv2d_backward_op(
     needs[3] = needs[3] and bn_bias is not None
     if backend in ("triton", "cuda"):
         grads = _kernel_backward(_kernels(backend), grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats,
-                                 stride, padding, dilation, needs, sync)
+                                 stride, padding, dilation, needs, sync, prologue)
     else:
         grads = _ref_backward(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps,
                               stride, padding, dilation, groups, needs, sync)
@@ -246,7 +277,7 @@ def bn_relu_conv2d_backward_op(
 
 @bn_relu_conv2d_backward_op.register_fake
 def _(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps, stride, padding, dilation,
-      groups, needs, backend, sync_group=0):
+      groups, needs, backend, sync_group=0, prologue=None):
     def like(t, need):
         if not need or t is None:
             return x.new_empty((0,))
@@ -259,8 +290,9 @@ def _(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps, str
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, batch_stats, eps, stride, padding,
-     dilation, out_size, groups, out_stats, backend, sync_group) = inputs
-    ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, invstd)
+     dilation, out_size, groups, out_stats, backend, sync_group, prologue) = inputs
+    ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, invstd, prologue)
+    ctx.set_materialize_grads(False)  # the statistics outputs get no gradient: no zeros to make for them
     ctx.has_bias = bias is not None
     ctx.has_residual = residual is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -268,7 +300,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, grad_mean, grad_var):
-    x, weight, bn_weight, bn_bias, mean, invstd = ctx.saved_tensors
+    if grad_y is None:  # only the (gradient-free) statistics outputs were used
+        return (None,) * 19
+    x, weight, bn_weight, bn_bias, mean, invstd, prologue = ctx.saved_tensors
     batch_stats, eps, stride, padding, dilation, groups, backend, sync_group = ctx.conv
     ni = ctx.needs_input_grad
     needs = [bool(ni[0]), bool(ni[1]), bool(ni[3]), bool(ni[4])]
@@ -276,7 +310,7 @@ def _backward(ctx, grad_y, grad_mean, grad_var):
     if any(needs):
         grads = bn_relu_conv2d_backward_op(grad_y, x, weight, bn_weight, bn_bias, mean, invstd,
                                            batch_stats, eps, stride, padding, dilation, groups,
-                                           needs, backend, sync_group)
+                                           needs, backend, sync_group, prologue)
         dx, dw, dgamma, dbeta = (g if need else None for g, need in zip(grads, needs))
         if dgamma is not None and bn_weight is None:
             dgamma = None
@@ -286,7 +320,7 @@ def _backward(ctx, grad_y, grad_mean, grad_var):
     if ctx.has_bias and ni[2]:
         dbias = grad_y.sum((0, 2, 3), dtype=_acc(grad_y.dtype)).to(ctx.bias_dtype)
     dres = grad_y if (ctx.has_residual and ni[7]) else None
-    return (dx, dw, dbias, dgamma, dbeta, None, None, dres) + (None,) * 10
+    return (dx, dw, dbias, dgamma, dbeta, None, None, dres) + (None,) * 11
 
 
 torch.library.register_autograd("fused_resnet::bn_relu_conv2d", _backward, setup_context=_setup_context)

@@ -2,12 +2,39 @@
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 
 from . import _ops, _sync
 from ._validate import validate
 from .backends import resolve
+
+
+class PreparedBN(NamedTuple):
+    """A BN finalized once for several fused consumers (a block's conv1 and projection shortcut): the
+    kernels' [5, C] (mean, var, invstd, scale, beta), running buffers already updated. Pass it as
+    input_stats; only the Triton backend makes one (prepare_batch_norm)."""
+
+    fin: torch.Tensor
+
+
+def prepare_batch_norm(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, input_stats=None,
+                       backend="auto"):
+    """In training, x's BN finalized once for several consumers: a PreparedBN (one or two launches,
+    running buffers updated here) on the Triton backend; elsewhere the (mean, var) the consumers
+    finalize themselves (the first consumer then updates the running buffers)."""
+    impl = resolve(backend, x.device, 1)
+    if impl != "triton":
+        return input_stats if input_stats is not None else batch_statistics(x, impl)
+    if isinstance(input_stats, PreparedBN):
+        return input_stats
+    detach = lambda t: t.detach() if t is not None else None  # noqa: E731
+    from_x = input_stats is None
+    m_in, v_in = (None, None) if from_x else (s.detach() for s in input_stats)
+    return PreparedBN(_ops.bn_finalize(x.detach(), m_in, v_in, detach(bn_weight), detach(bn_bias), running_mean,
+                                       running_var, from_x, float(momentum), float(eps),
+                                       x.numel() // x.shape[1], impl))
 
 
 def bn_relu_conv2d(
@@ -98,6 +125,13 @@ def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     count = x.numel() // x.shape[1]
     gid = _sync.group_id(process_group) if (training and sync_stats) else 0
+    if isinstance(input_stats, PreparedBN):
+        if impl != "triton" or gid or not training:
+            raise ValueError("a PreparedBN is for the Triton backend's training path without sync_stats")
+        running_mean = running_var = None  # updated when it was prepared
+    if impl == "triton" and not gid:
+        return _with_finalize_kernel(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training,
+                                     momentum, eps, residual, impl, input_stats, out_stats, geo, count)
     if training:
         if input_stats is not None:
             mean, var = (s.detach().to(acc) for s in input_stats)
@@ -115,6 +149,30 @@ def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
     if training and running_mean is not None:
         # After the op succeeded, so a failed call leaves the buffers as they were.
         update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    return (y, mean_y, var_y) if out_stats else (y, None, None)
+
+
+def _with_finalize_kernel(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
+                          eps, residual, impl, input_stats, out_stats, geo, count):
+    """The kernel path with no ATen tail: one bn_finalize launch (after the statistics partials when
+    x's own statistics are needed) gives mean, invstd and the prologue's scale/beta and updates the
+    running buffers in place; then the conv. Validation has run, so the only failures left are the
+    kernels' own."""
+    detach = lambda t: t.detach() if t is not None else None  # noqa: E731
+    if isinstance(input_stats, PreparedBN):
+        fin = input_stats.fin
+    elif training:
+        from_x = input_stats is None
+        m_in, v_in = (None, None) if from_x else (s.detach() for s in input_stats)
+        fin = _ops.bn_finalize(x.detach(), m_in, v_in, detach(bn_weight), detach(bn_bias), running_mean,
+                               running_var, from_x, float(momentum), float(eps), count, impl)
+    else:
+        fin = _ops.bn_finalize(x.detach(), running_mean.detach(), running_var.detach(), detach(bn_weight),
+                               detach(bn_bias), None, None, False, 0.0, float(eps), count, impl)
+    y, mean_y, var_y = _ops.bn_relu_conv2d_op(
+        x, weight, bias, bn_weight, bn_bias, fin[0], fin[2], residual, training, float(eps),
+        list(geo.stride), list(geo.padding), list(geo.dilation), list(geo.out_size), geo.groups,
+        bool(out_stats), impl, 0, fin[3:5])
     return (y, mean_y, var_y) if out_stats else (y, None, None)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import batch_statistics, bn_relu_conv2d_with_stats
+from .functional import PreparedBN, batch_statistics, bn_relu_conv2d_with_stats, prepare_batch_norm
 from .sync_bn import SyncBatchNorm2d
 
 
@@ -23,6 +23,31 @@ def _check_pair(bn, conv):
                          f"{conv.in_channels} input channels")
 
 
+def _momentum(bn, update_running_stats):
+    """(the EMA factor, whether this call updates bn's running buffers), as nn.BatchNorm2d.forward."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    tracking = bn.training and bn.track_running_stats and update_running_stats
+    if tracking and bn.num_batches_tracked is not None and bn.momentum is None:
+        factor = 1.0 / float(bn.num_batches_tracked + 1)  # eager reads the counter on the host too
+    return factor, tracking
+
+
+def shared_batch_norm(bn, x, input_stats, backend):
+    """x's statistics for bn in training, finalized once when two convs consume bn (see
+    functional.prepare_batch_norm). Returns (stats for both consumers, whether they are prepared:
+    then neither updates the running buffers, already updated here)."""
+    if isinstance(bn, (SyncBatchNorm2d, nn.SyncBatchNorm)) or not (bn.track_running_stats and
+                                                                   bn.running_mean is not None):
+        return (input_stats if input_stats is not None else batch_statistics(x, backend)), False
+    factor, _ = _momentum(bn, True)
+    stats = prepare_batch_norm(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, factor, bn.eps,
+                               input_stats, backend)
+    prepared = isinstance(stats, PreparedBN)
+    if prepared and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    return stats, prepared
+
+
 def fused_bn_relu_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d, x, residual=None, *, backend="auto",
                        input_stats=None, out_stats=False, update_running_stats=True):
     """conv(relu(bn(x))) (+ residual) with nn.BatchNorm2d's exact training/eval semantics.
@@ -33,10 +58,7 @@ def fused_bn_relu_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d, x, residual=None, *,
     bn synchronizes its training statistics over its process group.
     Returns (y, stats_of_y or None).
     """
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    tracking = bn.training and bn.track_running_stats and update_running_stats
-    if tracking and bn.num_batches_tracked is not None and bn.momentum is None:
-        factor = 1.0 / float(bn.num_batches_tracked + 1)
+    factor, tracking = _momentum(bn, update_running_stats and not isinstance(input_stats, PreparedBN))
     use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     keep_buffers = (not bn.training or bn.track_running_stats) and (update_running_stats or not use_batch_stats)
     y, mean, var = bn_relu_conv2d_with_stats(
@@ -115,9 +137,10 @@ class PreActBlock(nn.Module):
             return self._forward_plain(x), None
         chain = self._chain()
         bn1, conv1 = chain[0]
-        if bn1.training and input_stats is None and self.shortcut is not None:
-            # Two consumers of bn1: compute its batch statistics once for both.
-            input_stats = batch_statistics(x, self.backend)
+        if bn1.training and self.shortcut is not None:
+            # Two consumers of bn1: its batch statistics (and on Triton its finalized affine and the
+            # running-buffer update) once for both.
+            input_stats, _ = shared_batch_norm(bn1, x, input_stats, self.backend)
         sc = x
         if self.shortcut is not None:
             sc, _ = fused_bn_relu_conv(bn1, self.shortcut, x, backend=self.backend, input_stats=input_stats,

@@ -62,3 +62,45 @@ def test_forward_reduction_is_one_loop_over_taps_and_channels(monkeypatch):
     fused_resnet.bn_relu_conv2d(x, w, bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean,
                                 running_var=bn.running_var, padding=1, backend="triton")
     assert len(calls) == 27
+
+
+def test_tuning_sweep_files_winners_under_the_launchers_keys(monkeypatch, tmp_path):
+    """The sweep's mechanics on the CPU (interpreter, tiny case, a stand-in timer that prefers
+    BLOCK_K=32): forced configs reach the launchers, winners are filed under the exact key each
+    launcher looks up, and the table the launchers read returns them on that GPU arch."""
+    import json
+
+    from fused_resnet.bench import tune
+    from fused_resnet.bench.cases import Case
+    from fused_resnet.triton import _common, configs
+
+    monkeypatch.setattr(tune, "SPACE", {k: dict(BLOCK_M=[16], BLOCK_N=[16], depth=[
+        dict(BLOCK_K=16, num_warps=4, num_stages=2), dict(BLOCK_K=32, num_warps=4, num_stages=2)])
+        for k in ("fwd", "dgrad", "wgrad")})
+    seen = []
+
+    def timer(fn):
+        fn()
+        cfg = next(iter(configs._forced.values()))
+        seen.append(cfg)
+        return 1.0 if cfg is None else (0.5 if cfg["BLOCK_K"] == 32 else 2.0)
+
+    case = Case("tiny", "layer", 2, 3, 4, 5, kernel=3, stride=2)
+    winners, log = tune.sweep([case], torch.float32, channels_last=True, device="cpu", timer=timer)
+    assert len(log) == 6 and None in seen
+    assert set(k.split(":")[0] for k in winners) == {"fwd", "dgrad", "wgrad"}
+    assert all(e["BLOCK_K"] == 32 and e["us"] == 500.0 and e["heuristic_us"] == 1000.0 for e in winners.values())
+    # the dgrad key is the stride phase's GEMM: 2 * 3 * 3 rows, 3 columns, 4 reduction, 2x2 taps
+    assert "dgrad:float32:nhwc:18x3x4x4" in winners
+
+    table = tmp_path / "configs.json"
+    configs.write(90, winners, str(table))
+    monkeypatch.setattr(configs, "TABLE", str(table))
+    configs._table.cache_clear()
+    monkeypatch.setattr(_common, "ASSUMED_GPU", (90, 132))
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.setattr(configs, "_table", lambda: json.loads(table.read_text())["configs"])
+    x = torch.empty(2, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+    assert _common.conv_config("dgrad", 18, 3, 4, 4, x)["BLOCK_K"] == 32
+    other = _common.conv_config("dgrad", 18, 3, 4, 9, x)  # a shape the table does not hold: the heuristic
+    assert other == _common.heuristic_config("dgrad", 18, 3, 4, x)

@@ -26,6 +26,24 @@ from .cases import CIFAR_LAYERS, R50_LAYERS, Case
 
 ASSUMED_SMS = {90: 132, 80: 108}  # H100 SXM / A100: what the launchers size split-K grids for
 
+# H100 figures measured on the GPU machines (shared/ENVIRONMENT.md): device copy bandwidth and dense
+# bf16 matmul rate. The prediction assumes a fused kernel reaches 70% of the first and, for the
+# conv kernels, 50% of the second (Triton implicit GEMM with a register-operand prologue; cuDNN's
+# own kernels reach more), plus 3 us of launch and tail per kernel. A guess to be checked by the GPU
+# pass, not a measurement.
+H100_COPY_BYTES_PER_S = 3.0e12
+H100_BF16_FLOP_PER_S = 800e12
+PREDICT_BW_FRACTION, PREDICT_MMA_FRACTION, PREDICT_LAUNCH_US = 0.7, 0.5, 3.0
+
+
+def floor_us(bytes_: int, flops: int) -> float:
+    return 1e6 * max(bytes_ / H100_COPY_BYTES_PER_S, flops / H100_BF16_FLOP_PER_S)
+
+
+def predicted_us(bytes_: int, flops: int) -> float:
+    return PREDICT_LAUNCH_US + 1e6 * max(bytes_ / (PREDICT_BW_FRACTION * H100_COPY_BYTES_PER_S),
+                                         flops / (PREDICT_MMA_FRACTION * H100_BF16_FLOP_PER_S))
+
 
 @dataclass
 class Launch:
@@ -221,6 +239,18 @@ def table(rows) -> str:
     return format_table(body, headers)
 
 
+def predictions_markdown(rows) -> str:
+    """Per layer case and kernel (sm_90, bf16/fp16): the H100 floor and predicted time, as a Markdown table."""
+    lines = ["| case | layout | kernel | MB | GFLOP | regs | floor us | predicted us |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.arch != 90 or r.dtype not in ("bfloat16", "float16"):
+            continue
+        lines.append(f"| {r.case} | {r.layout} | {r.kernel} | {r.bytes / 1e6:.1f} | {r.flops / 1e9:.1f} | "
+                     f"{r.registers} | {floor_us(r.bytes, r.flops):.0f} | {predicted_us(r.bytes, r.flops):.0f} |")
+    return "\n".join(lines)
+
+
 def to_json(rows, path):
     import triton
 
@@ -230,6 +260,44 @@ def to_json(rows, path):
 
 
 ALL_CASES = CIFAR_LAYERS + R50_LAYERS
+
+
+def _cases(p, args):
+    if not args.cases:
+        return ALL_CASES
+    names = args.cases.split(",")
+    unknown = sorted(set(names) - {c.name for c in ALL_CASES})
+    if unknown:
+        p.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(c.name for c in ALL_CASES)}")
+    return [c for c in ALL_CASES if c.name in names]
+
+
+def _tune(p, args) -> int:
+    if not torch.cuda.is_available():
+        p.error("--tune times kernels on a GPU; none is visible here (the static report runs without --tune)")
+    from tqdm import tqdm
+
+    from ..triton import configs
+    from ..triton._common import arch_of
+    from .tune import sweep
+
+    cases = _cases(p, args)
+    dtype = getattr(torch, args.dtypes.split(",")[0])
+    nhwc = args.layouts.split(",")[0] == "nhwc"
+    print(f"Tuning {len(cases)} cases x 3 conv kernels on {torch.cuda.get_device_name()} ({dtype}, "
+          f"{'nhwc' if nhwc else 'nchw'}): a few seconds per config", flush=True)
+    winners, log = sweep(cases, dtype, nhwc, progress=lambda jobs: tqdm(jobs, desc="tuning", mininterval=5),
+                         time_budget=args.time_budget)
+    arch = arch_of(torch.device("cuda"))
+    configs.write(arch, winners, args.table or configs.TABLE)
+    for key, entry in sorted(winners.items()):
+        print(f"  {key}: {entry['heuristic_us']:.1f} us -> {entry['us']:.1f} us "
+              f"({', '.join(f'{k}={entry[k]}' for k in configs.KEYS)})")
+    print(f"{len(winners)} shapes improved by more than 3%; {len(log)} trials; table: {args.table or configs.TABLE}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"winners": winners, "trials": [[str(v) for v in t] for t in log]}, f, indent=1)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -247,15 +315,18 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true",
                    help="exit 1 on any spill in a bf16/fp16 launch, or a conv kernel without tensor-core MMA")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.add_argument("--markdown", help="write the H100 floor/predicted time per case and kernel here (sm_90 rows)")
+    p.add_argument("--tune", action="store_true",
+                   help="on a GPU: time the conv kernels' spill-free configs at the cases' shapes (first dtype and "
+                        "layout given) and write the winners into the tuned-config table the launchers read")
+    p.add_argument("--table", help="with --tune: the table to update (default: the installed package's configs.json)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="with --tune: start no new case/kernel after this long")
     args = p.parse_args(argv)
+    if args.tune:
+        return _tune(p, args)
     os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported (the report compiles for real)
-    cases = ALL_CASES
-    if args.cases:
-        names = args.cases.split(",")
-        unknown = sorted(set(names) - {c.name for c in ALL_CASES})
-        if unknown:
-            p.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(c.name for c in ALL_CASES)}")
-        cases = [c for c in ALL_CASES if c.name in names]
+    cases = _cases(p, args)
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     archs = [int(a) for a in args.arch.split(",")]
     from tqdm import tqdm
@@ -268,6 +339,9 @@ def main(argv=None) -> int:
         print(table(rows))
     if args.json:
         to_json(rows, args.json)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(predictions_markdown(rows) + "\n")
     bad = spills(rows)
     want = {90: "wgmma", 80: "mma.sync"}
     weak = [r for r in rows if r.kernel.startswith("conv") and r.dtype in ("bfloat16", "float16")

@@ -1,7 +1,7 @@
 """Triton backend: the launchers the op layer calls. Kernels live one job per file beside this one."""
-from .dgrad import conv_dgrad_bn
+from .backward import conv_backward
+from .finalize import bn_finalize
 from .forward import conv_forward
-from .stats import channel_stats
-from .wgrad import conv_wgrad
+from .stats import channel_stats, stats_partials
 
-__all__ = ["channel_stats", "conv_forward", "conv_dgrad_bn", "conv_wgrad"]
+__all__ = ["bn_finalize", "channel_stats", "conv_backward", "conv_forward", "stats_partials"]

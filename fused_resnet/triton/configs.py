@@ -6,6 +6,7 @@ _common.heuristic_config. Keys: "<kernel>:<dtype>:<layout>:<m>x<n>x<k>x<taps>" u
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -35,11 +36,43 @@ def shape_key(kernel: str, dtype: torch.dtype, layout: str, m: int, n: int, k: i
     return f"{kernel}:{str(dtype).replace('torch.', '')}:{layout}:{m}x{n}x{k}x{taps}"
 
 
+_forced: dict = {}  # kernel -> config (or None: the heuristic), set by forced() for the tuning sweep
+requested: dict = {}  # kernel -> the table key of its latest launch (the sweep files winners under it)
+
+
+@contextlib.contextmanager
+def forced(kernel: str, config):
+    """Within: every launch of `kernel` ("fwd", "dgrad", "wgrad") uses `config`; None = the heuristic."""
+    _forced[kernel] = dict(config) if config else None
+    try:
+        yield
+    finally:
+        _forced.pop(kernel, None)
+
+
 def lookup(kernel: str, m: int, n: int, k: int, taps: int, x: torch.Tensor):
     from ._common import arch_of, interpreting
+
+    requested[kernel] = shape_key(kernel, x.dtype, layout_of(x), m, n, k, taps)
+    if kernel in _forced:
+        return dict(_forced[kernel]) if _forced[kernel] else None
 
     arch = arch_of(x.device)
     if arch is None or interpreting():
         return None
-    entry = _table().get(f"sm{arch}", {}).get(shape_key(kernel, x.dtype, layout_of(x), m, n, k, taps))
+    entry = _table().get(f"sm{arch}", {}).get(requested[kernel])
     return {key: entry[key] for key in KEYS} if entry else None
+
+
+def write(arch: int, entries: dict, path: str = TABLE):
+    """Merge {shape key: config (+ timings)} into the table for sm_<arch> and save it."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        data = {}
+    data.setdefault("configs", {}).setdefault(f"sm{arch}", {}).update(entries)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+    _table.cache_clear()

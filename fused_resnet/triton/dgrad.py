@@ -110,10 +110,9 @@ def _conv_dgrad_kernel(
     if NEED_SUMS:
         istd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0)
         xhat = (xt - mu[None, :]) * istd[None, :]
-        row = phase * tiles_m + pid_m
-        rows = tl.num_programs(0) // tiles_n
-        tl.store(part_ptr + row * C + offs_c, tl.sum(gm, axis=0), mask=mask_c)
-        tl.store(part_ptr + (rows + row) * C + offs_c, tl.sum(gm * xhat, axis=0), mask=mask_c)
+        row = phase * tiles_m + pid_m  # part: [rows, 2, C], column_sums' input
+        tl.store(part_ptr + row * 2 * C + offs_c, tl.sum(gm, axis=0), mask=mask_c)
+        tl.store(part_ptr + row * 2 * C + C + offs_c, tl.sum(gm * xhat, axis=0), mask=mask_c)
     o_off = (nb.to(tl.int64) * son + h * soh + w * sow)[:, None] + offs_c[None, :] * soc
     if BATCH_STATS:
         tl.store(out_ptr + o_off, gm.to(out_ptr.dtype.element_ty), mask=emask)
@@ -158,48 +157,46 @@ def _bn_backward_finish_kernel(
              dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def conv_dgrad_bn(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_stats, need_sums,
-                  stride, padding, dilation, sync=None):
-    """Returns (dx, S1, S2); S1/S2 (= dbeta, dgamma) are None unless need_sums or batch_stats.
-    sync(s1, s2, count) -> (s1, s2, count) makes the dx finish use process-group-wide sums (the
-    returned S1/S2 stay local, as nn.SyncBatchNorm's weight/bias gradients do)."""
+def conv_dgrad(grad_y, x, weight, mean, scale, beta, invstd, batch_stats, need_sums, stride, padding,
+               dilation):
+    """(out, part): out is dx (running statistics) or ga*m in x's dtype for bn_backward_finish (batch
+    statistics); part [rows, 2, C] the per-tile BN-backward partials (S1, S2) when need_sums, else None."""
     n, c, h, w = x.shape
     k, _, kh, kw = weight.shape
     oh, ow = grad_y.shape[2], grad_y.shape[3]
-    m = n * h * w
-    acc = acc_dtype(x.dtype)
     need_sums = need_sums or batch_stats
     phases = stride[0] * stride[1]
     m_phase = n * triton.cdiv(h, stride[0]) * triton.cdiv(w, stride[1])
     cfg = conv_config("dgrad", m_phase, c, k, triton.cdiv(kh, stride[0]) * triton.cdiv(kw, stride[1]), x)
     tiles_m = triton.cdiv(m_phase, cfg["BLOCK_M"])
     grid = (phases * tiles_m * triton.cdiv(c, cfg["BLOCK_N"]),)
-    dx = torch.empty_like(x, memory_format=memory_format_of(x))
-    # ga*m in the input dtype: eager's ReLU backward output, half the bytes of a float32 buffer
-    out = torch.empty_like(x, memory_format=memory_format_of(x)) if batch_stats else dx
-    part = torch.empty((2, phases * tiles_m, c) if need_sums else (1,), dtype=acc, device=x.device)
+    # dx, or ga*m in the input dtype: eager's ReLU backward output, half the bytes of a float32 buffer
+    out = torch.empty_like(x, memory_format=memory_format_of(x))
+    part = torch.empty((phases * tiles_m, 2, c), dtype=acc_dtype(x.dtype), device=x.device) if need_sums else None
     _conv_dgrad_kernel[grid](
-        grad_y, weight, x, mean, scale, beta, invstd, out, part,
+        grad_y, weight, x, mean, scale, beta, invstd, out, part if need_sums else out,
         n, c, h, w, k, oh, ow,
         *grad_y.stride(), *weight.stride(), *x.stride(), *out.stride(),
         kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         stride[0] // math.gcd(stride[0], dilation[0]), stride[1] // math.gcd(stride[1], dilation[1]),
         BATCH_STATS=batch_stats, NEED_SUMS=need_sums,
-        IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc), DOT_MODE=dot_mode(x.dtype),
+        IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc_dtype(x.dtype)), DOT_MODE=dot_mode(x.dtype),
         PRECISION=fp32_precision(), **cfg,
     )
-    if not need_sums:
-        return dx, None, None
-    s1, s2 = part[0].sum(0), part[1].sum(0)  # separate tensors: op outputs may not alias
-    if batch_stats:
-        block_c = 16 if interpreting() else min(64, triton.next_power_of_2(c))
-        block_m = 64 if interpreting() else max(32, 4096 // block_c)
-        fgrid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
-        fs1, fs2, count = sync(s1, s2, m) if sync is not None else (s1, s2, m)
-        _bn_backward_finish_kernel[fgrid](
-            out, x, dx, mean, invstd, gamma if gamma is not None else mean, fs1, fs2,
-            n, c, h, w, 1.0 / count,
-            *out.stride(), *x.stride(), *dx.stride(),
-            HAS_GAMMA=gamma is not None, ACC=tl_dtype(acc), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4,
-        )
-    return dx, s1, s2
+    return out, part
+
+
+def bn_backward_finish(gm, x, mean, invstd, gamma, s1, s2, count):
+    """dx = invstd*gamma*(gm - S1/M - xhat*S2/M), one elementwise launch."""
+    n, c, h, w = x.shape
+    dx = torch.empty_like(x, memory_format=memory_format_of(x))
+    block_c = 16 if interpreting() else min(64, triton.next_power_of_2(c))
+    block_m = 64 if interpreting() else max(32, 4096 // block_c)
+    _bn_backward_finish_kernel[(triton.cdiv(n * h * w, block_m), triton.cdiv(c, block_c))](
+        gm, x, dx, mean, invstd, gamma if gamma is not None else mean, s1, s2,
+        n, c, h, w, 1.0 / count,
+        *gm.stride(), *x.stride(), *dx.stride(),
+        HAS_GAMMA=gamma is not None, ACC=tl_dtype(acc_dtype(x.dtype)), BLOCK_M=block_m, BLOCK_C=block_c,
+        num_warps=4,
+    )
+    return dx

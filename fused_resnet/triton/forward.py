@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, conv_config, dot_mode, fp32_precision, mma, swizzle, tl_dtype
-from .stats import _tile_mean_m2, merge_partials
+from .finalize import bn_finalize
+from .stats import _tile_mean_m2
 
 
 @triton.jit
@@ -132,5 +133,7 @@ def conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, paddin
     )
     if not out_stats:
         return None
-    mean, var = merge_partials(part, m, bm)
-    return mean.to(acc), var.to(acc)
+    mean = torch.empty(k, dtype=acc, device=x.device)
+    var = torch.empty_like(mean)
+    bn_finalize(k, acc, partials=(part, bm, m), mean=mean, var=var)
+    return mean, var

@@ -2,7 +2,8 @@
 
 Each program reduces a tile of pixels x channels to (mean, M2) per channel with a two-pass over the
 tile held in registers, after shifting every value by a per-channel pivot (the channel's first
-element, so shifted values are of the order of the std). Tiles are merged with Chan's parallel formula in `merge_partials`. Neither step forms a
+element, so shifted values are of the order of the std). Tiles are merged with Chan's parallel formula in
+finalize.bn_finalize. Neither step forms a
 float32 Σx² − (Σx)², so inputs with |mean| >> std (DESIGN.md: mean 1e3, std 1e-2) keep their variance.
 """
 from __future__ import annotations
@@ -11,7 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._partials import merge_partials
 from ._common import acc_dtype, interpreting
 
 
@@ -26,7 +26,7 @@ def _tile_mean_m2(v, mask, cnt):
 
 @triton.jit
 def _channel_stats_kernel(
-    x_ptr, pivot_ptr, part_ptr,
+    x_ptr, part_ptr,
     N, C, H, W,
     sxn, sxc, sxh, sxw,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -46,7 +46,7 @@ def _channel_stats_kernel(
     row = nb.to(tl.int64) * sxn + h * sxh + w * sxw
     mask = mask_m[:, None] & mask_c[None, :]
     v = tl.load(x_ptr + row[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(ACC)
-    pivot = tl.load(pivot_ptr + offs_c, mask=mask_c, other=0.0)
+    pivot = tl.load(x_ptr + offs_c * sxc, mask=mask_c, other=0.0).to(ACC)  # x[0, c, 0, 0]
     cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(ACC)
     # Store the tile mean relative to the pivot: adding the pivot back in float32 here would round
     # each tile mean to the ulp of |mean| and swamp the between-tile part of the variance.
@@ -55,8 +55,9 @@ def _channel_stats_kernel(
     tl.store(part_ptr + (num_m + pid_m) * C + offs_c, m2, mask=mask_c)
 
 
-def channel_stats(x: torch.Tensor):
-    """(mean, biased var) per channel of x [N, C, H, W], in float32 (float64 for float64 input)."""
+def stats_partials(x: torch.Tensor):
+    """Per-tile (mean - pivot, M2) of x per channel: ([2, tiles, C], rows per tile, total rows), for
+    finalize.bn_finalize (the pivot is x[0, c, 0, 0], read by both kernels from x itself)."""
     n, c, h, w = x.shape
     acc = acc_dtype(x.dtype)
     m = n * h * w
@@ -64,12 +65,21 @@ def channel_stats(x: torch.Tensor):
     block_m = 64 if interpreting() else max(32, min(256, 8192 // block_c))
     tiles = triton.cdiv(m, block_m)
     part = torch.empty((2, tiles, c), dtype=acc, device=x.device)
-    pivot = x[0, :, 0, 0].to(acc).contiguous()  # one sample per channel: its shift for the sums
-    grid = (tiles, triton.cdiv(c, block_c))
-    _channel_stats_kernel[grid](
-        x, pivot, part, n, c, h, w, *x.stride(),
+    _channel_stats_kernel[(tiles, triton.cdiv(c, block_c))](
+        x, part, n, c, h, w, *x.stride(),
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
         BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4,
     )
-    mean, var = merge_partials(part, m, block_m, pivot)
-    return mean.to(acc), var.to(acc)
+    return part, block_m, m
+
+
+def channel_stats(x: torch.Tensor):
+    """(mean, biased var) per channel of x [N, C, H, W], in float32 (float64 for float64 input):
+    two launches, the tile partials and their merge."""
+    from .finalize import bn_finalize
+
+    acc = acc_dtype(x.dtype)
+    mean = torch.empty(x.shape[1], dtype=acc, device=x.device)
+    var = torch.empty_like(mean)
+    bn_finalize(x.shape[1], acc, partials=stats_partials(x), x=x, mean=mean, var=var)
+    return mean, var

@@ -5,8 +5,9 @@ pixels (N*OH*OW); dW^T = a^T @ g, so the rebuilt activation is the register oper
 (wgmma takes its A operand from registers) and g goes through shared memory untouched: no
 register-to-shared store of a waits on the previous MMA. The reduction is long and the output small
 (C x K per tap), so the pixel range is split across programs (split-K, sized to give every SM two
-programs); each split writes its own float32 slab and the slabs are summed once, which keeps the
-result deterministic (no atomics). Programs are ordered split-major: the ones running together work
+programs); each split writes its own float32 slab (laid out like dW) and finalize.column_sums adds
+them into dW in one launch, in a fixed order: deterministic, no atomics. With one split the kernel
+writes dW itself, in the weight's dtype and layout. Programs are ordered split-major: the ones running together work
 on the same pixel chunk for every tap and channel block, so g and x come from L2 after the first read.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ def _conv_wgrad_kernel(
     N, C, H, W, K, OH, OW, CHUNK, SPLIT,
     sgn, sgc, sgh, sgw,
     sxn, sxc, sxh, sxw,
+    sdk, sdc, sdr, sds,
     KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     IN_DTYPE: tl.constexpr, ACC: tl.constexpr, DOT_MODE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -72,15 +74,16 @@ def _conv_wgrad_kernel(
         a = tl.where(amask, tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL), 0.0)
         acc = mma(acc, a, gt, IN_DTYPE, DOT_MODE, PRECISION)
 
-    # part layout: [SPLIT, K, C, KH, KW], contiguous; acc is [c, k]
-    off = ((sp * K + offs_k[None, :]) * C + offs_c[:, None]) * kk + rs
-    tl.store(part_ptr + off, acc, mask=mask_c[:, None] & mask_k[None, :])
+    # part: SPLIT slabs, each laid out like dW (strides sd*); with one split, dW itself. acc is [c, k].
+    off = (sp * K * C * kk + offs_k[None, :].to(tl.int64) * sdk + offs_c[:, None] * sdc + r * sdr + s * sds)
+    tl.store(part_ptr + off, acc.to(part_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_k[None, :])
 
 
-def conv_wgrad(grad_y, x, weight_shape, mean, scale, beta, stride, padding, dilation):
-    """dW in the accumulation dtype (the op layer casts it to the weight's dtype)."""
+def conv_wgrad_partial(grad_y, x, dw, mean, scale, beta, stride, padding, dilation):
+    """Fills dw (its dtype and layout) directly when one split suffices and returns None; else
+    returns the float32 slabs [split, dw.numel()] (each in dw's storage order) to be summed into dw."""
     n, c, h, w = x.shape
-    k, _, kh, kw = weight_shape
+    k, _, kh, kw = dw.shape
     oh, ow = grad_y.shape[2], grad_y.shape[3]
     p = n * oh * ow
     acc = acc_dtype(x.dtype)
@@ -94,13 +97,13 @@ def conv_wgrad(grad_y, x, weight_shape, mean, scale, beta, stride, padding, dila
         split = max(1, min(p_blocks, triton.cdiv(2 * num_sms(x.device), base)))
     chunk = triton.cdiv(p_blocks, split) * bk
     split = triton.cdiv(p, chunk)
-    part = torch.empty((split, k, c, kh, kw), dtype=acc, device=x.device)
+    part = torch.empty((split, dw.numel()), dtype=acc, device=x.device) if split > 1 else dw
     _conv_wgrad_kernel[(base * split,)](
         grad_y, x, mean, scale, beta, part,
         n, c, h, w, k, oh, ow, chunk, split,
-        *grad_y.stride(), *x.stride(),
+        *grad_y.stride(), *x.stride(), *dw.stride(),
         kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc), DOT_MODE=dot_mode(x.dtype),
         PRECISION=fp32_precision(), **cfg,
     )
-    return part.sum(0) if split > 1 else part[0]
+    return part if split > 1 else None

@@ -1,0 +1,70 @@
+"""Device operations a piece of code issues, counted the way a profiler trace shows them, on any device.
+
+Every ATen op that launches a kernel on a GPU (views and allocations excluded), seen below autograd
+with a TorchDispatchMode, plus every Triton kernel launch (on the GPU and under the CPU interpreter).
+fused_resnet's own registered ops are not counted themselves: what runs inside them is. Host
+synchronizations (a tensor value read by the host: `.item()`, `float(t)`, a copy to the CPU) are listed
+separately: one of them is enough to make a step impossible to capture in a CUDA graph.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh",
+                "set_"}
+_SYNCS = {"_local_scalar_dense", "item"}
+
+
+def _is_view(func) -> bool:
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+
+
+class DeviceOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+        self.syncs = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        ns, name = func.namespace, func._schema.name.split("::")[-1]
+        if ns == "aten" and name in _SYNCS:
+            self.syncs[name] += 1
+        elif ns == "aten" and name in ("_to_copy", "copy_", "to") and str(kwargs.get("device", "")) == "cpu":
+            self.syncs["copy to cpu"] += 1
+        elif ns == "aten" and name not in _ALLOCATIONS and not _is_view(func):
+            self.ops[f"aten.{name}"] += 1
+        return func(*args, **kwargs)
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+@contextlib.contextmanager
+def count_device_ops():
+    """Within: yields a DeviceOps whose .ops counts ATen kernels and Triton launches ("triton.<name>")."""
+    from triton.runtime import interpreter
+    from triton.runtime.jit import JITFunction
+
+    mode = DeviceOps()
+    run_jit, run_interp = JITFunction.run, interpreter.InterpretedFunction.run
+
+    def counted(original):
+        def run(self, *args, grid, warmup, **kwargs):
+            if not warmup:
+                mode.ops[f"triton.{self.fn.__name__.strip('_')}"] += 1
+            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+        return run
+
+    JITFunction.run = counted(run_jit)
+    interpreter.InterpretedFunction.run = counted(run_interp)
+    try:
+        with mode:
+            yield mode
+    finally:
+        JITFunction.run, interpreter.InterpretedFunction.run = run_jit, run_interp

@@ -1,0 +1,111 @@
+"""No more device work than eager (issue: one finalize kernel per layer, no host syncs).
+
+Counted below autograd on the CPU (fused_resnet.bench.launches): ATen ops that launch kernels plus
+Triton launches (through the interpreter). Eager's convolution_backward is one ATen op but two
+kernels on a GPU (data and weight gradients, each its own cuDNN kernel), so it counts as the number of
+gradients it computes: that is what a profiler trace of eager shows. Gradient accumulation into
+existing .grad tensors is left out of both sides (fresh parameters each run)."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fused_resnet
+from fused_resnet.bench.launches import count_device_ops
+
+pytestmark = pytest.mark.skipif("triton" not in fused_resnet.available_backends(), reason="needs the Triton backend")
+
+
+def _eager_total(counter):
+    n = counter.total
+    n += counter.ops.get("aten.convolution_backward", 0)  # dgrad and wgrad: two kernels
+    return n
+
+
+def _steps(module_fn, x, *extra):
+    """(forward counter, backward counter) of one training/eval step of module_fn(x, *extra)."""
+    with count_device_ops() as fwd:
+        y = module_fn(x, *extra)
+    g = torch.randn_like(y)
+    with count_device_ops() as bwd:
+        y.backward(g)
+    return fwd, bwd
+
+
+def _fresh(channels_last, *shape):
+    x = torch.randn(*shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_(True)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_layer_issues_no_more_device_ops_than_eager(channels_last, training, residual):
+    torch.manual_seed(0)
+    bn, conv = nn.BatchNorm2d(6).train(training), nn.Conv2d(6, 5, 3, padding=1, bias=False)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    conv = conv.to(memory_format=fmt)
+    extra = (torch.randn(2, 5, 5, 5).contiguous(memory_format=fmt),) if residual else ()
+    eager_bn, eager_conv = copy.deepcopy(bn), copy.deepcopy(conv)
+
+    def eager(x, *r):
+        y = eager_conv(torch.relu(eager_bn(x)))
+        return y + r[0] if r else y
+
+    layer = fused_resnet.FusedBNReLUConv2d.from_modules(bn, conv, backend="triton")
+    ef, eb = _steps(eager, _fresh(channels_last, 2, 6, 5, 5), *extra)
+    ff, fb = _steps(layer, _fresh(channels_last, 2, 6, 5, 5), *extra)
+    assert ff.total <= _eager_total(ef), (dict(ff.ops), dict(ef.ops))
+    assert fb.total <= _eager_total(eb), (dict(fb.ops), dict(eb.ops))
+    assert not ff.syncs and not fb.syncs
+
+
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_block_issues_no_more_device_ops_than_eager(block, channels_last):
+    """Blocks with an identity shortcut (all but the first of each stage). A projection-shortcut block
+    runs bn1's backward once per consumer (conv1 and the shortcut), where eager sums the two gradients
+    first: 4 launches more than eager (benchmarks/NOTES.md) until conv1 and the shortcut share one
+    kernel."""
+    torch.manual_seed(1)
+    cls = fused_resnet.PreActBottleneck if block == "bottleneck" else fused_resnet.PreActBlock
+    planes = 2 if block == "bottleneck" else 8
+    fused = cls(8, planes, backend="triton").train()
+    eager = cls(8, planes, fused=False).train()
+    eager.load_state_dict(fused.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fused, eager = fused.to(memory_format=fmt), eager.to(memory_format=fmt)
+    ef, eb = _steps(eager, _fresh(channels_last, 2, 8, 6, 6))
+    ff, fb = _steps(fused, _fresh(channels_last, 2, 8, 6, 6))
+    assert ff.total <= _eager_total(ef), (dict(ff.ops), dict(ef.ops))
+    assert fb.total <= _eager_total(eb), (dict(fb.ops), dict(eb.ops))
+    assert not ff.syncs and not fb.syncs
+
+
+def test_training_step_reads_no_tensor_value_on_the_host():
+    """A whole SGD step of a fused model: nothing in forward, backward or the update asks the host for
+    a tensor value -- the property that lets a CUDA graph capture the step."""
+    torch.manual_seed(2)
+    model = fused_resnet.models.preact_resnet20(num_classes=3, backend="triton").train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, target = torch.randn(2, 3, 8, 8), torch.tensor([0, 2])
+    opt.step()  # optimizer state exists before the counted step, as in a captured step
+    with count_device_ops() as ops:
+        loss = nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        opt.step()
+    assert not ops.syncs, dict(ops.syncs)
+
+
+def test_counter_sees_syncs_and_launches():
+    """The counter itself: a .item() is a sync, views and allocations are not device ops."""
+    with count_device_ops() as ops:
+        t = torch.ones(3)
+        t.view(3, 1).t()
+        torch.empty(4)
+        float(t.sum())
+    assert ops.syncs["_local_scalar_dense"] == 1
+    assert dict(ops.ops) == {"aten.ones": 1, "aten.sum": 1}
