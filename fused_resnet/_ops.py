@@ -171,8 +171,7 @@ def _kernel_backward(kb, grad_y, x, weight, gamma, beta, mean, invstd, batch_sta
 
 # ---------------------------------------------------------------- the registered ops
 
-@torch.library.custom_op("fused_resnet::batch_stats", mutates_args=())
-def batch_stats(x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+def _batch_stats_impl(x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     """Per-channel (mean, biased variance) of x over N, H, W, in float32 (float64 for float64 x)."""
     if backend in ("triton", "cuda"):
         return _kernels(backend).channel_stats(x)
@@ -180,14 +179,16 @@ def batch_stats(x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     return mean, var
 
 
-@batch_stats.register_fake
+batch_stats_op = torch.library.custom_op("fused_resnet::batch_stats", _batch_stats_impl, mutates_args=())
+
+
+@batch_stats_op.register_fake
 def _(x, backend):
     c = x.shape[1]
     return x.new_empty((c,), dtype=_acc(x.dtype)), x.new_empty((c,), dtype=_acc(x.dtype))
 
 
-@torch.library.custom_op("fused_resnet::bn_finalize", mutates_args=("running_mean", "running_var"))
-def bn_finalize(
+def _bn_finalize_impl(
     x: Tensor, mean: Optional[Tensor], var: Optional[Tensor], bn_weight: Optional[Tensor],
     bn_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
     from_x: bool, momentum: float, eps: float, count: int, backend: str,
@@ -204,13 +205,16 @@ def bn_finalize(
                           running_var=running_var, momentum=momentum, eps=eps, count=count)
 
 
-@bn_finalize.register_fake
+bn_finalize_op = torch.library.custom_op("fused_resnet::bn_finalize", _bn_finalize_impl,
+                                        mutates_args=("running_mean", "running_var"))
+
+
+@bn_finalize_op.register_fake
 def _(x, mean, var, bn_weight, bn_bias, running_mean, running_var, from_x, momentum, eps, count, backend):
     return x.new_empty((5, x.shape[1]), dtype=_acc(x.dtype))
 
 
-@torch.library.custom_op("fused_resnet::bn_relu_conv2d", mutates_args=())
-def bn_relu_conv2d_op(
+def _conv_impl(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
     bn_bias: Optional[Tensor], mean: Tensor, invstd: Tensor, residual: Optional[Tensor],
     batch_stats: bool, eps: float, stride: List[int], padding: List[int], dilation: List[int],
@@ -236,6 +240,9 @@ def bn_relu_conv2d_op(
     return y, stats[0], stats[1]
 
 
+bn_relu_conv2d_op = torch.library.custom_op("fused_resnet::bn_relu_conv2d", _conv_impl, mutates_args=())
+
+
 @bn_relu_conv2d_op.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, batch_stats, eps, stride, padding,
       dilation, out_size, groups, out_stats, backend, sync_group=0, prologue=None):
@@ -245,8 +252,7 @@ def _(x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, batch_stats, 
     return y, mean.new_empty((k,)), mean.new_empty((k,))
 
 
-@torch.library.custom_op("fused_resnet::bn_relu_conv2d_backward", mutates_args=())
-def bn_relu_conv2d_backward_op(
+def _conv_backward_impl(
     grad_y: Tensor, x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     mean: Tensor, invstd: Tensor, batch_stats: bool, eps: float, stride: List[int], padding: List[int],
     dilation: List[int], groups: int, needs: List[bool], backend: str, sync_group: int = 0,
@@ -275,6 +281,10 @@ def bn_relu_conv2d_backward_op(
     return tuple(out)
 
 
+bn_relu_conv2d_backward_op = torch.library.custom_op("fused_resnet::bn_relu_conv2d_backward", _conv_backward_impl,
+                                                     mutates_args=())
+
+
 @bn_relu_conv2d_backward_op.register_fake
 def _(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps, stride, padding, dilation,
       groups, needs, backend, sync_group=0, prologue=None):
@@ -289,6 +299,7 @@ def _(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps, str
 # ---------------------------------------------------------------- autograd
 
 def _setup_context(ctx, inputs, output):
+    inputs = tuple(inputs) + (0, None)[len(inputs) - 17:]  # trailing defaults, when a caller left them out
     (x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, batch_stats, eps, stride, padding,
      dilation, out_size, groups, out_stats, backend, sync_group, prologue) = inputs
     ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, invstd, prologue)
@@ -299,7 +310,7 @@ def _setup_context(ctx, inputs, output):
     ctx.conv = (batch_stats, eps, list(stride), list(padding), list(dilation), groups, backend, sync_group)
 
 
-def _backward(ctx, grad_y, grad_mean, grad_var):
+def _backward(ctx, grad_y, grad_mean, grad_var, direct=False):
     if grad_y is None:  # only the (gradient-free) statistics outputs were used
         return (None,) * 19
     x, weight, bn_weight, bn_bias, mean, invstd, prologue = ctx.saved_tensors
@@ -308,7 +319,7 @@ def _backward(ctx, grad_y, grad_mean, grad_var):
     needs = [bool(ni[0]), bool(ni[1]), bool(ni[3]), bool(ni[4])]
     dx = dw = dgamma = dbeta = None
     if any(needs):
-        grads = bn_relu_conv2d_backward_op(grad_y, x, weight, bn_weight, bn_bias, mean, invstd,
+        grads = (_conv_backward_impl if direct else bn_relu_conv2d_backward_op)(grad_y, x, weight, bn_weight, bn_bias, mean, invstd,
                                            batch_stats, eps, stride, padding, dilation, groups,
                                            needs, backend, sync_group, prologue)
         dx, dw, dgamma, dbeta = (g if need else None for g, need in zip(grads, needs))
@@ -324,3 +335,47 @@ def _backward(ctx, grad_y, grad_mean, grad_var):
 
 
 torch.library.register_autograd("fused_resnet::bn_relu_conv2d", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- eager fast path
+# The registered ops are what torch.compile and opcheck see. Outside compilation the same
+# implementations run directly (and the conv through a plain autograd.Function with the same context
+# and backward): torch.library's per-call Python dispatch cost several times eager's whole layer
+# (benchmarks/NOTES.md, host overhead), for no difference in what runs.
+
+def _traced(x) -> bool:
+    """Under torch.compile, or traced with fake/functional tensors (aot_autograd, export, opcheck):
+    the registered op must be what runs."""
+    return torch.compiler.is_compiling() or type(x) is not torch.Tensor
+
+
+def _traced_or_direct(op, impl, x):
+    return op if _traced(x) else impl
+
+
+class _FusedConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = _conv_impl(*inputs)
+        _setup_context(ctx, inputs, out)
+        ctx.mark_non_differentiable(out[1], out[2])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_mean, grad_var):
+        return _backward(ctx, grad_y, grad_mean, grad_var, direct=True)
+
+
+def batch_stats(x, backend):
+    return _traced_or_direct(batch_stats_op, _batch_stats_impl, x)(x, backend)
+
+
+def bn_finalize(*args):
+    return _traced_or_direct(bn_finalize_op, _bn_finalize_impl, args[0])(*args)
+
+
+def bn_relu_conv2d(*args):
+    """The fused conv op: the registered op when traced, else the same code directly."""
+    if _traced(args[0]):
+        return bn_relu_conv2d_op(*args)
+    return _FusedConv.apply(*args)

@@ -142,7 +142,7 @@ def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
     else:
         mean, var = running_mean.detach().to(acc), running_var.detach().to(acc)
     invstd = torch.rsqrt(var + eps)
-    y, mean_y, var_y = _ops.bn_relu_conv2d_op(
+    y, mean_y, var_y = _ops.bn_relu_conv2d(
         x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, training, float(eps),
         list(geo.stride), list(geo.padding), list(geo.dilation), list(geo.out_size), geo.groups,
         bool(out_stats), impl, gid)
@@ -169,7 +169,7 @@ def _with_finalize_kernel(x, weight, bias, bn_weight, bn_bias, running_mean, run
     else:
         fin = _ops.bn_finalize(x.detach(), running_mean.detach(), running_var.detach(), detach(bn_weight),
                                detach(bn_bias), None, None, False, 0.0, float(eps), count, impl)
-    y, mean_y, var_y = _ops.bn_relu_conv2d_op(
+    y, mean_y, var_y = _ops.bn_relu_conv2d(
         x, weight, bias, bn_weight, bn_bias, fin[0], fin[2], residual, training, float(eps),
         list(geo.stride), list(geo.padding), list(geo.dilation), list(geo.out_size), geo.groups,
         bool(out_stats), impl, 0, fin[3:5])

@@ -75,10 +75,41 @@ def test_opcheck_backward_and_stats_ops(backend, device):
     if backend == "cuda":
         pytest.skip("the CUDA backend registers its own ops")
     x = torch.randn(2, 3, 5, 5, device=device)
-    torch.library.opcheck(_ops.batch_stats, (x, backend))
+    torch.library.opcheck(_ops.batch_stats_op, (x, backend))
     w = torch.randn(4, 3, 3, 3, device=device)
     gy = torch.randn(2, 4, 5, 5, device=device)
     args = (gy, x, w, torch.rand(3, device=device) + 0.5, torch.randn(3, device=device),
             torch.randn(3, device=device) * 0.1, torch.rand(3, device=device) + 0.5, True, 1e-5,
             [1, 1], [1, 1], [1, 1], 1, [True, True, True, False], backend)
     torch.library.opcheck(_ops.bn_relu_conv2d_backward_op, args)
+
+
+@pytest.mark.parametrize("from_x", [True, False], ids=["from-x", "from-moments"])
+def test_opcheck_finalize_op(device, from_x):
+    """The Triton backend's finalize op, which updates the running buffers in place (mutates_args)."""
+    import fused_resnet
+
+    if "triton" not in fused_resnet.available_backends():
+        pytest.skip("needs the Triton backend")
+    x = torch.randn(2, 3, 5, 5, device=device)
+    mean, var = torch.randn(3, device=device), torch.rand(3, device=device) + 0.5
+    args = (x, None if from_x else mean, None if from_x else var, torch.rand(3, device=device) + 0.5,
+            torch.randn(3, device=device), torch.zeros(3, device=device), torch.ones(3, device=device),
+            from_x, 0.1, 1e-5, 50, "triton")
+    torch.library.opcheck(_ops.bn_finalize_op, args)
+
+
+def test_eager_fast_path_matches_the_registered_op(backend, device):
+    """Outside torch.compile the conv runs through a plain autograd.Function over the same code: same
+    outputs and gradients as the registered op's own autograd."""
+    if backend == "cuda":
+        pytest.skip("the CUDA backend registers its own ops")
+    args = _op_args(backend, True, device)
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    y1 = _ops.bn_relu_conv2d_op(*args)[0]
+    g1 = torch.autograd.grad(y1.sum(), leaves)
+    y2 = _ops.bn_relu_conv2d(*args)[0]
+    g2 = torch.autograd.grad(y2.sum(), leaves)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh",
@@ -28,9 +27,12 @@ class DeviceOps(TorchDispatchMode):
         super().__init__()
         self.ops = Counter()
         self.syncs = Counter()
+        self.inside_launch = False  # the CPU interpreter's own copies in and out are not the kernel's
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.inside_launch:
+            return func(*args, **kwargs)
         ns, name = func.namespace, func._schema.name.split("::")[-1]
         if ns == "aten" and name in _SYNCS:
             self.syncs[name] += 1
@@ -56,9 +58,14 @@ def count_device_ops():
 
     def counted(original):
         def run(self, *args, grid, warmup, **kwargs):
-            if not warmup:
-                mode.ops[f"triton.{self.fn.__name__.strip('_')}"] += 1
-            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+            if warmup:
+                return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+            mode.ops[f"triton.{self.fn.__name__.strip('_')}"] += 1
+            mode.inside_launch = True
+            try:
+                return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+            finally:
+                mode.inside_launch = False
         return run
 
     JITFunction.run = counted(run_jit)

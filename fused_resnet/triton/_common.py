@@ -1,6 +1,7 @@
 """What every Triton launcher shares: interpreter detection, dtype mapping, the MMA helper, tile sizes."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -8,9 +9,21 @@ import triton
 import triton.language as tl
 
 
+@functools.lru_cache(maxsize=1)
 def interpreting() -> bool:
-    # Read at call time: tests set TRITON_INTERPRET before importing triton, but a user may not.
+    # Read on first use, not at import: tests set TRITON_INTERPRET before importing triton, and
+    # triton decides at kernel definition (our import) whether kernels are interpreted.
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Host-side helpers in plain Python: triton.cdiv / next_power_of_2 are constexpr functions whose
+# host calls cost microseconds each, dozens of times per layer.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 # DOT_MODE values handed to the kernels (constexpr).
@@ -63,7 +76,7 @@ def mma(acc, a, b, IN_DTYPE: tl.constexpr, DOT_MODE: tl.constexpr, PRECISION: tl
 
 
 def pow2_at_least(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+    return max(lo, min(hi, next_pow2(max(int(n), 1))))
 
 
 @triton.jit

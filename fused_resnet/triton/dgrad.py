@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from .._layout import memory_format_of
-from ._common import acc_dtype, conv_config, dot_mode, fp32_precision, interpreting, mma, swizzle, tl_dtype
+from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, interpreting, mma, next_pow2, swizzle,
+                      tl_dtype)
 
 
 @triton.jit
@@ -166,10 +167,10 @@ def conv_dgrad(grad_y, x, weight, mean, scale, beta, invstd, batch_stats, need_s
     oh, ow = grad_y.shape[2], grad_y.shape[3]
     need_sums = need_sums or batch_stats
     phases = stride[0] * stride[1]
-    m_phase = n * triton.cdiv(h, stride[0]) * triton.cdiv(w, stride[1])
-    cfg = conv_config("dgrad", m_phase, c, k, triton.cdiv(kh, stride[0]) * triton.cdiv(kw, stride[1]), x)
-    tiles_m = triton.cdiv(m_phase, cfg["BLOCK_M"])
-    grid = (phases * tiles_m * triton.cdiv(c, cfg["BLOCK_N"]),)
+    m_phase = n * cdiv(h, stride[0]) * cdiv(w, stride[1])
+    cfg = conv_config("dgrad", m_phase, c, k, cdiv(kh, stride[0]) * cdiv(kw, stride[1]), x)
+    tiles_m = cdiv(m_phase, cfg["BLOCK_M"])
+    grid = (phases * tiles_m * cdiv(c, cfg["BLOCK_N"]),)
     # dx, or ga*m in the input dtype: eager's ReLU backward output, half the bytes of a float32 buffer
     out = torch.empty_like(x, memory_format=memory_format_of(x))
     part = torch.empty((phases * tiles_m, 2, c), dtype=acc_dtype(x.dtype), device=x.device) if need_sums else None
@@ -190,9 +191,9 @@ def bn_backward_finish(gm, x, mean, invstd, gamma, s1, s2, count):
     """dx = invstd*gamma*(gm - S1/M - xhat*S2/M), one elementwise launch."""
     n, c, h, w = x.shape
     dx = torch.empty_like(x, memory_format=memory_format_of(x))
-    block_c = 16 if interpreting() else min(64, triton.next_power_of_2(c))
+    block_c = 16 if interpreting() else min(64, next_pow2(c))
     block_m = 64 if interpreting() else max(32, 4096 // block_c)
-    _bn_backward_finish_kernel[(triton.cdiv(n * h * w, block_m), triton.cdiv(c, block_c))](
+    _bn_backward_finish_kernel[(cdiv(n * h * w, block_m), cdiv(c, block_c))](
         gm, x, dx, mean, invstd, gamma if gamma is not None else mean, s1, s2,
         n, c, h, w, 1.0 / count,
         *gm.stride(), *x.stride(), *dx.stride(),

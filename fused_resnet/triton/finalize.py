@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, tl_dtype
+from ._common import cdiv, interpreting, next_pow2, tl_dtype
 
 FIN_ROWS = 5  # bn_finalize's output rows: mean, var, invstd, scale, beta
 
@@ -99,9 +99,9 @@ def bn_finalize(c, acc, *, partials=None, x=None, mean=None, var=None, gamma=Non
     from_partials = partials is not None
     part, tile_rows, total = partials if from_partials else (out, 1, 1)
     update = running_mean is not None
-    block_c = 16 if interpreting() else min(128, triton.next_power_of_2(c))
+    block_c = 16 if interpreting() else min(128, next_pow2(c))
     dummy = out
-    _bn_finalize_kernel[(triton.cdiv(c, block_c),)](
+    _bn_finalize_kernel[(cdiv(c, block_c),)](
         part, part.shape[1] if from_partials else 1, tile_rows, total,
         x if x is not None else dummy, x.stride(1) if x is not None else 0,
         mean if mean is not None else dummy, var if var is not None else dummy, out,
@@ -152,8 +152,8 @@ def column_sums(a=None, a_out=(None, None), b=None, b_out=None):
     dense storage in any layout), summed in float32 (float64 for float64 arrays)."""
     block_l = 64 if interpreting() else 256
     block_r = 8 if interpreting() else 16
-    a_programs = triton.cdiv(a.shape[1], block_l) if a is not None else 0
-    b_programs = triton.cdiv(b.shape[1], block_l) if b is not None else 0
+    a_programs = cdiv(a.shape[1], block_l) if a is not None else 0
+    b_programs = cdiv(b.shape[1], block_l) if b is not None else 0
     if a_programs + b_programs == 0:
         return
     dummy = a if a is not None else b

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, conv_config, dot_mode, fp32_precision, mma, swizzle, tl_dtype
+from ._common import acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, mma, swizzle, tl_dtype
 from .finalize import bn_finalize
 from .stats import _tile_mean_m2
 
@@ -117,8 +117,8 @@ def conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, paddin
     m = n * oh * ow
     cfg = conv_config("fwd", m, k, c, kh * kw, x)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    tiles_m = triton.cdiv(m, bm)
-    grid = (tiles_m * triton.cdiv(k, bn),)
+    tiles_m = cdiv(m, bm)
+    grid = (tiles_m * cdiv(k, bn),)
     acc = acc_dtype(x.dtype)
     part = torch.empty((2, tiles_m, k) if out_stats else (1,), dtype=acc, device=x.device)
     res = residual if residual is not None else y

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, interpreting
+from ._common import acc_dtype, cdiv, interpreting, next_pow2
 
 
 @triton.jit
@@ -61,11 +61,11 @@ def stats_partials(x: torch.Tensor):
     n, c, h, w = x.shape
     acc = acc_dtype(x.dtype)
     m = n * h * w
-    block_c = 16 if interpreting() else min(64, triton.next_power_of_2(c))
+    block_c = 16 if interpreting() else min(64, next_pow2(c))
     block_m = 64 if interpreting() else max(32, min(256, 8192 // block_c))
-    tiles = triton.cdiv(m, block_m)
+    tiles = cdiv(m, block_m)
     part = torch.empty((2, tiles, c), dtype=acc, device=x.device)
-    _channel_stats_kernel[(tiles, triton.cdiv(c, block_c))](
+    _channel_stats_kernel[(tiles, cdiv(c, block_c))](
         x, part, n, c, h, w, *x.stride(),
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
         BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4,

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, conv_config, dot_mode, fp32_precision, interpreting, mma, num_sms, tl_dtype
+from ._common import acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, interpreting, mma, num_sms, tl_dtype
 
 
 @triton.jit
@@ -89,14 +89,14 @@ def conv_wgrad_partial(grad_y, x, dw, mean, scale, beta, stride, padding, dilati
     acc = acc_dtype(x.dtype)
     cfg = conv_config("wgrad", c, k, p, kh * kw, x)
     bk = cfg["BLOCK_K"]
-    base = triton.cdiv(c, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_N"]) * kh * kw
-    p_blocks = triton.cdiv(p, bk)
+    base = cdiv(c, cfg["BLOCK_M"]) * cdiv(k, cfg["BLOCK_N"]) * kh * kw
+    p_blocks = cdiv(p, bk)
     if interpreting():
         split = min(2, p_blocks)  # exercise the split path in CPU tests without multiplying programs
     else:
-        split = max(1, min(p_blocks, triton.cdiv(2 * num_sms(x.device), base)))
-    chunk = triton.cdiv(p_blocks, split) * bk
-    split = triton.cdiv(p, chunk)
+        split = max(1, min(p_blocks, cdiv(2 * num_sms(x.device), base)))
+    chunk = cdiv(p_blocks, split) * bk
+    split = cdiv(p, chunk)
     part = torch.empty((split, dw.numel()), dtype=acc, device=x.device) if split > 1 else dw
     _conv_wgrad_kernel[(base * split,)](
         grad_y, x, mean, scale, beta, part,
