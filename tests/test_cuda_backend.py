@@ -78,18 +78,41 @@ def test_kernels_include_no_pytorch_headers():
 
 def test_cuda_backend_reaches_its_launchers(monkeypatch):
     """Once resolve() picks "cuda", every kernel call goes to fused_resnet.cuda's launchers (here stood in
-    for by the Triton ones, which share their signatures, so the glue runs on the CPU): a regression test
-    for a guard that once made backend="cuda" unreachable even with the extension built."""
+    for by the Triton kernels behind the CUDA launchers' signatures, so the glue runs on the CPU): a
+    regression test for a guard that once made backend="cuda" unreachable even with the extension built."""
     import fused_resnet.triton as tk
     from fused_resnet import _ops, functional
 
     called = []
 
+    class StandIn:  # fused_resnet.cuda's interface, computed by the Triton kernels
+        channel_stats = staticmethod(tk.channel_stats)
+        conv_forward = staticmethod(tk.conv_forward)
+
+        @staticmethod
+        def conv_dgrad_bn(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_stats, need_sums, stride,
+                          padding, dilation, sync=None):
+            dx, _, dg, db = tk.conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_stats,
+                                             [True, False, True, True], stride, padding, dilation, sync)
+            return dx, db, dg
+
+        @staticmethod
+        def conv_wgrad(grad_y, x, weight_shape, mean, scale, beta, stride, padding, dilation):
+            w = torch.empty(weight_shape, dtype=x.dtype)
+            return tk.conv_backward(grad_y, x, w, mean, scale, beta, mean, None, False,
+                                    [False, True, False, False], stride, padding, dilation)[1]
+
     class Recording:
         def __getattr__(self, name):
+            fn = getattr(StandIn, name)  # AttributeError for what fused_resnet.cuda lacks, as there
             called.append(name)
-            return getattr(tk, name)
+            return fn
 
+    import fused_resnet.cuda as cuda_launchers  # importable without _C: it loads the extension lazily
+
+    assert all(callable(getattr(cuda_launchers, n)) for n in ("channel_stats", "conv_forward", "conv_dgrad_bn",
+                                                              "conv_wgrad"))
+    assert not hasattr(cuda_launchers, "conv_backward")  # so the op layer takes the CUDA glue path
     real = _ops._kernels
     monkeypatch.setattr(_ops, "_kernels", lambda b: Recording() if b == "cuda" else real(b))
     monkeypatch.setattr(functional, "resolve", lambda backend, device, groups: "cuda")

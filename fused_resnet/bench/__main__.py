@@ -45,6 +45,9 @@ def build_parser(prog="fused-resnet bench"):
                    help="GPU runs: folder for the results JSON (RESULTS.md goes to its parent)")
     p.add_argument("--json", help="also write the JSON here (the only way a CPU run is written)")
     p.add_argument("--report-only", action="store_true", help="regenerate RESULTS.md from --out, measure nothing")
+    p.add_argument("--graphs", action="store_true",
+                   help="GPU: also time every provider (eager too) as CUDA-graph replay, '<provider>+graph', so "
+                        "launch overhead is visible and the comparison without it is fair")
     return p
 
 
@@ -77,6 +80,9 @@ def main(argv=None, prog="fused-resnet bench"):
     if args.time_budget is not None and args.time_budget <= 0:
         print("--time-budget must be positive", file=sys.stderr)
         return 2
+    if args.graphs and not gpu:
+        print("--graphs needs a CUDA GPU (CUDA graphs capture GPU work); none is visible", file=sys.stderr)
+        return 2
     from tqdm import tqdm
 
     full = args.full
@@ -97,17 +103,17 @@ def main(argv=None, prog="fused-resnet bench"):
         print(f"provider {p} skipped: {why}")
     env = environment(device)
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | commit {env['commit']}")
-    total = len(cases) * len(args.modes) * len(dtypes) * len(providers)
+    total = len(cases) * len(args.modes) * len(dtypes) * len(providers) * (2 if args.graphs else 1)
     with tqdm(total=total, desc="bench", disable=None) as bar:
         deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
         records, peaks, not_run = run(cases, providers, args.modes, dtypes, device, args.warmup, reps,
-                                      progress=bar, log=bar.write, deadline=deadline)
+                                      progress=bar, log=bar.write, deadline=deadline, graphs=args.graphs)
     print(_table(records))
     if not_run:
         print(f"time budget of {args.time_budget:g}s spent: {len(not_run)} of {total} measurements not run "
               f"(listed in the results' meta.not_run)")
     meta = {"peaks": peaks, "preset": "full" if full else "quick", "reps": reps, "warmup": args.warmup,
-            "gpu": gpu, "cuda_graphs": False, "not_run": not_run}
+            "gpu": gpu, "cuda_graphs": args.graphs, "not_run": not_run}
     if gpu:
         path = report.write_results(os.path.join(results_dir, report.results_name(env)), env, records, meta)
         print(f"wrote {path}")

@@ -14,6 +14,7 @@ import torch
 from .cases import Case
 from .providers import FUSED, Runner
 from .roofline import device_peaks, roofline_fraction
+from . import timing
 from .timing import measure, peak_memory_mb
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -54,25 +55,29 @@ def provider_status(providers, device):
     return ok, skipped
 
 
-def run(cases, providers, modes, dtypes, device, warmup, reps, progress=None, log=print, deadline=None):
+def run(cases, providers, modes, dtypes, device, warmup, reps, progress=None, log=print, deadline=None,
+        graphs=False):
     """Returns (records, peaks, not_run). A provider that fails on a case is logged and left out, not
-    guessed; once time.monotonic() passes `deadline`, the remaining measurements are listed in not_run."""
+    guessed; once time.monotonic() passes `deadline`, the remaining measurements are listed in not_run.
+    graphs: every provider is also timed as CUDA-graph replay (provider name "<provider>+graph")."""
     peaks = {d: device_peaks(device, DTYPES[d]) for d in dtypes}
     records, not_run = [], []
     jobs = [(c, m, d) for d in dtypes for c in cases for m in modes]  # dtype-major: a spent budget cuts the last dtype
+    variants = [(p, g) for p in providers for g in ((False, True) if graphs else (False,))]
     for case, mode, dname in jobs:
-        for provider in providers:
+        for provider, graph in variants:
             if deadline is not None and time.monotonic() > deadline:
-                not_run.append(f"{case.name} {mode} {dname} {provider}")
+                not_run.append(f"{case.name} {mode} {dname} {provider}{'+graph' if graph else ''}")
                 if progress is not None:
                     progress.update(1)
                 continue
             if progress is not None:
                 progress.set_postfix_str(f"{case.name} {mode} {dname} {provider}"[:60])
             try:
-                rec = measure_one(case, provider, mode, dname, device, warmup, reps, peaks[dname])
+                rec = measure_one(case, provider, mode, dname, device, warmup, reps, peaks[dname], graph)
             except Exception as e:  # noqa: BLE001 - one broken provider must not end the run
-                log(f"  {case.name} {mode} {dname} {provider}: FAILED ({type(e).__name__}: {str(e)[:200]})")
+                log(f"  {case.name} {mode} {dname} {provider}{'+graph' if graph else ''}: FAILED "
+                    f"({type(e).__name__}: {str(e)[:200]})")
                 rec = None
             if rec is not None:
                 records.append(rec)
@@ -89,16 +94,17 @@ def _sig(v: float, digits: int = 5) -> float:
     return float(f"{v:.{digits}g}")
 
 
-def measure_one(case: Case, provider: str, mode: str, dname: str, device, warmup, reps, peaks):
+def measure_one(case: Case, provider: str, mode: str, dname: str, device, warmup, reps, peaks, graph=False):
     dtype = DTYPES[dname]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         runner = Runner(case, provider, mode, dtype, device)
         mem = peak_memory_mb(runner.step, device)
         runner.fill_rotation()
-        t = measure(runner.step, len(runner.inputs), device, warmup=warmup, reps=reps)
+        step = timing.graphed(runner.step, len(runner.inputs), device) if graph else runner.step
+        t = measure(step, len(runner.inputs), device, warmup=warmup, reps=reps)
     rec = {"case": case.name, "kind": case.kind, "mode": mode, "dtype": dname, "layout": runner.layout,
-           "provider": provider, **{k: _sig(v) for k, v in t.items()},
+           "provider": provider + ("+graph" if graph else ""), "graph": graph, **{k: _sig(v) for k, v in t.items()},
            "images_per_s": _sig(case.n / (t["median_ms"] * 1e-3)),
            "peak_mem_mb": None if mem is None else round(mem, 1), "achieved_gbps": None, "pct_of_roofline": None}
     if case.kind == "layer":

@@ -41,6 +41,29 @@ def measure(fn, n_inputs: int, device: torch.device, warmup: int = 5, reps: int 
             "p80_ms": _quantile(times, 0.8)}
 
 
+def graphed(fn, n_inputs: int, device: torch.device, warmup: int = 3):
+    """fn captured in one CUDA graph per input set (warmed up on a side stream first, as capture
+    requires); returns replay(i), which re-runs input set i's graph: the same device work with no
+    host dispatch and no launch overhead. Raises on anything that cannot be captured (a host sync)."""
+    if device.type != "cuda":
+        raise RuntimeError("CUDA graphs need a CUDA device")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for i in range(warmup):
+            fn(i % n_inputs)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graphs, pool = [], None
+    for i in range(n_inputs):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            fn(i)
+        pool = g.pool()
+        graphs.append(g)
+    torch.cuda.synchronize(device)
+    return lambda i: graphs[i].replay()
+
+
 def peak_memory_mb(fn, device: torch.device):
     """Peak bytes allocated (MiB) during one step, everything resident included (model, inputs,
     saved activations, gradients); None off the GPU, where PyTorch does not track it."""

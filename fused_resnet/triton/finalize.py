@@ -99,7 +99,8 @@ def bn_finalize(c, acc, *, partials=None, x=None, mean=None, var=None, gamma=Non
     from_partials = partials is not None
     part, tile_rows, total = partials if from_partials else (out, 1, 1)
     update = running_mean is not None
-    block_c = 16 if interpreting() else min(128, next_pow2(c))
+    # Few channels per program: the merge reads tiles x C partials, and more programs read them faster.
+    block_c = 16 if interpreting() else min(16, next_pow2(c))
     dummy = out
     _bn_finalize_kernel[(cdiv(c, block_c),)](
         part, part.shape[1] if from_partials else 1, tile_rows, total,
@@ -109,7 +110,7 @@ def bn_finalize(c, acc, *, partials=None, x=None, mean=None, var=None, gamma=Non
         running_mean if update else dummy, running_var if update else dummy,
         c, float(eps), float(momentum), (count / (count - 1)) if update and count and count > 1 else float("inf"),
         FROM_PARTIALS=from_partials, HAS_PIVOT=x is not None, WRITE_MOMENTS=from_partials and mean is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
-        UPDATE_RUNNING=update, ACC=tl_dtype(acc), BLOCK_C=block_c, BLOCK_T=32 if interpreting() else 64,
+        UPDATE_RUNNING=update, ACC=tl_dtype(acc), BLOCK_C=block_c, BLOCK_T=32 if interpreting() else 128,
         num_warps=4,
     )
     return out
@@ -126,25 +127,25 @@ def _column_sums_kernel(
     rest to a_out1); the others sum the rows of b [b_rows, b_len] into b_out (cast to its dtype)."""
     pid = tl.program_id(0)
     if pid < a_programs:
-        offs = pid * BLOCK_L + tl.arange(0, BLOCK_L)
-        acc = tl.zeros((BLOCK_L,), dtype=ACC)
+        offs_a = pid * BLOCK_L + tl.arange(0, BLOCK_L)
+        acc_a = tl.zeros((BLOCK_L,), dtype=ACC)
         for r0 in range(0, a_rows, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            v = tl.load(a_ptr + rows[:, None].to(tl.int64) * a_len + offs[None, :],
-                        mask=(rows < a_rows)[:, None] & (offs < a_len)[None, :], other=0.0)
-            acc += tl.sum(v.to(ACC), axis=0)
-        lo = offs < a_split
-        tl.store(a_out0 + offs, acc.to(a_out0.dtype.element_ty), mask=lo)
-        tl.store(a_out1 + (offs - a_split), acc.to(a_out1.dtype.element_ty), mask=~lo & (offs < a_len))
+            rows_a = r0 + tl.arange(0, BLOCK_R)
+            v = tl.load(a_ptr + rows_a[:, None].to(tl.int64) * a_len + offs_a[None, :],
+                        mask=(rows_a < a_rows)[:, None] & (offs_a < a_len)[None, :], other=0.0)
+            acc_a += tl.sum(v.to(ACC), axis=0)
+        lo = offs_a < a_split
+        tl.store(a_out0 + offs_a, acc_a.to(a_out0.dtype.element_ty), mask=lo)
+        tl.store(a_out1 + (offs_a - a_split), acc_a.to(a_out1.dtype.element_ty), mask=~lo & (offs_a < a_len))
     elif HAS_B:
-        offs = (pid - a_programs).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
-        acc = tl.zeros((BLOCK_L,), dtype=ACC)
+        offs_b = (pid - a_programs).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+        acc_b = tl.zeros((BLOCK_L,), dtype=ACC)
         for r0 in range(0, b_rows, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            v = tl.load(b_ptr + rows[:, None].to(tl.int64) * b_len + offs[None, :],
-                        mask=(rows < b_rows)[:, None] & (offs < b_len)[None, :], other=0.0)
-            acc += tl.sum(v.to(ACC), axis=0)
-        tl.store(b_out + offs, acc.to(b_out.dtype.element_ty), mask=offs < b_len)
+            rows_b = r0 + tl.arange(0, BLOCK_R)
+            w = tl.load(b_ptr + rows_b[:, None].to(tl.int64) * b_len + offs_b[None, :],
+                        mask=(rows_b < b_rows)[:, None] & (offs_b < b_len)[None, :], other=0.0)
+            acc_b += tl.sum(w.to(ACC), axis=0)
+        tl.store(b_out + offs_b, acc_b.to(b_out.dtype.element_ty), mask=offs_b < b_len)
 
 
 def column_sums(a=None, a_out=(None, None), b=None, b_out=None):
