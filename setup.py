@@ -11,8 +11,35 @@ Environment:
 Sources: csrc/SOURCES (the same list CMakeLists.txt reads) plus the binding, csrc/binding.cpp.
 """
 import os
+import subprocess
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+BUILD_INFO = "_build_info.py"
+
+
+def source_commit():
+    """The commit this tree is at (with -dirty for uncommitted changes), or None outside a checkout."""
+    try:
+        rev = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
+                                      stderr=subprocess.DEVNULL).strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "fused_resnet", "csrc"], cwd=HERE,
+                               stderr=subprocess.DEVNULL).returncode != 0
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+class BuildPyWithInfo(build_py):
+    """Writes fused_resnet/_build_info.py into the build (never the source tree): the commit the
+    package was built from, for bench headers, results file names and train.json."""
+
+    def run(self):
+        super().run()
+        path = os.path.join(self.build_lib, "fused_resnet", BUILD_INFO)
+        with open(path, "w") as f:
+            f.write(f"COMMIT = {source_commit()!r}\n")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,4 +80,4 @@ if reason:
         raise SystemExit(f"fused_resnet: FUSED_RESNET_CUDA=1 but the CUDA extension cannot build: {reason}")
     print(f"fused_resnet: installing without the CUDA extension ({reason}); backend='cuda' will be unavailable")
 
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass={**cmdclass, "build_py": BuildPyWithInfo})

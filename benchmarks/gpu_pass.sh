@@ -3,8 +3,8 @@
 #   bash benchmarks/gpu_pass.sh OUT [STAGES]
 # STAGES (default "build tests sanitize kernels train bench tune"): any subset, in that order, so a pass that does
 # not fit one 10-minute call can be split over several (the build stays in the work tree between calls).
-#   build     pip install --no-build-isolation . (builds fused_resnet._C), then copies _C next to the
-#             sources so the tests (which import the work tree) use it
+#   build     pip install --no-build-isolation -e . : builds fused_resnet._C in place, so the tests and
+#             every command run from here import the tree with its extension (no copying by hand)
 #   tests     the whole suite on the GPU: every backend, fp32/bf16/fp16 parity, fp64 gradcheck
 #   sanitize  compute-sanitizer memcheck + racecheck on a small case of every kernel, both backends
 #   kernels   the static kernel report with this machine's Triton (registers, spills, MMA kind, sm_90)
@@ -42,9 +42,7 @@ head -20 "$OUT/environment.txt"
 
 if has build; then
   step build 420 env MAX_JOBS=16 FUSED_RESNET_CUDA_ARCH="${FUSED_RESNET_CUDA_ARCH:-9.0}" \
-    python -m pip install --no-build-isolation --no-deps -v .
-  SO=$(cd /tmp && python -c "import fused_resnet._C as m; print(m.__file__)" 2>>"$OUT/build.log")
-  [[ -n "$SO" ]] && cp "$SO" fused_resnet/
+    python -m pip install --no-build-isolation --no-deps -v -e .
   python -c "import fused_resnet; print(fused_resnet.available_backends())" | tee -a "$SUMMARY"
 fi
 if has tests; then

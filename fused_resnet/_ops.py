@@ -175,8 +175,10 @@ def _batch_stats_impl(x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     """Per-channel (mean, biased variance) of x over N, H, W, in float32 (float64 for float64 x)."""
     if backend in ("triton", "cuda"):
         return _kernels(backend).channel_stats(x)
-    var, mean = torch.var_mean(x.to(_acc(x.dtype)), dim=(0, 2, 3), unbiased=False)
-    return mean, var
+    xf = x.to(_acc(x.dtype))
+    # The mean as a sum over the count, as eager's BatchNorm computes it: an inf in x gives an inf
+    # mean (and running_mean), where var_mean's Welford update would give NaN.
+    return xf.mean(dim=(0, 2, 3)), xf.var(dim=(0, 2, 3), unbiased=False)
 
 
 batch_stats_op = torch.library.custom_op("fused_resnet::batch_stats", _batch_stats_impl, mutates_args=())

@@ -97,8 +97,12 @@ def validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, tra
                          f"got x of shape {tuple(x.shape)}")
     if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
         raise TypeError(f"momentum must be a float, got {momentum!r}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    # eps = 0 is legal (eager accepts it: a constant channel then gives inf/NaN, as there); a negative
+    # or non-finite eps is refused rather than silently producing NaN.
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < float("inf"):
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    if training and eps == 0:  # eager's rule, with its words: batch statistics of a constant channel need eps
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps!r}")
 
     st = _pair("stride", stride, 1)
     dil = _pair("dilation", dilation, 1)

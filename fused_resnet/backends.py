@@ -53,9 +53,30 @@ def _triton_status():
     return False, False, "no CUDA GPU visible and TRITON_INTERPRET=1 is not set (CPU interpreter off)"
 
 
+def _shadowed_install():
+    """Another fused_resnet on sys.path that has the built extension, when this one (typically the
+    source tree, first on sys.path when running from the repository root) does not; else None."""
+    import glob
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    for entry in sys.path:
+        other = os.path.join(os.path.abspath(entry or os.getcwd()), "fused_resnet")
+        if os.path.isdir(other) and not os.path.samefile(other, here) and glob.glob(os.path.join(other, "_C*")):
+            return other
+    return None
+
+
 def _cuda_status():
     """(available, reason)."""
     if importlib.util.find_spec("fused_resnet._C") is None:
+        here = os.path.dirname(os.path.abspath(__file__))
+        other = _shadowed_install()
+        if other:
+            return False, (f"fused_resnet was imported from {here}, which has no extension, and not from the "
+                           f"installed copy at {other}, which has it: the current directory shadows the "
+                           "install. Run from another directory, or build in place for development with "
+                           "`pip install --no-build-isolation -e .`")
         return False, ("extension not built: fused_resnet._C is missing (`pip install --no-build-isolation .` "
                        "builds it where nvcc and a CUDA build of PyTorch exist; FUSED_RESNET_CUDA=1 makes a "
                        "missing toolchain an install error)")

@@ -115,6 +115,35 @@ def _original_to_aliases(module, state_dict, prefix, local_metadata, strict, mis
         del state_dict[key]
 
 
+def _describe(gm, node, prefix) -> str:
+    """A graph node as a person would name it: the module (and its type), function or method."""
+    if node.op == "call_module":
+        return f"{prefix}{node.target} ({type(gm.get_submodule(node.target)).__name__})"
+    if node.op == "call_function":
+        return f"{getattr(node.target, '__name__', str(node.target))}()"
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.op == "output":
+        return "the model's output"
+    return str(node.target)
+
+
+def _users(gm, nodes, prefix) -> str:
+    names = [_describe(gm, u, prefix) for u in nodes]
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _unfusable(bn, conv, backend):
+    """Why this (BN, conv) pair is left to eager even though it is a BN -> ReLU -> conv chain, or None.
+    A converted model must run wherever the original runs and compute the same thing."""
+    if conv.groups != 1:
+        return (f"{type(conv).__name__} has groups={conv.groups}: no fused kernel for grouped convolutions, "
+                "so it stays with eager (same result, no speed lost)")
+    if bn.eps < 0:
+        return f"BatchNorm2d eps={bn.eps} is negative: the fused op refuses it, eager does not"
+    return None
+
+
 def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: list) -> int:
     count = 0
     aliases = {}
@@ -125,22 +154,32 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: list) -> 
         where = f"{prefix}{bn_node.target}"
         users = list(bn_node.users)
         if len(users) != 1 or not _is_relu(gm, users[0]):
-            report.append(Entry(where, False, "BatchNorm2d output is not used by exactly one ReLU"))
+            report.append(Entry(where, False, f"its output goes to {_users(gm, users, prefix) or 'nothing'}; "
+                                              "fusion needs it to feed exactly one ReLU (post-activation "
+                                              "BN -> add -> ReLU, or BN -> conv, cannot be fused)"))
             continue
         relu_node = users[0]
         if relu_node.args[1:]:
-            report.append(Entry(where, False, "ReLU called with extra arguments"))
+            report.append(Entry(where, False, "its ReLU is called with extra arguments (a threshold or "
+                                              "similar), which the fused op does not compute"))
             continue
         convs = list(relu_node.users)
         bad = [u for u in convs if _module(gm, u, nn.Conv2d) is None or u.args[0] is not relu_node]
         if bad:
-            report.append(Entry(where, False, f"ReLU output also used by {bad[0].format_node()!s:.60}"))
+            also = " besides the conv(s)" if len(bad) < len(convs) else ""
+            report.append(Entry(where, False, f"its ReLU output is needed by {_users(gm, bad, prefix)}{also}; "
+                                              "the fused op never materializes relu(bn(x)), so every user "
+                                              "must be a Conv2d"))
             continue
         try:
             for u in convs:
                 _check_pair(bn, gm.get_submodule(u.target))
         except (TypeError, ValueError) as e:
             report.append(Entry(where, False, str(e)))
+            continue
+        why = next((w for w in (_unfusable(bn, gm.get_submodule(u.target), backend) for u in convs) if w), None)
+        if why:
+            report.append(Entry(where, False, why))
             continue
         for i, conv_node in enumerate(convs):
             conv = gm.get_submodule(conv_node.target)

@@ -175,3 +175,21 @@ def test_graph_variants_reach_the_records_and_the_report(monkeypatch):
     doc = {"device": "CPU", "torch": "", "triton": "", "cuda": None, "commit": "x", "date": "2026-11-22",
            "records": records, "meta": {"gpu": False}}
     assert "graphs |" in report.device_section(doc)
+
+
+def test_cpu_quick_run_is_short_and_says_so(tmp_path, capsys):
+    """`fused-resnet bench --quick` with its defaults on a CPU: an up-front estimate of about two minutes
+    or less, a progress line per measurement when output is not a terminal, done in about that time,
+    and no columns that mean nothing on a CPU."""
+    import re
+    import time
+
+    t0 = time.monotonic()
+    assert bench_main(["--quick", "--json", str(tmp_path / "q.json")]) == 0
+    elapsed = time.monotonic() - t0
+    out = capsys.readouterr().out
+    estimate = float(re.search(r"estimated (\d+) s", out).group(1))
+    total = int(re.search(r"(\d+) measurements; estimated", out).group(1))
+    assert estimate <= 120 and elapsed <= 180, (estimate, elapsed)
+    assert f"[{total}/{total}," in out  # one progress line per measurement
+    assert "roofline" not in out and "peak MiB" not in out

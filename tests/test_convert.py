@@ -144,3 +144,61 @@ def test_our_models_are_left_alone():
     assert not any(e.fused for e in conv.fusion_report)  # blocks are fused already; the head BN feeds a pool
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(conv(x), m(x))
+
+
+class EdgeNet(nn.Module):
+    """A BN with eps=0, a grouped conv after BN -> ReLU, and a ReLU output that a pool also reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn0 = nn.BatchNorm2d(4, eps=0.0)
+        self.conv0 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.grouped = nn.Conv2d(4, 4, 3, padding=1, groups=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        x = self.conv0(F.relu(self.bn0(x)))
+        x = self.grouped(F.relu(self.bn1(x)))
+        a = F.relu(self.bn2(x))
+        return self.conv2(a) + F.adaptive_avg_pool2d(a, 1)
+
+
+def test_converted_model_runs_wherever_the_original_runs(backend, device):
+    """eps=0 is fused (eager accepts it in eval and refuses it in training, and so does the converted
+    model); a grouped conv is left to eager with the reason in the report, under every backend; the
+    report names the pool that reads a ReLU output, in words."""
+    torch.manual_seed(5)
+    model = EdgeNet().to(device)
+    conv = fused_resnet.convert(model, backend=backend)
+    report = {e.where: e for e in conv.fusion_report}
+    assert report["bn0 -> conv0"].fused
+    assert not report["bn1"].fused and "groups=2" in report["bn1"].why
+    why = report["bn2"].why
+    assert "adaptive_avg_pool2d()" in why and "besides the conv" in why and "%" not in why
+    x = torch.randn(2, 4, 6, 6, device=device)
+    for m in (model, conv):
+        with pytest.raises(ValueError, match="eps must be positive during training"):
+            m.train()(x)
+    model.bn0.eps = conv.fused_conv0.bn.eps = 1e-5
+    for training in (True, False):
+        model.train(training), conv.train(training)
+        torch.testing.assert_close(conv(x), model(x), rtol=1e-4, atol=1e-5)
+    model.bn0.eps = conv.fused_conv0.bn.eps = 0.0
+    model.eval(), conv.eval()
+    torch.testing.assert_close(conv(x), model(x), rtol=1e-4, atol=1e-5)
+    got, want = conv.state_dict(), model.state_dict()
+    assert got.keys() == want.keys()
+    # eager's BatchNorm bumps num_batches_tracked before F.batch_norm refuses eps=0; the fused layer
+    # validates first and changes nothing on a refused call
+    assert got["bn0.num_batches_tracked"] == want["bn0.num_batches_tracked"] - 1
+    for k in set(want) - {"bn0.num_batches_tracked"}:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_every_report_reason_is_readable():
+    """No raw fx node dumps, nothing cut mid-word: each reason is a sentence about modules."""
+    conv = fused_resnet.convert(Net(), backend="reference")
+    for e in conv.fusion_report:
+        assert "%" not in e.why and "call_function" not in e.why and "num_users" not in e.why, e.why

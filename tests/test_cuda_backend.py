@@ -50,6 +50,12 @@ def test_wheel_without_cuda_is_pure_python(tmp_path):
     assert "fused_resnet/cuda.py" in names and "fused_resnet/triton/forward.py" in names
     assert not [n for n in names if n.startswith("fused_resnet/_C")]
     assert wheels[0].name.endswith("-none-any.whl")
+    assert "fused_resnet/triton/configs.json" in names  # the tuned-config table travels with the package
+    # the commit it was built from, for results files and train.json after a regular install
+    info = zipfile.ZipFile(wheels[0]).read("fused_resnet/_build_info.py").decode()
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert f"COMMIT = '{head.stdout.strip()}" in info
 
 
 @cpu_torch
@@ -123,3 +129,18 @@ def test_cuda_backend_reaches_its_launchers(monkeypatch):
                                     padding=1, backend="cuda")
     y.backward(torch.randn_like(y))
     assert set(called) == {"channel_stats", "conv_forward", "conv_dgrad_bn", "conv_wgrad"}
+
+
+def test_repo_root_import_trap_is_explained(tmp_path, monkeypatch):
+    """Imported from a tree without _C while an installed copy has it (running from the repository root
+    after `pip install .`): the reason says so and names both places, instead of 'not built'."""
+    from fused_resnet import backends
+
+    installed = tmp_path / "site" / "fused_resnet"
+    installed.mkdir(parents=True)
+    (installed / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    monkeypatch.setattr(sys, "path", [str(ROOT), str(tmp_path / "site")])
+    if importlib.util.find_spec("fused_resnet._C") is not None:
+        pytest.skip("this checkout has the extension built")
+    ok, why = backends._cuda_status()
+    assert not ok and "shadows the install" in why and str(installed) in why and "-e ." in why

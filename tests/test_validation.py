@@ -45,7 +45,7 @@ CASES = {
     "empty output": (lambda k: k.update(padding=0, dilation=3), ValueError, "output would be empty"),
     "one value per channel": (lambda k: k.update(x=k["x"][:1, :, :1, :1], padding=1), ValueError, "more than 1 value per channel"),
     "not a tensor": (lambda k: k.update(weight=[[1.0]]), TypeError, "weight must be a torch.Tensor"),
-    "bad eps": (lambda k: k.update(eps=0.0), ValueError, "eps must be a positive float"),
+    "bad eps": (lambda k: k.update(eps=-1e-5), ValueError, "eps must be a finite float >= 0"),
     "bad groups": (lambda k: k.update(groups=0), ValueError, "groups must be a positive int"),
 }
 

@@ -36,9 +36,10 @@ def build_parser(prog="fused-resnet bench"):
     p.add_argument("--providers", type=_csv(PROVIDERS), help="comma list (default: all for the preset)")
     p.add_argument("--modes", type=_csv(MODES), default=list(MODES))
     p.add_argument("--dtypes", type=_csv(tuple(DTYPES)), help="comma list (default bf16,fp16,fp32; CPU: fp32)")
-    p.add_argument("--kinds", type=_csv(("layer", "block", "model")), default=["layer", "block", "model"])
+    p.add_argument("--kinds", type=_csv(("layer", "block", "model")),
+                   help="comma list of layer, block, model (default: all three; on the CPU layer,block)")
     p.add_argument("--reps", type=int, help="timed repetitions per measurement (median reported)")
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--warmup", type=int, help="untimed steps before timing (default 5; on the CPU 1)")
     p.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="stop starting new measurements after this long; the rest are listed as not run")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"),
@@ -51,13 +52,55 @@ def build_parser(prog="fused-resnet bench"):
     return p
 
 
-def _table(records):
+def _table(records, gpu=True):
+    """The run's records; off the GPU without the peak-memory and roofline columns, which mean nothing
+    there (memory is not tracked; a CPU against an H100's roofline)."""
     from .._table import format_table as table
 
     rows = [[r["case"], r["mode"], r["dtype"], r["provider"], r["layout"], f"{r['median_ms']:.3f}",
-             f"{r['images_per_s']:.4g}", "–" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}",
-             "–" if r["pct_of_roofline"] is None else f"{r['pct_of_roofline']:.3g}%"] for r in records]
-    return table(rows, ["case", "mode", "dtype", "provider", "layout", "median ms", "img/s", "peak MiB", "roofline"])
+             f"{r['images_per_s']:.4g}"]
+            + (["–" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}",
+                "–" if r["pct_of_roofline"] is None else f"{r['pct_of_roofline']:.3g}%"] if gpu else [])
+            for r in records]
+    headers = ["case", "mode", "dtype", "provider", "layout", "median ms", "img/s"]
+    return table(rows, headers + (["peak MiB", "roofline"] if gpu else []))
+
+
+# Seconds per interpreted training step of the Triton provider at the tiny CPU shapes, measured on the
+# 2-core development machines (inference is about a third of it): the CPU run's up-front estimate.
+CPU_TRITON_STEP_S = {"layer": 0.6, "block": 2.0, "model": 30.0}
+
+
+def cpu_estimate_s(cases, providers, modes, warmup, reps):
+    steps = warmup + reps + 1  # + the first step, which also compiles nothing but allocates
+    per_mode = {"training": 1.0, "inference": 0.35}
+    t = sum(CPU_TRITON_STEP_S[c.kind] * per_mode[m] * steps for c in cases for m in modes
+            for p in providers if p == "triton")
+    return t + 0.5 * len(cases) * len(modes) * len(providers)  # building each case's modules and inputs
+
+
+class LineProgress:
+    """Progress for a run whose output is not a terminal (tqdm draws nothing there): one line each."""
+
+    def __init__(self, total):
+        self.total, self.n, self.t0 = total, 0, time.monotonic()
+
+    def set_postfix_str(self, s):
+        self.current = s
+
+    def update(self, n=1):
+        self.n += n
+        print(f"  [{self.n}/{self.total}, {time.monotonic() - self.t0:.0f}s] {getattr(self, 'current', '')}",
+              flush=True)
+
+    def write(self, s):
+        print(s, flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def main(argv=None, prog="fused-resnet bench"):
@@ -87,32 +130,43 @@ def main(argv=None, prog="fused-resnet bench"):
 
     full = args.full
     device = torch.device("cuda" if gpu else "cpu")
-    cases = C.preset("full" if full else "quick", tuple(args.kinds))
+    kinds = args.kinds or (["layer", "block", "model"] if gpu else ["layer", "block"])
+    cases = C.preset("full" if full else "quick", tuple(kinds))
     providers = args.providers or [p for p in ("eager", "eager_cl", "compile", "compile_max", "triton", "cuda")
-                                   if full or p != "compile_max"]
+                                   if (full or p != "compile_max") and (gpu or not p.startswith("compile"))]
     dtypes = args.dtypes or (["bf16", "fp16", "fp32"] if gpu else ["fp32"])
     reps = args.reps or (50 if full else 20)
+    warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     if not gpu:
         cases = [C.tiny(c) for c in cases]
-        reps = args.reps or 3
+        reps = args.reps or 2
         print("NOTE: no CUDA GPU visible. Running the harness on the CPU at interpreter-sized shapes; these are "
               "CPU figures (Triton runs in its interpreter), NOT GPU figures, and are not written to "
               f"{results_dir}.")
+        if not args.kinds:
+            print("  Model cases left out (an interpreted training step takes ~30 s): --kinds model adds them.")
+        if not args.providers:
+            print("  torch.compile providers left out (inductor builds C++ per case, minutes each): "
+                  "--providers adds them.")
     providers, skipped = provider_status(providers, device)
     for p, why in skipped.items():
         print(f"provider {p} skipped: {why}")
     env = environment(device)
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | commit {env['commit']}")
     total = len(cases) * len(args.modes) * len(dtypes) * len(providers) * (2 if args.graphs else 1)
-    with tqdm(total=total, desc="bench", disable=None) as bar:
+    if not gpu:
+        print(f"{total} measurements; estimated {cpu_estimate_s(cases, providers, args.modes, warmup, reps):.0f} s "
+              "on a 2-core CPU", flush=True)
+    bar = tqdm(total=total, desc="bench") if sys.stderr.isatty() else LineProgress(total)
+    with bar:
         deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
-        records, peaks, not_run = run(cases, providers, args.modes, dtypes, device, args.warmup, reps,
+        records, peaks, not_run = run(cases, providers, args.modes, dtypes, device, warmup, reps,
                                       progress=bar, log=bar.write, deadline=deadline, graphs=args.graphs)
-    print(_table(records))
+    print(_table(records, gpu))
     if not_run:
         print(f"time budget of {args.time_budget:g}s spent: {len(not_run)} of {total} measurements not run "
               f"(listed in the results' meta.not_run)")
-    meta = {"peaks": peaks, "preset": "full" if full else "quick", "reps": reps, "warmup": args.warmup,
+    meta = {"peaks": peaks, "preset": "full" if full else "quick", "reps": reps, "warmup": warmup,
             "gpu": gpu, "cuda_graphs": args.graphs, "not_run": not_run}
     if gpu:
         path = report.write_results(os.path.join(results_dir, report.results_name(env)), env, records, meta)

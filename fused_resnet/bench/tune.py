@@ -41,6 +41,7 @@ def _layer_call(case: Case, kernel: str, dtype, channels_last: bool, device):
     """A closure running one launcher of the case (with its tiny torch-side tails) on fresh random data."""
     from .. import _ops
     from .. import triton as kb
+    from ..triton import dgrad, wgrad
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     g = torch.Generator(device=device).manual_seed(0)
@@ -55,13 +56,14 @@ def _layer_call(case: Case, kernel: str, dtype, channels_last: bool, device):
     gamma = torch.rand(case.c, device=device, generator=g) + 0.5
     beta = torch.randn(case.c, device=device, generator=g)
     geo = ([case.stride] * 2, [case.padding] * 2, [1, 1])
-    scale, shift = _ops._bn_prologue(mean, invstd, gamma, beta)
+    scale, beta = _ops._bn_prologue(mean, invstd, gamma, beta)
     if kernel == "fwd":
         y = torch.empty_like(gy)
-        return lambda: kb.conv_forward(x, w, None, mean, scale, shift, res, y, *geo)
+        return lambda: kb.conv_forward(x, w, None, mean, scale, beta, res, y, *geo)
     if kernel == "dgrad":
-        return lambda: kb.conv_dgrad_bn(gy, x, w, mean, scale, shift, invstd, gamma, True, True, *geo)
-    return lambda: kb.conv_wgrad(gy, x, w.shape, mean, scale, shift, *geo)
+        return lambda: dgrad.conv_dgrad(gy, x, w, mean, scale, beta, invstd, True, True, *geo)
+    dw = torch.empty_like(w)
+    return lambda: wgrad.conv_wgrad_partial(gy, x, dw, mean, scale, beta, *geo)
 
 
 def _gemm_dims(case: Case, kernel: str):
