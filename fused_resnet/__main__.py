@@ -24,13 +24,13 @@ def check(argv=None):
     from tqdm import tqdm
 
     import fused_resnet
-    from fused_resnet import _bench
+    from fused_resnet import _selfcheck
 
     print(f"fused_resnet {fused_resnet.__version__}, torch {torch.__version__}")
     print(fused_resnet.available_backends())
     device = torch.device("cuda" if gpu else "cpu")
     backend = "auto" if gpu else ("triton" if "triton" in fused_resnet.available_backends() else "reference")
-    layers = _bench.GPU_LAYERS if gpu else _bench.CPU_LAYERS
+    layers = _selfcheck.GPU_LAYERS if gpu else _selfcheck.CPU_LAYERS
     if args.quick:
         layers = layers[:2]
     dtypes = [getattr(torch, args.dtype)] if args.dtype else [torch.bfloat16, torch.float32]
@@ -40,7 +40,7 @@ def check(argv=None):
     rows, ok = [], True
     jobs = [(l, d, tr) for l in layers for d in dtypes for tr in (True, False)]
     for layer, dtype, training in tqdm(jobs, desc="self-check", leave=False, disable=None):
-        e = _bench.parity_errors(layer, dtype, device, backend, training)
+        e = _selfcheck.parity_errors(layer, dtype, device, backend, training)
         # Pass when the fused error is within 4x eager's own (or within a dtype floor where eager is exact).
         floor = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
         good = all(e[f"fused_{q}"] <= 4 * e[f"eager_{q}"] + floor for q in ("y", "dx"))
@@ -70,6 +70,9 @@ def main(argv=None):
     if argv and argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0
+    if argv and not argv[0].startswith("-") and argv[0] not in ("check", "bench", "train", "kernels"):
+        print(f"fused-resnet: unknown command {argv[0]!r}\n\n{USAGE}", end="", file=sys.stderr)
+        return 2
     if argv and argv[0] == "kernels":
         from .bench.kernels import main as kernels
 

@@ -173,6 +173,7 @@ def plot(history, path, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(10, 4))
     for name, rows in history.items():
@@ -184,6 +185,7 @@ def plot(history, path, title):
     ax_l.set(xlabel="epoch", ylabel="cross-entropy", yscale="log", title="loss")
     ax_a.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     for ax in (ax_l, ax_a):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 1.25 ticks
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
@@ -242,8 +244,12 @@ def _run(args, device, dist):
     if dist.on:
         say(f"DistributedDataParallel over {dist.world} processes; BN statistics synchronized (SyncBatchNorm2d)")
     say(str(available_backends()))
-    header = ["epoch"] + [f"{n} {c}" for n in names for c in ("train loss", "train acc", "test loss", "test acc", "img/s")]
-    widths = [max(6, len(h)) for h in header]
+    # Two header lines (model, then column) keep a --compare table within 100 columns.
+    cols = ("trn loss", "trn acc", "tst loss", "tst acc", "img/s")
+    header = ["epoch"] + [c for _ in names for c in cols]
+    widths = [5] + [max(7, len(c)) for _ in names for c in cols]
+    group = sum(widths[1:1 + len(cols)]) + 2 * (len(cols) - 1)
+    say((" " * widths[0] + "".join(f"  {n:^{group}}" for n in names)).rstrip())
     say("  ".join(h.rjust(w) for h, w in zip(header, widths)))
     history = {n: [] for n in names}
     for epoch in range(1, args.epochs + 1):

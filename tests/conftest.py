@@ -20,6 +20,21 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
 
 
+def pytest_terminal_summary(terminalreporter):
+    """Skips, one line per reason with its count (pytest's -rs prints one line per test)."""
+    from collections import Counter
+
+    reasons = Counter()
+    for rep in terminalreporter.stats.get("skipped", []):
+        longrepr = rep.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    if reasons:
+        terminalreporter.write_sep("-", "skipped, by reason")
+        for reason, n in reasons.most_common():
+            terminalreporter.write_line(f"{n:4d} x {reason}")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

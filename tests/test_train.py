@@ -17,7 +17,9 @@ def test_train_compare_learns_and_agrees(tmp_path, capsys):
     rc = train_main(["--compare", "--epochs", "6", "--out", str(tmp_path)])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "fused train loss" in out and "unfused test acc" in out
+    assert "trn loss" in out and "tst acc" in out and "unfused" in out
+    table = [line for line in out.splitlines() if "trn loss" in line or line.strip()[:1].isdigit()]
+    assert table and max(map(len, table)) <= 100, max(map(len, table))  # no wrapping in a terminal
     doc = json.loads((tmp_path / "train.json").read_text())
     assert (tmp_path / "train.png").stat().st_size > 10_000
     f, u = doc["history"]["fused"], doc["history"]["unfused"]
