@@ -176,9 +176,12 @@ def _batch_stats_impl(x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     if backend in ("triton", "cuda"):
         return _kernels(backend).channel_stats(x)
     xf = x.to(_acc(x.dtype))
-    # The mean as a sum over the count, as eager's BatchNorm computes it: an inf in x gives an inf
-    # mean (and running_mean), where var_mean's Welford update would give NaN.
-    return xf.mean(dim=(0, 2, 3)), xf.var(dim=(0, 2, 3), unbiased=False)
+    var, mean = torch.var_mean(xf, dim=(0, 2, 3), unbiased=False)
+    # Welford's mean is exact for a constant channel (eager's zeros after BN depend on it) but turns
+    # an inf into NaN, where eager's BatchNorm gives an inf mean (and running_mean): take the plain
+    # mean there.
+    plain = xf.mean(dim=(0, 2, 3))
+    return torch.where(mean.isnan() & plain.isinf(), plain, mean), var
 
 
 batch_stats_op = torch.library.custom_op("fused_resnet::batch_stats", _batch_stats_impl, mutates_args=())

@@ -37,7 +37,7 @@ def shape_key(kernel: str, dtype: torch.dtype, layout: str, m: int, n: int, k: i
 
 
 _forced: dict = {}  # kernel -> config (or None: the heuristic), set by forced() for the tuning sweep
-requested: dict = {}  # kernel -> the table key of its latest launch (the sweep files winners under it)
+requested: dict = {}  # kernel -> the table key of its latest forced launch (the sweep files winners under it)
 
 
 @contextlib.contextmanager
