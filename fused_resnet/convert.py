@@ -1,15 +1,27 @@
 """convert(): fuse every BN -> ReLU -> Conv2d chain in any model that it can prove safe.
 
 Found with torch.fx: a BatchNorm2d module whose only user is a ReLU (nn.ReLU, F.relu, torch.relu, in
-place or not) whose users are all Conv2d modules. Each conv becomes a FusedBNReLUConv2d sharing the BN
-and conv modules (no copies); when a conv's only user is an addition, the other operand becomes the
-fused epilogue's residual. With several convs on one BN, only the first updates the running stats.
-A module that fx cannot trace is searched child by child instead. Anything else is left alone and the
-report says why.
+place or not) whose users are all Conv2d modules -- or a norm+activation module (a BatchNorm2d
+subclass that applies ReLU itself, as timm's BatchNormAct2d does; checked numerically, not by class
+name) whose users are all Conv2d modules. nn.Identity placeholders in between (timm's drop_block, aa)
+do not break a chain. Each conv becomes a FusedBNReLUConv2d sharing the BN and conv modules (no
+copies); when a conv's only user is an addition, the other operand becomes the fused epilogue's
+residual. With several convs on one BN, only the first updates the running stats.
+
+What a conversion must never do: change what the model computes in either mode, or touch the model it
+was given. So BatchNorm modules are fx leaves (tracing into them would run their buffer updates and
+freeze `training` into the graph), so are mode-dependent modules with no BatchNorm inside (drop-path,
+drop-block), every buffer is restored after tracing, and a module is traced in both modes: if its
+forward differs between train() and eval() (torchvision's dense layer calls F.dropout(training=
+self.training)), both traces are fused and a ByMode module runs the one of the current mode. A module
+that fx cannot trace is searched child by child too. The report names every BatchNorm of the model
+once: fused (with which conv) or skipped (why, in words).
 """
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import logging
 import operator
 from dataclasses import dataclass
@@ -24,6 +36,7 @@ from .nn import FusedBNReLUConv2d, PreActBlock, _check_pair
 log = logging.getLogger("fused_resnet.convert")
 
 _RELUS_F = (F.relu, torch.relu, torch.relu_, F.relu_)
+_BN = nn.modules.batchnorm._BatchNorm
 _ADDS = (operator.add, operator.iadd, torch.add)
 
 
@@ -37,11 +50,130 @@ class Entry:
         return f"{'fused  ' if self.fused else 'skipped'}  {self.where}: {self.why}"
 
 
+@functools.lru_cache(maxsize=None)
+def _reads_training(cls) -> bool:
+    """Whether cls.forward's source reads `.training` (its result depends on train()/eval())."""
+    try:
+        return ".training" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return True  # no source to read: assume it may
+
+
 class _Tracer(fx.Tracer):
+    """Leaves: BatchNorms (tracing into one runs its buffer updates and freezes `training`), our fused
+    modules, and mode-dependent modules with no BatchNorm inside (drop-path, drop-block, custom
+    dropout): kept as modules, they follow train()/eval() after conversion and hide no chain."""
+
     def is_leaf_module(self, m, qualname):
-        if isinstance(m, (FusedBNReLUConv2d, PreActBlock)):
+        if isinstance(m, (FusedBNReLUConv2d, PreActBlock, _BN)):
+            return True
+        if (not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and _reads_training(type(m))
+                and not any(isinstance(d, _BN) for d in m.modules())):
             return True
         return super().is_leaf_module(m, qualname)
+
+
+def _trace(module: nn.Module) -> fx.Graph:
+    """fx graph of module in its current mode, leaving every buffer as it was (a forward that updates
+    a buffer, like a counter, runs for real while fx traces it)."""
+    saved = {name: b.detach().clone() for name, b in module.named_buffers()}
+    try:
+        return _Tracer().trace(module)
+    finally:
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                if name in saved:
+                    b.copy_(saved[name])
+
+
+def _trace_both_modes(module: nn.Module):
+    """{True: train-mode graph, False: eval-mode graph}; the module's mode is restored."""
+    mode = module.training
+    try:
+        graphs = {}
+        for training in (True, False):
+            module.train(training)
+            graphs[training] = _trace(module)
+    finally:
+        module.train(mode)
+    return graphs
+
+
+class ByMode(nn.Module):
+    """A converted module whose forward differed between train() and eval() (dropout or another
+    mode-dependent branch that tracing would freeze): one fused graph per mode, run by self.training.
+    Both graphs hold the same BatchNorm and conv modules, so parameters, buffers, .to() and mode are
+    shared; only the train graph is a registered child, and state_dict keys are the original module's."""
+
+    def __init__(self, train_graph: nn.Module, eval_graph: nn.Module):
+        super().__init__()
+        self.train_graph = train_graph
+        object.__setattr__(self, "_eval_graph", eval_graph)  # not a child: its state is the train graph's
+        self.register_state_dict_post_hook(_drop_train_graph_prefix)
+        self.register_load_state_dict_pre_hook(_add_train_graph_prefix)
+
+    def forward(self, *args, **kwargs):
+        return (self.train_graph if self.training else self._eval_graph)(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._eval_graph.train(mode)
+        return self
+
+
+def _drop_train_graph_prefix(module, state_dict, prefix, local_metadata):
+    head = f"{prefix}train_graph."
+    for key in [k for k in state_dict if k.startswith(head)]:
+        state_dict[prefix + key[len(head):]] = state_dict.pop(key)
+
+
+def _add_train_graph_prefix(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                            error_msgs):
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "train_graph.")]:
+        state_dict[f"{prefix}train_graph.{key[len(prefix):]}"] = state_dict.pop(key)
+
+
+def _bn_kind(bn: nn.Module):
+    """"bn" for a plain batch norm, "bn+relu" for a norm+activation module that applies ReLU after it,
+    or (None, why). Decided by running the module once in eval mode on a copy (no side effects) and
+    comparing with F.batch_norm and relu(F.batch_norm): general, not a list of class names."""
+    if type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) or not list(bn.children()):
+        return "bn", None
+    probe = copy.deepcopy(bn).eval().float()
+    c = probe.num_features
+    x = torch.randn(2, c, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float32) * 2
+    x = x.to(next((t.device for t in probe.parameters()), torch.device("cpu")))
+    with torch.no_grad():
+        try:
+            y = probe(x)
+        except Exception as e:  # noqa: BLE001 - a module we cannot run alone is not one we can fuse
+            return None, f"{type(bn).__name__} could not be run on its own ({type(e).__name__})"
+        use_batch = probe.running_mean is None
+        plain = F.batch_norm(x, probe.running_mean, probe.running_var, probe.weight, probe.bias, use_batch, 0.0,
+                             probe.eps)
+    if y.shape == plain.shape and torch.allclose(y, torch.relu(plain), rtol=1e-5, atol=1e-6):
+        return "bn+relu", None
+    if y.shape == plain.shape and torch.allclose(y, plain, rtol=1e-5, atol=1e-6):
+        return "bn", None
+    acts = [type(m).__name__ for m in bn.children() if not isinstance(m, nn.Identity)]
+    return None, (f"{type(bn).__name__} applies {', '.join(acts) or 'something'} after the batch norm, not ReLU: "
+                  "only BN -> ReLU is fused")
+
+
+def _skip_identity(gm, node):
+    """node's single user, followed through nn.Identity modules; returns (the first non-Identity user
+    or None when there is not exactly one user, the Identity nodes passed)."""
+    passed = []
+    while True:
+        users = list(node.users)
+        if len(users) != 1:
+            return None, passed
+        nxt = users[0]
+        if nxt.op == "call_module" and isinstance(gm.get_submodule(nxt.target), nn.Identity):
+            passed.append(nxt)
+            node = nxt
+            continue
+        return nxt, passed
 
 
 def _is_relu(gm, node):
@@ -93,10 +225,11 @@ fx.wrap("_fused_residual_call")
 # Checkpoint keys: a fused layer "fused_<conv>" holds the original BN and conv modules as .bn / .conv, and
 # fx drops the original names from the traced module. These hooks keep the original model's keys in
 # state_dict() and accept them in load_state_dict(), so checkpoints move between the original, the
-# converted, and our fused/unfused models. Module-level functions: a converted model still pickles.
+# converted, and our fused/unfused models. Module-level functions: a converted model still pickles
+# and deep-copies.
 
-def _aliases_to_original(module, state_dict, prefix, local_metadata):
-    for alias, orig in module._fused_resnet_aliases.items():
+def _aliases_to_original(module, state_dict, prefix, local_metadata, *, aliases):
+    for alias, orig in aliases.items():
         head = f"{prefix}{alias}."
         for key in [k for k in state_dict if k.startswith(head)]:
             value = state_dict.pop(key)
@@ -104,9 +237,9 @@ def _aliases_to_original(module, state_dict, prefix, local_metadata):
 
 
 def _original_to_aliases(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                         error_msgs):
+                         error_msgs, *, aliases):
     used = set()
-    for alias, orig in module._fused_resnet_aliases.items():
+    for alias, orig in aliases.items():
         head = f"{prefix}{orig}."
         for key in [k for k in state_dict if k.startswith(head)]:
             state_dict[f"{prefix}{alias}.{key[len(head):]}"] = state_dict[key]
@@ -136,6 +269,9 @@ def _users(gm, nodes, prefix) -> str:
 def _unfusable(bn, conv, backend):
     """Why this (BN, conv) pair is left to eager even though it is a BN -> ReLU -> conv chain, or None.
     A converted model must run wherever the original runs and compute the same thing."""
+    if type(conv).forward is not nn.Conv2d.forward:
+        return (f"{type(conv).__name__} overrides Conv2d.forward (weight standardization, dynamic 'same' "
+                "padding, ...): the fused op computes a plain convolution, so it stays with eager")
     if conv.groups != 1:
         return (f"{type(conv).__name__} has groups={conv.groups}: no fused kernel for grouped convolutions, "
                 "so it stays with eager (same result, no speed lost)")
@@ -148,23 +284,40 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: list) -> 
     count = 0
     aliases = {}
     for bn_node in list(gm.graph.nodes):
-        bn = _module(gm, bn_node, nn.BatchNorm2d)
+        bn = _module(gm, bn_node, (nn.BatchNorm2d, nn.SyncBatchNorm))
         if bn is None:
             continue
         where = f"{prefix}{bn_node.target}"
-        users = list(bn_node.users)
-        if len(users) != 1 or not _is_relu(gm, users[0]):
-            report.append(Entry(where, False, f"its output goes to {_users(gm, users, prefix) or 'nothing'}; "
-                                              "fusion needs it to feed exactly one ReLU (post-activation "
-                                              "BN -> add -> ReLU, or BN -> conv, cannot be fused)"))
+        kind, why = _bn_kind(bn)
+        if kind is None:
+            report.append(Entry(where, False, why))
             continue
-        relu_node = users[0]
-        if relu_node.args[1:]:
-            report.append(Entry(where, False, "its ReLU is called with extra arguments (a threshold or "
-                                              "similar), which the fused op does not compute"))
-            continue
-        convs = list(relu_node.users)
-        bad = [u for u in convs if _module(gm, u, nn.Conv2d) is None or u.args[0] is not relu_node]
+        if kind == "bn+relu":
+            relu_node, passed = bn_node, []  # the module applies the ReLU itself
+        else:
+            relu_node, passed = _skip_identity(gm, bn_node)
+            if relu_node is None or not _is_relu(gm, relu_node):
+                report.append(Entry(where, False, f"its output goes to {_users(gm, list(bn_node.users), prefix) or 'nothing'}; "
+                                                  "fusion needs it to feed exactly one ReLU (post-activation "
+                                                  "BN -> add -> ReLU, or BN -> conv, cannot be fused)"))
+                continue
+            if relu_node.args[1:]:
+                report.append(Entry(where, False, "its ReLU is called with extra arguments (a threshold or "
+                                                  "similar), which the fused op does not compute"))
+                continue
+        # The ReLU output's users, each followed through Identity placeholders.
+        convs, between = [], []
+        for u in list(relu_node.users):
+            node, ids = u, []
+            while node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Identity) \
+                    and len(node.users) == 1:
+                ids.append(node)
+                node = next(iter(node.users))
+            convs.append(node)
+            between += ids
+        src_of = {c: (c.args[0] if c.args else None) for c in convs}
+        feeds = set([relu_node] + between)  # a conv reads the ReLU output, maybe through Identity nodes
+        bad = [u for u in convs if _module(gm, u, nn.Conv2d) is None or src_of[u] not in feeds]
         if bad:
             also = " besides the conv(s)" if len(bad) < len(convs) else ""
             report.append(Entry(where, False, f"its ReLU output is needed by {_users(gm, bad, prefix)}{also}; "
@@ -207,15 +360,23 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: list) -> 
             shared = f", shares the BN with {len(convs) - 1} other conv(s)" if len(convs) > 1 else ""
             report.append(Entry(f"{prefix}{bn_node.target} -> {prefix}{conv_node.target}", True, how + shared))
             count += 1
-        gm.graph.erase_node(relu_node)
+        # Now unused, users before their inputs: Identity nodes after the ReLU, the ReLU, the Identity
+        # nodes between BN and ReLU, the BN.
+        for node in reversed(between):
+            gm.graph.erase_node(node)
+        if relu_node is not bn_node:
+            gm.graph.erase_node(relu_node)
+        for node in reversed(passed):
+            gm.graph.erase_node(node)
         gm.graph.erase_node(bn_node)
     if count:
         gm.graph.lint()
         gm.delete_all_unused_submodules()
         gm.recompile()
-        gm._fused_resnet_aliases = aliases
-        gm.register_state_dict_post_hook(_aliases_to_original)
-        gm.register_load_state_dict_pre_hook(_original_to_aliases)
+        # The aliases travel inside the hooks (partials of module-level functions): a GraphModule's
+        # deepcopy keeps its hooks but not extra attributes, and pickling needs no closures.
+        gm.register_state_dict_post_hook(functools.partial(_aliases_to_original, aliases=aliases))
+        gm.register_load_state_dict_pre_hook(functools.partial(_original_to_aliases, aliases=aliases))
     return count
 
 
@@ -223,25 +384,67 @@ def _convert_module(module: nn.Module, prefix: str, backend: str, report: list) 
     if isinstance(module, (FusedBNReLUConv2d, PreActBlock)):
         report.append(Entry(prefix.rstrip(".") or "<model>", False, "already fused"))
         return module
-    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+    if isinstance(module, _BN):  # a leaf of every trace: nothing inside it to fuse
+        return module
+    has_bn = any(isinstance(m, _BN) for m in module.modules())
     if not has_bn:
         return module
     try:
-        graph = _Tracer().trace(module)
+        graphs = _trace_both_modes(module)
     except Exception as e:  # fx cannot trace data-dependent control flow; search the children
-        reason = f"{type(e).__name__}: {e}".splitlines()[0][:100]
-        report.append(Entry(prefix.rstrip(".") or "<model>", False, f"not traceable as a whole ({reason}); "
-                                                                    "converting its children"))
+        why = f"not traceable as a whole ({type(e).__name__}: {str(e).splitlines()[0][:100]})"
+        report.append(Entry(prefix.rstrip(".") or "<model>", False, f"{why}; converting its children"))
         for name, child in list(module.named_children()):
             new = _convert_module(child, f"{prefix}{name}.", backend, report)
             if new is not child:
                 setattr(module, name, new)
         return module
-    gm = fx.GraphModule(module, graph, class_name=type(module).__name__ + "Fused")
-    if _fuse_graph(gm, prefix, backend, report) == 0:
+    same = graphs[True].python_code("self").src == graphs[False].python_code("self").src
+    cls = type(module).__name__ + "Fused"
+    if same:
+        gm = fx.GraphModule(module, graphs[module.training], class_name=cls)
+        if _fuse_graph(gm, prefix, backend, report) == 0:
+            return module
+        gm.training = module.training
+        return gm
+    # The forward depends on the mode: fuse both traces (the same chains, the same modules) and pick
+    # by mode at run time, so dropout and the like keep following train()/eval().
+    fused = {}
+    for training in (True, False):
+        entries = []
+        gm = fx.GraphModule(module, graphs[training], class_name=cls)
+        fused[training] = (gm, _fuse_graph(gm, prefix, backend, entries), entries)
+    (gt, nt, et), (ge, ne, ee) = fused[True], fused[False]
+    if [str(e) for e in et] != [str(e) for e in ee]:
+        report.append(Entry(prefix.rstrip(".") or "<model>", False,
+                            "its forward differs between train() and eval() in a way that changes which chains "
+                            "exist; left as it is"))
         return module
-    gm.training = module.training
-    return gm
+    report.extend(et)
+    if nt == 0:
+        return module
+    out = ByMode(gt, ge)
+    out.train(module.training)
+    return out
+
+
+def _complete(report: list, bns):
+    """One entry for every BatchNorm of the model: those no traced graph reached get one saying where
+    they sit (inside a module kept as it is: already fused, or one whose children were searched)."""
+    named = {e.where.split(" -> ")[0] for e in report}
+    for name, kind in bns:
+        if name in named:
+            continue
+        parents = sorted((e for e in report if not e.fused and name.startswith(e.where + ".")),
+                         key=lambda e: len(e.where))
+        if any(e.why == "already fused" for e in parents):
+            why = "inside an already fused module"
+        elif parents:
+            why = f"inside {parents[-1].where}, which is left as it is ({parents[-1].why})"
+        else:
+            why = (f"{kind} not reached by a traced graph (it is called inside a module that is kept as it "
+                   "is), so no chain through it could be seen")
+        report.append(Entry(name, False, why))
 
 
 def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.Module:
@@ -261,7 +464,9 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
     if not inplace:
         model = copy.deepcopy(model)
     report: list = []
+    bns = [(name, type(m).__name__) for name, m in model.named_modules() if isinstance(m, _BN)]
     out = _convert_module(model, "", backend, report)
+    _complete(report, bns)
     out.fusion_report = report
     log.info("fused_resnet.convert: %d fused, %d skipped\n%s", sum(e.fused for e in report),
              sum(not e.fused for e in report), "\n".join(str(e) for e in report))
