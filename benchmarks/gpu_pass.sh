@@ -10,7 +10,8 @@
 #   kernels   the static kernel report with this machine's Triton (registers, spills, MMA kind, sm_90)
 #             and the H100 time predictions per case: OUT/kernels.json, OUT/kernels.md
 #   train     fused-resnet train --compare (digits), with the fused kernels
-#   bench     fused-resnet bench --full (bf16 first, within a time budget); results JSON + RESULTS.md + chart
+#   bench     fused-resnet bench --full --graphs (bf16 first, within a time budget): every provider also
+#             as CUDA-graph replay; results JSON + RESULTS.md + chart
 #   tune      the Triton config sweep (bf16, channels_last) within a time budget: OUT/configs.json is the
 #             repo's table with this GPU's winners merged in; commit it as fused_resnet/triton/configs.json
 # Every step logs to OUT/<step>.log; a summary of each goes to OUT/summary.txt. Exit status: the number
@@ -65,7 +66,7 @@ if has train; then
 fi
 if has bench; then
   # bf16 is what the targets are stated in; the other dtypes follow if time remains.
-  step bench 570 python -m fused_resnet bench --full --dtypes bf16,fp16,fp32 --time-budget 480 --out "$OUT/results"
+  step bench 570 python -m fused_resnet bench --full --graphs --dtypes bf16,fp16,fp32 --time-budget 480 --out "$OUT/results"
 fi
 if has tune; then
   cp fused_resnet/triton/configs.json "$OUT/configs.json"
