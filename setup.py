@@ -7,6 +7,8 @@ why, and the Triton and reference backends are what runs; `fused_resnet.availabl
 Environment:
   FUSED_RESNET_CUDA=1 / 0   force the extension (a missing toolchain is an error) / skip it
   FUSED_RESNET_CUDA_ARCH    arch list, e.g. "9.0" (else TORCH_CUDA_ARCH_LIST, else "8.0;9.0+PTX")
+  CUDA_HOME                 the toolkit root (found from nvcc when unset; the CUDA library headers that
+                            torch's own headers need come from the nvidia-* wheels a CUDA torch brings)
   MAX_JOBS                  parallel compile jobs (honoured by torch's ninja build)
 Sources: csrc/SOURCES (the same list CMakeLists.txt reads) plus the binding, csrc/binding.cpp.
 """
@@ -49,11 +51,47 @@ def kernel_sources():
         return [os.path.join("csrc", line.strip()) for line in f if line.strip() and not line.startswith("#")]
 
 
+def nvidia_wheel_includes():
+    """Include folders of the CUDA library wheels a pip-installed CUDA torch brings (nvidia/*/include):
+    torch's own headers include cusparse.h and friends, which a partial toolkit (nvcc only) lacks.
+    Found here so that a user never has to set CPATH."""
+    import glob
+
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels
+    except ImportError:
+        return []
+    return sorted(d for root in getattr(nvidia, "__path__", []) for d in glob.glob(os.path.join(root, "*", "include")))
+
+
+def find_toolkit_root():
+    """Where CUDA_HOME should point when it is not set: torch guesses the parent of nvcc's bin folder,
+    which is wrong when nvcc on PATH is a wrapper (say /usr/local/bin/nvcc exec'ing the real one). The
+    first candidate that has include/cuda_runtime_api.h wins; None leaves torch to its own guess."""
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    if nvcc:  # a wrapper script names the real nvcc
+        try:
+            with open(nvcc, errors="ignore") as f:
+                head = f.read(4096)
+            candidates += [os.path.dirname(os.path.dirname(w)) for w in head.split() if w.endswith("/bin/nvcc")]
+        except OSError:
+            pass
+    candidates += ["/usr/local/cuda"]
+    return next((c for c in candidates if os.path.isfile(os.path.join(c, "include", "cuda_runtime_api.h"))), None)
+
+
 def cuda_extension():
     """(ext_modules, cmdclass, reason): the extension, or empty lists and why not."""
     mode = os.environ.get("FUSED_RESNET_CUDA", "auto")
     if mode == "0":
         return [], {}, "FUSED_RESNET_CUDA=0"
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+        root = find_toolkit_root()
+        if root:
+            os.environ["CUDA_HOME"] = root  # read by torch.utils.cpp_extension at import, just below
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
@@ -64,11 +102,12 @@ def cuda_extension():
     if CUDA_HOME is None:
         return [], {}, "no CUDA toolchain found (set CUDA_HOME)"
     arch = os.environ.get("FUSED_RESNET_CUDA_ARCH") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0+PTX"
+    include_dirs = [os.path.join(HERE, "csrc", "include")] + nvidia_wheel_includes()
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     ext = CUDAExtension(
         "fused_resnet._C",
         kernel_sources() + [os.path.join("csrc", "binding.cpp")],
-        include_dirs=[os.path.join(HERE, "csrc", "include")],
+        include_dirs=include_dirs,
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo", "-std=c++17"]},
     )
     return [ext], {"build_ext": BuildExtension}, None

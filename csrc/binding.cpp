@@ -1,6 +1,7 @@
 // The one file that sees PyTorch: checks tensors, fills the params structs of
 // include/fused_resnet/params.h, launches on the current stream and turns launch errors into Python
 // exceptions. Python-side launchers (fused_resnet/cuda.py) allocate outputs and merge per-tile partials.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
@@ -27,11 +28,37 @@ fr::DType dtype_of(const at::Tensor& t) {
 
 at::ScalarType acc_of(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-void check_4d(const at::Tensor& t, const at::Tensor& like, const char* name) {
+// Order of the checks in every entry point: shapes and their agreement first, then outputs (dense, not
+// overlapping any input), then devices -- so every malformed call is refused with its shapes before
+// anything is read, and the shape checks can be exercised without a GPU (tests/test_binding_checks.py).
+void check_4d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4, "fused_resnet._C: ", name, " must be 4-D, got ", t.dim(), "-D of shape ", t.sizes());
+}
+
+void check_on(const at::Tensor& t, const at::Tensor& like, const char* name) {
   TORCH_CHECK(t.is_cuda(), "fused_resnet._C: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.dim() == 4, "fused_resnet._C: ", name, " must be 4-D, got ", t.dim(), "-D");
   TORCH_CHECK(t.device() == like.device(), "fused_resnet._C: ", name, " is on ", t.device(), ", expected ",
               like.device());
+}
+
+// An output the kernels write: dense (every element once, no gaps) and sharing no memory with an input.
+void check_output(const at::Tensor& out, const char* name, std::initializer_list<const at::Tensor*> inputs) {
+  TORCH_CHECK(out.is_non_overlapping_and_dense(), "fused_resnet._C: ", name, " must be dense and non-overlapping, "
+              "got shape ", out.sizes(), " strides ", out.strides());
+  for (const at::Tensor* in : inputs) {
+    if (in == nullptr || !in->defined() || in->numel() == 0 || out.numel() == 0) continue;
+    TORCH_CHECK(at::get_overlap_status(out, *in) == at::MemOverlapStatus::No, "fused_resnet._C: ", name,
+                " shares memory with an input of shape ", in->sizes());
+  }
+}
+
+void check_filter(int64_t kh, int64_t kw) {
+  TORCH_CHECK(kh >= 1 && kw >= 1, "fused_resnet._C: the filter must be at least 1x1, got ", kh, "x", kw);
+}
+
+void check_grad_y(const at::Tensor& gy, const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(gy.size(0) == x.size(0) && gy.size(1) == k, "fused_resnet._C: grad_y of shape ", gy.sizes(),
+              " must be [N=", x.size(0), ", K=", k, ", OH, OW] for x of shape ", x.sizes());
 }
 
 void check_vec(const at::Tensor& t, int64_t n, at::ScalarType dtype, const at::Tensor& like, const char* name) {
@@ -54,11 +81,20 @@ void check_launch(cudaError_t err, const char* kernel) {
   TORCH_CHECK(err == cudaSuccess, "fused_resnet._C: launching ", kernel, " failed: ", cudaGetErrorString(err));
 }
 
+void check_geometry(const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                    const std::vector<int64_t>& dilation) {
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "fused_resnet._C: stride, padding and dilation must have two entries each");
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 &&
+              padding[1] >= 0, "fused_resnet._C: stride and dilation must be >= 1 and padding >= 0, got stride ",
+              stride, ", dilation ", dilation, ", padding ", padding);
+}
+
 fr::ConvGeom geom(const at::Tensor& x, int64_t k, int64_t kh, int64_t kw, int64_t oh, int64_t ow,
                   const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
                   const std::vector<int64_t>& dilation) {
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "fused_resnet._C: stride, padding and dilation must have two entries each");
+  check_geometry(stride, padding, dilation);
+  check_filter(kh, kw);
   check_index_range(x.size(0) * x.size(2) * x.size(3), "N*H*W");
   check_index_range(x.size(0) * oh * ow, "N*OH*OW");
   return fr::ConvGeom{static_cast<int>(x.size(0)), static_cast<int>(x.size(1)), static_cast<int>(x.size(2)),
@@ -77,7 +113,8 @@ void check_same_dtype(const at::Tensor& t, const at::Tensor& x, const char* name
 
 // Per-tile (mean relative to pivot, M2): [2, tiles, C].
 at::Tensor batch_stats(const at::Tensor& x, const at::Tensor& pivot) {
-  check_4d(x, x, "x");
+  check_4d(x, "x");
+  check_on(x, x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t c = x.size(1);
   check_vec(pivot, c, acc_of(x), x, "pivot");
@@ -100,13 +137,25 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, const std::opt
                         const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& residual,
                         at::Tensor& y, std::vector<int64_t> stride, std::vector<int64_t> padding,
                         std::vector<int64_t> dilation, bool out_stats) {
-  check_4d(x, x, "x"); check_4d(w, x, "weight"); check_4d(y, x, "y");
+  check_4d(x, "x"); check_4d(w, "weight"); check_4d(y, "y");
   check_same_dtype(w, x, "weight"); check_same_dtype(y, x, "y");
-  const c10::cuda::CUDAGuard guard(x.device());
   const auto acc = acc_of(x);
   const int64_t c = x.size(1), k = w.size(0);
-  TORCH_CHECK(w.size(1) == c, "fused_resnet._C: weight has ", w.size(1), " input channels, x has ", c);
-  TORCH_CHECK(y.size(0) == x.size(0) && y.size(1) == k, "fused_resnet._C: y must be [N, K, OH, OW]");
+  TORCH_CHECK(w.size(1) == c, "fused_resnet._C: weight of shape ", w.sizes(), " has ", w.size(1),
+              " input channels, x of shape ", x.sizes(), " has ", c);
+  check_filter(w.size(2), w.size(3));
+  check_geometry(stride, padding, dilation);
+  TORCH_CHECK(y.size(0) == x.size(0) && y.size(1) == k, "fused_resnet._C: y of shape ", y.sizes(),
+              " must be [N=", x.size(0), ", K=", k, ", OH, OW]");
+  if (residual.has_value()) {
+    check_4d(*residual, "residual");
+    TORCH_CHECK(residual->sizes() == y.sizes(), "fused_resnet._C: residual of shape ", residual->sizes(),
+                " must have y's shape ", y.sizes());
+  }
+  check_output(y, "y", {&x, &w, residual.has_value() ? &*residual : nullptr, &scale, &shift,
+                        bias.has_value() ? &*bias : nullptr});
+  check_on(x, x, "x"); check_on(w, x, "weight"); check_on(y, x, "y");
+  const c10::cuda::CUDAGuard guard(x.device());
   check_vec(scale, c, acc, x, "scale"); check_vec(shift, c, acc, x, "shift");
   fr::ConvForwardParams p{};
   p.dtype = dtype_of(x);
@@ -122,8 +171,7 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, const std::opt
     p.bias = bias_acc.data_ptr();
   }
   if (residual.has_value()) {
-    check_4d(*residual, x, "residual"); check_same_dtype(*residual, x, "residual");
-    TORCH_CHECK(residual->sizes() == y.sizes(), "fused_resnet._C: residual must have y's shape ", y.sizes());
+    check_on(*residual, x, "residual"); check_same_dtype(*residual, x, "residual");
     p.residual = residual->data_ptr(); strides_of(*residual, p.sr);
   }
   const int tiles = fr::ceil_div(x.size(0) * y.size(2) * y.size(3), fr::kTileM);
@@ -139,12 +187,20 @@ at::Tensor conv_dgrad(const at::Tensor& gy, const at::Tensor& w, const at::Tenso
                       const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& invstd, at::Tensor& out,
                       bool batch_stats, bool need_sums, std::vector<int64_t> stride, std::vector<int64_t> padding,
                       std::vector<int64_t> dilation) {
-  check_4d(gy, x, "grad_y"); check_4d(w, x, "weight"); check_4d(x, x, "x"); check_4d(out, x, "out");
+  check_4d(gy, "grad_y"); check_4d(w, "weight"); check_4d(x, "x"); check_4d(out, "out");
   check_same_dtype(gy, x, "grad_y"); check_same_dtype(w, x, "weight");
-  const c10::cuda::CUDAGuard guard(x.device());
   const auto acc = acc_of(x);
   const int64_t c = x.size(1), k = w.size(0);
-  TORCH_CHECK(out.sizes() == x.sizes(), "fused_resnet._C: out must have x's shape");
+  TORCH_CHECK(w.size(1) == c, "fused_resnet._C: weight of shape ", w.sizes(), " has ", w.size(1),
+              " input channels, x of shape ", x.sizes(), " has ", c);
+  check_filter(w.size(2), w.size(3));
+  check_geometry(stride, padding, dilation);
+  check_grad_y(gy, x, k);
+  TORCH_CHECK(out.sizes() == x.sizes(), "fused_resnet._C: out of shape ", out.sizes(), " must have x's shape ",
+              x.sizes());
+  check_output(out, "out", {&gy, &w, &x, &scale, &shift, &mean, &invstd});
+  check_on(gy, x, "grad_y"); check_on(w, x, "weight"); check_on(x, x, "x"); check_on(out, x, "out");
+  const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(out.scalar_type() == (batch_stats ? acc : x.scalar_type()), "fused_resnet._C: out has dtype ",
               out.scalar_type());
   check_vec(scale, c, acc, x, "scale"); check_vec(shift, c, acc, x, "shift");
@@ -169,12 +225,15 @@ at::Tensor conv_dgrad(const at::Tensor& gy, const at::Tensor& w, const at::Tenso
 void bn_backward_finish(const at::Tensor& gm, const at::Tensor& x, at::Tensor& dx, const at::Tensor& mean,
                         const at::Tensor& invstd, const std::optional<at::Tensor>& gamma, const at::Tensor& s1,
                         const at::Tensor& s2, int64_t count) {
-  check_4d(gm, x, "gm"); check_4d(x, x, "x"); check_4d(dx, x, "dx"); check_same_dtype(dx, x, "dx");
-  const c10::cuda::CUDAGuard guard(x.device());
+  check_4d(gm, "gm"); check_4d(x, "x"); check_4d(dx, "dx"); check_same_dtype(dx, x, "dx");
   const auto acc = acc_of(x);
   const int64_t c = x.size(1);
   TORCH_CHECK(gm.scalar_type() == acc && gm.sizes() == x.sizes() && dx.sizes() == x.sizes(),
-              "fused_resnet._C: gm/dx must match x");
+              "fused_resnet._C: gm ", gm.sizes(), " (", gm.scalar_type(), ") and dx ", dx.sizes(),
+              " must have x's shape ", x.sizes(), ", gm in ", acc);
+  check_output(dx, "dx", {&gm, &x, &mean, &invstd, &s1, &s2});
+  check_on(gm, x, "gm"); check_on(x, x, "x"); check_on(dx, x, "dx");
+  const c10::cuda::CUDAGuard guard(x.device());
   check_vec(mean, c, acc, x, "mean"); check_vec(invstd, c, acc, x, "invstd");
   check_vec(s1, c, acc, x, "s1"); check_vec(s2, c, acc, x, "s2");
   fr::BnBackwardFinishParams p{};
@@ -202,12 +261,20 @@ void bn_backward_finish(const at::Tensor& gm, const at::Tensor& x, at::Tensor& d
 at::Tensor conv_wgrad(const at::Tensor& gy, const at::Tensor& x, int64_t k, int64_t kh, int64_t kw,
                       const at::Tensor& scale, const at::Tensor& shift, std::vector<int64_t> stride,
                       std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t chunk, int64_t split) {
-  check_4d(gy, x, "grad_y"); check_4d(x, x, "x"); check_same_dtype(gy, x, "grad_y");
+  check_4d(gy, "grad_y"); check_4d(x, "x"); check_same_dtype(gy, x, "grad_y");
+  check_filter(kh, kw);  // before anything divides by kh*kw
+  check_geometry(stride, padding, dilation);
+  TORCH_CHECK(k >= 0, "fused_resnet._C: negative K ", k);
+  check_grad_y(gy, x, k);
+  const int64_t pixels = gy.size(0) * gy.size(2) * gy.size(3);
+  TORCH_CHECK(split >= 1 && chunk >= 1 && split <= 65535 / (kh * kw) && chunk * split >= pixels,
+              "fused_resnet._C: split-K of ", split, " chunks of ", chunk, " pixels must cover the ", pixels,
+              " output pixels within ", 65535 / (kh * kw), " chunks");
+  check_on(gy, x, "grad_y"); check_on(x, x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc = acc_of(x);
   const int64_t c = x.size(1);
   check_vec(scale, c, acc, x, "scale"); check_vec(shift, c, acc, x, "shift");
-  TORCH_CHECK(split >= 1 && chunk >= 1 && split <= 65535 / (kh * kw), "fused_resnet._C: bad split ", split);
   fr::ConvWgradParams p{};
   p.dtype = dtype_of(x);
   p.g = geom(x, k, kh, kw, gy.size(2), gy.size(3), stride, padding, dilation);

@@ -1,0 +1,111 @@
+"""The compiled binding (fused_resnet._C) refuses every malformed call with a Python exception naming the
+shapes, before any kernel could read out of bounds -- and never crashes the process (an empty filter
+once divided by zero). Shape checks run before device checks, so these run without a GPU wherever the
+real extension is built (CI builds it in its own venv against the registry's CUDA torch; .ci/run)."""
+import pytest
+import torch
+
+C = pytest.importorskip("fused_resnet._C", reason="the compiled extension is not built here")
+
+
+def _args(n=2, c=3, h=5, k=4, kh=3, dtype=torch.float32):
+    x = torch.randn(n, c, h, h, dtype=dtype)
+    w = torch.randn(k, c, kh, kh, dtype=dtype)
+    y = torch.empty(n, k, h, h, dtype=dtype)
+    vec = torch.ones(c)
+    return x, w, y, vec
+
+
+def test_well_formed_cpu_call_is_refused_for_its_device_only():
+    x, w, y, vec = _args()
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        C.conv_forward(x, w, None, vec, vec, None, y, [1, 1], [1, 1], [1, 1], False)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("channels", r"weight of shape \[4, 2, 3, 3\] has 2 input channels, x of shape \[2, 3, 5, 5\] has 3"),
+    ("empty filter", "the filter must be at least 1x1, got 0x3"),
+    ("y batch", r"y of shape \[1, 4, 5, 5\] must be \[N=2, K=4"),
+    ("stride 0", "stride and dilation must be >= 1"),
+    ("dilation 0", "stride and dilation must be >= 1"),
+    ("y aliases x", "y shares memory with an input"),
+    ("y not dense", "y must be dense"),
+    ("residual shape", "residual of shape"),
+])
+def test_conv_forward_refuses(case, match):
+    x, w, y, vec = _args(k=3 if case == "y aliases x" else 4)
+    stride, dil, res = [1, 1], [1, 1], None
+    if case == "channels":
+        w = torch.randn(4, 2, 3, 3)
+    elif case == "empty filter":
+        w = torch.randn(4, 3, 0, 3)
+    elif case == "y batch":
+        y = torch.empty(1, 4, 5, 5)
+    elif case == "stride 0":
+        stride = [0, 1]
+    elif case == "dilation 0":
+        dil = [1, 0]
+    elif case == "y aliases x":
+        y = x
+    elif case == "y not dense":
+        y = torch.empty(2, 4, 5, 10)[..., ::2]
+    elif case == "residual shape":
+        res = torch.randn(2, 4, 4, 5)
+    with pytest.raises(RuntimeError, match=match):
+        C.conv_forward(x, w, None, vec, vec, res, y, stride, [1, 1], dil, False)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("grad_y channels", r"grad_y of shape \[2, 5, 5, 5\] must be \[N=2, K=4"),
+    ("grad_y batch", r"grad_y of shape \[3, 4, 5, 5\] must be \[N=2, K=4"),
+    ("weight channels", "input channels"),
+    ("out aliases grad_y", "out shares memory with an input"),
+])
+def test_conv_dgrad_refuses(case, match):
+    x, w, _, vec = _args()
+    gy = torch.randn(2, 4, 5, 5)
+    out = torch.empty_like(x)
+    if case == "grad_y channels":
+        gy = torch.randn(2, 5, 5, 5)
+    elif case == "grad_y batch":
+        gy = torch.randn(3, 4, 5, 5)
+    elif case == "weight channels":
+        w = torch.randn(4, 2, 3, 3)
+    elif case == "out aliases grad_y":
+        gy = torch.randn(2, 4, 5, 5)
+        x = torch.randn(2, 4, 5, 5)
+        w = torch.randn(4, 4, 3, 3)
+        vec = torch.ones(4)
+        out = gy
+    with pytest.raises(RuntimeError, match=match):
+        C.conv_dgrad(gy, w, x, vec, vec, vec, vec, out, False, True, [1, 1], [1, 1], [1, 1])
+
+
+@pytest.mark.parametrize("case,match", [
+    ("empty filter", "the filter must be at least 1x1, got 0x0"),  # once SIGFPE: the process died
+    ("chunks miss pixels", "must cover the 50 output pixels"),
+    ("grad_y channels", "grad_y of shape"),
+    ("stride 0", "stride and dilation must be >= 1"),
+])
+def test_conv_wgrad_refuses(case, match):
+    x, _, _, vec = _args()
+    gy = torch.randn(2, 4, 5, 5)
+    kh = kw = 3
+    chunk, split, k = 32, 2, 4
+    if case == "empty filter":
+        kh = kw = 0
+    elif case == "chunks miss pixels":
+        chunk, split = 16, 2
+    elif case == "grad_y channels":
+        k = 5
+    stride = [0, 1] if case == "stride 0" else [1, 1]
+    with pytest.raises(RuntimeError, match=match):
+        C.conv_wgrad(gy, x, k, kh, kw, vec, vec, stride, [1, 1], [1, 1], chunk, split)
+
+
+def test_finish_refuses_aliased_output():
+    x = torch.randn(2, 3, 4, 4)
+    gm = torch.randn(2, 3, 4, 4)
+    vec = torch.ones(3)
+    with pytest.raises(RuntimeError, match="dx shares memory with an input"):
+        C.bn_backward_finish(gm, x, x, vec, vec, None, vec, vec, 32)
