@@ -34,7 +34,7 @@ def channel_stats(x):
 
 
 def _shift(mean, scale, beta):
-    # The CUDA kernels take bn(x) = x*scale + shift (their fma form is tracked in the semantics issue).
+    # The CUDA kernels take bn(x) = x*scale + shift, formed without fma contraction (dtype.cuh: bn_affine).
     return (beta - mean * scale).contiguous()
 
 

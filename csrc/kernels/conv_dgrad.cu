@@ -3,7 +3,7 @@
 // (tap, output channel). For tap (r, s), input row h receives from output row
 // oh = (h + pad - r*dil) / stride when that divides exactly and lands inside [0, OH).
 //
-// Epilogue per element: gm = ga * (x*scale + shift > 0); per column S1 = sum gm, S2 = sum gm*xhat over
+// Epilogue per element: gm = ga where NOT (x*scale + shift <= 0) (eager's threshold_backward: NaN passes); per column S1 = sum gm, S2 = sum gm*xhat over
 // the tile's rows. With running statistics dx = gm*scale is final here; with batch statistics dx needs
 // the global sums, so gm (accumulation dtype) is stored and bn_backward_finish.cu completes it.
 #include "gemm_tile.cuh"
@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kThreads) conv_dgrad_kernel(const ConvDgradPar
       continue;
     }
     const Acc xv = to_acc(x[offset4(p.sx, nb, ch, row_h[row], row_w[row])]);
-    const Acc gm = fma(xv, scale[ch], shift[ch]) > Acc(0) ? c[row][col] : Acc(0);
+    const Acc gm = relu_passes(bn_affine(xv, scale[ch], shift[ch])) ? c[row][col] : Acc(0);
     c[row][col] = gm;
     if (p.batch_stats)
       static_cast<Acc*>(p.out)[offset4(p.so, nb, ch, row_h[row], row_w[row])] = gm;

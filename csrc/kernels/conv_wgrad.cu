@@ -40,8 +40,7 @@ struct WgradProblem {
     const int ih = pix_oh[k] * p.g.stride_h - p.g.pad_h + r * p.g.dil_h;
     const int iw = pix_ow[k] * p.g.stride_w - p.g.pad_w + s * p.g.dil_w;
     if (ih < 0 || ih >= p.g.H || iw < 0 || iw >= p.g.W) return zero<T>();
-    const Acc act = fma(to_acc(x[offset4(p.sx, nb, c, ih, iw)]), scale[c], shift[c]);
-    return Cvt<T>::from(act > Acc(0) ? act : Acc(0));
+    return Cvt<T>::from(relu_nan(bn_affine(to_acc(x[offset4(p.sx, nb, c, ih, iw)]), scale[c], shift[c])));
   }
 };
 

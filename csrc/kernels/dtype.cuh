@@ -29,6 +29,18 @@ template <> struct Cvt<double> { __device__ static double from(double v) { retur
 
 template <class T> __device__ __forceinline__ T zero() { return Cvt<T>::from(acc_t<T>(0)); }
 
+// The BN affine x*scale + shift with two roundings and no contraction into an fma: eager forms it the same
+// way, so a constant channel (x == mean, beta == 0; shift = -round(mean*scale)) gives exactly 0 where an fma
+// keeps the rounding residual of mean*scale and flips the ReLU mask at random.
+__device__ __forceinline__ float bn_affine(float x, float s, float b) { return __fadd_rn(__fmul_rn(x, s), b); }
+__device__ __forceinline__ double bn_affine(double x, double s, double b) { return __dadd_rn(__dmul_rn(x, s), b); }
+
+// torch.relu: NaN propagates (a > 0 ? a : 0 would map it to 0).
+template <class A> __device__ __forceinline__ A relu_nan(A a) { return (a > A(0) || a != a) ? a : A(0); }
+
+// threshold_backward's rule: the gradient passes where NOT (pre <= 0) -- NaN included, as in eager.
+template <class A> __device__ __forceinline__ bool relu_passes(A pre) { return !(pre <= A(0)); }
+
 // 64-bit element offset of logical (n, c, h, w) under strides s.
 __device__ __forceinline__ int64_t offset4(const int64_t* s, int n, int c, int h, int w) {
   return static_cast<int64_t>(n) * s[0] + static_cast<int64_t>(c) * s[1] + static_cast<int64_t>(h) * s[2] +
