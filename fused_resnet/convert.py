@@ -414,7 +414,7 @@ def _convert_module(module: nn.Module, prefix: str, backend: str, report: list) 
         entries = []
         gm = fx.GraphModule(module, graphs[training], class_name=cls)
         fused[training] = (gm, _fuse_graph(gm, prefix, backend, entries), entries)
-    (gt, nt, et), (ge, ne, ee) = fused[True], fused[False]
+    (gt, nt, et), (ge, _, ee) = fused[True], fused[False]
     if [str(e) for e in et] != [str(e) for e in ee]:
         report.append(Entry(prefix.rstrip(".") or "<model>", False,
                             "its forward differs between train() and eval() in a way that changes which chains "

@@ -121,11 +121,6 @@ def heuristic_config(kernel: str, m: int, n: int, k: int, x: torch.Tensor) -> di
                 num_stages=3 if nhwc else 2)
 
 
-def gemm_tiles(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
-    """Tiles for the elementwise/reduction kernels' callers that have no conv config."""
-    return heuristic_config("", m, n, k, torch.empty(0, dtype=dtype, device="meta"))
-
-
 # (compute capability as 90 / 80, SM count): set by the static kernel report (bench/kernels.py),
 # which picks configs and sizes grids for a GPU that is not here.
 ASSUMED_GPU = None
