@@ -29,12 +29,21 @@ def prepare_batch_norm(x, bn_weight, bn_bias, running_mean, running_var, momentu
         return input_stats if input_stats is not None else batch_statistics(x, impl)
     if isinstance(input_stats, PreparedBN):
         return input_stats
-    detach = lambda t: t.detach() if t is not None else None  # noqa: E731
+    return PreparedBN(_finalize_training(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
+                                         input_stats, x.numel() // x.shape[1], impl))
+
+
+def _detached(t):
+    return t.detach() if t is not None else None
+
+
+def _finalize_training(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, input_stats, count, impl):
+    """The [5, C] bn_finalize of training: from x's own statistics, or from the given (mean, var);
+    running buffers (when given) updated in place."""
     from_x = input_stats is None
     m_in, v_in = (None, None) if from_x else (s.detach() for s in input_stats)
-    return PreparedBN(_ops.bn_finalize(x.detach(), m_in, v_in, detach(bn_weight), detach(bn_bias), running_mean,
-                                       running_var, from_x, float(momentum), float(eps),
-                                       x.numel() // x.shape[1], impl))
+    return _ops.bn_finalize(x.detach(), m_in, v_in, _detached(bn_weight), _detached(bn_bias), running_mean,
+                            running_var, from_x, float(momentum), float(eps), count, impl)
 
 
 def bn_relu_conv2d(
@@ -158,17 +167,14 @@ def _with_finalize_kernel(x, weight, bias, bn_weight, bn_bias, running_mean, run
     x's own statistics are needed) gives mean, invstd and the prologue's scale/beta and updates the
     running buffers in place; then the conv. Validation has run, so the only failures left are the
     kernels' own."""
-    detach = lambda t: t.detach() if t is not None else None  # noqa: E731
     if isinstance(input_stats, PreparedBN):
         fin = input_stats.fin
     elif training:
-        from_x = input_stats is None
-        m_in, v_in = (None, None) if from_x else (s.detach() for s in input_stats)
-        fin = _ops.bn_finalize(x.detach(), m_in, v_in, detach(bn_weight), detach(bn_bias), running_mean,
-                               running_var, from_x, float(momentum), float(eps), count, impl)
+        fin = _finalize_training(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, input_stats,
+                                 count, impl)
     else:
-        fin = _ops.bn_finalize(x.detach(), running_mean.detach(), running_var.detach(), detach(bn_weight),
-                               detach(bn_bias), None, None, False, 0.0, float(eps), count, impl)
+        fin = _ops.bn_finalize(x.detach(), running_mean.detach(), running_var.detach(), _detached(bn_weight),
+                               _detached(bn_bias), None, None, False, 0.0, float(eps), count, impl)
     y, mean_y, var_y = _ops.bn_relu_conv2d(
         x, weight, bias, bn_weight, bn_bias, fin[0], fin[2], residual, training, float(eps),
         list(geo.stride), list(geo.padding), list(geo.dilation), list(geo.out_size), geo.groups,

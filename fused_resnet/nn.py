@@ -34,18 +34,17 @@ def _momentum(bn, update_running_stats):
 
 def shared_batch_norm(bn, x, input_stats, backend):
     """x's statistics for bn in training, finalized once when two convs consume bn (see
-    functional.prepare_batch_norm). Returns (stats for both consumers, whether they are prepared:
-    then neither updates the running buffers, already updated here)."""
+    functional.prepare_batch_norm). A PreparedBN comes with bn's running buffers and counter already
+    updated, so neither consumer updates them; plain (mean, var) leave that to the first consumer."""
     if isinstance(bn, (SyncBatchNorm2d, nn.SyncBatchNorm)) or not (bn.track_running_stats and
                                                                    bn.running_mean is not None):
-        return (input_stats if input_stats is not None else batch_statistics(x, backend)), False
+        return input_stats if input_stats is not None else batch_statistics(x, backend)
     factor, _ = _momentum(bn, True)
     stats = prepare_batch_norm(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, factor, bn.eps,
                                input_stats, backend)
-    prepared = isinstance(stats, PreparedBN)
-    if prepared and bn.num_batches_tracked is not None:
+    if isinstance(stats, PreparedBN) and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
-    return stats, prepared
+    return stats
 
 
 def fused_bn_relu_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d, x, residual=None, *, backend="auto",
@@ -140,7 +139,7 @@ class PreActBlock(nn.Module):
         if bn1.training and self.shortcut is not None:
             # Two consumers of bn1: its batch statistics (and on Triton its finalized affine and the
             # running-buffer update) once for both.
-            input_stats, _ = shared_batch_norm(bn1, x, input_stats, self.backend)
+            input_stats = shared_batch_norm(bn1, x, input_stats, self.backend)
         sc = x
         if self.shortcut is not None:
             sc, _ = fused_bn_relu_conv(bn1, self.shortcut, x, backend=self.backend, input_stats=input_stats,

@@ -109,11 +109,34 @@ def bn_finalize(c, acc, *, partials=None, x=None, mean=None, var=None, gamma=Non
         gamma if gamma is not None else dummy, beta if beta is not None else dummy,
         running_mean if update else dummy, running_var if update else dummy,
         c, float(eps), float(momentum), (count / (count - 1)) if update and count and count > 1 else float("inf"),
-        FROM_PARTIALS=from_partials, HAS_PIVOT=x is not None, WRITE_MOMENTS=from_partials and mean is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
+        FROM_PARTIALS=from_partials, HAS_PIVOT=x is not None, WRITE_MOMENTS=from_partials and mean is not None,
+        HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
         UPDATE_RUNNING=update, ACC=tl_dtype(acc), BLOCK_C=block_c, BLOCK_T=32 if interpreting() else 128,
         num_warps=4,
     )
     return out
+
+
+def moments(partials, acc, x=None):
+    """(mean, biased var) per channel, as separate tensors, merged from per-tile partials (one launch);
+    x, when given, supplies the pivot the partials are relative to."""
+    c = partials[0].shape[2]
+    mean = torch.empty(c, dtype=acc, device=partials[0].device)
+    var = torch.empty_like(mean)
+    bn_finalize(c, acc, partials=partials, x=x, mean=mean, var=var)
+    return mean, var
+
+
+@triton.jit
+def _sum_rows(ptr, rows, length, offs, ACC: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Columns `offs` of a row-major [rows, length] array, summed over its rows in a fixed order."""
+    acc = tl.zeros(offs.shape, dtype=ACC)
+    for r0 in range(0, rows, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        v = tl.load(ptr + r[:, None].to(tl.int64) * length + offs[None, :],
+                    mask=(r < rows)[:, None] & (offs < length)[None, :], other=0.0)
+        acc += tl.sum(v.to(ACC), axis=0)
+    return acc
 
 
 @triton.jit
@@ -128,23 +151,13 @@ def _column_sums_kernel(
     pid = tl.program_id(0)
     if pid < a_programs:
         offs_a = pid * BLOCK_L + tl.arange(0, BLOCK_L)
-        acc_a = tl.zeros((BLOCK_L,), dtype=ACC)
-        for r0 in range(0, a_rows, BLOCK_R):
-            rows_a = r0 + tl.arange(0, BLOCK_R)
-            v = tl.load(a_ptr + rows_a[:, None].to(tl.int64) * a_len + offs_a[None, :],
-                        mask=(rows_a < a_rows)[:, None] & (offs_a < a_len)[None, :], other=0.0)
-            acc_a += tl.sum(v.to(ACC), axis=0)
+        acc_a = _sum_rows(a_ptr, a_rows, a_len, offs_a, ACC, BLOCK_R)
         lo = offs_a < a_split
         tl.store(a_out0 + offs_a, acc_a.to(a_out0.dtype.element_ty), mask=lo)
         tl.store(a_out1 + (offs_a - a_split), acc_a.to(a_out1.dtype.element_ty), mask=~lo & (offs_a < a_len))
     elif HAS_B:
         offs_b = (pid - a_programs).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
-        acc_b = tl.zeros((BLOCK_L,), dtype=ACC)
-        for r0 in range(0, b_rows, BLOCK_R):
-            rows_b = r0 + tl.arange(0, BLOCK_R)
-            w = tl.load(b_ptr + rows_b[:, None].to(tl.int64) * b_len + offs_b[None, :],
-                        mask=(rows_b < b_rows)[:, None] & (offs_b < b_len)[None, :], other=0.0)
-            acc_b += tl.sum(w.to(ACC), axis=0)
+        acc_b = _sum_rows(b_ptr, b_rows, b_len, offs_b, ACC, BLOCK_R)
         tl.store(b_out + offs_b, acc_b.to(b_out.dtype.element_ty), mask=offs_b < b_len)
 
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, mma, swizzle, tl_dtype
-from .finalize import bn_finalize
+from .finalize import moments
 from .stats import _tile_mean_m2
 
 
@@ -133,7 +133,4 @@ def conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, paddin
     )
     if not out_stats:
         return None
-    mean = torch.empty(k, dtype=acc, device=x.device)
-    var = torch.empty_like(mean)
-    bn_finalize(k, acc, partials=(part, bm, m), mean=mean, var=var)
-    return mean, var
+    return moments((part, bm, m), acc)

@@ -78,10 +78,6 @@ def stats_partials(x: torch.Tensor):
 def channel_stats(x: torch.Tensor):
     """(mean, biased var) per channel of x [N, C, H, W], in float32 (float64 for float64 input):
     two launches, the tile partials and their merge."""
-    from .finalize import bn_finalize
+    from .finalize import moments
 
-    acc = acc_dtype(x.dtype)
-    mean = torch.empty(x.shape[1], dtype=acc, device=x.device)
-    var = torch.empty_like(mean)
-    bn_finalize(x.shape[1], acc, partials=stats_partials(x), x=x, mean=mean, var=var)
-    return mean, var
+    return moments(stats_partials(x), acc_dtype(x.dtype), x)
