@@ -2,8 +2,10 @@
 // include/fused_resnet/params.h, launches on the current stream and turns launch errors into Python
 // exceptions. Python-side launchers (fused_resnet/cuda.py) allocate outputs and merge per-tile partials.
 #include <ATen/MemoryOverlap.h>
+#ifndef FUSED_RESNET_EMULATED
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#endif
 #include <torch/extension.h>
 
 #include <limits>
@@ -14,6 +16,22 @@
 namespace fr = fused_resnet;
 
 namespace {
+
+// Where the kernels run: CUDA tensors on the current stream, or -- in the emulated build (csrc/emu,
+// fused_resnet/_emulated.py) -- CPU tensors, each launch run to completion on host threads.
+#ifdef FUSED_RESNET_EMULATED
+constexpr const char* kKernelTensor = "a CPU tensor (emulated build)";
+bool on_kernel_device(const at::Tensor& t) { return t.device().is_cpu(); }
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Device&) {}
+};
+cudaStream_t current_stream() { return nullptr; }
+#else
+constexpr const char* kKernelTensor = "a CUDA tensor";
+bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
+using DeviceGuard = c10::cuda::CUDAGuard;
+cudaStream_t current_stream() { return current_stream(); }
+#endif
 
 fr::DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -36,9 +54,27 @@ void check_4d(const at::Tensor& t, const char* name) {
 }
 
 void check_on(const at::Tensor& t, const at::Tensor& like, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "fused_resnet._C: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(on_kernel_device(t), "fused_resnet._C: ", name, " must be ", kKernelTensor);
   TORCH_CHECK(t.device() == like.device(), "fused_resnet._C: ", name, " is on ", t.device(), ", expected ",
               like.device());
+}
+
+// Byte range [first, last] a tensor's elements span (nonnegative strides: the binding takes no flips).
+std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * std::abs(t.stride(d));
+  const auto first = reinterpret_cast<uintptr_t>(t.data_ptr());
+  return {first, first + static_cast<uintptr_t>((last + 1) * t.element_size()) - 1};
+}
+
+// Whether out and in may touch the same bytes. get_overlap_status answers "too hard" for any strided
+// view (a non-contiguous x), so that case falls back to comparing the spans within one storage.
+bool may_overlap(const at::Tensor& out, const at::Tensor& in) {
+  if (!out.storage().is_alias_of(in.storage())) return false;
+  const at::MemOverlapStatus s = at::get_overlap_status(out, in);
+  if (s != at::MemOverlapStatus::TooHard) return s != at::MemOverlapStatus::No;
+  const auto a = byte_span(out), b = byte_span(in);
+  return a.first <= b.second && b.first <= a.second;
 }
 
 // An output the kernels write: dense (every element once, no gaps) and sharing no memory with an input.
@@ -47,8 +83,8 @@ void check_output(const at::Tensor& out, const char* name, std::initializer_list
               "got shape ", out.sizes(), " strides ", out.strides());
   for (const at::Tensor* in : inputs) {
     if (in == nullptr || !in->defined() || in->numel() == 0 || out.numel() == 0) continue;
-    TORCH_CHECK(at::get_overlap_status(out, *in) == at::MemOverlapStatus::No, "fused_resnet._C: ", name,
-                " shares memory with an input of shape ", in->sizes());
+    TORCH_CHECK(!may_overlap(out, *in), "fused_resnet._C: ", name, " shares memory with an input of shape ",
+                in->sizes());
   }
 }
 
@@ -62,7 +98,7 @@ void check_grad_y(const at::Tensor& gy, const at::Tensor& x, int64_t k) {
 }
 
 void check_vec(const at::Tensor& t, int64_t n, at::ScalarType dtype, const at::Tensor& like, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "fused_resnet._C: ", name, " must be on ", like.device());
+  TORCH_CHECK(on_kernel_device(t) && t.device() == like.device(), "fused_resnet._C: ", name, " must be on ", like.device());
   TORCH_CHECK(t.dim() == 1 && t.size(0) == n && t.is_contiguous(), "fused_resnet._C: ", name,
               " must be a contiguous vector of ", n, " elements");
   TORCH_CHECK(t.scalar_type() == dtype, "fused_resnet._C: ", name, " must be ", dtype, ", got ", t.scalar_type());
@@ -115,7 +151,7 @@ void check_same_dtype(const at::Tensor& t, const at::Tensor& x, const char* name
 at::Tensor batch_stats(const at::Tensor& x, const at::Tensor& pivot) {
   check_4d(x, "x");
   check_on(x, x, "x");
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const int64_t c = x.size(1);
   check_vec(pivot, c, acc_of(x), x, "pivot");
   check_index_range(x.size(0) * x.size(2) * x.size(3), "N*H*W");
@@ -128,7 +164,7 @@ at::Tensor batch_stats(const at::Tensor& x, const at::Tensor& pivot) {
   p.x = x.data_ptr(); strides_of(x, p.sx);
   p.pivot = pivot.data_ptr();
   p.part = part.data_ptr();
-  if (tiles > 0 && c > 0) check_launch(fr::batch_stats(p, at::cuda::getCurrentCUDAStream()), "batch_stats");
+  if (tiles > 0 && c > 0) check_launch(fr::batch_stats(p, current_stream()), "batch_stats");
   return part;
 }
 
@@ -155,7 +191,7 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, const std::opt
   check_output(y, "y", {&x, &w, residual.has_value() ? &*residual : nullptr, &scale, &shift,
                         bias.has_value() ? &*bias : nullptr});
   check_on(x, x, "x"); check_on(w, x, "weight"); check_on(y, x, "y");
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   check_vec(scale, c, acc, x, "scale"); check_vec(shift, c, acc, x, "shift");
   fr::ConvForwardParams p{};
   p.dtype = dtype_of(x);
@@ -177,7 +213,7 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, const std::opt
   const int tiles = fr::ceil_div(x.size(0) * y.size(2) * y.size(3), fr::kTileM);
   at::Tensor part = at::empty({out_stats ? 2 : 0, tiles, k}, scale.options());
   if (out_stats) p.part = part.data_ptr();
-  if (y.numel() > 0) check_launch(fr::conv_forward(p, at::cuda::getCurrentCUDAStream()), "conv_forward");
+  if (y.numel() > 0) check_launch(fr::conv_forward(p, current_stream()), "conv_forward");
   return part;
 }
 
@@ -200,7 +236,7 @@ at::Tensor conv_dgrad(const at::Tensor& gy, const at::Tensor& w, const at::Tenso
               x.sizes());
   check_output(out, "out", {&gy, &w, &x, &scale, &shift, &mean, &invstd});
   check_on(gy, x, "grad_y"); check_on(w, x, "weight"); check_on(x, x, "x"); check_on(out, x, "out");
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   TORCH_CHECK(out.scalar_type() == (batch_stats ? acc : x.scalar_type()), "fused_resnet._C: out has dtype ",
               out.scalar_type());
   check_vec(scale, c, acc, x, "scale"); check_vec(shift, c, acc, x, "shift");
@@ -218,7 +254,7 @@ at::Tensor conv_dgrad(const at::Tensor& gy, const at::Tensor& w, const at::Tenso
   const int tiles = fr::ceil_div(x.size(0) * x.size(2) * x.size(3), fr::kTileM);
   at::Tensor part = at::empty({sums ? 2 : 0, tiles, c}, scale.options());
   if (sums) p.part = part.data_ptr();
-  if (x.numel() > 0) check_launch(fr::conv_dgrad(p, at::cuda::getCurrentCUDAStream()), "conv_dgrad");
+  if (x.numel() > 0) check_launch(fr::conv_dgrad(p, current_stream()), "conv_dgrad");
   return part;
 }
 
@@ -233,7 +269,7 @@ void bn_backward_finish(const at::Tensor& gm, const at::Tensor& x, at::Tensor& d
               " must have x's shape ", x.sizes(), ", gm in ", acc);
   check_output(dx, "dx", {&gm, &x, &mean, &invstd, &s1, &s2});
   check_on(gm, x, "gm"); check_on(x, x, "x"); check_on(dx, x, "dx");
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   check_vec(mean, c, acc, x, "mean"); check_vec(invstd, c, acc, x, "invstd");
   check_vec(s1, c, acc, x, "s1"); check_vec(s2, c, acc, x, "s2");
   fr::BnBackwardFinishParams p{};
@@ -254,7 +290,7 @@ void bn_backward_finish(const at::Tensor& gm, const at::Tensor& x, at::Tensor& d
   // the statistics are synchronized across ranks.
   TORCH_CHECK(count >= 0, "fused_resnet._C: negative count");
   p.inv_count = count > 0 ? 1.0 / static_cast<double>(count) : 0.0;
-  if (x.numel() > 0) check_launch(fr::bn_backward_finish(p, at::cuda::getCurrentCUDAStream()), "bn_backward_finish");
+  if (x.numel() > 0) check_launch(fr::bn_backward_finish(p, current_stream()), "bn_backward_finish");
 }
 
 // Split-K slabs [split, K, C, KH, KW] in the accumulation dtype; the caller sums over split.
@@ -271,7 +307,7 @@ at::Tensor conv_wgrad(const at::Tensor& gy, const at::Tensor& x, int64_t k, int6
               "fused_resnet._C: split-K of ", split, " chunks of ", chunk, " pixels must cover the ", pixels,
               " output pixels within ", 65535 / (kh * kw), " chunks");
   check_on(gy, x, "grad_y"); check_on(x, x, "x");
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const auto acc = acc_of(x);
   const int64_t c = x.size(1);
   check_vec(scale, c, acc, x, "scale"); check_vec(shift, c, acc, x, "shift");
@@ -285,12 +321,22 @@ at::Tensor conv_wgrad(const at::Tensor& gy, const at::Tensor& x, int64_t k, int6
   at::Tensor part = at::zeros({split, k, c, kh, kw}, scale.options());
   p.part = part.data_ptr();
   if (part.numel() > 0 && gy.numel() > 0)
-    check_launch(fr::conv_wgrad(p, at::cuda::getCurrentCUDAStream()), "conv_wgrad");
+    check_launch(fr::conv_wgrad(p, current_stream()), "conv_wgrad");
   return part;
 }
 
+#ifdef FUSED_RESNET_EMULATED
+void register_emulation_checks(pybind11::module_& m);  // csrc/emu/checks.cpp
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_resnet CUDA kernels (hand-written); called through fused_resnet/cuda.py";
+#ifdef FUSED_RESNET_EMULATED
+  m.attr("EMULATED") = true;
+  register_emulation_checks(m);
+#else
+  m.attr("EMULATED") = false;
+#endif
   m.attr("TILE_M") = fr::kTileM;
   m.attr("TILE_N") = fr::kTileN;
   m.attr("TILE_K") = fr::kTileK;

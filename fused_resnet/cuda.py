@@ -12,7 +12,13 @@ from ._layout import memory_format_of
 from ._partials import merge_partials
 
 
-def _ext():
+def _ext(like):
+    """The compiled kernels for like's device: fused_resnet._C for CUDA tensors, the emulated host build
+    (fused_resnet/_emulated.py, FUSED_RESNET_CUDA_EMULATED=1) for CPU tensors."""
+    if like.device.type == "cpu":
+        from . import _emulated
+
+        return _emulated.load()
     from . import _C  # imported lazily: backends.py reports why when it is missing
 
     return _C
@@ -24,7 +30,7 @@ def _acc(dtype):
 
 def channel_stats(x):
     """(mean, biased var) per channel of x [N, C, H, W], in float32 (float64 for float64 input)."""
-    ext = _ext()
+    ext = _ext(x)
     acc = _acc(x.dtype)
     pivot = x[0, :, 0, 0].to(acc).contiguous()  # one sample per channel: the shift for the sums
     part = ext.batch_stats(x, pivot)
@@ -43,7 +49,7 @@ def conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, paddin
 
     Returns per-channel (mean, biased var) of y when out_stats, else None.
     """
-    ext = _ext()
+    ext = _ext(x)
     shift = _shift(mean, scale, beta)
     part = ext.conv_forward(x, weight, bias, scale, shift, residual, y, list(stride), list(padding),
                             list(dilation), out_stats)
@@ -59,7 +65,7 @@ def conv_dgrad_bn(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_sta
     """Returns (dx, S1, S2); S1/S2 (= dbeta, dgamma) are None unless need_sums or batch_stats.
     sync(s1, s2, count) -> (s1, s2, count) makes the dx finish use process-group-wide sums (the
     returned S1/S2 stay local, as nn.SyncBatchNorm's weight/bias gradients do)."""
-    ext = _ext()
+    ext = _ext(x)
     acc = _acc(x.dtype)
     dx = torch.empty_like(x, memory_format=memory_format_of(x))
     out = torch.empty_like(x, dtype=acc, memory_format=memory_format_of(x)) if batch_stats else dx
@@ -78,13 +84,19 @@ def conv_dgrad_bn(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_sta
     return dx, s1, s2
 
 
+# The emulated build's stand-in SM count: small, so that split-K takes several chunks at test sizes.
+EMULATED_SMS = 4
+
+
 def _num_sms(device):
+    if device.type == "cpu":
+        return EMULATED_SMS
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def conv_wgrad(grad_y, x, weight_shape, mean, scale, beta, stride, padding, dilation):
     """dW in the accumulation dtype (the op layer casts it to the weight's dtype)."""
-    ext = _ext()
+    ext = _ext(x)
     n, c, _, _ = x.shape
     k, _, kh, kw = weight_shape
     pixels = n * grad_y.shape[2] * grad_y.shape[3]

@@ -2,7 +2,9 @@
 // after shifting by a per-channel pivot (one sample of the channel, so shifted values are of the order
 // of the std), the 8 row groups of a block are merged with Chan's formula, and the per-block
 // (mean, M2) go to the host-side merge (fused_resnet/_partials.py). No float32 sum of squares anywhere,
-// so |mean| >> std keeps its variance.
+// so |mean| >> std keeps its variance. A plain sum rides along only to give eager's mean when the data holds
+// inf (Welford's update turns inf into NaN; eager's sum/N keeps +-inf).
+#include "device.cuh"
 #include "dtype.cuh"
 
 namespace fused_resnet {
@@ -13,18 +15,27 @@ constexpr int kChannels = 32;                    // channels per block: one warp
 constexpr int kGroups = 8;                       // row groups per block: one warp each
 constexpr int kRowsPerThread = kStatsRows / kGroups;
 
+template <class Acc>
+struct StatsShared {
+  Acc mean[kGroups][kChannels], m2[kGroups][kChannels], sum[kGroups][kChannels];
+  int cnt[kGroups];
+};
+
 template <class T>
 __global__ void __launch_bounds__(kChannels * kGroups) batch_stats_kernel(const BatchStatsParams p) {
   using Acc = acc_t<T>;
-  __shared__ Acc s_mean[kGroups][kChannels], s_m2[kGroups][kChannels];
-  __shared__ int s_cnt[kGroups];
+  auto& sh = block_shared<StatsShared<Acc>>();
+  auto& s_mean = sh.mean;
+  auto& s_m2 = sh.m2;
+  auto& s_sum = sh.sum;
+  auto& s_cnt = sh.cnt;
   const T* x = static_cast<const T*>(p.x);
   const int lane = threadIdx.x % kChannels, grp = threadIdx.x / kChannels;
   const int c = blockIdx.y * kChannels + lane;
   const int M = p.N * p.H * p.W;
   const int m0 = blockIdx.x * kStatsRows;
   const Acc pivot = c < p.C ? static_cast<const Acc*>(p.pivot)[c] : Acc(0);
-  Acc mean = 0, m2 = 0;
+  Acc mean = 0, m2 = 0, sum = 0;
   int cnt = 0;
   for (int i = 0; i < kRowsPerThread; ++i) {
     const int m = m0 + grp + kGroups * i;
@@ -34,23 +45,27 @@ __global__ void __launch_bounds__(kChannels * kGroups) batch_stats_kernel(const 
     const int w = m % p.W, t = m / p.W;
     const Acc v = to_acc(x[offset4(p.sx, t / p.H, c, t % p.H, w)]) - pivot;
     const Acc d = v - mean;
+    sum += v;
     mean += d / Acc(cnt);
     m2 = fma(d, v - mean, m2);
   }
   s_mean[grp][lane] = mean;
   s_m2[grp][lane] = m2;
+  s_sum[grp][lane] = sum;
   if (lane == 0) s_cnt[grp] = cnt;
   __syncthreads();
   if (grp != 0 || c >= p.C) return;
-  Acc n_a = 0, mean_a = 0, m2_a = 0;
+  Acc n_a = 0, mean_a = 0, m2_a = 0, sum_a = 0;
   for (int j = 0; j < kGroups; ++j) {
     const Acc n_b = Acc(s_cnt[j]);
     if (n_b == Acc(0)) continue;
     const Acc n = n_a + n_b, delta = s_mean[j][lane] - mean_a;
     mean_a += delta * (n_b / n);
     m2_a += s_m2[j][lane] + delta * delta * (n_a * n_b / n);
+    sum_a += s_sum[j][lane];
     n_a = n;
   }
+  if (!isfinite(sum_a)) mean_a = sum_a / n_a;  // +-inf, or NaN (NaN, or both infinities), as eager's
   Acc* part = static_cast<Acc*>(p.part);
   part[static_cast<int64_t>(blockIdx.x) * p.C + c] = mean_a;
   part[static_cast<int64_t>(gridDim.x + blockIdx.x) * p.C + c] = m2_a;
@@ -63,8 +78,7 @@ cudaError_t batch_stats(const BatchStatsParams& p, cudaStream_t stream) {
   return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     const dim3 grid(ceil_div(static_cast<int64_t>(p.N) * p.H * p.W, kStatsRows), ceil_div(p.C, detail::kChannels));
-    detail::batch_stats_kernel<T><<<grid, detail::kChannels * detail::kGroups, 0, stream>>>(p);
-    return cudaGetLastError();
+    return detail::launch(detail::batch_stats_kernel<T>, grid, dim3(detail::kChannels * detail::kGroups), stream, p);
   });
 }
 

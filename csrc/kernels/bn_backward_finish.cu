@@ -1,6 +1,7 @@
 // Batch-statistics BN backward, elementwise: dx = invstd*gamma*(gm - S1/M - xhat*S2/M), once the
 // dgrad epilogue's per-tile S1/S2 have been summed. Walks elements in memory order of x (channels
 // fastest for channels_last, width fastest for NCHW) so loads and stores coalesce.
+#include "device.cuh"
 #include "dtype.cuh"
 
 namespace fused_resnet {
@@ -49,8 +50,7 @@ cudaError_t bn_backward_finish(const BnBackwardFinishParams& p, cudaStream_t str
     using T = decltype(tag);
     const int64_t total = static_cast<int64_t>(p.N) * p.C * p.H * p.W;
     const int blocks = static_cast<int>(total / 256 + 1 < 65536 ? total / 256 + 1 : 65536);
-    detail::bn_backward_finish_kernel<T><<<blocks, 256, 0, stream>>>(p);
-    return cudaGetLastError();
+    return detail::launch(detail::bn_backward_finish_kernel<T>, blocks, dim3(256), stream, p);
   });
 }
 

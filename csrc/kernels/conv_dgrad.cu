@@ -47,8 +47,9 @@ struct DgradProblem {
 template <class T>
 __global__ void __launch_bounds__(kThreads) conv_dgrad_kernel(const ConvDgradParams p) {
   using Acc = acc_t<T>;
-  __shared__ __align__(128) unsigned char raw[SharedTiles<T>::kBytes];
-  __shared__ int row_n[kTileM], row_h[kTileM], row_w[kTileM];
+  auto& sh = block_shared<ConvShared<T, kTileM>>();
+  unsigned char* raw = sh.raw;
+  int *row_n = sh.idx_n, *row_h = sh.idx_h, *row_w = sh.idx_w;
   const ConvGeom& g = p.g;
   const int M = g.N * g.H * g.W;
   const int m0 = blockIdx.x * kTileM, n0 = blockIdx.y * kTileN;
@@ -90,8 +91,7 @@ __global__ void __launch_bounds__(kThreads) conv_dgrad_kernel(const ConvDgradPar
     const int cnt = min(M - m0, kTileM);
     Acc s1 = 0, s2 = 0;
     for (int row = 0; row < cnt; ++row) {
-      const Acc gm = c[row][col];
-      if (gm == Acc(0)) continue;
+      const Acc gm = c[row][col];  // no skip of gm == 0: eager's 0 * inf (xhat of an inf x) is NaN
       const Acc xhat = (to_acc(x[offset4(p.sx, row_n[row], ch, row_h[row], row_w[row])]) - mean[ch]) * invstd[ch];
       s1 += gm;
       s2 = fma(gm, xhat, s2);
@@ -109,8 +109,7 @@ cudaError_t conv_dgrad(const ConvDgradParams& p, cudaStream_t stream) {
   return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     const dim3 grid(ceil_div(static_cast<int64_t>(p.g.N) * p.g.H * p.g.W, kTileM), ceil_div(p.g.C, kTileN));
-    detail::conv_dgrad_kernel<T><<<grid, detail::kThreads, 0, stream>>>(p);
-    return cudaGetLastError();
+    return detail::launch(detail::conv_dgrad_kernel<T>, grid, dim3(detail::kThreads), stream, p);
   });
 }
 

@@ -43,8 +43,9 @@ struct ForwardProblem {
 template <class T>
 __global__ void __launch_bounds__(kThreads) conv_forward_kernel(const ConvForwardParams p) {
   using Acc = acc_t<T>;
-  __shared__ __align__(128) unsigned char raw[SharedTiles<T>::kBytes];
-  __shared__ int row_n[kTileM], row_oh[kTileM], row_ow[kTileM];
+  auto& sh = block_shared<ConvShared<T, kTileM>>();
+  unsigned char* raw = sh.raw;
+  int *row_n = sh.idx_n, *row_oh = sh.idx_h, *row_ow = sh.idx_w;
   const ConvGeom& g = p.g;
   const int M = g.N * g.OH * g.OW;
   const int m0 = blockIdx.x * kTileM, n0 = blockIdx.y * kTileN;
@@ -102,8 +103,7 @@ cudaError_t conv_forward(const ConvForwardParams& p, cudaStream_t stream) {
   return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     const dim3 grid(ceil_div(static_cast<int64_t>(p.g.N) * p.g.OH * p.g.OW, kTileM), ceil_div(p.g.K, kTileN));
-    detail::conv_forward_kernel<T><<<grid, detail::kThreads, 0, stream>>>(p);
-    return cudaGetLastError();
+    return detail::launch(detail::conv_forward_kernel<T>, grid, dim3(detail::kThreads), stream, p);
   });
 }
 

@@ -47,8 +47,9 @@ struct WgradProblem {
 template <class T>
 __global__ void __launch_bounds__(kThreads) conv_wgrad_kernel(const ConvWgradParams p) {
   using Acc = acc_t<T>;
-  __shared__ __align__(128) unsigned char raw[SharedTiles<T>::kBytes];
-  __shared__ int pix_n[kTileK], pix_oh[kTileK], pix_ow[kTileK];
+  auto& sh = block_shared<ConvShared<T, kTileK>>();
+  unsigned char* raw = sh.raw;
+  int *pix_n = sh.idx_n, *pix_oh = sh.idx_h, *pix_ow = sh.idx_w;
   const ConvGeom& g = p.g;
   const int P = g.N * g.OH * g.OW;
   const int rs = blockIdx.z / p.split, sp = blockIdx.z % p.split;
@@ -80,8 +81,7 @@ cudaError_t conv_wgrad(const ConvWgradParams& p, cudaStream_t stream) {
   return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     const dim3 grid(ceil_div(p.g.K, kTileM), ceil_div(p.g.C, kTileN), p.g.KH * p.g.KW * p.split);
-    detail::conv_wgrad_kernel<T><<<grid, detail::kThreads, 0, stream>>>(p);
-    return cudaGetLastError();
+    return detail::launch(detail::conv_wgrad_kernel<T>, grid, dim3(detail::kThreads), stream, p);
   });
 }
 

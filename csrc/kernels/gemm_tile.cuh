@@ -8,7 +8,7 @@
 // which cp.async's raw copies cannot do without a second pass over shared memory).
 #pragma once
 
-#include <mma.h>
+#include "device.cuh"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "fused_resnet's CUDA kernels need sm_80 or newer (bfloat16 tensor cores); set the arch list to 8.0+"
@@ -44,6 +44,13 @@ struct SharedTiles {
   __device__ static Acc (*c(unsigned char* raw))[kTileN + kPadC] {
     return reinterpret_cast<Acc(*)[kTileN + kPadC]>(raw);
   }
+};
+
+// A conv kernel's shared memory: the operand/accumulator buffer and the (n, h, w) of the tile's Rows pixels.
+template <class T, int Rows>
+struct ConvShared {
+  alignas(128) unsigned char raw[SharedTiles<T>::kBytes];
+  int idx_n[Rows], idx_h[Rows], idx_w[Rows];
 };
 
 // CUDA-core MMA: each thread owns a 4x8 sub-tile, rows ty + 16i, columns tx + 8j (strided so a warp

@@ -1,0 +1,134 @@
+// Checks of the emulation layer itself, compiled into the emulated build only (tests/test_emulation.py):
+// a mistake in an emulated primitive would hide the same mistake in a kernel, so each primitive is
+// exercised on its own against an independent answer (torch's conversions, a plain matrix product,
+// the runtime's own failure modes).
+#include <torch/extension.h>
+
+#include "cuda_bf16.h"
+#include "cuda_fp16.h"
+#include "cuda_runtime.h"
+#include "mma.h"
+#include "../kernels/device.cuh"
+
+namespace {
+
+// float32 -> the 16-bit pattern of __float2half_rn / __float2bfloat16_rn.
+at::Tensor round_to_16(const at::Tensor& f, bool bf16) {
+  TORCH_CHECK(f.scalar_type() == at::kFloat && f.is_contiguous(), "float32 contiguous input");
+  at::Tensor out = at::empty(f.sizes(), f.options().dtype(at::kShort));
+  const float* in = f.data_ptr<float>();
+  int16_t* o = out.data_ptr<int16_t>();
+  for (int64_t i = 0; i < f.numel(); ++i)
+    o[i] = static_cast<int16_t>(bf16 ? __float2bfloat16_rn(in[i]).bits : __float2half_rn(in[i]).bits);
+  return out;
+}
+
+// 16-bit patterns -> float32 through __half2float / __bfloat162float.
+at::Tensor widen_16(const at::Tensor& bits, bool bf16) {
+  TORCH_CHECK(bits.scalar_type() == at::kShort && bits.is_contiguous(), "int16 contiguous input");
+  at::Tensor out = at::empty(bits.sizes(), bits.options().dtype(at::kFloat));
+  const int16_t* in = bits.data_ptr<int16_t>();
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < bits.numel(); ++i) {
+    const uint16_t b = static_cast<uint16_t>(in[i]);
+    o[i] = bf16 ? __bfloat162float(__nv_bfloat16{b}) : __half2float(__half{b});
+  }
+  return out;
+}
+
+template <class T>
+struct WmmaShared {
+  alignas(128) T a[16 * 24];
+  alignas(128) T b[16 * 24];
+  alignas(128) float c[16 * 20];
+};
+
+// 2 A B for one 16x16x16 tile by one warp through the emulated WMMA (two mma_sync into the same
+// accumulator, the second in place as the kernels call it). A and B come as float tensors rounded to T,
+// staged with the padded leading dimensions the kernels use (24 elements, C 20); a_col stores A
+// column-major.
+template <class T>
+at::Tensor wmma_tile(const at::Tensor& a, const at::Tensor& b, bool a_col, T (*from)(float)) {
+  at::Tensor out = at::empty({16, 16}, a.options().dtype(at::kFloat));
+  const float *pa = a.data_ptr<float>(), *pb = b.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  auto kernel = [&] {
+    using namespace nvcuda;
+    auto& sh = fused_resnet::detail::block_shared<WmmaShared<T>>();
+    for (int i = static_cast<int>(threadIdx.x); i < 256; i += 32) {  // each lane stages a share
+      const int r = i / 16, col = i % 16;
+      sh.a[a_col ? col * 24 + r : r * 24 + col] = from(pa[i]);
+      sh.b[r * 24 + col] = from(pb[i]);
+    }
+    __syncthreads();
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+    wmma::load_matrix_sync(fb, sh.b, 24);
+    if (a_col) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
+      wmma::load_matrix_sync(fa, sh.a, 24);
+      for (int rep = 0; rep < 2; ++rep) wmma::mma_sync(acc, fa, fb, acc);
+    } else {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+      wmma::load_matrix_sync(fa, sh.a, 24);
+      for (int rep = 0; rep < 2; ++rep) wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(sh.c, acc, 20, wmma::mem_row_major);
+    __syncthreads();
+    for (int i = static_cast<int>(threadIdx.x); i < 256; i += 32) po[i] = sh.c[(i / 16) * 20 + i % 16];
+  };
+  const cudaError_t err = fused_resnet_emu::launch(kernel, dim3(1), dim3(32));
+  TORCH_CHECK(err == cudaSuccess, cudaGetErrorString(err));
+  return out;
+}
+
+at::Tensor wmma_product(const at::Tensor& a, const at::Tensor& b, bool bf16, bool a_col) {
+  for (const at::Tensor* t : {&a, &b})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->sizes() == at::IntArrayRef({16, 16}),
+                "16x16 float32 contiguous operands");
+  return bf16 ? wmma_tile<__nv_bfloat16>(a, b, a_col, __float2bfloat16_rn)
+              : wmma_tile<__half>(a, b, a_col, __float2half_rn);
+}
+
+// What a thread reads from a shared buffer no thread has written: the poison, per element.
+at::Tensor unwritten_shared(int64_t n) {
+  struct Buf { float v[64]; };
+  TORCH_CHECK(n >= 0 && n <= 64, "at most 64");
+  at::Tensor out = at::empty({n}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  auto kernel = [&] {
+    auto& sh = fused_resnet::detail::block_shared<Buf>();
+    if (threadIdx.x == 0)
+      for (int64_t i = 0; i < n; ++i) o[i] = sh.v[i];
+  };
+  fused_resnet_emu::launch(kernel, dim3(2), dim3(4));
+  return out;
+}
+
+// Threads of one block at two different __syncthreads: undefined on a GPU, an abort here.
+void divergent_barrier() {
+  auto kernel = [] {
+    if (threadIdx.x % 2 == 0) {
+      __syncthreads();
+    } else {
+      __syncthreads();
+    }
+  };
+  fused_resnet_emu::launch(kernel, dim3(1), dim3(4));
+}
+
+int64_t launch_error(int64_t block_threads, int64_t grid_y) {
+  return fused_resnet_emu::launch([] {}, dim3(1, static_cast<unsigned>(grid_y)), dim3(static_cast<unsigned>(block_threads)));
+}
+
+}  // namespace
+
+void register_emulation_checks(pybind11::module_& m) {
+  m.def("emu_round_to_16", &round_to_16);
+  m.def("emu_widen_16", &widen_16);
+  m.def("emu_wmma_product", &wmma_product);
+  m.def("emu_unwritten_shared", &unwritten_shared);
+  m.def("emu_divergent_barrier", &divergent_barrier);
+  m.def("emu_launch_error", &launch_error);
+}

@@ -1,0 +1,206 @@
+// Emulated CUDA execution model: the kernels in csrc/kernels/*.cu compiled as host C++ and run on the CPU.
+//
+// Built only with -DFUSED_RESNET_EMULATED and csrc/emu first on the include path (fused_resnet/_emulated.py
+// builds it; CI runs the whole CUDA test matrix through it). The kernel files are the same bytes the GPU
+// build compiles; everything CUDA-specific they touch is supplied here, in cuda_fp16.h / cuda_bf16.h
+// (element types) and mma.h (the WMMA primitives).
+//
+// What is modelled faithfully:
+// - one host thread per CUDA thread, threadIdx/blockIdx/blockDim/gridDim per thread with CUDA's types
+//   (unsigned components: mixed signed/unsigned arithmetic behaves as on the GPU);
+// - __syncthreads as a block-wide barrier that also checks every live thread reached the *same*
+//   __syncthreads (a divergent barrier is undefined behaviour in CUDA; here it aborts with both sites).
+//   A thread that returns stops counting (as on sm_70+: exited threads do not block a barrier);
+// - shared memory: the kernels take theirs from block_shared<S>() (csrc/kernels/device.cuh); here each
+//   block gets a fresh copy filled with 0xFF bytes (NaN / -1), so a read before any write shows up as
+//   NaN instead of a convenient zero or the previous block's data. `__shared__` itself is left undefined:
+//   a kernel that declares shared memory any other way does not compile here;
+// - launch configuration limits (block size, grid dimensions) -> cudaErrorInvalidConfiguration;
+// - float/double arithmetic: IEEE with no contraction (build flag -ffp-contract=off), fma() exact as
+//   the device's, __fadd_rn/__fmul_rn/__dadd_rn/__dmul_rn rounded separately.
+// What is not modelled (the GPU pass is the final word on these):
+// - warp scheduling and warp-synchronous behaviour: the kernels use no warp shuffles or votes, and a
+//   code path that relied on lockstep execution would not be caught here;
+// - memory ordering beyond barriers and kernel boundaries (no __threadfence semantics), caches, bank
+//   conflicts, timing of any kind, and the 48 KiB static shared-memory limit (ptxas enforces that in the
+//   real build);
+// - blocks run one after another, so a kernel whose blocks communicate through global memory would pass
+//   here and could deadlock or race on a GPU.
+#pragma once
+
+#ifndef FUSED_RESNET_EMULATED
+#error "csrc/emu is the emulated CUDA runtime: build with -DFUSED_RESNET_EMULATED (fused_resnet/_emulated.py)"
+#endif
+
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <new>
+#include <source_location>
+#include <thread>
+#include <vector>
+
+// ---- qualifiers ----------------------------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))  // as CUDA's own host headers define it
+
+// ---- runtime types -------------------------------------------------------------------------------
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
+using cudaStream_t = struct CUstream_st*;
+
+inline const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+  }
+  return "unknown error";
+}
+
+struct uint3 { unsigned int x, y, z; };
+struct dim3 {
+  unsigned int x, y, z;
+  constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+inline thread_local uint3 threadIdx{0, 0, 0};
+inline thread_local uint3 blockIdx{0, 0, 0};
+inline thread_local dim3 blockDim;
+inline thread_local dim3 gridDim;
+
+// ---- device math the kernels call ----------------------------------------------------------------
+using std::fma;
+using std::isfinite;
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+// volatile keeps each operation separately rounded whatever the optimiser does.
+inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
+inline double __dmul_rn(double a, double b) { volatile double r = a * b; return r; }
+inline double __dadd_rn(double a, double b) { volatile double r = a + b; return r; }
+
+namespace fused_resnet_emu {
+
+// The block barrier with the divergence check: each thread records the __syncthreads it is at.
+struct Block {
+  explicit Block(int threads)
+      : barrier(threads, Completion{this}), site(static_cast<size_t>(threads)), live(static_cast<size_t>(threads), 1) {}
+  struct Completion {
+    Block* b;
+    void operator()() noexcept { b->check_sites(); }
+  };
+  std::barrier<Completion> barrier;
+  std::vector<std::source_location> site;  // written before arriving, read in the completion step
+  std::vector<char> live;
+  struct Region {
+    const void* key;
+    void* ptr;
+    size_t align;
+  };
+  std::mutex regions_mutex;
+  std::vector<Region> regions;  // the block's shared memory, one region per type asked for
+  Block(const Block&) = delete;
+  Block& operator=(const Block&) = delete;
+  ~Block() {
+    for (Region& r : regions) ::operator delete(r.ptr, std::align_val_t(r.align));
+  }
+  void* shared(const void* key, size_t bytes, size_t align) {
+    std::lock_guard<std::mutex> lock(regions_mutex);
+    for (Region& r : regions)
+      if (r.key == key) return r.ptr;
+    align = std::max<size_t>(align, 128);
+    void* p = ::operator new(bytes, std::align_val_t(align));
+    std::memset(p, 0xFF, bytes);
+    regions.push_back(Region{key, p, align});
+    return p;
+  }
+  void check_sites() noexcept {
+    const std::source_location* first = nullptr;
+    for (size_t t = 0; t < site.size(); ++t) {
+      if (!live[t]) continue;
+      if (first == nullptr) { first = &site[t]; continue; }
+      if (site[t].line() != first->line() || std::strcmp(site[t].file_name(), first->file_name()) != 0) {
+        std::fprintf(stderr, "fused_resnet emulation: divergent __syncthreads in one block: %s:%u and %s:%u\n",
+                     first->file_name(), first->line(), site[t].file_name(), site[t].line());
+        std::abort();
+      }
+    }
+  }
+};
+
+inline thread_local Block* current_block = nullptr;
+inline thread_local int current_thread = 0;
+
+// A barrier site to skip (file suffix:line), for proving that the race detector sees a missing barrier:
+// FUSED_RESNET_EMU_DROP_BARRIER=gemm_tile.cuh:123. Every thread skips it, so the barrier stays uniform.
+inline bool dropped(const std::source_location& loc) {
+  static const char* spec = std::getenv("FUSED_RESNET_EMU_DROP_BARRIER");
+  if (spec == nullptr || *spec == '\0') return false;
+  const char* colon = std::strrchr(spec, ':');
+  if (colon == nullptr || std::atoi(colon + 1) != static_cast<int>(loc.line())) return false;
+  const size_t n = static_cast<size_t>(colon - spec), len = std::strlen(loc.file_name());
+  return len >= n && std::strncmp(loc.file_name() + len - n, spec, n) == 0;
+}
+
+template <class S>
+S& block_shared() {
+  static const char key = 0;  // one per type S
+  return *static_cast<S*>(current_block->shared(&key, sizeof(S), alignof(S)));
+}
+
+// One launch at a time: the per-thread block state is one copy.
+inline std::mutex& launch_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+template <class Kernel>
+cudaError_t launch(Kernel&& kernel, dim3 grid, dim3 block) {
+  const uint64_t threads = uint64_t(block.x) * block.y * block.z;
+  if (threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
+      grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535)
+    return cudaErrorInvalidConfiguration;
+  std::lock_guard<std::mutex> lock(launch_mutex());
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        Block state(static_cast<int>(threads));
+        std::vector<std::thread> pool;
+        pool.reserve(threads);
+        for (unsigned t = 0; t < threads; ++t)
+          pool.emplace_back([&, t] {
+            threadIdx = uint3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+            blockIdx = uint3{bx, by, bz};
+            blockDim = block;
+            gridDim = grid;
+            current_block = &state;
+            current_thread = static_cast<int>(t);
+            kernel();
+            state.live[t] = 0;  // ordered before the completion step by arrive_and_drop
+            state.barrier.arrive_and_drop();
+          });
+        for (auto& th : pool) th.join();
+      }
+  return cudaSuccess;
+}
+
+}  // namespace fused_resnet_emu
+
+inline void __syncthreads(std::source_location loc = std::source_location::current()) {
+  using namespace fused_resnet_emu;
+  if (dropped(loc)) return;
+  current_block->site[static_cast<size_t>(current_thread)] = loc;
+  current_block->barrier.arrive_and_wait();
+}
+
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
