@@ -1,4 +1,5 @@
-"""Test setup: the Triton interpreter on machines without a GPU, the `gpu` marker, backend params.
+"""Test setup: the Triton interpreter and the emulated CUDA build on machines without a GPU, the `gpu`
+marker, backend params.
 
 TRITON_INTERPRET must be set before triton is first imported, so it is set here, at collection.
 """
@@ -8,6 +9,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # backend="cuda" on CPU tensors through the host build of the CUDA kernels (fused_resnet/_emulated.py;
+    # built on first use, about a minute). Set it to 0 to skip the CUDA backend's tests instead.
+    os.environ.setdefault("FUSED_RESNET_CUDA_EMULATED", "1")
 
 import pytest  # noqa: E402
 

@@ -1,11 +1,29 @@
 """The compiled binding (fused_resnet._C) refuses every malformed call with a Python exception naming the
 shapes, before any kernel could read out of bounds -- and never crashes the process (an empty filter
 once divided by zero). Shape checks run before device checks, so these run without a GPU wherever the
-real extension is built (CI builds it in its own venv against the registry's CUDA torch; .ci/run)."""
+real extension is built (CI builds it in its own venv against the registry's CUDA torch; .ci/run), and
+against the emulated build of the same binding.cpp (FUSED_RESNET_CUDA_EMULATED=1), which CI's main run has."""
+import importlib.util
+
 import pytest
 import torch
 
-C = pytest.importorskip("fused_resnet._C", reason="the compiled extension is not built here")
+
+def _binding():
+    """(module, the device its kernels take, the refusal for another device)."""
+    if importlib.util.find_spec("fused_resnet._C") is not None:
+        from fused_resnet import _C
+
+        return _C, "must be a CUDA tensor"
+    from fused_resnet import _emulated
+
+    ok, why = _emulated.status()
+    if not ok:
+        pytest.skip(f"neither fused_resnet._C nor the emulated build is here ({why})", allow_module_level=True)
+    return _emulated.load(), r"must be a CPU tensor \(emulated build\)"
+
+
+C, WRONG_DEVICE = _binding()
 
 
 def _args(n=2, c=3, h=5, k=4, kh=3, dtype=torch.float32):
@@ -16,10 +34,28 @@ def _args(n=2, c=3, h=5, k=4, kh=3, dtype=torch.float32):
     return x, w, y, vec
 
 
-def test_well_formed_cpu_call_is_refused_for_its_device_only():
+def test_well_formed_call_is_refused_for_its_device_only():
+    """A CPU call to the real extension, a meta-tensor call to the emulated one: right shapes, wrong device."""
     x, w, y, vec = _args()
-    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+    if C.EMULATED:
+        x, w, y = x.to("meta"), w.to("meta"), y.to("meta")
+    with pytest.raises(RuntimeError, match=WRONG_DEVICE):
         C.conv_forward(x, w, None, vec, vec, None, y, [1, 1], [1, 1], [1, 1], False)
+
+
+def test_strided_input_is_not_mistaken_for_an_aliased_output():
+    """A non-contiguous x (a view) was once refused as 'shares memory' (get_overlap_status is 'too hard'
+    for any strided view): found when the emulated build first ran the parity matrix."""
+    if not C.EMULATED:
+        pytest.skip("needs a device the kernels run on: the emulated build")
+    x = torch.randn(2, 3, 10, 5)[:, :, ::2]
+    w, y, vec = torch.randn(4, 3, 3, 3), torch.empty(2, 4, 5, 5), torch.ones(3)
+    C.conv_forward(x, w, None, vec, vec, None, y, [1, 1], [1, 1], [1, 1], False)
+    base = torch.randn(2, 3, 10, 5)  # and a dense y inside a strided x's span is still refused
+    y_in_x = base.view(-1)[:150].view(2, 3, 5, 5)
+    with pytest.raises(RuntimeError, match="y shares memory"):
+        C.conv_forward(base[:, :, ::2], torch.randn(3, 3, 1, 1), None, vec, vec, None, y_in_x, [1, 1], [0, 0],
+                       [1, 1], False)
 
 
 @pytest.mark.parametrize("case,match", [

@@ -66,14 +66,10 @@ def _op_args(backend, training, device):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_opcheck_conv_op(backend, device, training):
-    if backend == "cuda":
-        pytest.skip("the CUDA backend registers its own ops")
     torch.library.opcheck(_ops.bn_relu_conv2d_op, _op_args(backend, training, device))
 
 
 def test_opcheck_backward_and_stats_ops(backend, device):
-    if backend == "cuda":
-        pytest.skip("the CUDA backend registers its own ops")
     x = torch.randn(2, 3, 5, 5, device=device)
     torch.library.opcheck(_ops.batch_stats_op, (x, backend))
     w = torch.randn(4, 3, 3, 3, device=device)
@@ -102,8 +98,6 @@ def test_opcheck_finalize_op(device, from_x):
 def test_eager_fast_path_matches_the_registered_op(backend, device):
     """Outside torch.compile the conv runs through a plain autograd.Function over the same code: same
     outputs and gradients as the registered op's own autograd."""
-    if backend == "cuda":
-        pytest.skip("the CUDA backend registers its own ops")
     args = _op_args(backend, True, device)
     leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     y1 = _ops.bn_relu_conv2d_op(*args)[0]

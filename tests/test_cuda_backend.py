@@ -21,7 +21,8 @@ cpu_torch = pytest.mark.skipif(torch.version.cuda is not None, reason="checks th
 
 
 @pytest.mark.skipif(HAS_EXT, reason="the extension is built here")
-def test_missing_extension_is_reported_and_raises():
+def test_missing_extension_is_reported_and_raises(monkeypatch):
+    monkeypatch.setenv("FUSED_RESNET_CUDA_EMULATED", "0")
     report = fused_resnet.available_backends()
     assert "cuda" not in report
     assert report.unavailable["cuda"].startswith("extension not built")

@@ -1,0 +1,153 @@
+"""The emulation layer under the CUDA backend's CPU runs (csrc/emu, fused_resnet/_emulated.py), checked on
+its own: a mistake in an emulated primitive would hide the same mistake in a kernel. Each primitive is
+compared with an independent answer (torch's conversions, a float64 matrix product, the failure the CUDA
+programming guide defines), and a ThreadSanitizer build shows the kernels race-free -- and that it
+would see a race, by dropping one barrier."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fused_resnet import _emulated
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_ok, _why = _emulated.status()
+pytestmark = pytest.mark.skipif(not _ok, reason=f"the emulated CUDA build is not available: {_why}")
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return _emulated.load()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_widening_matches_torch_on_every_bit_pattern(emu, dtype):
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    got = emu.emu_widen_16(bits, dtype == torch.bfloat16)
+    want = bits.view(dtype).float()
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = ~want.isnan()
+    assert torch.equal(got[finite].view(torch.int32), want[finite].view(torch.int32))  # -0.0 included
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_rounding_matches_torch(emu, dtype):
+    """Round-to-nearest-even from float32 on random bit patterns (every exponent), on exact ties between
+    neighbouring 16-bit values, and on the overflow / subnormal edges."""
+    g = torch.Generator().manual_seed(11)
+    rand_bits = torch.randint(-2**31, 2**31 - 1, (200_000,), generator=g, dtype=torch.int64).to(torch.int32)
+    values = [rand_bits.view(torch.float32)]
+    grid = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).float()
+    grid = grid[grid.isfinite()].double().sort().values
+    mids = ((grid[1:] + grid[:-1]) / 2).float()  # ties are exact in float32 for both formats
+    values += [mids, torch.nextafter(mids, torch.full_like(mids, float("inf"))),
+               torch.nextafter(mids, torch.full_like(mids, -float("inf")))]
+    values.append(torch.tensor([0.0, -0.0, 65504.0, 65519.99, 65520.0, 1e30, -1e30, 5.96e-8, 2.98e-8, 2.99e-8,
+                                1e-45, float("inf"), -float("inf"), float("nan")]))
+    x = torch.cat(values).contiguous()
+    got = emu.emu_round_to_16(x, dtype == torch.bfloat16).view(dtype)
+    want = x.to(dtype)
+    assert torch.equal(got.isnan(), want.isnan())
+    keep = ~want.isnan()
+    bad = (got.view(torch.int16) != want.view(torch.int16)) & keep
+    assert not bad.any(), f"{int(bad.sum())} mismatches, first input {x[bad][:5].tolist()}"
+
+
+@pytest.mark.parametrize("a_col", [False, True], ids=["A-row", "A-col"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_wmma_tile_is_the_matrix_product(emu, dtype, a_col):
+    g = torch.Generator().manual_seed(3)
+    # small integers: every product and partial sum is exact, so the answer is exact whatever the order
+    a = torch.randint(-8, 9, (16, 16), generator=g).float()
+    b = torch.randint(-8, 9, (16, 16), generator=g).float()
+    assert torch.equal(emu.emu_wmma_product(a, b, dtype == torch.bfloat16, a_col), 2 * a @ b)
+    # random values: the operands rounded to dtype, the sums within float32 rounding of float64's
+    a, b = torch.randn(16, 16, generator=g), torch.randn(16, 16, generator=g)
+    ar, br = a.to(dtype).double(), b.to(dtype).double()
+    want = 2 * ar @ br
+    got = emu.emu_wmma_product(a, b, dtype == torch.bfloat16, a_col).double()
+    bound = 2 * (ar.abs() @ br.abs()) * 17 * 2.0**-24
+    assert ((got - want).abs() <= bound).all()
+
+
+def test_unwritten_shared_memory_reads_as_poison(emu):
+    assert emu.emu_unwritten_shared(16).isnan().all()
+
+
+def test_launch_limits_are_cuda_s(emu):
+    assert emu.emu_launch_error(1024, 2) == 0
+    assert emu.emu_launch_error(1025, 1) == 9  # cudaErrorInvalidConfiguration
+    assert emu.emu_launch_error(128, 65536) == 9
+
+
+def _python(code, env=None, timeout=900):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env={**os.environ, "FUSED_RESNET_CUDA_EMULATED": "1", **(env or {})})
+
+
+def test_divergent_barrier_aborts_with_both_sites():
+    out = _python("from fused_resnet import _emulated; _emulated.load().emu_divergent_barrier()")
+    assert out.returncode != 0
+    assert re.search(r"divergent __syncthreads in one block: .*checks\.cpp:\d+ and .*checks\.cpp:\d+", out.stderr)
+
+
+# One layer's training step through every CUDA kernel (stats, forward with residual and output
+# statistics, dgrad with the batch-statistics finish, split-K wgrad), both layouts and a half type.
+_TSAN_CASES = """
+import torch, fused_resnet
+from fused_resnet.functional import bn_relu_conv2d_with_stats
+torch.set_num_threads(1)
+for fmt, dtype in ((torch.contiguous_format, torch.float32), (torch.channels_last, torch.bfloat16)):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 5).to(dtype).to(memory_format=fmt).requires_grad_(True)
+    w = torch.randn(7, 6, 3, 3).to(dtype).requires_grad_(True)
+    r = torch.randn(2, 7, 5, 5).to(dtype)
+    y, mean, var = bn_relu_conv2d_with_stats(x, w, training=True, padding=1, residual=r, backend="cuda",
+                                             out_stats=True)
+    y.float().square().sum().backward()
+    w1 = torch.randn(5, 6, 1, 1).to(dtype).requires_grad_(True)  # 1x1: several split-K chunks
+    fused_resnet.bn_relu_conv2d(x, w1, training=True, backend="cuda").float().sum().backward()
+print("cases done")
+"""
+
+
+def _barrier_line(file, after):
+    """Line of the first __syncthreads() following the line containing `after`."""
+    lines = (ROOT / "csrc" / "kernels" / file).read_text().splitlines()
+    start = next(i for i, l in enumerate(lines) if after in l)
+    return next(i + 1 for i in range(start + 1, len(lines)) if "__syncthreads();" in lines[i])
+
+
+@pytest.fixture(scope="module")
+def tsan_env():
+    runtime = _emulated.tsan_runtime()
+    if runtime is None:
+        pytest.skip("the compiler has no ThreadSanitizer runtime (libtsan)")
+    build = _python("from fused_resnet import _emulated; print(_emulated.build(tsan=True))")
+    assert build.returncode == 0, build.stderr[-3000:]
+    return {"LD_PRELOAD": runtime, "OMP_NUM_THREADS": "1",
+            "TSAN_OPTIONS": "report_signal_unsafe=0 exitcode=66 halt_on_error=0"}
+
+
+_RUN_TSAN = ("import fused_resnet._emulated as e; e.load.cache_clear(); m = e.load(tsan=True); "
+             "e.load = lambda *a, **k: m\n" + _TSAN_CASES)
+
+
+def test_thread_sanitizer_finds_no_race_in_the_kernels(tsan_env):
+    out = _python(_RUN_TSAN, tsan_env)
+    assert "WARNING: ThreadSanitizer" not in out.stderr, out.stderr[-4000:]
+    assert out.returncode == 0 and "cases done" in out.stdout, out.stderr[-3000:]
+
+
+def test_thread_sanitizer_sees_a_dropped_barrier(tsan_env):
+    """Proof that the check can fail: without the barrier between staging a slice into shared memory and
+    multiplying it, threads read what others are still writing."""
+    line = _barrier_line("gemm_tile.cuh", "stash();")
+    out = _python(_RUN_TSAN, {**tsan_env, "FUSED_RESNET_EMU_DROP_BARRIER": f"gemm_tile.cuh:{line}"})
+    assert "WARNING: ThreadSanitizer: data race" in out.stderr, out.stderr[-3000:]
+    assert "gemm_tile.cuh" in out.stderr
