@@ -147,22 +147,20 @@ void check_same_dtype(const at::Tensor& t, const at::Tensor& x, const char* name
 
 }  // namespace
 
-// Per-tile (mean relative to pivot, M2): [2, tiles, C].
-at::Tensor batch_stats(const at::Tensor& x, const at::Tensor& pivot) {
+// Per-tile (mean relative to the pivot x[0, c, 0, 0], M2): [2, tiles, C].
+at::Tensor batch_stats(const at::Tensor& x) {
   check_4d(x, "x");
   check_on(x, x, "x");
   const DeviceGuard guard(x.device());
   const int64_t c = x.size(1);
-  check_vec(pivot, c, acc_of(x), x, "pivot");
   check_index_range(x.size(0) * x.size(2) * x.size(3), "N*H*W");
   const int tiles = fr::ceil_div(x.size(0) * x.size(2) * x.size(3), fr::kStatsRows);
-  at::Tensor part = at::empty({2, tiles, c}, pivot.options());
+  at::Tensor part = at::empty({2, tiles, c}, x.options().dtype(acc_of(x)));
   fr::BatchStatsParams p{};
   p.dtype = dtype_of(x);
   p.N = static_cast<int>(x.size(0)); p.C = static_cast<int>(c);
   p.H = static_cast<int>(x.size(2)); p.W = static_cast<int>(x.size(3));
   p.x = x.data_ptr(); strides_of(x, p.sx);
-  p.pivot = pivot.data_ptr();
   p.part = part.data_ptr();
   if (tiles > 0 && c > 0) check_launch(fr::batch_stats(p, current_stream()), "batch_stats");
   return part;
@@ -170,7 +168,8 @@ at::Tensor batch_stats(const at::Tensor& x, const at::Tensor& pivot) {
 
 // Writes y; returns the per-tile (mean, M2) of y, [2, tiles_m, K], or an empty tensor.
 at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                        const at::Tensor& scale, const at::Tensor& shift, const std::optional<at::Tensor>& residual,
+                        const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& beta,
+                        const std::optional<at::Tensor>& residual,
                         at::Tensor& y, std::vector<int64_t> stride, std::vector<int64_t> padding,
                         std::vector<int64_t> dilation, bool out_stats) {
   check_4d(x, "x"); check_4d(w, "weight"); check_4d(y, "y");
@@ -188,18 +187,18 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, const std::opt
     TORCH_CHECK(residual->sizes() == y.sizes(), "fused_resnet._C: residual of shape ", residual->sizes(),
                 " must have y's shape ", y.sizes());
   }
-  check_output(y, "y", {&x, &w, residual.has_value() ? &*residual : nullptr, &scale, &shift,
+  check_output(y, "y", {&x, &w, residual.has_value() ? &*residual : nullptr, &mean, &scale, &beta,
                         bias.has_value() ? &*bias : nullptr});
   check_on(x, x, "x"); check_on(w, x, "weight"); check_on(y, x, "y");
   const DeviceGuard guard(x.device());
-  check_vec(scale, c, acc, x, "scale"); check_vec(shift, c, acc, x, "shift");
+  check_vec(mean, c, acc, x, "mean"); check_vec(scale, c, acc, x, "scale"); check_vec(beta, c, acc, x, "beta");
   fr::ConvForwardParams p{};
   p.dtype = dtype_of(x);
   p.g = geom(x, k, w.size(2), w.size(3), y.size(2), y.size(3), stride, padding, dilation);
   p.x = x.data_ptr(); strides_of(x, p.sx);
   p.w = w.data_ptr(); strides_of(w, p.sw);
   p.y = y.data_ptr(); strides_of(y, p.sy);
-  p.scale = scale.data_ptr(); p.shift = shift.data_ptr();
+  p.mean = mean.data_ptr(); p.scale = scale.data_ptr(); p.beta = beta.data_ptr();
   at::Tensor bias_acc;
   if (bias.has_value()) {
     bias_acc = bias->to(acc).contiguous();
@@ -218,9 +217,9 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, const std::opt
 }
 
 // Writes out (dx in x's dtype, or gm in the accumulation dtype when batch_stats); returns per-tile
-// (S1, S2), [2, tiles_m, C], or an empty tensor when neither is needed.
-at::Tensor conv_dgrad(const at::Tensor& gy, const at::Tensor& w, const at::Tensor& x, const at::Tensor& scale,
-                      const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& invstd, at::Tensor& out,
+// (S1, S2), [tiles_m, 2, C], or an empty tensor when neither is needed.
+at::Tensor conv_dgrad(const at::Tensor& gy, const at::Tensor& w, const at::Tensor& x, const at::Tensor& mean,
+                      const at::Tensor& scale, const at::Tensor& beta, const at::Tensor& invstd, at::Tensor& out,
                       bool batch_stats, bool need_sums, std::vector<int64_t> stride, std::vector<int64_t> padding,
                       std::vector<int64_t> dilation) {
   check_4d(gy, "grad_y"); check_4d(w, "weight"); check_4d(x, "x"); check_4d(out, "out");
@@ -234,13 +233,13 @@ at::Tensor conv_dgrad(const at::Tensor& gy, const at::Tensor& w, const at::Tenso
   check_grad_y(gy, x, k);
   TORCH_CHECK(out.sizes() == x.sizes(), "fused_resnet._C: out of shape ", out.sizes(), " must have x's shape ",
               x.sizes());
-  check_output(out, "out", {&gy, &w, &x, &scale, &shift, &mean, &invstd});
+  check_output(out, "out", {&gy, &w, &x, &mean, &scale, &beta, &invstd});
   check_on(gy, x, "grad_y"); check_on(w, x, "weight"); check_on(x, x, "x"); check_on(out, x, "out");
   const DeviceGuard guard(x.device());
   TORCH_CHECK(out.scalar_type() == (batch_stats ? acc : x.scalar_type()), "fused_resnet._C: out has dtype ",
               out.scalar_type());
-  check_vec(scale, c, acc, x, "scale"); check_vec(shift, c, acc, x, "shift");
-  check_vec(mean, c, acc, x, "mean"); check_vec(invstd, c, acc, x, "invstd");
+  check_vec(mean, c, acc, x, "mean"); check_vec(scale, c, acc, x, "scale"); check_vec(beta, c, acc, x, "beta");
+  check_vec(invstd, c, acc, x, "invstd");
   fr::ConvDgradParams p{};
   p.dtype = dtype_of(x);
   p.g = geom(x, k, w.size(2), w.size(3), gy.size(2), gy.size(3), stride, padding, dilation);
@@ -248,11 +247,11 @@ at::Tensor conv_dgrad(const at::Tensor& gy, const at::Tensor& w, const at::Tenso
   p.w = w.data_ptr(); strides_of(w, p.sw);
   p.x = x.data_ptr(); strides_of(x, p.sx);
   p.out = out.data_ptr(); strides_of(out, p.so);
-  p.scale = scale.data_ptr(); p.shift = shift.data_ptr(); p.mean = mean.data_ptr(); p.invstd = invstd.data_ptr();
+  p.mean = mean.data_ptr(); p.scale = scale.data_ptr(); p.beta = beta.data_ptr(); p.invstd = invstd.data_ptr();
   p.batch_stats = batch_stats;
   const bool sums = need_sums || batch_stats;
   const int tiles = fr::ceil_div(x.size(0) * x.size(2) * x.size(3), fr::kTileM);
-  at::Tensor part = at::empty({sums ? 2 : 0, tiles, c}, scale.options());
+  at::Tensor part = at::empty({sums ? tiles : 0, 2, c}, scale.options());
   if (sums) p.part = part.data_ptr();
   if (x.numel() > 0) check_launch(fr::conv_dgrad(p, current_stream()), "conv_dgrad");
   return part;
@@ -293,14 +292,19 @@ void bn_backward_finish(const at::Tensor& gm, const at::Tensor& x, at::Tensor& d
   if (x.numel() > 0) check_launch(fr::bn_backward_finish(p, current_stream()), "bn_backward_finish");
 }
 
-// Split-K slabs [split, K, C, KH, KW] in the accumulation dtype; the caller sums over split.
-at::Tensor conv_wgrad(const at::Tensor& gy, const at::Tensor& x, int64_t k, int64_t kh, int64_t kw,
-                      const at::Tensor& scale, const at::Tensor& shift, std::vector<int64_t> stride,
-                      std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t chunk, int64_t split) {
-  check_4d(gy, "grad_y"); check_4d(x, "x"); check_same_dtype(gy, x, "grad_y");
+// Split-K slabs [split, K*C*KH*KW] in the accumulation dtype, each in dw's layout (dw: dense, the
+// weight's shape; only its strides are read here); column_sums adds them up into dw.
+at::Tensor conv_wgrad(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& dw, const at::Tensor& mean,
+                      const at::Tensor& scale, const at::Tensor& beta, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                      std::vector<int64_t> dilation, int64_t chunk, int64_t split) {
+  check_4d(gy, "grad_y"); check_4d(x, "x"); check_4d(dw, "dw"); check_same_dtype(gy, x, "grad_y");
+  const int64_t k = dw.size(0), kh = dw.size(2), kw = dw.size(3);
   check_filter(kh, kw);  // before anything divides by kh*kw
+  TORCH_CHECK(dw.size(1) == x.size(1), "fused_resnet._C: dw of shape ", dw.sizes(), " must be [K, C=", x.size(1),
+              ", KH, KW]");
+  TORCH_CHECK(dw.is_non_overlapping_and_dense(), "fused_resnet._C: dw must be dense and non-overlapping, got "
+              "strides ", dw.strides());
   check_geometry(stride, padding, dilation);
-  TORCH_CHECK(k >= 0, "fused_resnet._C: negative K ", k);
   check_grad_y(gy, x, k);
   const int64_t pixels = gy.size(0) * gy.size(2) * gy.size(3);
   TORCH_CHECK(split >= 1 && chunk >= 1 && split <= 65535 / (kh * kw) && chunk * split >= pixels,
@@ -310,19 +314,135 @@ at::Tensor conv_wgrad(const at::Tensor& gy, const at::Tensor& x, int64_t k, int6
   const DeviceGuard guard(x.device());
   const auto acc = acc_of(x);
   const int64_t c = x.size(1);
-  check_vec(scale, c, acc, x, "scale"); check_vec(shift, c, acc, x, "shift");
+  check_vec(mean, c, acc, x, "mean"); check_vec(scale, c, acc, x, "scale"); check_vec(beta, c, acc, x, "beta");
   fr::ConvWgradParams p{};
   p.dtype = dtype_of(x);
   p.g = geom(x, k, kh, kw, gy.size(2), gy.size(3), stride, padding, dilation);
   p.gy = gy.data_ptr(); strides_of(gy, p.sg);
   p.x = x.data_ptr(); strides_of(x, p.sx);
-  p.scale = scale.data_ptr(); p.shift = shift.data_ptr();
+  p.mean = mean.data_ptr(); p.scale = scale.data_ptr(); p.beta = beta.data_ptr();
   p.chunk = static_cast<int>(chunk); p.split = static_cast<int>(split);
-  at::Tensor part = at::zeros({split, k, c, kh, kw}, scale.options());
-  p.part = part.data_ptr();
+  // Every slab element is written (the splits cover every pixel, the grid every (k, c, tap)): no memset.
+  at::Tensor part = at::empty({split, dw.numel()}, scale.options());
+  p.part = part.data_ptr(); strides_of(dw, p.sd);
   if (part.numel() > 0 && gy.numel() > 0)
     check_launch(fr::conv_wgrad(p, current_stream()), "conv_wgrad");
   return part;
+}
+
+// The [5, C] (mean, var, invstd, scale, beta) of a BN, from per-tile partials ([2, tiles, C] of
+// tile_rows rows each, total rows; x supplies the pivot when given) or from (mean_in, var_in); the merged
+// moments also into (mean_out, var_out) when given; running buffers updated in place when given.
+at::Tensor bn_finalize(const std::optional<at::Tensor>& part, int64_t tile_rows, int64_t total,
+                       const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& mean_in,
+                       const std::optional<at::Tensor>& var_in, const std::optional<at::Tensor>& mean_out,
+                       const std::optional<at::Tensor>& var_out, const std::optional<at::Tensor>& gamma,
+                       const std::optional<at::Tensor>& beta, const std::optional<at::Tensor>& running_mean,
+                       const std::optional<at::Tensor>& running_var, double momentum, double eps, double unbiased,
+                       int64_t channels, at::ScalarType x_dtype) {
+  const at::Tensor& like = part.has_value() ? *part : *mean_in;
+  TORCH_CHECK(part.has_value() || (mean_in.has_value() && var_in.has_value()),
+              "fused_resnet._C: bn_finalize needs the partials or (mean, var)");
+  TORCH_CHECK(mean_out.has_value() == var_out.has_value() && running_mean.has_value() == running_var.has_value(),
+              "fused_resnet._C: bn_finalize takes mean_out with var_out and running_mean with running_var");
+  const at::ScalarType acc = x_dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t c = channels;
+  if (part.has_value()) {
+    TORCH_CHECK(part->dim() == 3 && part->size(0) == 2 && part->size(2) == c && part->is_contiguous() &&
+                part->scalar_type() == acc && tile_rows >= 1 && part->size(1) >= 1 &&
+                total > (part->size(1) - 1) * tile_rows && total <= part->size(1) * tile_rows,
+                "fused_resnet._C: partials of shape ", part->sizes(), " do not hold ", total, " rows of ", c,
+                " channels in tiles of ", tile_rows);
+  }
+  if (x.has_value()) {
+    check_4d(*x, "x");
+    TORCH_CHECK(x->size(1) == c && x->numel() > 0 && x->scalar_type() == x_dtype, "fused_resnet._C: x of shape ",
+                x->sizes(), " must have ", c, " channels and data");
+    check_on(*x, like, "x");
+  }
+  const auto vec = [&](const std::optional<at::Tensor>& t, const char* name) {
+    if (t.has_value()) check_vec(*t, c, acc, like, name);
+  };
+  vec(mean_out, "mean_out"); vec(var_out, "var_out");
+  if (mean_in.has_value()) {  // the running buffers in eval: any float dtype (a .half() model's are half)
+    check_vec(*mean_in, c, mean_in->scalar_type(), like, "mean");
+    check_vec(*var_in, c, mean_in->scalar_type(), like, "var");
+  }
+  check_on(like, like, "partials");
+  const DeviceGuard guard(like.device());
+  at::Tensor out = at::empty({5, c}, like.options().dtype(acc));
+  fr::BnFinalizeParams p{};
+  p.dtype = x_dtype == at::kDouble ? fr::DType::kF64 : fr::DType::kF32;
+  p.C = static_cast<int>(c);
+  if (part.has_value()) {
+    p.part = part->data_ptr(); p.tiles = static_cast<int>(part->size(1)); p.tile_rows = tile_rows; p.total = total;
+  }
+  if (x.has_value()) { p.x = x->data_ptr(); p.sxc = x->stride(1); p.dtype = dtype_of(*x); }
+  if (mean_in.has_value()) {
+    p.mean_in = mean_in->data_ptr(); p.var_in = var_in->data_ptr(); p.in_dtype = dtype_of(*mean_in);
+  }
+  if (mean_out.has_value()) { p.mean_out = mean_out->data_ptr(); p.var_out = var_out->data_ptr(); }
+  p.out = out.data_ptr();
+  for (const auto* t : {&gamma, &beta}) {
+    if (!t->has_value()) continue;
+    TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == c && (*t)->is_contiguous(),
+                "fused_resnet._C: BN weight/bias must be contiguous vectors of ", c);
+    check_on(**t, like, "BN weight/bias");
+  }
+  TORCH_CHECK(!(gamma.has_value() && beta.has_value()) || gamma->scalar_type() == beta->scalar_type(),
+              "fused_resnet._C: BN weight and bias dtypes differ");
+  if (gamma.has_value()) { p.gamma = gamma->data_ptr(); p.param_dtype = dtype_of(*gamma); }
+  if (beta.has_value()) { p.beta = beta->data_ptr(); p.param_dtype = dtype_of(*beta); }
+  if (running_mean.has_value()) {
+    for (const auto* t : {&running_mean, &running_var}) {
+      TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == c && (*t)->is_contiguous() &&
+                  (*t)->scalar_type() == running_mean->scalar_type(),
+                  "fused_resnet._C: running buffers must be contiguous vectors of ", c, " of one dtype");
+      check_on(**t, like, "running buffer");
+    }
+    p.running_mean = running_mean->data_ptr(); p.running_var = running_var->data_ptr();
+    p.running_dtype = dtype_of(*running_mean);
+  }
+  p.momentum = momentum; p.eps = eps; p.unbiased = unbiased;
+  if (c > 0) check_launch(fr::bn_finalize(p, current_stream()), "bn_finalize");
+  return out;
+}
+
+// Row sums in a fixed order, one launch: a [rows, 2C] -> (a_out0, a_out1) [C] each; b [rows, L] -> b_out
+// (L elements, dense, any layout; the sums are written in its storage order and cast to its dtype).
+void column_sums(const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& a_out0,
+                 const std::optional<at::Tensor>& a_out1, const std::optional<at::Tensor>& b,
+                 const std::optional<at::Tensor>& b_out) {
+  TORCH_CHECK(a.has_value() == (a_out0.has_value() && a_out1.has_value()) && b.has_value() == b_out.has_value(),
+              "fused_resnet._C: column_sums takes a with both outputs and b with its output");
+  if (!a.has_value() && !b.has_value()) return;
+  const at::Tensor& like = a.has_value() ? *a : *b;
+  const at::ScalarType acc = like.scalar_type();
+  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, "fused_resnet._C: column_sums sums float32/float64");
+  fr::ColumnSumsParams p{};
+  p.f64 = acc == at::kDouble;
+  if (a.has_value()) {
+    TORCH_CHECK(a->dim() == 2 && a->is_contiguous() && a->size(1) % 2 == 0 && a->scalar_type() == acc,
+                "fused_resnet._C: a must be a contiguous [rows, 2C] array, got ", a->sizes());
+    const int64_t c = a->size(1) / 2;
+    check_vec(*a_out0, c, acc, like, "a_out0"); check_vec(*a_out1, c, acc, like, "a_out1");
+    check_output(*a_out0, "a_out0", {&*a}); check_output(*a_out1, "a_out1", {&*a});
+    check_index_range(a->size(0), "rows of a");
+    p.a = a->data_ptr(); p.a_rows = static_cast<int>(a->size(0)); p.a_len = a->size(1); p.a_split = c;
+    p.a_out0 = a_out0->data_ptr(); p.a_out1 = a_out1->data_ptr();
+  }
+  if (b.has_value()) {
+    TORCH_CHECK(b->dim() == 2 && b->is_contiguous() && b->scalar_type() == acc && b->size(1) == b_out->numel(),
+                "fused_resnet._C: b must be a contiguous [rows, ", b_out->numel(), "] array, got ", b->sizes());
+    check_output(*b_out, "b_out", {&*b});
+    check_on(*b, like, "b"); check_on(*b_out, like, "b_out");
+    check_index_range(b->size(0), "rows of b");
+    p.b = b->data_ptr(); p.b_rows = static_cast<int>(b->size(0)); p.b_len = b->size(1);
+    p.b_out = b_out->data_ptr(); p.b_dtype = dtype_of(*b_out);
+  }
+  check_on(like, like, "a/b");
+  const DeviceGuard guard(like.device());
+  check_launch(fr::column_sums(p, current_stream()), "column_sums");
 }
 
 #ifdef FUSED_RESNET_EMULATED
@@ -346,4 +466,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_dgrad", &conv_dgrad);
   m.def("bn_backward_finish", &bn_backward_finish);
   m.def("conv_wgrad", &conv_wgrad);
+  m.def("bn_finalize", &bn_finalize);
+  m.def("column_sums", &column_sums);
 }

@@ -150,23 +150,9 @@ def _kernel_forward(kb, x, weight, bias, gamma, beta, mean, invstd, residual, st
 def _kernel_backward(kb, grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, stride, padding,
                      dilation, needs, sync=None, prologue=None):
     scale, beta = (prologue[0], prologue[1]) if prologue is not None else _bn_prologue(mean, invstd, gamma, beta)
-    if hasattr(kb, "conv_backward"):
-        # Triton: every reduction finishes in its kernels (four launches at most). The CUDA backend
-        # still sums its partials with ATen ops below; its finalize kernels are to come.
-        return kb.conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_stats, needs,
-                                stride, padding, dilation, sync=sync)
-    dx = dw = dgamma = dbeta = None
-    need_dx, need_dw, need_dg, need_db = needs
-    if need_dx or need_dg or need_db:
-        dx, s1, s2 = kb.conv_dgrad_bn(grad_y, x, weight, mean, scale, beta, invstd, gamma,
-                                      batch_stats and need_dx, need_dg or need_db, stride, padding,
-                                      dilation, sync=sync)
-        dx = dx if need_dx else None
-        dgamma = s2 if need_dg else None
-        dbeta = s1 if need_db else None
-    if need_dw:
-        dw = kb.conv_wgrad(grad_y, x, weight.shape, mean, scale, beta, stride, padding, dilation)
-    return dx, dw, dgamma, dbeta
+    # Every reduction finishes in the backend's kernels: four launches at most, no ATen tail.
+    return kb.conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_stats, needs,
+                            stride, padding, dilation, sync=sync)
 
 
 # ---------------------------------------------------------------- the registered ops
@@ -200,8 +186,8 @@ def _bn_finalize_impl(
 ) -> Tensor:
     """[5, C] (mean, var, invstd, scale, beta) of the BN before a fused conv, in the accumulation
     dtype: from x's own batch statistics (from_x) or from (mean, var); given running buffers, updates
-    them in place (nn.BatchNorm2d's EMA, unbiased variance with `count`). Triton: one or two launches
-    (statistics partials, then one finalize kernel)."""
+    them in place (nn.BatchNorm2d's EMA, unbiased variance with `count`). Triton and CUDA: one or two
+    launches (statistics partials, then one finalize kernel)."""
     kb = _kernels(backend)
     acc = _acc(x.dtype)
     partials = kb.stats_partials(x) if from_x else None

@@ -1,15 +1,15 @@
 """CUDA backend: thin launchers over the compiled extension fused_resnet._C (csrc/).
 
 Same functions and signatures as the Triton launchers (fused_resnet/triton/__init__.py), so the op
-layer treats the two backends alike. Outputs are allocated here; the kernels fill them and return
-per-tile partial statistics, merged by the torch-only helpers in _partials.py.
+layer treats the two backends alike: statistics partials and their merge in one finalize kernel, the
+conv, and a backward of four launches at most (dgrad, wgrad, one column-sum launch, the BN-backward
+finish) -- no ATen tails. Outputs are allocated here; the kernels fill them.
 """
 from __future__ import annotations
 
 import torch
 
 from ._layout import memory_format_of
-from ._partials import merge_partials
 
 
 def _ext(like):
@@ -28,20 +28,45 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def channel_stats(x):
-    """(mean, biased var) per channel of x [N, C, H, W], in float32 (float64 for float64 input)."""
+def stats_partials(x):
+    """Per-tile (mean - pivot, M2) of x per channel: ([2, tiles, C], rows per tile, total rows), for
+    bn_finalize (the pivot is x[0, c, 0, 0], read by both kernels from x itself)."""
     ext = _ext(x)
-    acc = _acc(x.dtype)
-    pivot = x[0, :, 0, 0].to(acc).contiguous()  # one sample per channel: the shift for the sums
-    part = ext.batch_stats(x, pivot)
     n, _, h, w = x.shape
-    mean, var = merge_partials(part, n * h * w, ext.STATS_ROWS, pivot)
-    return mean.to(acc), var.to(acc)
+    return ext.batch_stats(x), ext.STATS_ROWS, n * h * w
 
 
-def _shift(mean, scale, beta):
-    # The CUDA kernels take bn(x) = x*scale + shift, formed without fma contraction (dtype.cuh: bn_affine).
-    return (beta - mean * scale).contiguous()
+def bn_finalize(c, acc, *, partials=None, x=None, mean=None, var=None, gamma=None, beta=None,
+                running_mean=None, running_var=None, momentum=0.0, eps=1e-5, count=None):
+    """[5, C] (mean, var, invstd, scale, beta) in `acc`, one launch: from `partials` (x supplies the pivot;
+    mean/var given too receive the merged moments) or from (mean, var); running buffers updated in
+    place. Same contract as fused_resnet.triton.finalize.bn_finalize."""
+    like = partials[0] if partials is not None else mean
+    ext = _ext(like)
+    part, tile_rows, total = partials if partials is not None else (None, 1, 1)
+    update = running_mean is not None
+    unbiased = (count / (count - 1)) if update and count and count > 1 else float("inf")
+    x_dtype = x.dtype if x is not None else acc
+    from_partials = partials is not None
+    return ext.bn_finalize(part, tile_rows, total, x, None if from_partials else mean,
+                           None if from_partials else var, mean if from_partials else None,
+                           var if from_partials else None, gamma, beta, running_mean, running_var,
+                           float(momentum), float(eps), float(unbiased), c, x_dtype)
+
+
+def moments(partials, acc, x=None):
+    """(mean, biased var) per channel, separate tensors, merged from per-tile partials in one launch."""
+    c = partials[0].shape[2]
+    mean = torch.empty(c, dtype=acc, device=partials[0].device)
+    var = torch.empty_like(mean)
+    bn_finalize(c, acc, partials=partials, x=x, mean=mean, var=var)
+    return mean, var
+
+
+def channel_stats(x):
+    """(mean, biased var) per channel of x [N, C, H, W], in float32 (float64 for float64 input): two
+    launches, the tile partials and their merge."""
+    return moments(stats_partials(x), _acc(x.dtype), x)
 
 
 def conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, padding, dilation, out_stats=False):
@@ -50,38 +75,11 @@ def conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, paddin
     Returns per-channel (mean, biased var) of y when out_stats, else None.
     """
     ext = _ext(x)
-    shift = _shift(mean, scale, beta)
-    part = ext.conv_forward(x, weight, bias, scale, shift, residual, y, list(stride), list(padding),
+    part = ext.conv_forward(x, weight, bias, mean, scale, beta, residual, y, list(stride), list(padding),
                             list(dilation), out_stats)
     if not out_stats:
         return None
-    mean, var = merge_partials(part, y.shape[0] * y.shape[2] * y.shape[3], ext.TILE_M)
-    acc = _acc(x.dtype)
-    return mean.to(acc), var.to(acc)
-
-
-def conv_dgrad_bn(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_stats, need_sums,
-                  stride, padding, dilation, sync=None):
-    """Returns (dx, S1, S2); S1/S2 (= dbeta, dgamma) are None unless need_sums or batch_stats.
-    sync(s1, s2, count) -> (s1, s2, count) makes the dx finish use process-group-wide sums (the
-    returned S1/S2 stay local, as nn.SyncBatchNorm's weight/bias gradients do)."""
-    ext = _ext(x)
-    acc = _acc(x.dtype)
-    dx = torch.empty_like(x, memory_format=memory_format_of(x))
-    out = torch.empty_like(x, dtype=acc, memory_format=memory_format_of(x)) if batch_stats else dx
-    mean, invstd = mean.contiguous(), invstd.contiguous()
-    shift = _shift(mean, scale, beta)
-    part = ext.conv_dgrad(grad_y, weight, x, scale, shift, mean, invstd, out, batch_stats, need_sums,
-                          list(stride), list(padding), list(dilation))
-    if not (need_sums or batch_stats):
-        return dx, None, None
-    s1, s2 = part[0].sum(0), part[1].sum(0)  # separate tensors: op outputs may not alias
-    if batch_stats:
-        g = gamma.to(acc).contiguous() if gamma is not None else None
-        n, _, h, w = x.shape
-        fs1, fs2, count = sync(s1, s2, n * h * w) if sync is not None else (s1, s2, n * h * w)
-        ext.bn_backward_finish(out, x, dx, mean, invstd, g, fs1.contiguous(), fs2.contiguous(), int(count))
-    return dx, s1, s2
+    return moments((part, ext.TILE_M, y.shape[0] * y.shape[2] * y.shape[3]), _acc(x.dtype))
 
 
 # The emulated build's stand-in SM count: small, so that split-K takes several chunks at test sizes.
@@ -94,11 +92,10 @@ def _num_sms(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def conv_wgrad(grad_y, x, weight_shape, mean, scale, beta, stride, padding, dilation):
-    """dW in the accumulation dtype (the op layer casts it to the weight's dtype)."""
-    ext = _ext(x)
+def _wgrad_slabs(ext, grad_y, x, dw, mean, scale, beta, stride, padding, dilation):
+    """Split-K slabs [split, numel(dW)] in dW's layout, summed by column_sums."""
     n, c, _, _ = x.shape
-    k, _, kh, kw = weight_shape
+    k, _, kh, kw = dw.shape
     pixels = n * grad_y.shape[2] * grad_y.shape[3]
     tile = ext.TILE_K
     blocks = -(-k // ext.TILE_M) * -(-c // ext.TILE_N) * kh * kw
@@ -107,7 +104,44 @@ def conv_wgrad(grad_y, x, weight_shape, mean, scale, beta, stride, padding, dila
     split = max(1, min(p_tiles, -(-2 * _num_sms(x.device) // blocks), 65535 // (kh * kw)))
     chunk = -(-p_tiles // split) * tile
     split = max(1, -(-pixels // chunk))
-    shift = _shift(mean, scale, beta)
-    part = ext.conv_wgrad(grad_y, x, k, kh, kw, scale, shift, list(stride), list(padding), list(dilation),
-                          chunk, split)
-    return part.sum(0) if split > 1 else part[0]
+    return ext.conv_wgrad(grad_y, x, dw, mean, scale, beta, list(stride), list(padding), list(dilation), chunk,
+                          split)
+
+
+def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_stats, needs, stride, padding,
+                  dilation, sync=None):
+    """(dx, dW, dgamma, dbeta), None where `needs` (dx, dW, dgamma, dbeta) says no; four launches at most:
+    dgrad (+ per-tile BN-backward sums), wgrad (split-K slabs), one column_sums for both, and with batch
+    statistics the dx finish. dW in the weight's dtype and layout; dgamma/dbeta in the accumulation
+    dtype. sync(s1, s2, count) -> (s1, s2, count) makes dx use process-group-wide sums (dgamma/dbeta
+    stay local, as nn.SyncBatchNorm's do)."""
+    ext = _ext(x)
+    acc = _acc(x.dtype)
+    need_dx, need_dw, need_dg, need_db = needs
+    batch_stats = batch_stats and need_dx
+    need_sums = need_dg or need_db or batch_stats
+    c = x.shape[1]
+    mean, invstd = mean.contiguous(), invstd.contiguous()
+    dx = out = part = None
+    if need_dx or need_sums:
+        dx = torch.empty_like(x, memory_format=memory_format_of(x))
+        out = torch.empty_like(x, dtype=acc, memory_format=memory_format_of(x)) if batch_stats else dx
+        part = ext.conv_dgrad(grad_y, weight, x, mean, scale, beta, invstd, out, batch_stats, need_sums,
+                              list(stride), list(padding), list(dilation))
+    dw = slabs = None
+    if need_dw:
+        dw = torch.empty_like(weight, memory_format=memory_format_of(weight))
+        slabs = _wgrad_slabs(ext, grad_y, x, dw, mean, scale, beta, stride, padding, dilation)
+    s1 = s2 = None
+    if need_sums:
+        s1 = torch.empty(c, dtype=acc, device=x.device)
+        s2 = torch.empty_like(s1)
+    ext.column_sums(part.view(part.shape[0], 2 * c) if need_sums else None, s1, s2, slabs, dw)
+    if batch_stats:
+        m = x.numel() // c
+        fs1, fs2, count = sync(s1, s2, m) if sync is not None else (s1, s2, m)
+        g = gamma.to(acc).contiguous() if gamma is not None else None
+        ext.bn_backward_finish(out, x, dx, mean, invstd, g, fs1.contiguous(), fs2.contiguous(), int(count))
+    elif not need_dx:
+        dx = None
+    return dx, dw, (s2 if need_dg else None), (s1 if need_db else None)

@@ -14,7 +14,7 @@ from .backends import resolve
 class PreparedBN(NamedTuple):
     """A BN finalized once for several fused consumers (a block's conv1 and projection shortcut): the
     kernels' [5, C] (mean, var, invstd, scale, beta), running buffers already updated. Pass it as
-    input_stats; only the Triton backend makes one (prepare_batch_norm)."""
+    input_stats; the kernel backends (Triton, CUDA) make one (prepare_batch_norm)."""
 
     fin: torch.Tensor
 
@@ -22,15 +22,18 @@ class PreparedBN(NamedTuple):
 def prepare_batch_norm(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, input_stats=None,
                        backend="auto"):
     """In training, x's BN finalized once for several consumers: a PreparedBN (one or two launches,
-    running buffers updated here) on the Triton backend; elsewhere the (mean, var) the consumers
-    finalize themselves (the first consumer then updates the running buffers)."""
+    running buffers updated here) on the kernel backends (Triton, CUDA); on the reference backend the
+    (mean, var) the consumers finalize themselves (the first consumer then updates the running buffers)."""
     impl = resolve(backend, x.device, 1)
-    if impl != "triton":
+    if impl not in _KERNEL_BACKENDS:
         return input_stats if input_stats is not None else batch_statistics(x, impl)
     if isinstance(input_stats, PreparedBN):
         return input_stats
     return PreparedBN(_finalize_training(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
                                          input_stats, x.numel() // x.shape[1], impl))
+
+
+_KERNEL_BACKENDS = ("triton", "cuda")  # the backends with a finalize kernel (no ATen tail)
 
 
 def _detached(t):
@@ -135,10 +138,10 @@ def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
     count = x.numel() // x.shape[1]
     gid = _sync.group_id(process_group) if (training and sync_stats) else 0
     if isinstance(input_stats, PreparedBN):
-        if impl != "triton" or gid or not training:
-            raise ValueError("a PreparedBN is for the Triton backend's training path without sync_stats")
+        if impl not in _KERNEL_BACKENDS or gid or not training:
+            raise ValueError("a PreparedBN is for the kernel backends' training path without sync_stats")
         running_mean = running_var = None  # updated when it was prepared
-    if impl == "triton" and not gid:
+    if impl in _KERNEL_BACKENDS and not gid:
         return _with_finalize_kernel(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training,
                                      momentum, eps, residual, impl, input_stats, out_stats, geo, count)
     if training:

@@ -40,7 +40,7 @@ def test_well_formed_call_is_refused_for_its_device_only():
     if C.EMULATED:
         x, w, y = x.to("meta"), w.to("meta"), y.to("meta")
     with pytest.raises(RuntimeError, match=WRONG_DEVICE):
-        C.conv_forward(x, w, None, vec, vec, None, y, [1, 1], [1, 1], [1, 1], False)
+        C.conv_forward(x, w, None, vec, vec, vec, None, y, [1, 1], [1, 1], [1, 1], False)
 
 
 def test_strided_input_is_not_mistaken_for_an_aliased_output():
@@ -50,11 +50,11 @@ def test_strided_input_is_not_mistaken_for_an_aliased_output():
         pytest.skip("needs a device the kernels run on: the emulated build")
     x = torch.randn(2, 3, 10, 5)[:, :, ::2]
     w, y, vec = torch.randn(4, 3, 3, 3), torch.empty(2, 4, 5, 5), torch.ones(3)
-    C.conv_forward(x, w, None, vec, vec, None, y, [1, 1], [1, 1], [1, 1], False)
+    C.conv_forward(x, w, None, vec, vec, vec, None, y, [1, 1], [1, 1], [1, 1], False)
     base = torch.randn(2, 3, 10, 5)  # and a dense y inside a strided x's span is still refused
     y_in_x = base.view(-1)[:150].view(2, 3, 5, 5)
     with pytest.raises(RuntimeError, match="y shares memory"):
-        C.conv_forward(base[:, :, ::2], torch.randn(3, 3, 1, 1), None, vec, vec, None, y_in_x, [1, 1], [0, 0],
+        C.conv_forward(base[:, :, ::2], torch.randn(3, 3, 1, 1), None, vec, vec, vec, None, y_in_x, [1, 1], [0, 0],
                        [1, 1], False)
 
 
@@ -88,7 +88,7 @@ def test_conv_forward_refuses(case, match):
     elif case == "residual shape":
         res = torch.randn(2, 4, 4, 5)
     with pytest.raises(RuntimeError, match=match):
-        C.conv_forward(x, w, None, vec, vec, res, y, stride, [1, 1], dil, False)
+        C.conv_forward(x, w, None, vec, vec, vec, res, y, stride, [1, 1], dil, False)
 
 
 @pytest.mark.parametrize("case,match", [
@@ -136,7 +136,7 @@ def test_conv_wgrad_refuses(case, match):
         k = 5
     stride = [0, 1] if case == "stride 0" else [1, 1]
     with pytest.raises(RuntimeError, match=match):
-        C.conv_wgrad(gy, x, k, kh, kw, vec, vec, stride, [1, 1], [1, 1], chunk, split)
+        C.conv_wgrad(gy, x, torch.empty(k, 3, kh, kw), vec, vec, vec, stride, [1, 1], [1, 1], chunk, split)
 
 
 def test_finish_refuses_aliased_output():

@@ -1,7 +1,8 @@
-"""No more device work than eager (issue: one finalize kernel per layer, no host syncs).
+"""No more device work than eager (issue: one finalize kernel per layer, no host syncs), for both kernel
+backends (Triton, CUDA).
 
 Counted below autograd on the CPU (fused_resnet.bench.launches): ATen ops that launch kernels plus
-Triton launches (through the interpreter). Eager's convolution_backward is one ATen op but two
+Triton launches (through the interpreter) and CUDA-extension launches (through the emulated build). Eager's convolution_backward is one ATen op but two
 kernels on a GPU (data and weight gradients, each its own cuDNN kernel), so it counts as the number of
 gradients it computes: that is what a profiler trace of eager shows. Gradient accumulation into
 existing .grad tensors is left out of both sides (fresh parameters each run)."""
@@ -15,6 +16,14 @@ import fused_resnet
 from fused_resnet.bench.launches import count_device_ops
 
 pytestmark = pytest.mark.skipif("triton" not in fused_resnet.available_backends(), reason="needs the Triton backend")
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def kernel_backend(request):
+    report = fused_resnet.available_backends()
+    if request.param not in report:
+        pytest.skip(f"backend {request.param!r} unavailable: {report.unavailable[request.param]}")
+    return request.param
 
 
 def _eager_total(counter):
@@ -43,7 +52,7 @@ def _fresh(channels_last, *shape):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-def test_layer_issues_no_more_device_ops_than_eager(channels_last, training, residual):
+def test_layer_issues_no_more_device_ops_than_eager(kernel_backend, channels_last, training, residual):
     torch.manual_seed(0)
     bn, conv = nn.BatchNorm2d(6).train(training), nn.Conv2d(6, 5, 3, padding=1, bias=False)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -55,7 +64,7 @@ def test_layer_issues_no_more_device_ops_than_eager(channels_last, training, res
         y = eager_conv(torch.relu(eager_bn(x)))
         return y + r[0] if r else y
 
-    layer = fused_resnet.FusedBNReLUConv2d.from_modules(bn, conv, backend="triton")
+    layer = fused_resnet.FusedBNReLUConv2d.from_modules(bn, conv, backend=kernel_backend)
     ef, eb = _steps(eager, _fresh(channels_last, 2, 6, 5, 5), *extra)
     ff, fb = _steps(layer, _fresh(channels_last, 2, 6, 5, 5), *extra)
     assert ff.total <= _eager_total(ef), (dict(ff.ops), dict(ef.ops))
@@ -65,7 +74,7 @@ def test_layer_issues_no_more_device_ops_than_eager(channels_last, training, res
 
 @pytest.mark.parametrize("block", ["basic", "bottleneck"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_block_issues_no_more_device_ops_than_eager(block, channels_last):
+def test_block_issues_no_more_device_ops_than_eager(kernel_backend, block, channels_last):
     """Blocks with an identity shortcut (all but the first of each stage). A projection-shortcut block
     runs bn1's backward once per consumer (conv1 and the shortcut), where eager sums the two gradients
     first: 4 launches more than eager (benchmarks/NOTES.md) until conv1 and the shortcut share one
@@ -73,7 +82,7 @@ def test_block_issues_no_more_device_ops_than_eager(block, channels_last):
     torch.manual_seed(1)
     cls = fused_resnet.PreActBottleneck if block == "bottleneck" else fused_resnet.PreActBlock
     planes = 2 if block == "bottleneck" else 8
-    fused = cls(8, planes, backend="triton").train()
+    fused = cls(8, planes, backend=kernel_backend).train()
     eager = cls(8, planes, fused=False).train()
     eager.load_state_dict(fused.state_dict())
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -85,11 +94,11 @@ def test_block_issues_no_more_device_ops_than_eager(block, channels_last):
     assert not ff.syncs and not fb.syncs
 
 
-def test_training_step_reads_no_tensor_value_on_the_host():
+def test_training_step_reads_no_tensor_value_on_the_host(kernel_backend):
     """A whole SGD step of a fused model: nothing in forward, backward or the update asks the host for
     a tensor value -- the property that lets a CUDA graph capture the step."""
     torch.manual_seed(2)
-    model = fused_resnet.models.preact_resnet20(num_classes=3, backend="triton").train()
+    model = fused_resnet.models.preact_resnet20(num_classes=3, backend=kernel_backend).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x, target = torch.randn(2, 3, 8, 8), torch.tensor([0, 2])
     opt.step()  # optimizer state exists before the counted step, as in a captured step

@@ -17,7 +17,7 @@
 //   a kernel that declares shared memory any other way does not compile here;
 // - launch configuration limits (block size, grid dimensions) -> cudaErrorInvalidConfiguration;
 // - float/double arithmetic: IEEE with no contraction (build flag -ffp-contract=off), fma() exact as
-//   the device's, __fadd_rn/__fmul_rn/__dadd_rn/__dmul_rn rounded separately.
+//   the device's, __fadd_rn/__fsub_rn/__fmul_rn and their double twins rounded separately.
 // What is not modelled (the GPU pass is the final word on these):
 // - warp scheduling and warp-synchronous behaviour: the kernels use no warp shuffles or votes, and a
 //   code path that relied on lockstep execution would not be caught here;
@@ -81,6 +81,7 @@ inline thread_local dim3 gridDim;
 // ---- device math the kernels call ----------------------------------------------------------------
 using std::fma;
 using std::isfinite;
+using std::sqrt;
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 // volatile keeps each operation separately rounded whatever the optimiser does.
@@ -88,6 +89,8 @@ inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
 inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
 inline double __dmul_rn(double a, double b) { volatile double r = a * b; return r; }
 inline double __dadd_rn(double a, double b) { volatile double r = a + b; return r; }
+inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
+inline double __dsub_rn(double a, double b) { volatile double r = a - b; return r; }
 
 namespace fused_resnet_emu {
 

@@ -1,5 +1,5 @@
 // Per-channel batch statistics, numerically stable: each thread runs Welford's update over its rows
-// after shifting by a per-channel pivot (one sample of the channel, so shifted values are of the order
+// after shifting by a per-channel pivot (the channel's first element x[0, c, 0, 0], so shifted values are of the order
 // of the std), the 8 row groups of a block are merged with Chan's formula, and the per-block
 // (mean, M2) go to the host-side merge (fused_resnet/_partials.py). No float32 sum of squares anywhere,
 // so |mean| >> std keeps its variance. A plain sum rides along only to give eager's mean when the data holds
@@ -34,7 +34,8 @@ __global__ void __launch_bounds__(kChannels * kGroups) batch_stats_kernel(const 
   const int c = blockIdx.y * kChannels + lane;
   const int M = p.N * p.H * p.W;
   const int m0 = blockIdx.x * kStatsRows;
-  const Acc pivot = c < p.C ? static_cast<const Acc*>(p.pivot)[c] : Acc(0);
+  // The pivot: the channel's first element (the finalize kernel adds the same one back).
+  const Acc pivot = c < p.C ? to_acc(x[static_cast<int64_t>(c) * p.sx[1]]) : Acc(0);
   Acc mean = 0, m2 = 0, sum = 0;
   int cnt = 0;
   for (int i = 0; i < kRowsPerThread; ++i) {

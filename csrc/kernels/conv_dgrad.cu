@@ -3,7 +3,7 @@
 // (tap, output channel). For tap (r, s), input row h receives from output row
 // oh = (h + pad - r*dil) / stride when that divides exactly and lands inside [0, OH).
 //
-// Epilogue per element: gm = ga where NOT (x*scale + shift <= 0) (eager's threshold_backward: NaN passes); per column S1 = sum gm, S2 = sum gm*xhat over
+// Epilogue per element: gm = ga where NOT ((x - mean)*scale + beta <= 0) (eager's threshold_backward: NaN passes); per column S1 = sum gm, S2 = sum gm*xhat over
 // the tile's rows. With running statistics dx = gm*scale is final here; with batch statistics dx needs
 // the global sums, so gm (accumulation dtype) is stored and bn_backward_finish.cu completes it.
 #include "gemm_tile.cuh"
@@ -64,7 +64,8 @@ __global__ void __launch_bounds__(kThreads) conv_dgrad_kernel(const ConvDgradPar
   auto c = SharedTiles<T>::c(raw);
   const T* x = static_cast<const T*>(p.x);
   const Acc* scale = static_cast<const Acc*>(p.scale);
-  const Acc* shift = static_cast<const Acc*>(p.shift);
+  const Acc* beta = static_cast<const Acc*>(p.beta);
+  const Acc* mean = static_cast<const Acc*>(p.mean);
   const bool cfast = p.sx[1] <= p.sx[3];
   for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
     int row, col;
@@ -75,7 +76,7 @@ __global__ void __launch_bounds__(kThreads) conv_dgrad_kernel(const ConvDgradPar
       continue;
     }
     const Acc xv = to_acc(x[offset4(p.sx, nb, ch, row_h[row], row_w[row])]);
-    const Acc gm = relu_passes(bn_affine(xv, scale[ch], shift[ch])) ? c[row][col] : Acc(0);
+    const Acc gm = relu_passes(bn_affine(xv, mean[ch], scale[ch], beta[ch])) ? c[row][col] : Acc(0);
     c[row][col] = gm;
     if (p.batch_stats)
       static_cast<Acc*>(p.out)[offset4(p.so, nb, ch, row_h[row], row_w[row])] = gm;
@@ -86,7 +87,6 @@ __global__ void __launch_bounds__(kThreads) conv_dgrad_kernel(const ConvDgradPar
   __syncthreads();
   const int col = threadIdx.x, ch = n0 + col;
   if (col < kTileN && ch < g.C) {
-    const Acc* mean = static_cast<const Acc*>(p.mean);
     const Acc* invstd = static_cast<const Acc*>(p.invstd);
     const int cnt = min(M - m0, kTileM);
     Acc s1 = 0, s2 = 0;
@@ -97,8 +97,8 @@ __global__ void __launch_bounds__(kThreads) conv_dgrad_kernel(const ConvDgradPar
       s2 = fma(gm, xhat, s2);
     }
     Acc* part = static_cast<Acc*>(p.part);
-    part[static_cast<int64_t>(blockIdx.x) * g.C + ch] = s1;
-    part[static_cast<int64_t>(gridDim.x + blockIdx.x) * g.C + ch] = s2;
+    part[static_cast<int64_t>(2 * blockIdx.x) * g.C + ch] = s1;  // [tiles, 2, C]: rows column_sums adds up
+    part[static_cast<int64_t>(2 * blockIdx.x + 1) * g.C + ch] = s2;
   }
 }
 

@@ -1,6 +1,6 @@
 // Forward: implicit-GEMM conv with the BN-affine+ReLU prologue and the bias/residual/statistics epilogue.
 // GEMM view: rows = output pixels (N*OH*OW), columns = output channels, reduction = (tap, input channel).
-// The activation a = max(0, x*scale + shift) is formed while gathering A, is zero where a tap falls into
+// The activation a = relu((x - mean)*scale + beta) is formed while gathering A, is zero where a tap falls into
 // padding (the conv pads a, not x), and is rounded to the input dtype as eager's stored activation is.
 #include "gemm_tile.cuh"
 
@@ -12,7 +12,7 @@ template <class T>
 struct ForwardProblem {
   using Acc = acc_t<T>;
   const ConvForwardParams& p;
-  const T* x; const T* w; const Acc* scale; const Acc* shift;
+  const T* x; const T* w; const Acc* mean; const Acc* scale; const Acc* beta;
   const int* row_n; const int* row_oh; const int* row_ow;  // shared: output pixel of each tile row
   int n0, cchunks, r = 0, s = 0, c0 = 0;
   bool a_kfast, b_kfast;
@@ -31,7 +31,7 @@ struct ForwardProblem {
     const int iw = row_ow[row] * p.g.stride_w - p.g.pad_w + s * p.g.dil_w;
     if (ih < 0 || ih >= p.g.H || iw < 0 || iw >= p.g.W) return zero<T>();
     const Acc v = to_acc(x[offset4(p.sx, nb, c, ih, iw)]);
-    return Cvt<T>::from(relu_nan(bn_affine(v, scale[c], shift[c])));
+    return Cvt<T>::from(relu_nan(bn_affine(v, mean[c], scale[c], beta[c])));
   }
   __device__ T b(int k, int col) const {
     const int c = c0 + k, kout = n0 + col;
@@ -52,7 +52,8 @@ __global__ void __launch_bounds__(kThreads) conv_forward_kernel(const ConvForwar
   decompose_rows(m0, M, g.OH, g.OW, row_n, row_oh, row_ow);
 
   ForwardProblem<T> prob{p, static_cast<const T*>(p.x), static_cast<const T*>(p.w),
-                         static_cast<const Acc*>(p.scale), static_cast<const Acc*>(p.shift),
+                         static_cast<const Acc*>(p.mean), static_cast<const Acc*>(p.scale),
+                         static_cast<const Acc*>(p.beta),
                          row_n, row_oh, row_ow, n0, ceil_div(g.C, kTileK)};
   prob.a_kfast = p.sx[1] <= p.sx[3];  // channels contiguous (channels_last) -> walk channels
   prob.b_kfast = p.sw[1] <= p.sw[0];

@@ -1,5 +1,5 @@
 // Backward w.r.t. the weight: dW[k, c, r, s] = sum over output pixels of gy[k] * a[c] at the tap's input
-// pixel, with a = relu(x*scale + shift) rebuilt while gathering (the forward's prologue).
+// pixel, with a = relu((x - mean)*scale + beta) rebuilt while gathering (the forward's prologue).
 // GEMM view per tap: rows = output channels, columns = input channels, reduction = output pixels. The
 // reduction is long and the output small, so pixels are split across blocks (split-K, grid z =
 // taps x splits); each split writes its own slab and the slabs are summed afterwards: deterministic,
@@ -14,7 +14,7 @@ template <class T>
 struct WgradProblem {
   using Acc = acc_t<T>;
   const ConvWgradParams& p;
-  const T* gy; const T* x; const Acc* scale; const Acc* shift;
+  const T* gy; const T* x; const Acc* mean; const Acc* scale; const Acc* beta;
   int* pix_n; int* pix_oh; int* pix_ow;  // shared: output pixel of each reduction index of the step
   int m0, n0, r, s, p_begin, p_end;
   bool a_kfast, b_kfast;
@@ -40,7 +40,7 @@ struct WgradProblem {
     const int ih = pix_oh[k] * p.g.stride_h - p.g.pad_h + r * p.g.dil_h;
     const int iw = pix_ow[k] * p.g.stride_w - p.g.pad_w + s * p.g.dil_w;
     if (ih < 0 || ih >= p.g.H || iw < 0 || iw >= p.g.W) return zero<T>();
-    return Cvt<T>::from(relu_nan(bn_affine(to_acc(x[offset4(p.sx, nb, c, ih, iw)]), scale[c], shift[c])));
+    return Cvt<T>::from(relu_nan(bn_affine(to_acc(x[offset4(p.sx, nb, c, ih, iw)]), mean[c], scale[c], beta[c])));
   }
 };
 
@@ -57,20 +57,20 @@ __global__ void __launch_bounds__(kThreads) conv_wgrad_kernel(const ConvWgradPar
   const int p_begin = sp * p.chunk;
   const int p_end = min(p_begin + p.chunk, P);
   WgradProblem<T> prob{p, static_cast<const T*>(p.gy), static_cast<const T*>(p.x),
-                       static_cast<const Acc*>(p.scale), static_cast<const Acc*>(p.shift),
+                       static_cast<const Acc*>(p.mean), static_cast<const Acc*>(p.scale),
+                       static_cast<const Acc*>(p.beta),
                        pix_n, pix_oh, pix_ow, m0, n0, rs / g.KW, rs % g.KW, p_begin, p_end};
   prob.a_kfast = p.sg[3] <= p.sg[1];  // NCHW gy: pixels contiguous -> walk the reduction index
   prob.b_kfast = p.sx[3] <= p.sx[1];
   gemm_tile<T>(prob, raw);
 
   auto c = SharedTiles<T>::c(raw);
-  Acc* part = static_cast<Acc*>(p.part);
-  const int taps = g.KH * g.KW;
+  Acc* part = static_cast<Acc*>(p.part) + static_cast<int64_t>(sp) * g.K * g.C * g.KH * g.KW;
   for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
     const int row = idx / kTileN, col = idx % kTileN;
     const int kout = m0 + row, ch = n0 + col;
     if (kout >= g.K || ch >= g.C) continue;
-    part[((static_cast<int64_t>(sp) * g.K + kout) * g.C + ch) * taps + rs] = c[row][col];
+    part[offset4(p.sd, kout, ch, rs / g.KW, rs % g.KW)] = c[row][col];
   }
 }
 

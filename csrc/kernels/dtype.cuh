@@ -29,11 +29,16 @@ template <> struct Cvt<double> { __device__ static double from(double v) { retur
 
 template <class T> __device__ __forceinline__ T zero() { return Cvt<T>::from(acc_t<T>(0)); }
 
-// The BN affine x*scale + shift with two roundings and no contraction into an fma: eager forms it the same
-// way, so a constant channel (x == mean, beta == 0; shift = -round(mean*scale)) gives exactly 0 where an fma
-// keeps the rounding residual of mean*scale and flips the ReLU mask at random.
-__device__ __forceinline__ float bn_affine(float x, float s, float b) { return __fadd_rn(__fmul_rn(x, s), b); }
-__device__ __forceinline__ double bn_affine(double x, double s, double b) { return __dadd_rn(__dmul_rn(x, s), b); }
+// The BN affine (x - mean)*scale + beta, each step rounded and never contracted into an fma: eager subtracts
+// the mean first too, so a constant channel (x == mean) gives exactly beta -- 0 with beta == 0 -- where
+// x*scale + shift (or an fma) keeps a rounding residual that flips the ReLU mask at random. The same form
+// as the Triton kernels' prologue.
+__device__ __forceinline__ float bn_affine(float x, float m, float s, float b) {
+  return __fadd_rn(__fmul_rn(__fsub_rn(x, m), s), b);
+}
+__device__ __forceinline__ double bn_affine(double x, double m, double s, double b) {
+  return __dadd_rn(__dmul_rn(__dsub_rn(x, m), s), b);
+}
 
 // torch.relu: NaN propagates (a > 0 ? a : 0 would map it to 0).
 template <class A> __device__ __forceinline__ A relu_nan(A a) { return (a > A(0) || a != a) ? a : A(0); }

@@ -1,7 +1,9 @@
 """Device operations a piece of code issues, counted the way a profiler trace shows them, on any device.
 
 Every ATen op that launches a kernel on a GPU (views and allocations excluded), seen below autograd
-with a TorchDispatchMode, plus every Triton kernel launch (on the GPU and under the CPU interpreter).
+with a TorchDispatchMode, plus every Triton kernel launch (on the GPU and under the CPU interpreter) and
+every call into the CUDA backend's extension (one kernel launch each; the real `_C` or its emulated
+build; ATen ops the binding itself runs are counted as ATen ops).
 fused_resnet's own registered ops are not counted themselves: what runs inside them is. Host
 synchronizations (a tensor value read by the host: `.item()`, `float(t)`, a copy to the CPU) are listed
 separately: one of them is enough to make a step impossible to capture in a CUDA graph.
@@ -47,13 +49,40 @@ class DeviceOps(TorchDispatchMode):
         return sum(self.ops.values())
 
 
+# The extension's entry points; each launches exactly one kernel.
+CUDA_KERNELS = ("batch_stats", "conv_forward", "conv_dgrad", "bn_backward_finish", "conv_wgrad", "bn_finalize",
+                "column_sums")
+
+
+class _CountedExtension:
+    """The CUDA extension module with every kernel entry point counted as "cuda.<name>"."""
+
+    def __init__(self, ext, mode):
+        self._ext, self._mode = ext, mode
+
+    def __getattr__(self, name):
+        attr = getattr(self._ext, name)
+        if name not in CUDA_KERNELS:
+            return attr
+
+        def launch(*args, **kwargs):
+            self._mode.ops[f"cuda.{name}"] += 1
+            return attr(*args, **kwargs)
+        return launch
+
+
 @contextlib.contextmanager
 def count_device_ops():
-    """Within: yields a DeviceOps whose .ops counts ATen kernels and Triton launches ("triton.<name>")."""
+    """Within: yields a DeviceOps whose .ops counts ATen kernels, Triton launches ("triton.<name>") and
+    CUDA-extension launches ("cuda.<name>")."""
     from triton.runtime import interpreter
     from triton.runtime.jit import JITFunction
 
+    from .. import cuda as cuda_launchers
+
     mode = DeviceOps()
+    real_ext = cuda_launchers._ext
+    cuda_launchers._ext = lambda like: _CountedExtension(real_ext(like), mode)
     run_jit, run_interp = JITFunction.run, interpreter.InterpretedFunction.run
 
     def counted(original):
@@ -75,3 +104,4 @@ def count_device_ops():
             yield mode
     finally:
         JITFunction.run, interpreter.InterpretedFunction.run = run_jit, run_interp
+        cuda_launchers._ext = real_ext

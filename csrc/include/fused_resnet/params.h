@@ -35,7 +35,7 @@ struct ConvGeom {
   int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;  // pad = rows/cols of zero activation before index 0
 };
 
-// y = conv(relu(x*scale + shift), w) + bias + residual; optional per-tile (mean, M2) of y as stored.
+// y = conv(relu((x - mean)*scale + beta), w) + bias + residual; optional per-tile (mean, M2) of y as stored.
 struct ConvForwardParams {
   DType dtype;
   ConvGeom g;
@@ -43,13 +43,13 @@ struct ConvForwardParams {
   const void* w; int64_t sw[4];
   const void* residual; int64_t sr[4];  // dtype, may be null
   void* y; int64_t sy[4];
-  const void* scale;  // acc [C]
-  const void* shift;  // acc [C]
+  const void* mean; const void* scale; const void* beta;  // acc [C]: the BN affine
   const void* bias;   // acc [K], may be null
   void* part;         // acc [2, tiles_m, K]: tile mean, tile M2; null = no statistics
 };
 
-// ga = conv_transpose(gy, w); gm = ga * (x*scale+shift > 0); per-tile S1 = sum gm, S2 = sum gm*xhat.
+// ga = conv_transpose(gy, w); gm = ga where NOT ((x - mean)*scale + beta <= 0); per-tile S1 = sum gm,
+// S2 = sum gm*xhat.
 // batch_stats: out (acc) receives gm, finished into dx by bn_backward_finish.
 // otherwise:   out (dtype) receives dx = gm * scale directly.
 struct ConvDgradParams {
@@ -58,9 +58,9 @@ struct ConvDgradParams {
   const void* gy; int64_t sg[4];
   const void* w; int64_t sw[4];
   const void* x; int64_t sx[4];
-  const void* scale; const void* shift; const void* mean; const void* invstd;  // acc [C]
+  const void* mean; const void* scale; const void* beta; const void* invstd;  // acc [C]
   void* out; int64_t so[4];
-  void* part;  // acc [2, tiles_m, C]: S1, S2 per tile; null = not needed
+  void* part;  // acc [tiles_m, 2, C]: S1, S2 per tile; null = not needed
   bool batch_stats;
 };
 
@@ -76,26 +76,52 @@ struct BnBackwardFinishParams {
   double inv_count;
 };
 
-// Split-K weight gradient: part[split, K, C, KH, KW] (acc) = sum over a chunk of output pixels of
-// gy (x) relu(x*scale+shift) at the tap's input pixel.
+// Split-K weight gradient: slab `split` of part (acc [split, K*C*KH*KW]) = sum over a chunk of output
+// pixels of gy (x) relu((x - mean)*scale + beta) at the tap's input pixel, each slab laid out with dW's strides sd
+// (so the sum over slabs lands in dW's own layout).
 struct ConvWgradParams {
   DType dtype;
   ConvGeom g;
   const void* gy; int64_t sg[4];
   const void* x; int64_t sx[4];
-  const void* scale; const void* shift;  // acc [C]
-  void* part;
+  const void* mean; const void* scale; const void* beta;  // acc [C]
+  void* part; int64_t sd[4];
   int chunk;  // output pixels per split (a multiple of kTileK)
   int split;
 };
 
-// Per-tile (mean relative to pivot, M2) of x per channel: part acc [2, tiles, C], tiles of kStatsRows.
+// Per-tile (mean relative to the pivot x[0, c, 0, 0], M2) of x per channel: part acc [2, tiles, C], tiles
+// of kStatsRows.
 struct BatchStatsParams {
   DType dtype;
   int N, C, H, W;
   const void* x; int64_t sx[4];
-  const void* pivot;  // acc [C]
   void* part;
+};
+
+// Per channel: (mean, var) merged from per-tile partials (Chan, in double; tile means relative to the pivot
+// x[0, c, 0, 0] when x is given) or read from mean_in/var_in; invstd = 1/sqrt(var + eps); scale = invstd *
+// gamma; out acc [5, C] = (mean, var, invstd, scale, beta). Running buffers, when given, updated in place:
+// EMA with momentum, the variance times `unbiased`.
+struct BnFinalizeParams {
+  DType dtype;  // of x: the accumulation dtype is double for kF64, float otherwise
+  int C;
+  const void* part; int tiles; int64_t tile_rows, total;  // acc [2, tiles, C]; null: use mean_in / var_in
+  const void* x; int64_t sxc;                             // the pivot's tensor (dtype), may be null
+  const void* mean_in; const void* var_in; DType in_dtype;  // [C] (running buffers: any float dtype)
+  void* mean_out; void* var_out;                          // acc [C], may be null: the merged moments
+  void* out;                                              // acc [5, C]
+  const void* gamma; const void* beta; DType param_dtype;  // [C], may be null
+  void* running_mean; void* running_var; DType running_dtype;  // [C], may be null
+  double momentum, eps, unbiased;
+};
+
+// Column sums in a fixed row order: a (acc [a_rows, a_len]) -> columns < a_split to a_out0, the rest to
+// a_out1 (acc); b (acc [b_rows, b_len]) -> b_out (b_dtype). Either may be absent (len 0).
+struct ColumnSumsParams {
+  bool f64;  // the accumulation dtype of a and b
+  const void* a; int a_rows; int64_t a_len, a_split; void* a_out0; void* a_out1;
+  const void* b; int b_rows; int64_t b_len; void* b_out; DType b_dtype;
 };
 
 FUSED_RESNET_HD inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
@@ -106,5 +132,7 @@ cudaError_t conv_dgrad(const ConvDgradParams& p, cudaStream_t stream);
 cudaError_t bn_backward_finish(const BnBackwardFinishParams& p, cudaStream_t stream);
 cudaError_t conv_wgrad(const ConvWgradParams& p, cudaStream_t stream);
 cudaError_t batch_stats(const BatchStatsParams& p, cudaStream_t stream);
+cudaError_t bn_finalize(const BnFinalizeParams& p, cudaStream_t stream);
+cudaError_t column_sums(const ColumnSumsParams& p, cudaStream_t stream);
 
 }  // namespace fused_resnet
