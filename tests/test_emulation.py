@@ -151,3 +151,28 @@ def test_thread_sanitizer_sees_a_dropped_barrier(tsan_env):
     out = _python(_RUN_TSAN, {**tsan_env, "FUSED_RESNET_EMU_DROP_BARRIER": f"gemm_tile.cuh:{line}"})
     assert "WARNING: ThreadSanitizer: data race" in out.stderr, out.stderr[-3000:]
     assert "gemm_tile.cuh" in out.stderr
+
+
+@pytest.mark.parametrize("via_ldmatrix", [False, True], ids=["fragment-table", "ldmatrix"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_mma_sync_tile_is_the_matrix_product(emu, dtype, via_ldmatrix):
+    """mma.sync m16n8k16 fed two ways: fragments picked from the PTX ISA's table by each lane, and the way
+    the kernels load them (ldmatrix.x4 of row-major A, ldmatrix.x2.trans of row-major B). A layout slip
+    in the twin of either primitive gives a wrong product."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randint(-8, 9, (16, 16), generator=g).float()
+    b = torch.randint(-8, 9, (16, 8), generator=g).float()
+    assert torch.equal(emu.emu_mma_product(a, b, dtype == torch.bfloat16, via_ldmatrix), a @ b)
+    a, b = torch.randn(16, 16, generator=g), torch.randn(16, 8, generator=g)
+    ar, br = a.to(dtype).double(), b.to(dtype).double()
+    got = emu.emu_mma_product(a, b, dtype == torch.bfloat16, via_ldmatrix).double()
+    assert ((got - ar @ br).abs() <= (ar.abs() @ br.abs()) * 17 * 2.0**-24).all()
+
+
+def test_cp_async_lands_only_at_the_wait(emu):
+    """Before cp.async.wait_group a thread reads what was there (the poison); after the wait and a
+    barrier every thread sees the copies, and a predicated-off copy is 16 zero bytes."""
+    src = torch.randn(16)
+    before, after = emu.emu_cp_async_stages(src)
+    assert before.isnan().all()
+    assert torch.equal(after[:12], src[:12]) and torch.equal(after[12:], torch.zeros(4))

@@ -91,6 +91,86 @@ at::Tensor wmma_product(const at::Tensor& a, const at::Tensor& b, bool bf16, boo
               : wmma_tile<__half>(a, b, a_col, __float2half_rn);
 }
 
+template <class T>
+struct MmaShared {
+  alignas(128) T a[16 * 24];  // A [16][16] row-major, padded rows (ldmatrix rows stay 16-byte aligned)
+  alignas(128) T b[16 * 16];  // B [16 k][8 n] row-major, padded
+};
+
+// D = A B for A 16x16, B 16x8 through mma_16816, fragments built two ways: via_ldmatrix, the way the
+// kernels build them (ldmatrix.x4 of row-major A, ldmatrix.x2.trans of row-major B); otherwise each lane
+// picks its elements from the PTX ISA's fragment table directly.
+template <class T>
+at::Tensor mma_tile(const at::Tensor& a, const at::Tensor& b, bool via_ldmatrix, T (*from)(float)) {
+  at::Tensor out = at::empty({16, 8}, a.options().dtype(at::kFloat));
+  const float *pa = a.data_ptr<float>(), *pb = b.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  auto bits = [](T v) { uint16_t u; std::memcpy(&u, &v, 2); return uint32_t(u); };
+  auto kernel = [&] {
+    using namespace fused_resnet::detail;
+    auto& sh = block_shared<MmaShared<T>>();
+    const int lane = static_cast<int>(threadIdx.x), g = lane / 4, t = lane % 4;
+    uint32_t fa[4], fb[2];
+    if (via_ldmatrix) {
+      for (int i = lane; i < 256; i += 32) sh.a[(i / 16) * 24 + i % 16] = from(pa[i]);
+      for (int i = lane; i < 128; i += 32) sh.b[(i / 8) * 16 + i % 8] = from(pb[i]);
+      __syncthreads();
+      ldmatrix_x4(fa, &sh.a[(lane % 16) * 24 + (lane / 16) * 8]);
+      ldmatrix_x2_trans(fb, &sh.b[(lane % 16) * 16]);
+    } else {
+      auto A = [&](int r, int k) { return bits(from(pa[r * 16 + k])); };
+      auto B = [&](int k, int n) { return bits(from(pb[k * 8 + n])); };
+      fa[0] = A(g, 2 * t) | A(g, 2 * t + 1) << 16;
+      fa[1] = A(g + 8, 2 * t) | A(g + 8, 2 * t + 1) << 16;
+      fa[2] = A(g, 2 * t + 8) | A(g, 2 * t + 9) << 16;
+      fa[3] = A(g + 8, 2 * t + 8) | A(g + 8, 2 * t + 9) << 16;
+      fb[0] = B(2 * t, g) | B(2 * t + 1, g) << 16;
+      fb[1] = B(2 * t + 8, g) | B(2 * t + 9, g) << 16;
+    }
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    mma_16816<T>(d, fa, fb);
+    po[g * 8 + 2 * t] = d[0];
+    po[g * 8 + 2 * t + 1] = d[1];
+    po[(g + 8) * 8 + 2 * t] = d[2];
+    po[(g + 8) * 8 + 2 * t + 1] = d[3];
+  };
+  const cudaError_t err = fused_resnet_emu::launch(kernel, dim3(1), dim3(32));
+  TORCH_CHECK(err == cudaSuccess, cudaGetErrorString(err));
+  return out;
+}
+
+at::Tensor mma_product(const at::Tensor& a, const at::Tensor& b, bool bf16, bool via_ldmatrix) {
+  TORCH_CHECK(a.scalar_type() == at::kFloat && a.is_contiguous() && a.sizes() == at::IntArrayRef({16, 16}) &&
+              b.scalar_type() == at::kFloat && b.is_contiguous() && b.sizes() == at::IntArrayRef({16, 8}),
+              "A 16x16 and B 16x8 float32 contiguous");
+  return bf16 ? mma_tile<__nv_bfloat16>(a, b, via_ldmatrix, __float2bfloat16_rn)
+              : mma_tile<__half>(a, b, via_ldmatrix, __float2half_rn);
+}
+
+// cp.async of 16 floats by 4 threads (one 16-byte copy each, the last zero-filled): what a thread reads
+// before its wait (the poison: nothing has landed), and after wait + barrier. Returns [2, 16].
+at::Tensor cp_async_stages(const at::Tensor& src) {
+  TORCH_CHECK(src.scalar_type() == at::kFloat && src.is_contiguous() && src.numel() == 16, "16 float32");
+  struct Buf { alignas(16) float v[16]; };
+  at::Tensor out = at::empty({2, 16}, src.options());
+  const float* ps = src.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  auto kernel = [&] {
+    using namespace fused_resnet::detail;
+    auto& sh = block_shared<Buf>();
+    const int t = static_cast<int>(threadIdx.x);
+    cp_async_16(&sh.v[4 * t], ps + 4 * t, t != 3);
+    cp_async_commit();
+    for (int i = 0; i < 4; ++i) po[4 * t + i] = sh.v[4 * t + i];  // own bytes, before the wait
+    cp_async_wait<0>();
+    __syncthreads();
+    if (t == 0)
+      for (int i = 0; i < 16; ++i) po[16 + i] = sh.v[i];
+  };
+  fused_resnet_emu::launch(kernel, dim3(1), dim3(4));
+  return out;
+}
+
 // What a thread reads from a shared buffer no thread has written: the poison, per element.
 at::Tensor unwritten_shared(int64_t n) {
   struct Buf { float v[64]; };
@@ -128,6 +208,8 @@ void register_emulation_checks(pybind11::module_& m) {
   m.def("emu_round_to_16", &round_to_16);
   m.def("emu_widen_16", &widen_16);
   m.def("emu_wmma_product", &wmma_product);
+  m.def("emu_mma_product", &mma_product);
+  m.def("emu_cp_async_stages", &cp_async_stages);
   m.def("emu_unwritten_shared", &unwritten_shared);
   m.def("emu_divergent_barrier", &divergent_barrier);
   m.def("emu_launch_error", &launch_error);

@@ -40,6 +40,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <new>
 #include <source_location>
@@ -95,9 +96,39 @@ inline double __dsub_rn(double a, double b) { volatile double r = a - b; return 
 namespace fused_resnet_emu {
 
 // The block barrier with the divergence check: each thread records the __syncthreads it is at.
+// A warp's rendezvous for the warp-collective primitives (ldmatrix, mma.sync): every lane posts its
+// operands to `slot`, all lanes meet, each computes its own result from all the slots, all meet again.
+// The meeting also checks convergence (.aligned: every lane at the same call site).
+struct Warp {
+  explicit Warp(int lanes) : barrier(lanes, Completion{this}), site(static_cast<size_t>(lanes)), live(static_cast<size_t>(lanes), 1) {}
+  struct Completion {
+    Warp* w;
+    void operator()() noexcept { w->check_sites(); }
+  };
+  std::barrier<Completion> barrier;
+  std::vector<std::source_location> site;
+  std::vector<char> live;
+  alignas(16) unsigned char slot[32][64];  // per lane: up to 64 bytes of operands
+  void check_sites() noexcept {
+    const std::source_location* first = nullptr;
+    for (size_t t = 0; t < site.size(); ++t) {
+      if (!live[t]) continue;
+      if (first == nullptr) { first = &site[t]; continue; }
+      if (site[t].line() != first->line() || std::strcmp(site[t].file_name(), first->file_name()) != 0) {
+        std::fprintf(stderr, "fused_resnet emulation: warp-collective primitive not converged: %s:%u and %s:%u\n",
+                     first->file_name(), first->line(), site[t].file_name(), site[t].line());
+        std::abort();
+      }
+    }
+  }
+};
+
 struct Block {
   explicit Block(int threads)
-      : barrier(threads, Completion{this}), site(static_cast<size_t>(threads)), live(static_cast<size_t>(threads), 1) {}
+      : barrier(threads, Completion{this}), site(static_cast<size_t>(threads)), live(static_cast<size_t>(threads), 1) {
+    for (int w = 0; w * 32 < threads; ++w) warps.emplace_back(new Warp(std::min(32, threads - 32 * w)));
+  }
+  std::vector<std::unique_ptr<Warp>> warps;
   struct Completion {
     Block* b;
     void operator()() noexcept { b->check_sites(); }
@@ -161,6 +192,15 @@ S& block_shared() {
   return *static_cast<S*>(current_block->shared(&key, sizeof(S), alignof(S)));
 }
 
+// The calling thread's warp and lane, and a rendezvous of the warp's lanes at `loc`.
+inline Warp& current_warp() { return *current_block->warps[static_cast<size_t>(current_thread / 32)]; }
+inline int current_lane() { return current_thread % 32; }
+inline void warp_meet(const std::source_location& loc) {
+  Warp& w = current_warp();
+  w.site[static_cast<size_t>(current_lane())] = loc;
+  w.barrier.arrive_and_wait();
+}
+
 // One launch at a time: the per-thread block state is one copy.
 inline std::mutex& launch_mutex() {
   static std::mutex m;
@@ -189,6 +229,9 @@ cudaError_t launch(Kernel&& kernel, dim3 grid, dim3 block) {
             current_block = &state;
             current_thread = static_cast<int>(t);
             kernel();
+            Warp& warp = *state.warps[t / 32];
+            warp.live[t % 32] = 0;
+            warp.barrier.arrive_and_drop();
             state.live[t] = 0;  // ordered before the completion step by arrive_and_drop
             state.barrier.arrive_and_drop();
           });

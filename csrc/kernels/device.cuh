@@ -1,14 +1,73 @@
-// The device primitives the kernels use, in one place: the tensor-core API (WMMA today), block shared
-// memory and the kernel launch. The emulated CPU build (csrc/emu, -DFUSED_RESNET_EMULATED) supplies host twins of exactly
-// these, so the kernel files are the same bytes in the GPU build and the emulated one; a new primitive
-// (cp.async, ldmatrix, mma.sync) enters here and in csrc/emu together.
+// The device primitives the kernels use, in one place: tensor cores (WMMA; mma.sync m16n8k16 with
+// ldmatrix), cp.async copies, block shared memory and the kernel launch. The emulated CPU build (csrc/emu, -DFUSED_RESNET_EMULATED) supplies host twins of exactly
+// these (mma.h, emu_primitives.h, cuda_runtime.h), so the kernel files are the same bytes in the GPU build
+// and the emulated one; a new primitive enters here and in csrc/emu together, with a test of its twin.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <cstdint>
+
+#ifdef FUSED_RESNET_EMULATED
+#include "emu_primitives.h"  // csrc/emu: host twins of cp_async_*, ldmatrix_*, mma_16816 below
+#endif
+
 namespace fused_resnet {
 namespace detail {
+
+#ifndef FUSED_RESNET_EMULATED
+// 16 bytes global -> shared without a register round trip (cp.async.cg: cached in L2 only). pred false:
+// the 16 bytes are zero-filled and nothing is read (src-size 0), which is how padding and tails load.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool pred) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(pred ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most N committed groups of this thread are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// ldmatrix .m8n8 .b16: lane L gives the shared address of row L % 8 of matrix L / 8; register j receives
+// matrix j's (row L / 4, columns 2(L % 4) and +1) -- of the transpose with .trans.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
+}
+
+// d += A B, mma.sync m16n8k16, A row-major / B column-major fragments as the PTX ISA lays them out
+// (csrc/emu/emu_primitives.h spells the table out), fp32 accumulators.
+template <class T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif  // !FUSED_RESNET_EMULATED
 
 // The block's one object of type S in shared memory, the same for all its threads. Kernels declare their
 // shared memory through this rather than with __shared__ in their own bodies, so that the emulated build

@@ -1,0 +1,164 @@
+// Host twins of the inline-PTX primitives in csrc/kernels/device.cuh: cp.async, ldmatrix, mma.sync.
+//
+// Each follows the PTX ISA's definition, not a convenient shortcut, because a layout mistake here would
+// hide the same mistake in a kernel (tests/test_emulation.py checks each against an independent answer):
+// - cp.async copies are deferred: they land in shared memory only when the issuing thread's
+//   cp_async_wait<N>() retires their group (or never, if it does not), so a kernel that reads a stage
+//   before waiting reads stale or poisoned bytes, as it could on the GPU. Source and destination must be
+//   16-byte aligned (checked). Visibility to other threads still needs __syncthreads (ThreadSanitizer
+//   sees a missing one).
+// - ldmatrix and mma.sync are warp-collective: every lane posts its operands (row addresses; fragment
+//   registers), the warp meets, and each lane computes exactly the elements the PTX fragment tables give
+//   its registers (m8n8 .b16 matrices; m16n8k16 A row-major / B column-major / f32 C and D), from the
+//   other lanes' posts. All 32 lanes must call at the same site (checked: .aligned).
+// - mma.sync products of two bf16/fp16 values are exact in float; the sum runs in k order in float (the
+//   hardware's order and internal precision are not specified, so a test may not depend on them).
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <source_location>
+#include <type_traits>
+#include <vector>
+
+#include "cuda_bf16.h"
+#include "cuda_fp16.h"
+#include "cuda_runtime.h"
+
+namespace fused_resnet_emu {
+
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  bool fill;  // false: 16 zero bytes (src-size 0)
+};
+
+struct CopyQueue {
+  std::vector<PendingCopy> open;
+  std::vector<std::vector<PendingCopy>> committed;  // oldest first
+};
+
+inline thread_local CopyQueue copy_queue;
+
+inline void check_aligned16(const void* p, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+    std::fprintf(stderr, "fused_resnet emulation: %s address %p is not 16-byte aligned\n", what, p);
+    std::abort();
+  }
+}
+
+inline float widen16(uint16_t bits, bool bf16) {
+  return bf16 ? __bfloat162float(__nv_bfloat16{bits}) : __half2float(__half{bits});
+}
+
+}  // namespace fused_resnet_emu
+
+namespace fused_resnet {
+namespace detail {
+
+inline void cp_async_16(void* smem, const void* gmem, bool pred) {
+  fused_resnet_emu::check_aligned16(smem, "cp.async shared");
+  if (pred) fused_resnet_emu::check_aligned16(gmem, "cp.async global");
+  fused_resnet_emu::copy_queue.open.push_back({smem, gmem, pred});
+}
+
+inline void cp_async_commit() {
+  auto& q = fused_resnet_emu::copy_queue;
+  q.committed.push_back(std::move(q.open));
+  q.open.clear();
+}
+
+template <int N>
+inline void cp_async_wait() {
+  auto& q = fused_resnet_emu::copy_queue;
+  while (q.committed.size() > static_cast<size_t>(N)) {
+    for (const auto& c : q.committed.front()) {
+      if (c.fill)
+        std::memcpy(c.dst, c.src, 16);
+      else
+        std::memset(c.dst, 0, 16);
+    }
+    q.committed.erase(q.committed.begin());
+  }
+}
+
+// ldmatrix .m8n8 .b16, x4 (trans: each 8x8 matrix transposed): lane L supplies the address of row L % 8
+// of matrix L / 8; register j of lane L receives matrix j's elements (row L / 4, columns 2(L % 4), +1),
+// of the transpose when trans.
+template <int Count>
+inline void ldmatrix(uint32_t* r, const void* row, bool trans,
+                     std::source_location loc = std::source_location::current()) {
+  using namespace fused_resnet_emu;
+  check_aligned16(row, "ldmatrix row");
+  Warp& w = current_warp();
+  const int lane = current_lane();
+  std::memcpy(w.slot[lane], &row, sizeof(row));
+  warp_meet(loc);
+  for (int j = 0; j < Count; ++j) {
+    uint16_t e[2];
+    for (int h = 0; h < 2; ++h) {
+      const int rr = trans ? 2 * (lane % 4) + h : lane / 4;   // row of matrix j holding the element
+      const int cc = trans ? lane / 4 : 2 * (lane % 4) + h;   // its column
+      const void* base;
+      std::memcpy(&base, w.slot[8 * j + rr], sizeof(base));
+      std::memcpy(&e[h], static_cast<const unsigned char*>(base) + 2 * cc, 2);
+    }
+    r[j] = uint32_t(e[0]) | (uint32_t(e[1]) << 16);
+  }
+  warp_meet(loc);  // the slots are reused by the next collective
+}
+
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, std::source_location loc = std::source_location::current()) {
+  ldmatrix<4>(r, row, false, loc);
+}
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row,
+                              std::source_location loc = std::source_location::current()) {
+  ldmatrix<4>(r, row, true, loc);
+}
+inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row,
+                              std::source_location loc = std::source_location::current()) {
+  ldmatrix<2>(r, row, true, loc);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: d += A B. Fragments (g = lane / 4, t = lane % 4):
+// A 16x16: a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..], a[3] = A[g+8][2t+8..];
+// B 16x8: b[0] = B[2t..2t+1][g], b[1] = B[2t+8..2t+9][g]; C, D 16x8: d[0..1] = D[g][2t..2t+1], d[2..3] = D[g+8][..].
+template <class T>
+inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                      std::source_location loc = std::source_location::current()) {
+  using namespace fused_resnet_emu;
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "mma_16816: fp16/bf16");
+  constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
+  Warp& w = current_warp();
+  const int lane = current_lane();
+  std::memcpy(w.slot[lane], a, 16);
+  std::memcpy(w.slot[lane] + 16, b, 8);
+  warp_meet(loc);
+  auto A = [&](int row, int k) {  // element (row, k) of A from the lane and register that hold it
+    const int src = (row % 8) * 4 + (k % 8) / 2, reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+    uint16_t e;
+    std::memcpy(&e, w.slot[src] + 4 * reg + 2 * (k % 2), 2);
+    return widen16(e, bf16);
+  };
+  auto B = [&](int k, int col) {
+    const int src = col * 4 + (k % 8) / 2, reg = k >= 8 ? 1 : 0;
+    uint16_t e;
+    std::memcpy(&e, w.slot[src] + 16 + 4 * reg + 2 * (k % 2), 2);
+    return widen16(e, bf16);
+  };
+  const int g = lane / 4, t = lane % 4;
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i % 2);
+    float acc = d[i];
+    for (int k = 0; k < 16; ++k) acc = std::fma(A(row, k), B(k, col), acc);
+    out[i] = acc;
+  }
+  warp_meet(loc);
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+
+}  // namespace detail
+}  // namespace fused_resnet
