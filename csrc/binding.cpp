@@ -166,8 +166,9 @@ at::Tensor batch_stats(const at::Tensor& x) {
   return part;
 }
 
-// Writes y; returns the per-tile (mean, M2) of y, [2, tiles_m, K], or an empty tensor.
-at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+// Writes y; returns the per-tile (mean, M2) of y, [2, tiles_m, K] (or an empty tensor), and the rows per
+// tile (the kernel path taken decides).
+std::tuple<at::Tensor, int64_t> conv_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                         const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& beta,
                         const std::optional<at::Tensor>& residual,
                         at::Tensor& y, std::vector<int64_t> stride, std::vector<int64_t> padding,
@@ -209,11 +210,12 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, const std::opt
     check_on(*residual, x, "residual"); check_same_dtype(*residual, x, "residual");
     p.residual = residual->data_ptr(); strides_of(*residual, p.sr);
   }
-  const int tiles = fr::ceil_div(x.size(0) * y.size(2) * y.size(3), fr::kTileM);
+  const int rows = fr::conv_forward_tile_rows(p);
+  const int tiles = fr::ceil_div(x.size(0) * y.size(2) * y.size(3), rows);
   at::Tensor part = at::empty({out_stats ? 2 : 0, tiles, k}, scale.options());
   if (out_stats) p.part = part.data_ptr();
   if (y.numel() > 0) check_launch(fr::conv_forward(p, current_stream()), "conv_forward");
-  return part;
+  return std::make_tuple(part, rows);
 }
 
 // Writes out (dx in x's dtype, or gm in the accumulation dtype when batch_stats); returns per-tile

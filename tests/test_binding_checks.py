@@ -145,3 +145,21 @@ def test_finish_refuses_aliased_output():
     vec = torch.ones(3)
     with pytest.raises(RuntimeError, match="dx shares memory with an input"):
         C.bn_backward_finish(gm, x, x, vec, vec, None, vec, vec, 32)
+
+
+@pytest.mark.parametrize("dtype,channels_last,c,rows", [
+    (torch.bfloat16, True, 16, 128), (torch.float16, True, 8, 128),  # the mma.sync path: 128-row tiles
+    (torch.bfloat16, False, 16, 64), (torch.bfloat16, True, 12, 64), (torch.float32, True, 16, 64),
+])
+def test_forward_path_choice(dtype, channels_last, c, rows):
+    """The tensor-core forward takes fp16/bf16 dense-NHWC x and W with C % 8 == 0; the rest take the
+    general kernel. The returned rows per tile say which ran (and size the statistics partials)."""
+    if not C.EMULATED:
+        pytest.skip("needs a device the kernels run on: the emulated build")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, c, 5, 5).to(dtype).contiguous(memory_format=fmt)
+    w = torch.randn(8, c, 3, 3).to(dtype).contiguous(memory_format=fmt)
+    y = torch.empty(2, 8, 5, 5, dtype=dtype).contiguous(memory_format=fmt)
+    vec = torch.ones(c)
+    part, tile_rows = C.conv_forward(x, w, None, vec * 0, vec, vec * 0, None, y, [1, 1], [1, 1], [1, 1], True)
+    assert tile_rows == rows and part.shape == (2, 1, 8)

@@ -97,18 +97,33 @@ namespace fused_resnet_emu {
 
 // The block barrier with the divergence check: each thread records the __syncthreads it is at.
 // A warp's rendezvous for the warp-collective primitives (ldmatrix, mma.sync): every lane posts its
-// operands to `slot`, all lanes meet, each computes its own result from all the slots, all meet again.
-// The meeting also checks convergence (.aligned: every lane at the same call site).
+// operands to its input slot and arrives; the last lane to arrive computes every lane's result (the
+// `compute` the lanes posted) into the output slots; each lane then reads its own. Slots alternate
+// between two sets, so one meeting per collective suffices: a lane cannot post into a set before every
+// lane has left the meeting that last used it. The meeting also checks convergence (.aligned: every live
+// lane at the same call site).
 struct Warp {
+  using Compute = void (*)(Warp&, int set);
   explicit Warp(int lanes) : barrier(lanes, Completion{this}), site(static_cast<size_t>(lanes)), live(static_cast<size_t>(lanes), 1) {}
   struct Completion {
     Warp* w;
-    void operator()() noexcept { w->check_sites(); }
+    void operator()() noexcept {
+      w->check_sites();
+      for (size_t t = 0; t < w->live.size(); ++t)
+        if (w->live[t]) {
+          w->compute_of[t](*w, w->set);
+          break;
+        }
+      w->set ^= 1;
+    }
   };
   std::barrier<Completion> barrier;
   std::vector<std::source_location> site;
   std::vector<char> live;
-  alignas(16) unsigned char slot[32][64];  // per lane: up to 64 bytes of operands
+  Compute compute_of[32] = {};  // per lane: the collective it is at (one value once converged)
+  int set = 0;  // the slot set of the current meeting; flipped by the completion step
+  alignas(16) unsigned char in[2][32][64];   // per set and lane: operands (up to 64 bytes)
+  alignas(16) unsigned char out[2][32][64];  // per set and lane: results
   void check_sites() noexcept {
     const std::source_location* first = nullptr;
     for (size_t t = 0; t < site.size(); ++t) {
@@ -192,13 +207,23 @@ S& block_shared() {
   return *static_cast<S*>(current_block->shared(&key, sizeof(S), alignof(S)));
 }
 
-// The calling thread's warp and lane, and a rendezvous of the warp's lanes at `loc`.
+// The calling thread's warp and lane.
 inline Warp& current_warp() { return *current_block->warps[static_cast<size_t>(current_thread / 32)]; }
 inline int current_lane() { return current_thread % 32; }
-inline void warp_meet(const std::source_location& loc) {
+inline thread_local int lane_set = 0;  // this lane's view of its warp's slot set (the lanes move in step)
+
+// One warp-collective operation: post `bytes` of operands, meet, and get this lane's `out_bytes` result
+// as computed by `compute` for every lane.
+inline void warp_collective(Warp::Compute compute, const void* operands, size_t bytes, void* result,
+                            size_t out_bytes, const std::source_location& loc) {
   Warp& w = current_warp();
-  w.site[static_cast<size_t>(current_lane())] = loc;
+  const int lane = current_lane(), set = lane_set;
+  std::memcpy(w.in[set][lane], operands, bytes);
+  w.site[static_cast<size_t>(lane)] = loc;
+  w.compute_of[lane] = compute;
   w.barrier.arrive_and_wait();
+  std::memcpy(result, w.out[set][lane], out_bytes);
+  lane_set = set ^ 1;
 }
 
 // One launch at a time: the per-thread block state is one copy.
@@ -228,6 +253,7 @@ cudaError_t launch(Kernel&& kernel, dim3 grid, dim3 block) {
             gridDim = grid;
             current_block = &state;
             current_thread = static_cast<int>(t);
+            lane_set = 0;
             kernel();
             Warp& warp = *state.warps[t / 32];
             warp.live[t % 32] = 0;

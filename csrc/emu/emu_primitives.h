@@ -84,80 +84,86 @@ inline void cp_async_wait() {
   }
 }
 
-// ldmatrix .m8n8 .b16, x4 (trans: each 8x8 matrix transposed): lane L supplies the address of row L % 8
+// ldmatrix .m8n8 .b16 (Count matrices; trans: each transposed): lane L supplies the address of row L % 8
 // of matrix L / 8; register j of lane L receives matrix j's elements (row L / 4, columns 2(L % 4), +1),
-// of the transpose when trans.
-template <int Count>
-inline void ldmatrix(uint32_t* r, const void* row, bool trans,
-                     std::source_location loc = std::source_location::current()) {
-  using namespace fused_resnet_emu;
-  check_aligned16(row, "ldmatrix row");
-  Warp& w = current_warp();
-  const int lane = current_lane();
-  std::memcpy(w.slot[lane], &row, sizeof(row));
-  warp_meet(loc);
-  for (int j = 0; j < Count; ++j) {
-    uint16_t e[2];
-    for (int h = 0; h < 2; ++h) {
-      const int rr = trans ? 2 * (lane % 4) + h : lane / 4;   // row of matrix j holding the element
-      const int cc = trans ? lane / 4 : 2 * (lane % 4) + h;   // its column
-      const void* base;
-      std::memcpy(&base, w.slot[8 * j + rr], sizeof(base));
-      std::memcpy(&e[h], static_cast<const unsigned char*>(base) + 2 * cc, 2);
+// of the transpose when trans. Computed for all lanes at once from their posted addresses.
+template <int Count, bool Trans>
+inline void ldmatrix_all(fused_resnet_emu::Warp& w, int set) {
+  for (size_t lane = 0; lane < w.live.size(); ++lane) {
+    if (!w.live[lane]) continue;
+    uint32_t r[Count];
+    for (int j = 0; j < Count; ++j) {
+      uint16_t e[2];
+      for (int h = 0; h < 2; ++h) {
+        const int rr = Trans ? 2 * (int(lane) % 4) + h : int(lane) / 4;  // row of matrix j holding it
+        const int cc = Trans ? int(lane) / 4 : 2 * (int(lane) % 4) + h;  // its column
+        const unsigned char* base;
+        std::memcpy(&base, w.in[set][8 * j + rr], sizeof(base));
+        std::memcpy(&e[h], base + 2 * cc, 2);
+      }
+      r[j] = uint32_t(e[0]) | (uint32_t(e[1]) << 16);
     }
-    r[j] = uint32_t(e[0]) | (uint32_t(e[1]) << 16);
+    std::memcpy(w.out[set][lane], r, sizeof(r));
   }
-  warp_meet(loc);  // the slots are reused by the next collective
+}
+
+template <int Count, bool Trans>
+inline void ldmatrix(uint32_t* r, const void* row, const std::source_location& loc) {
+  fused_resnet_emu::check_aligned16(row, "ldmatrix row");
+  fused_resnet_emu::warp_collective(ldmatrix_all<Count, Trans>, &row, sizeof(row), r, Count * sizeof(uint32_t), loc);
 }
 
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, std::source_location loc = std::source_location::current()) {
-  ldmatrix<4>(r, row, false, loc);
+  ldmatrix<4, false>(r, row, loc);
 }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row,
                               std::source_location loc = std::source_location::current()) {
-  ldmatrix<4>(r, row, true, loc);
+  ldmatrix<4, true>(r, row, loc);
 }
 inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row,
                               std::source_location loc = std::source_location::current()) {
-  ldmatrix<2>(r, row, true, loc);
+  ldmatrix<2, true>(r, row, loc);
 }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: d += A B. Fragments (g = lane / 4, t = lane % 4):
 // A 16x16: a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..], a[3] = A[g+8][2t+8..];
 // B 16x8: b[0] = B[2t..2t+1][g], b[1] = B[2t+8..2t+9][g]; C, D 16x8: d[0..1] = D[g][2t..2t+1], d[2..3] = D[g+8][..].
+// Posted per lane: a (16 bytes), b (8), c (16).
+template <bool Bf16>
+inline void mma_all(fused_resnet_emu::Warp& w, int set) {
+  using fused_resnet_emu::widen16;
+  auto elem = [&](int lane, int offset) {
+    uint16_t e;
+    std::memcpy(&e, w.in[set][lane] + offset, 2);
+    return widen16(e, Bf16);
+  };
+  auto A = [&](int row, int k) {  // element (row, k) of A from the lane and register holding it
+    return elem((row % 8) * 4 + (k % 8) / 2, 4 * ((row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)) + 2 * (k % 2));
+  };
+  auto B = [&](int k, int col) { return elem(col * 4 + (k % 8) / 2, 16 + 4 * (k >= 8 ? 1 : 0) + 2 * (k % 2)); };
+  for (size_t lane = 0; lane < w.live.size(); ++lane) {
+    if (!w.live[lane]) continue;
+    const int g = int(lane) / 4, t = int(lane) % 4;
+    float d[4];
+    std::memcpy(d, w.in[set][lane] + 24, 16);
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i % 2);
+      for (int k = 0; k < 16; ++k) d[i] = std::fma(A(row, k), B(k, col), d[i]);
+    }
+    std::memcpy(w.out[set][lane], d, 16);
+  }
+}
+
 template <class T>
 inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
                       std::source_location loc = std::source_location::current()) {
-  using namespace fused_resnet_emu;
   static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "mma_16816: fp16/bf16");
-  constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
-  Warp& w = current_warp();
-  const int lane = current_lane();
-  std::memcpy(w.slot[lane], a, 16);
-  std::memcpy(w.slot[lane] + 16, b, 8);
-  warp_meet(loc);
-  auto A = [&](int row, int k) {  // element (row, k) of A from the lane and register that hold it
-    const int src = (row % 8) * 4 + (k % 8) / 2, reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
-    uint16_t e;
-    std::memcpy(&e, w.slot[src] + 4 * reg + 2 * (k % 2), 2);
-    return widen16(e, bf16);
-  };
-  auto B = [&](int k, int col) {
-    const int src = col * 4 + (k % 8) / 2, reg = k >= 8 ? 1 : 0;
-    uint16_t e;
-    std::memcpy(&e, w.slot[src] + 16 + 4 * reg + 2 * (k % 2), 2);
-    return widen16(e, bf16);
-  };
-  const int g = lane / 4, t = lane % 4;
-  float out[4];
-  for (int i = 0; i < 4; ++i) {
-    const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i % 2);
-    float acc = d[i];
-    for (int k = 0; k < 16; ++k) acc = std::fma(A(row, k), B(k, col), acc);
-    out[i] = acc;
-  }
-  warp_meet(loc);
-  for (int i = 0; i < 4; ++i) d[i] = out[i];
+  unsigned char operands[40];
+  std::memcpy(operands, a, 16);
+  std::memcpy(operands + 16, b, 8);
+  std::memcpy(operands + 24, d, 16);
+  fused_resnet_emu::warp_collective(mma_all<std::is_same_v<T, __nv_bfloat16>>, operands, sizeof(operands), d,
+                                    sizeof(d), loc);
 }
 
 }  // namespace detail

@@ -1,8 +1,10 @@
 // Forward: implicit-GEMM conv with the BN-affine+ReLU prologue and the bias/residual/statistics epilogue.
+// The general path (any dtype, any strides) on the shared gemm_tile; fp16/bf16 channels_last tensors take
+// the tensor-core path of conv_forward_mma.cu instead.
 // GEMM view: rows = output pixels (N*OH*OW), columns = output channels, reduction = (tap, input channel).
 // The activation a = relu((x - mean)*scale + beta) is formed while gathering A, is zero where a tap falls into
 // padding (the conv pads a, not x), and is rounded to the input dtype as eager's stored activation is.
-#include "gemm_tile.cuh"
+#include "conv_forward_mma.cuh"
 
 namespace fused_resnet {
 namespace detail {
@@ -59,48 +61,24 @@ __global__ void __launch_bounds__(kThreads) conv_forward_kernel(const ConvForwar
   prob.b_kfast = p.sw[1] <= p.sw[0];
   gemm_tile<T>(prob, raw);
 
-  auto c = SharedTiles<T>::c(raw);
-  const Acc* bias = static_cast<const Acc*>(p.bias);
-  const T* res = static_cast<const T*>(p.residual);
-  T* y = static_cast<T*>(p.y);
-  const bool cfast = p.sy[1] <= p.sy[3];
-  for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
-    int row, col;
-    tile_coord<kTileM, kTileN>(idx, cfast, row, col);
-    const int kout = n0 + col, nb = row_n[row];
-    if (nb < 0 || kout >= g.K) continue;
-    Acc v = c[row][col];
-    if (bias) v += bias[kout];
-    if (res) v += to_acc(res[offset4(p.sr, nb, kout, row_oh[row], row_ow[row])]);
-    const T out = Cvt<T>::from(v);
-    y[offset4(p.sy, nb, kout, row_oh[row], row_ow[row])] = out;
-    c[row][col] = to_acc(out);  // statistics of y as stored: what the next BN reads
-  }
-  if (p.part == nullptr) return;
-  __syncthreads();
-  // Per column: two passes over the tile's valid rows (mean, then M2 about it), merged across tiles
-  // with Chan's formula on the host side; never a float32 sum of squares.
-  const int col = threadIdx.x, kout = n0 + col;
-  if (col < kTileN && kout < g.K) {
-    const int cnt = min(M - m0, kTileM);
-    Acc sum = 0;
-    for (int row = 0; row < cnt; ++row) sum += c[row][col];
-    const Acc mean = sum / Acc(cnt);
-    Acc m2 = 0;
-    for (int row = 0; row < cnt; ++row) {
-      const Acc d = c[row][col] - mean;
-      m2 = fma(d, d, m2);
-    }
-    Acc* part = static_cast<Acc*>(p.part);
-    part[static_cast<int64_t>(blockIdx.x) * g.K + kout] = mean;
-    part[static_cast<int64_t>(gridDim.x + blockIdx.x) * g.K + kout] = m2;
-  }
+  forward_epilogue<T, kTileM, kTileN, kTileN + kPadC>(
+      p, SharedTiles<T>::c(raw), m0, n0, M, [&](int row, int& nb, int& oh, int& ow) {
+        nb = row_n[row];
+        oh = row_oh[row];
+        ow = row_ow[row];
+        return nb >= 0;
+      });
 }
 
 }  // namespace
 }  // namespace detail
 
+int conv_forward_tile_rows(const ConvForwardParams& p) {
+  return detail::conv_forward_mma_applies(p) ? detail::kMmaTileM : kTileM;
+}
+
 cudaError_t conv_forward(const ConvForwardParams& p, cudaStream_t stream) {
+  if (detail::conv_forward_mma_applies(p)) return detail::conv_forward_mma(p, stream);
   return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     const dim3 grid(ceil_div(static_cast<int64_t>(p.g.N) * p.g.OH * p.g.OW, kTileM), ceil_div(p.g.K, kTileN));

@@ -128,6 +128,8 @@ FUSED_RESNET_HD inline int ceil_div(int64_t a, int64_t b) { return static_cast<i
 
 // Each returns the launch error (cudaSuccess when the kernel was queued on `stream`).
 cudaError_t conv_forward(const ConvForwardParams& p, cudaStream_t stream);
+// Rows per tile of conv_forward's statistics partials for these params (the path it takes decides).
+int conv_forward_tile_rows(const ConvForwardParams& p);
 cudaError_t conv_dgrad(const ConvDgradParams& p, cudaStream_t stream);
 cudaError_t bn_backward_finish(const BnBackwardFinishParams& p, cudaStream_t stream);
 cudaError_t conv_wgrad(const ConvWgradParams& p, cudaStream_t stream);

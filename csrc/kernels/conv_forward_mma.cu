@@ -1,0 +1,203 @@
+// Forward, tensor-core path for fp16/bf16 NHWC (channels_last) tensors with C % 8 == 0: the raw x and W
+// slices stream into a 3-stage shared-memory ring with 16-byte cp.async copies; the BN affine + ReLU is
+// applied on the way from shared memory to registers (ldmatrix -> transform -> mma.sync m16n8k16), so
+// what sits in shared memory is exactly what is in HBM and the copies need no register round trip.
+//
+// GEMM view as in conv_forward.cu: rows = output pixels, columns = output channels, reduction =
+// (tap, input channel), walked as one flattened loop of (tap, 32-channel slice) steps. CTA tile 128x64,
+// 4 warps of 64x32 (4x4 mma tiles each). Each thread owns one tile row for the A copies: its pixel's
+// (n, oh, ow) is decomposed once per tile and every step only adds the tap's offset (no division in
+// the main loop). A row whose tap falls into padding is flagged invalid for the step and its activation
+// forced to 0 after the transform (the conv pads the activation, not x).
+//
+// The epilogue (bias, residual, the stored y, per-tile statistics of y) is conv_forward.cu's.
+#include "conv_forward_mma.cuh"
+
+namespace fused_resnet {
+namespace detail {
+namespace {
+
+constexpr int kBM = kMmaTileM, kBN = 64, kBK = 32, kStages = 3, kMmaThreads = 128;
+constexpr int kLd = kBK + 8;  // shared row pitch (elements): 80 bytes keeps ldmatrix rows 16-byte aligned
+                              // and puts the 8 rows of each 8x8 matrix on distinct bank groups
+constexpr int kLdC = kBN + 4;
+
+template <class T>
+struct FwdMmaShared {
+  union {
+    struct {
+      T a[kStages][kBM][kLd];
+      T b[kStages][kBN][kLd];
+    } ring;
+    float c[kBM][kLdC];  // the accumulator tile, once the ring is drained
+  };
+  float affine[kStages][3][kBK];      // per stage: mean, scale, beta of the slice's channels
+  unsigned char valid[kStages][kBM];  // per stage: the row's tap lands inside x
+};
+static_assert(sizeof(FwdMmaShared<__half>) <= 48 * 1024, "static shared memory");
+
+template <class T>
+__device__ __forceinline__ uint32_t bn_relu_pair(uint32_t raw, bool valid, const float* mean, const float* scale,
+                                                 const float* beta, int ch) {
+  T v[2];
+  memcpy(v, &raw, 4);
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+    v[h] = valid ? Cvt<T>::from(relu_nan(bn_affine(to_acc(v[h]), mean[ch + h], scale[ch + h], beta[ch + h])))
+                 : zero<T>();
+  uint32_t out;
+  memcpy(&out, v, 4);
+  return out;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const ConvForwardParams p) {
+  auto& sh = block_shared<FwdMmaShared<T>>();
+  const ConvGeom& g = p.g;
+  const int M = g.N * g.OH * g.OW;
+  const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wm = warp / 2, wn = warp % 2;
+  const T* x = static_cast<const T*>(p.x);
+  const T* w = static_cast<const T*>(p.w);
+  const float* mean = static_cast<const float*>(p.mean);
+  const float* scale = static_cast<const float*>(p.scale);
+  const float* beta = static_cast<const float*>(p.beta);
+
+  // This thread's A row: output pixel m0 + tid, decomposed once.
+  const int m = m0 + tid;
+  const bool row_in = m < M;
+  const int ow = m % g.OW, t = m / g.OW, oh = t % g.OH, nb = t / g.OH;
+  const int ih0 = oh * g.stride_h - g.pad_h, iw0 = ow * g.stride_w - g.pad_w;
+  const T* x_img = x + static_cast<int64_t>(row_in ? nb : 0) * g.H * g.W * g.C;
+
+  const int cslices = ceil_div(g.C, kBK);
+  const int steps = g.KH * g.KW * cslices;
+
+  // Issues the copies of step `step` into stage `st` (and the slice's affine and row flags).
+  auto issue = [&](int step, int st) {
+    const int tap = step / cslices, c0 = (step - tap * cslices) * kBK;
+    const int r = tap / g.KW, s = tap - r * g.KW;
+    const int ih = ih0 + r * g.dil_h, iw = iw0 + s * g.dil_w;
+    const bool ok = row_in && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
+    const T* src = x_img + (static_cast<int64_t>(ok ? ih : 0) * g.W + (ok ? iw : 0)) * g.C + c0;
+#pragma unroll
+    for (int ch = 0; ch < kBK / 8; ++ch)
+      cp_async_16(&sh.ring.a[st][tid][8 * ch], src + 8 * ch, ok && c0 + 8 * ch < g.C);
+    sh.valid[st][tid] = ok;
+#pragma unroll
+    for (int j = 0; j < kBN * kBK / 8 / kMmaThreads; ++j) {
+      const int i = tid + j * kMmaThreads, row = i / (kBK / 8), ch = i % (kBK / 8);
+      const int kout = n0 + row, c = c0 + 8 * ch;
+      const bool wok = kout < g.K && c < g.C;
+      const T* wsrc = w + ((static_cast<int64_t>(wok ? kout : 0) * g.KH + r) * g.KW + s) * g.C + (wok ? c : 0);
+      cp_async_16(&sh.ring.b[st][row][8 * ch], wsrc, wok);
+    }
+    if (tid < kBK) {
+      const int c = c0 + tid;
+      const bool cok = c < g.C;  // past C: the copies are zero-filled and so is the activation
+      sh.affine[st][0][tid] = cok ? mean[c] : 0.f;
+      sh.affine[st][1][tid] = cok ? scale[c] : 0.f;
+      sh.affine[st][2][tid] = cok ? beta[c] : 0.f;
+    }
+  };
+
+  float acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < steps) issue(st, st);
+    cp_async_commit();  // one group per step, empty past the end: the wait count stays uniform
+  }
+  const int gq = lane / 4, tq = lane % 4;
+  for (int step = 0; step < steps; ++step) {
+    const int st = step % kStages;
+    cp_async_wait<kStages - 2>();  // this thread's copies of `step` have landed
+    __syncthreads();               // everyone's have, and everyone is done with the stage refilled next
+    if (step + kStages - 1 < steps) issue(step + kStages - 1, (step + kStages - 1) % kStages);
+    cp_async_commit();
+    const float* am = sh.affine[st][0];
+    const float* as = sh.affine[st][1];
+    const float* ab = sh.affine[st][2];
+#pragma unroll
+    for (int kk = 0; kk < kBK; kk += 16) {
+      uint32_t fa[4][4], fb[4][2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = wm * 64 + i * 16;
+        ldmatrix_x4(fa[i], &sh.ring.a[st][row + lane % 16][kk + (lane / 16) * 8]);
+        const bool v0 = sh.valid[st][row + gq], v1 = sh.valid[st][row + gq + 8];
+        fa[i][0] = bn_relu_pair<T>(fa[i][0], v0, am, as, ab, kk + 2 * tq);
+        fa[i][1] = bn_relu_pair<T>(fa[i][1], v1, am, as, ab, kk + 2 * tq);
+        fa[i][2] = bn_relu_pair<T>(fa[i][2], v0, am, as, ab, kk + 2 * tq + 8);
+        fa[i][3] = bn_relu_pair<T>(fa[i][3], v1, am, as, ab, kk + 2 * tq + 8);
+      }
+#pragma unroll
+      for (int jp = 0; jp < 2; ++jp) {
+        uint32_t r[4];
+        ldmatrix_x4(r, &sh.ring.b[st][wn * 32 + jp * 16 + (lane / 16) * 8 + lane % 8][kk + ((lane / 8) % 2) * 8]);
+        fb[2 * jp][0] = r[0];
+        fb[2 * jp][1] = r[1];
+        fb[2 * jp + 1][0] = r[2];
+        fb[2 * jp + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mma_16816<T>(acc[i][j], fa[i], fb[j]);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the ring is drained and read out: the accumulator tile overwrites it
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int row = wm * 64 + i * 16 + gq, col = wn * 32 + j * 8 + 2 * tq;
+      sh.c[row][col] = acc[i][j][0];
+      sh.c[row][col + 1] = acc[i][j][1];
+      sh.c[row + 8][col] = acc[i][j][2];
+      sh.c[row + 8][col + 1] = acc[i][j][3];
+    }
+  __syncthreads();
+  forward_epilogue<T, kBM, kBN, kLdC>(p, sh.c, m0, n0, M, [&](int row, int& nb_, int& oh_, int& ow_) {
+    const int mm = m0 + row;
+    if (mm >= M) return false;
+    ow_ = mm % g.OW;
+    const int tt = mm / g.OW;
+    oh_ = tt % g.OH;
+    nb_ = tt / g.OH;
+    return true;
+  });
+}
+
+}  // namespace
+
+bool conv_forward_mma_applies(const ConvForwardParams& p) {
+  const ConvGeom& g = p.g;
+  const int64_t C = g.C;
+  const bool half = p.dtype == DType::kF16 || p.dtype == DType::kBF16;
+  // Dense NHWC, the kernel's addressing; the stride of a size-1 dimension never matters (a 1x1 weight is
+  // NHWC in either memory format).
+  const bool x_nhwc = p.sx[1] == 1 && (g.W == 1 || p.sx[3] == C) && (g.H == 1 || p.sx[2] == C * g.W) &&
+                      (g.N == 1 || p.sx[0] == C * g.W * g.H);
+  const bool w_nhwc = p.sw[1] == 1 && (g.KW == 1 || p.sw[3] == C) && (g.KH == 1 || p.sw[2] == C * g.KW) &&
+                      (g.K == 1 || p.sw[0] == C * g.KW * g.KH);
+  const bool aligned = reinterpret_cast<uintptr_t>(p.x) % 16 == 0 && reinterpret_cast<uintptr_t>(p.w) % 16 == 0;
+  return half && x_nhwc && w_nhwc && aligned && C % 8 == 0;
+}
+
+cudaError_t conv_forward_mma(const ConvForwardParams& p, cudaStream_t stream) {
+  const dim3 grid(ceil_div(static_cast<int64_t>(p.g.N) * p.g.OH * p.g.OW, kBM), ceil_div(p.g.K, kBN));
+  if (p.dtype == DType::kBF16)
+    return launch(conv_forward_mma_kernel<__nv_bfloat16>, grid, dim3(kMmaThreads), stream, p);
+  return launch(conv_forward_mma_kernel<__half>, grid, dim3(kMmaThreads), stream, p);
+}
+
+}  // namespace detail
+}  // namespace fused_resnet
