@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kThreads) conv_forward_kernel(const ConvForwar
 }  // namespace detail
 
 int conv_forward_tile_rows(const ConvForwardParams& p) {
-  return detail::conv_forward_mma_applies(p) ? detail::kMmaTileM : kTileM;
+  return detail::conv_forward_mma_applies(p) ? detail::conv_forward_mma_tile_rows(p) : kTileM;
 }
 
 cudaError_t conv_forward(const ConvForwardParams& p, cudaStream_t stream) {

@@ -4,10 +4,10 @@
 // what sits in shared memory is exactly what is in HBM and the copies need no register round trip.
 //
 // GEMM view as in conv_forward.cu: rows = output pixels, columns = output channels, reduction =
-// (tap, input channel), walked as one flattened loop of (tap, 32-channel slice) steps. CTA tile 128x64,
-// 4 warps of 64x32 (4x4 mma tiles each). Each thread owns one tile row for the A copies: its pixel's
-// (n, oh, ow) is decomposed once per tile and every step only adds the tap's offset (no division in
-// the main loop). A row whose tap falls into padding is flagged invalid for the step and its activation
+// (tap, input channel), walked as one flattened loop of (tap, 32-channel slice) steps. CTA tile 128x64 or
+// 64x128 (FwdMmaShared says which when), 4 warps. Each thread copies (part of) one tile row of A: its
+// pixel's (n, oh, ow) is decomposed once per tile and every step only adds the tap's offset (no division
+// in the main loop). A row whose tap falls into padding is flagged invalid for the step and its activation
 // forced to 0 after the transform (the conv pads the activation, not x).
 //
 // The epilogue (bias, residual, the stored y, per-tile statistics of y) is conv_forward.cu's.
@@ -17,13 +17,16 @@ namespace fused_resnet {
 namespace detail {
 namespace {
 
-constexpr int kBM = kMmaTileM, kBN = 64, kBK = 32, kStages = 3, kMmaThreads = 128;
+constexpr int kBK = 32, kStages = 3, kMmaThreads = 128;
 constexpr int kLd = kBK + 8;  // shared row pitch (elements): 80 bytes keeps ldmatrix rows 16-byte aligned
                               // and puts the 8 rows of each 8x8 matrix on distinct bank groups
-constexpr int kLdC = kBN + 4;
 
-template <class T>
+// CTA tile kBM x kBN (4 warps of kBM/2 x kBN/2). 64x128 when K > 64: each warp's A fragments, which
+// carry the BN transform, then feed 8 column blocks instead of 4 (half the transform per mma); 128x64
+// when K <= 64, so no column half is masked.
+template <class T, int kBM, int kBN>
 struct FwdMmaShared {
+  static constexpr int kLdC = kBN + 4;
   union {
     struct {
       T a[kStages][kBM][kLd];
@@ -34,25 +37,30 @@ struct FwdMmaShared {
   float affine[kStages][3][kBK];      // per stage: mean, scale, beta of the slice's channels
   unsigned char valid[kStages][kBM];  // per stage: the row's tap lands inside x
 };
-static_assert(sizeof(FwdMmaShared<__half>) <= 48 * 1024, "static shared memory");
+static_assert(sizeof(FwdMmaShared<__half, 128, 64>) <= 48 * 1024, "static shared memory");
+static_assert(sizeof(FwdMmaShared<__half, 64, 128>) <= 48 * 1024, "static shared memory");
 
+// Two adjacent channels of one row, as ldmatrix delivered them: the BN affine + ReLU, rounded to T, or 0
+// where the row's tap is padding. (m, s, b): the two channels' mean, scale, beta.
 template <class T>
-__device__ __forceinline__ uint32_t bn_relu_pair(uint32_t raw, bool valid, const float* mean, const float* scale,
-                                                 const float* beta, int ch) {
+__device__ __forceinline__ uint32_t bn_relu_pair(uint32_t raw, bool valid, const float (&m)[2], const float (&s)[2],
+                                                 const float (&b)[2]) {
   T v[2];
   memcpy(v, &raw, 4);
 #pragma unroll
   for (int h = 0; h < 2; ++h)
-    v[h] = valid ? Cvt<T>::from(relu_nan(bn_affine(to_acc(v[h]), mean[ch + h], scale[ch + h], beta[ch + h])))
-                 : zero<T>();
+    v[h] = valid ? Cvt<T>::from(relu_nan(bn_affine(to_acc(v[h]), m[h], s[h], b[h]))) : zero<T>();
   uint32_t out;
   memcpy(&out, v, 4);
   return out;
 }
 
-template <class T>
+template <class T, int kBM, int kBN>
 __global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const ConvForwardParams p) {
-  auto& sh = block_shared<FwdMmaShared<T>>();
+  constexpr int kWM = kBM / 2, kWN = kBN / 2, kMI = kWM / 16, kNJ = kWN / 8;  // warp tile, its mma blocks
+  constexpr int kRowThreads = kMmaThreads / kBM;  // threads sharing one A row's 4 copies of 16 bytes
+  constexpr int kRowChunks = 4 / kRowThreads;
+  auto& sh = block_shared<FwdMmaShared<T, kBM, kBN>>();
   const ConvGeom& g = p.g;
   const int M = g.N * g.OH * g.OW;
   const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN;
@@ -63,27 +71,29 @@ __global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const Con
   const float* scale = static_cast<const float*>(p.scale);
   const float* beta = static_cast<const float*>(p.beta);
 
-  // This thread's A row: output pixel m0 + tid, decomposed once.
-  const int m = m0 + tid;
+  // This thread's A row (output pixel), decomposed once; it copies chunks c_first.. of it each step.
+  const int arow = tid / kRowThreads, c_first = (tid % kRowThreads) * kRowChunks;
+  const int m = m0 + arow;
   const bool row_in = m < M;
   const int ow = m % g.OW, t = m / g.OW, oh = t % g.OH, nb = t / g.OH;
   const int ih0 = oh * g.stride_h - g.pad_h, iw0 = ow * g.stride_w - g.pad_w;
   const T* x_img = x + static_cast<int64_t>(row_in ? nb : 0) * g.H * g.W * g.C;
 
-  const int cslices = ceil_div(g.C, kBK);
-  const int steps = g.KH * g.KW * cslices;
+  const int steps = g.KH * g.KW * ceil_div(g.C, kBK);
 
-  // Issues the copies of step `step` into stage `st` (and the slice's affine and row flags).
-  auto issue = [&](int step, int st) {
-    const int tap = step / cslices, c0 = (step - tap * cslices) * kBK;
-    const int r = tap / g.KW, s = tap - r * g.KW;
+  // Issues the copies of the next step into stage `st` (and the slice's affine and row flags). Steps are
+  // issued in order, so (r, s, c0) advance by counting: no division in the loop.
+  int r = 0, s = 0, c0 = 0;
+  auto issue = [&](int st) {
     const int ih = ih0 + r * g.dil_h, iw = iw0 + s * g.dil_w;
     const bool ok = row_in && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
     const T* src = x_img + (static_cast<int64_t>(ok ? ih : 0) * g.W + (ok ? iw : 0)) * g.C + c0;
 #pragma unroll
-    for (int ch = 0; ch < kBK / 8; ++ch)
-      cp_async_16(&sh.ring.a[st][tid][8 * ch], src + 8 * ch, ok && c0 + 8 * ch < g.C);
-    sh.valid[st][tid] = ok;
+    for (int q = 0; q < kRowChunks; ++q) {
+      const int ch = c_first + q;
+      cp_async_16(&sh.ring.a[st][arow][8 * ch], src + 8 * ch, ok && c0 + 8 * ch < g.C);
+    }
+    if (c_first == 0) sh.valid[st][arow] = ok;
 #pragma unroll
     for (int j = 0; j < kBN * kBK / 8 / kMmaThreads; ++j) {
       const int i = tid + j * kMmaThreads, row = i / (kBK / 8), ch = i % (kBK / 8);
@@ -99,19 +109,27 @@ __global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const Con
       sh.affine[st][1][tid] = cok ? scale[c] : 0.f;
       sh.affine[st][2][tid] = cok ? beta[c] : 0.f;
     }
+    c0 += kBK;
+    if (c0 >= g.C) {
+      c0 = 0;
+      if (++s == g.KW) {
+        s = 0;
+        ++r;
+      }
+    }
   };
 
-  float acc[4][4][4];
+  float acc[kMI][kNJ][4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < kMI; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < kNJ; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
-    if (st < steps) issue(st, st);
+    if (st < steps) issue(st);
     cp_async_commit();  // one group per step, empty past the end: the wait count stays uniform
   }
   const int gq = lane / 4, tq = lane % 4;
@@ -119,53 +137,61 @@ __global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const Con
     const int st = step % kStages;
     cp_async_wait<kStages - 2>();  // this thread's copies of `step` have landed
     __syncthreads();               // everyone's have, and everyone is done with the stage refilled next
-    if (step + kStages - 1 < steps) issue(step + kStages - 1, (step + kStages - 1) % kStages);
+    if (step + kStages - 1 < steps) issue((step + kStages - 1) % kStages);
     cp_async_commit();
-    const float* am = sh.affine[st][0];
-    const float* as = sh.affine[st][1];
-    const float* ab = sh.affine[st][2];
 #pragma unroll
     for (int kk = 0; kk < kBK; kk += 16) {
-      uint32_t fa[4][4], fb[4][2];
+      // This lane's four channels of the slice (2tq, 2tq+1, and +8): their affine once, for all its rows.
+      float mu[2][2], sc[2][2], be[2][2];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = wm * 64 + i * 16;
+      for (int hi = 0; hi < 2; ++hi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int ch = kk + 2 * tq + 8 * hi + h;
+          mu[hi][h] = sh.affine[st][0][ch];
+          sc[hi][h] = sh.affine[st][1][ch];
+          be[hi][h] = sh.affine[st][2][ch];
+        }
+      uint32_t fa[kMI][4], fb[kNJ][2];
+#pragma unroll
+      for (int i = 0; i < kMI; ++i) {
+        const int row = wm * kWM + i * 16;
         ldmatrix_x4(fa[i], &sh.ring.a[st][row + lane % 16][kk + (lane / 16) * 8]);
         const bool v0 = sh.valid[st][row + gq], v1 = sh.valid[st][row + gq + 8];
-        fa[i][0] = bn_relu_pair<T>(fa[i][0], v0, am, as, ab, kk + 2 * tq);
-        fa[i][1] = bn_relu_pair<T>(fa[i][1], v1, am, as, ab, kk + 2 * tq);
-        fa[i][2] = bn_relu_pair<T>(fa[i][2], v0, am, as, ab, kk + 2 * tq + 8);
-        fa[i][3] = bn_relu_pair<T>(fa[i][3], v1, am, as, ab, kk + 2 * tq + 8);
+        fa[i][0] = bn_relu_pair<T>(fa[i][0], v0, mu[0], sc[0], be[0]);
+        fa[i][1] = bn_relu_pair<T>(fa[i][1], v1, mu[0], sc[0], be[0]);
+        fa[i][2] = bn_relu_pair<T>(fa[i][2], v0, mu[1], sc[1], be[1]);
+        fa[i][3] = bn_relu_pair<T>(fa[i][3], v1, mu[1], sc[1], be[1]);
       }
 #pragma unroll
-      for (int jp = 0; jp < 2; ++jp) {
+      for (int jp = 0; jp < kNJ / 2; ++jp) {
         uint32_t r[4];
-        ldmatrix_x4(r, &sh.ring.b[st][wn * 32 + jp * 16 + (lane / 16) * 8 + lane % 8][kk + ((lane / 8) % 2) * 8]);
+        ldmatrix_x4(r, &sh.ring.b[st][wn * kWN + jp * 16 + (lane / 16) * 8 + lane % 8][kk + ((lane / 8) % 2) * 8]);
         fb[2 * jp][0] = r[0];
         fb[2 * jp][1] = r[1];
         fb[2 * jp + 1][0] = r[2];
         fb[2 * jp + 1][1] = r[3];
       }
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
+      for (int i = 0; i < kMI; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) mma_16816<T>(acc[i][j], fa[i], fb[j]);
+        for (int j = 0; j < kNJ; ++j) mma_16816<T>(acc[i][j], fa[i], fb[j]);
     }
   }
   cp_async_wait<0>();
   __syncthreads();  // the ring is drained and read out: the accumulator tile overwrites it
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < kMI; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int row = wm * 64 + i * 16 + gq, col = wn * 32 + j * 8 + 2 * tq;
+    for (int j = 0; j < kNJ; ++j) {
+      const int row = wm * kWM + i * 16 + gq, col = wn * kWN + j * 8 + 2 * tq;
       sh.c[row][col] = acc[i][j][0];
       sh.c[row][col + 1] = acc[i][j][1];
       sh.c[row + 8][col] = acc[i][j][2];
       sh.c[row + 8][col + 1] = acc[i][j][3];
     }
   __syncthreads();
-  forward_epilogue<T, kBM, kBN, kLdC>(p, sh.c, m0, n0, M, [&](int row, int& nb_, int& oh_, int& ow_) {
+  forward_epilogue<T, kBM, kBN, FwdMmaShared<T, kBM, kBN>::kLdC>(p, sh.c, m0, n0, M, [&](int row, int& nb_, int& oh_, int& ow_) {
     const int mm = m0 + row;
     if (mm >= M) return false;
     ow_ = mm % g.OW;
@@ -192,11 +218,19 @@ bool conv_forward_mma_applies(const ConvForwardParams& p) {
   return half && x_nhwc && w_nhwc && aligned && C % 8 == 0;
 }
 
-cudaError_t conv_forward_mma(const ConvForwardParams& p, cudaStream_t stream) {
+int conv_forward_mma_tile_rows(const ConvForwardParams& p) { return p.g.K <= 64 ? 128 : 64; }
+
+template <int kBM, int kBN>
+cudaError_t launch_mma_forward(const ConvForwardParams& p, cudaStream_t stream) {
   const dim3 grid(ceil_div(static_cast<int64_t>(p.g.N) * p.g.OH * p.g.OW, kBM), ceil_div(p.g.K, kBN));
   if (p.dtype == DType::kBF16)
-    return launch(conv_forward_mma_kernel<__nv_bfloat16>, grid, dim3(kMmaThreads), stream, p);
-  return launch(conv_forward_mma_kernel<__half>, grid, dim3(kMmaThreads), stream, p);
+    return launch(conv_forward_mma_kernel<__nv_bfloat16, kBM, kBN>, grid, dim3(kMmaThreads), stream, p);
+  return launch(conv_forward_mma_kernel<__half, kBM, kBN>, grid, dim3(kMmaThreads), stream, p);
+}
+
+cudaError_t conv_forward_mma(const ConvForwardParams& p, cudaStream_t stream) {
+  return conv_forward_mma_tile_rows(p) == 128 ? launch_mma_forward<128, 64>(p, stream)
+                                              : launch_mma_forward<64, 128>(p, stream);
 }
 
 }  // namespace detail

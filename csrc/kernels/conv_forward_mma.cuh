@@ -54,10 +54,10 @@ __device__ __forceinline__ void forward_epilogue(const ConvForwardParams& p, acc
 }
 
 // The tensor-core path (fp16/bf16, x and W channels_last-dense, C % 8 == 0, 16-byte aligned) and its
-// row tile, which sizes the statistics partials.
+// rows per tile, which size the statistics partials.
 bool conv_forward_mma_applies(const ConvForwardParams& p);
+int conv_forward_mma_tile_rows(const ConvForwardParams& p);
 cudaError_t conv_forward_mma(const ConvForwardParams& p, cudaStream_t stream);
-constexpr int kMmaTileM = 128;
 
 }  // namespace detail
 }  // namespace fused_resnet

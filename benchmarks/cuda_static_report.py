@@ -1,0 +1,144 @@
+"""Static report of the hand-written CUDA kernels, read from what nvcc produced (no GPU needed).
+
+For every kernel in csrc/SOURCES, per architecture: registers, stack (spills), static shared memory
+(`cuobjdump --dump-resource-usage`), and for the tensor-core kernels the SASS instructions per MMA in the
+main loop: the instructions of the innermost loop (backward branch) holding the most HMMAs, divided by
+its HMMA count -- issue, barriers, address arithmetic and the BN transform included.
+cuobjdump comes from Triton's wheel when the CUDA toolkit lacks it (ENVIRONMENT.md).
+
+    python benchmarks/cuda_static_report.py [--arch 80 90] [--check] [--markdown]
+
+--check exits 1 on any spill. Figures before/after a change go into benchmarks/NOTES.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+
+
+def _tool(name):
+    found = shutil.which(name)
+    if found:
+        return found
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if path.exists():
+        return str(path)
+    raise SystemExit(f"cuda_static_report: {name} not found (CUDA toolkit or Triton's wheel)")
+
+
+def _sources():
+    lines = (CSRC / "SOURCES").read_text().splitlines()
+    return [CSRC / l.strip() for l in lines if l.strip() and not l.startswith("#")]
+
+
+def _demangle_short(name):
+    """kernel name and template arguments from a mangled symbol, enough to tell launches apart."""
+    try:
+        out = subprocess.run(["c++filt", name], capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return name
+    out = re.sub(r"fused_resnet::detail::\(anonymous namespace\)::", "", out)
+    out = out.replace("__nv_bfloat16", "bf16").replace("__half", "fp16")
+    return re.sub(r"\(.*\)$", "", out)
+
+
+def _sass_per_mma(sass_text):
+    """{mangled kernel: (HMMA in the main loop, instructions in that loop)}. The main loop: the innermost
+    backward branch's range that holds the most HMMAs; without one (a fully unrolled burst), the span
+    from the first to the last HMMA."""
+    result = {}
+    for block in re.split(r"\n\s*Function : ", sass_text)[1:]:
+        name = block.split("\n", 1)[0].strip()
+        ins = []
+        for line in block.split("\n"):
+            m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s*(.*)", line)
+            if m:
+                ins.append((int(m.group(1), 16), m.group(2)))
+        hmma = [a for a, text in ins if re.search(r"\bHMMA\b", text)]
+        if not hmma:
+            continue
+        best = None
+        for addr, text in ins:
+            br = re.search(r"\bBRA\s+(?:`?\(?)0x([0-9a-f]+)", text)
+            if not br or int(br.group(1), 16) >= addr:
+                continue
+            lo, hi = int(br.group(1), 16), addr
+            n = sum(lo <= a <= hi for a in hmma)
+            size = sum(lo <= a <= hi for a, _ in ins)
+            if n and (best is None or n > best[0] or (n == best[0] and size < best[1])):
+                best = (n, size)
+        if best is None:
+            best = (len(hmma), sum(hmma[0] <= a <= hmma[-1] for a, _ in ins))
+        result[name] = best
+    return result
+
+
+def report(archs):
+    cuobjdump = _tool("cuobjdump")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in archs:
+            for src in _sources():
+                cubin = Path(tmp) / f"{src.stem}.sm{arch}.cubin"
+                cmd = ["nvcc", "-std=c++17", f"-arch=sm_{arch}", "-cubin", "-I", str(CSRC / "kernels"), "-I",
+                       str(CSRC / "include"), "-o", str(cubin), str(src)]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode != 0:
+                    raise SystemExit(f"nvcc failed on {src.name}:\n{out.stderr[-3000:]}")
+                usage = subprocess.run([cuobjdump, "--dump-resource-usage", str(cubin)], capture_output=True,
+                                       text=True).stdout
+                sass = _sass_per_mma(subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True,
+                                                    text=True).stdout)
+                current = None
+                for line in usage.splitlines():
+                    fn = re.search(r"Function (\S+):", line)
+                    if fn:
+                        current = fn.group(1)
+                        continue
+                    res = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", line)
+                    if res and current:
+                        mma, span = sass.get(current, (0, 0))
+                        rows.append(dict(arch=arch, file=src.name, kernel=_demangle_short(current),
+                                         regs=int(res.group(1)), stack=int(res.group(2)),
+                                         shared=int(res.group(3)), mma=mma,
+                                         per_mma=(span / mma) if mma else None))
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", nargs="+", default=["80", "90"])
+    ap.add_argument("--check", action="store_true", help="exit 1 on any spill (stack > 0)")
+    ap.add_argument("--markdown", action="store_true")
+    args = ap.parse_args(argv)
+    rows = report(args.arch)
+    sep = " | " if args.markdown else "  "
+    head = ["arch", "kernel", "regs", "stack", "shared B", "HMMA", "SASS/HMMA"]
+    lines = [sep.join(head)]
+    if args.markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"sm_{r['arch']}", r["kernel"], str(r["regs"]), str(r["stack"]), str(r["shared"]), str(r["mma"]),
+                 f"{r['per_mma']:.1f}" if r["per_mma"] else "-"]
+        lines.append(("| " + " | ".join(cells) + " |") if args.markdown else sep.join(cells))
+    print("\n".join(lines))
+    spills = [r for r in rows if r["stack"] > 0]
+    if args.check and spills:
+        print(f"cuda_static_report: {len(spills)} kernels spill", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
