@@ -5,7 +5,8 @@
 # 2. the binding (csrc/binding.cpp) passes a C++ syntax/type check against the installed torch's
 #    headers. The CPU torch wheel lacks the CUDA library headers ATen/cuda pulls in (cuBLAS, cuSPARSE,
 #    cuSOLVER: ENVIRONMENT.md), so a scratch folder supplies opaque handle typedefs for exactly those;
-#    nothing is linked, and the real build happens wherever a CUDA torch is installed.
+#    nothing is linked, and the real build happens wherever a CUDA torch is installed;
+# 3. benchmarks/cuda_static_report.py --check: zero spills in every kernel, both architectures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD_DIR:-build/ci-cuda}
@@ -34,4 +35,6 @@ CUDA_INC=${CUDA_HOME:-/usr/local/cuda}/include  # /usr/local/bin/nvcc may be a w
 g++ -std=c++20 -fsyntax-only -Wall -Wextra -Werror -Icsrc/include -isystem "$STUB" \
   $(echo "$TORCH_INC" | sed 's/-I/-isystem /g') -isystem "$CUDA_INC" -isystem "$PY_INC" \
   -DTORCH_EXTENSION_NAME=_C csrc/binding.cpp
-echo "check_cuda: kernels compiled for sm_80/sm_90 with -Werror; binding type-checks against torch's headers"
+# 3. the static report (registers, spills, shared memory, SASS per HMMA): no kernel may spill.
+python benchmarks/cuda_static_report.py --check
+echo "check_cuda: kernels compiled for sm_80/sm_90 with -Werror, no spills; binding type-checks against torch's headers"

@@ -102,15 +102,17 @@ _TSAN_CASES = """
 import torch, fused_resnet
 from fused_resnet.functional import bn_relu_conv2d_with_stats
 torch.set_num_threads(1)
-for fmt, dtype in ((torch.contiguous_format, torch.float32), (torch.channels_last, torch.bfloat16)):
+# (C = 8, bf16, channels_last: the forward takes the mma.sync path; C = 6: the general kernels)
+for fmt, dtype, c in ((torch.contiguous_format, torch.float32, 6), (torch.channels_last, torch.bfloat16, 6),
+                      (torch.channels_last, torch.bfloat16, 8)):
     torch.manual_seed(0)
-    x = torch.randn(2, 6, 5, 5).to(dtype).to(memory_format=fmt).requires_grad_(True)
-    w = torch.randn(7, 6, 3, 3).to(dtype).requires_grad_(True)
+    x = torch.randn(2, c, 5, 5).to(dtype).to(memory_format=fmt).requires_grad_(True)
+    w = torch.randn(7, c, 3, 3).to(dtype).to(memory_format=fmt).requires_grad_(True)
     r = torch.randn(2, 7, 5, 5).to(dtype)
     y, mean, var = bn_relu_conv2d_with_stats(x, w, training=True, padding=1, residual=r, backend="cuda",
                                              out_stats=True)
     y.float().square().sum().backward()
-    w1 = torch.randn(5, 6, 1, 1).to(dtype).requires_grad_(True)  # 1x1: several split-K chunks
+    w1 = torch.randn(5, c, 1, 1).to(dtype).requires_grad_(True)  # 1x1: several split-K chunks
     fused_resnet.bn_relu_conv2d(x, w1, training=True, backend="cuda").float().sum().backward()
 print("cases done")
 """
@@ -144,13 +146,16 @@ def test_thread_sanitizer_finds_no_race_in_the_kernels(tsan_env):
     assert out.returncode == 0 and "cases done" in out.stdout, out.stderr[-3000:]
 
 
-def test_thread_sanitizer_sees_a_dropped_barrier(tsan_env):
-    """Proof that the check can fail: without the barrier between staging a slice into shared memory and
-    multiplying it, threads read what others are still writing."""
-    line = _barrier_line("gemm_tile.cuh", "stash();")
-    out = _python(_RUN_TSAN, {**tsan_env, "FUSED_RESNET_EMU_DROP_BARRIER": f"gemm_tile.cuh:{line}"})
+@pytest.mark.parametrize("file,after", [("gemm_tile.cuh", "stash();"),
+                                        ("conv_forward_mma.cu", "cp_async_wait<kStages - 2>();")],
+                         ids=["gemm_tile", "mma-ring"])
+def test_thread_sanitizer_sees_a_dropped_barrier(tsan_env, file, after):
+    """Proof that the check can fail: without the barrier between staging a slice into shared memory
+    (stores; cp.async copies landing at the wait) and multiplying it, threads read what others are still
+    writing."""
+    line = _barrier_line(file, after)
+    out = _python(_RUN_TSAN, {**tsan_env, "FUSED_RESNET_EMU_DROP_BARRIER": f"{file}:{line}"})
     assert "WARNING: ThreadSanitizer: data race" in out.stderr, out.stderr[-3000:]
-    assert "gemm_tile.cuh" in out.stderr
 
 
 @pytest.mark.parametrize("via_ldmatrix", [False, True], ids=["fragment-table", "ldmatrix"])
