@@ -4,7 +4,8 @@
 
 Batch statistics, forward (with and without residual, bias and output statistics), dgrad with the fused
 BN-backward sums and the dx finish, and split-K wgrad; in fp32, bf16 (tensor-core path), fp16 and fp64;
-NCHW and channels_last; stride 1 and 2; a channel count that is not a multiple of any tile. Checks the
+NCHW and channels_last; stride 1 and 2; a channel count that is not a multiple of any tile, and for
+fp16/bf16 channels_last one of C % 8 == 0 too (the CUDA backend's mma.sync forward: cp.async ring). Checks the
 result against the reference too, so a kernel that reads out of bounds silently still fails here.
 """
 import argparse
@@ -16,14 +17,16 @@ import fused_resnet
 from fused_resnet import reference
 
 
-def one(backend, dtype, channels_last, stride, residual, device="cuda"):
+def one(backend, dtype, channels_last, stride, residual, device="cuda", c=19):
     """None when every output and gradient matches the reference, else what did not."""
     g = torch.Generator(device=device).manual_seed(0)
-    n, c, h, k = 2, 19, 9, 21  # odd sizes: every tile edge is a partial one
+    n, h, k = 2, 9, 21  # odd sizes: every tile edge is a partial one
     x = torch.randn(n, c, h, h, device=device, dtype=dtype, generator=g)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     w = (torch.randn(k, c, 3, 3, device=device, dtype=dtype, generator=g) * (9 * c) ** -0.5)
+    if channels_last:  # as in a model converted with .to(memory_format=torch.channels_last)
+        w = w.contiguous(memory_format=torch.channels_last)
     oh = (h + 2 - 3) // stride + 1
     r = torch.randn(n, k, oh, oh, device=device, dtype=dtype, generator=g) if residual else None
     bn_w = (torch.rand(c, device=device, generator=g) + 0.5).to(dtype if dtype == torch.float64 else torch.float32)
@@ -60,11 +63,14 @@ def main():
     bad = 0
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for channels_last in (False, True):
+            half_nhwc = channels_last and dtype in (torch.float16, torch.bfloat16)
             for stride, residual in ((1, True), (2, False)):
-                why = one(args.backend, dtype, channels_last, stride, residual)
-                tag = f"{args.backend} {str(dtype)[6:]} {'channels_last' if channels_last else 'nchw'} s{stride}"
-                print(f"{tag}: {'ok' if why is None else 'FAIL ' + why}")
-                bad += why is not None
+                for c in (19, 24) if half_nhwc else (19,):
+                    why = one(args.backend, dtype, channels_last, stride, residual, c=c)
+                    tag = (f"{args.backend} {str(dtype)[6:]} {'channels_last' if channels_last else 'nchw'} "
+                           f"s{stride} C={c}")
+                    print(f"{tag}: {'ok' if why is None else 'FAIL ' + why}")
+                    bad += why is not None
     return 1 if bad else 0
 
 

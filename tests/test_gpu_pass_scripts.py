@@ -25,6 +25,18 @@ def test_sanitize_case_passes_on_the_interpreter(dtype, channels_last, stride, r
     assert _sanitize_case().one("triton", dtype, channels_last, stride, residual, device="cpu") is None
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU pass runs it for real")
+def test_sanitize_case_passes_on_the_emulated_cuda_build():
+    """The CUDA backend's sanitizer case that takes the mma.sync forward (bf16 channels_last, C=24); the
+    other cases' shapes are covered by the parity matrix."""
+    import fused_resnet
+
+    report = fused_resnet.available_backends()
+    if "cuda" not in report:
+        pytest.skip(f"backend 'cuda' unavailable: {report.unavailable['cuda']}")
+    assert _sanitize_case().one("cuda", torch.bfloat16, True, 1, True, device="cpu", c=24) is None
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
 def test_gpu_pass_script_parses():
     r = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_pass.sh")], capture_output=True, text=True)
