@@ -41,7 +41,8 @@ def _digest(flags) -> str:
     import torch
 
     h = hashlib.sha256(" ".join(flags + [torch.__version__]).encode())
-    for path in sorted(p for p in CSRC.rglob("*") if p.is_file()):
+    compiled = {".h", ".cuh", ".cu", ".cpp"}  # what the build reads (a README edit does not rebuild)
+    for path in sorted(p for p in CSRC.rglob("*") if p.is_file() and (p.suffix in compiled or p.name == "SOURCES")):
         h.update(str(path.relative_to(CSRC)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]

@@ -163,3 +163,39 @@ def test_forward_path_choice(dtype, channels_last, c, rows):
     vec = torch.ones(c)
     part, tile_rows = C.conv_forward(x, w, None, vec * 0, vec, vec * 0, None, y, [1, 1], [1, 1], [1, 1], True)
     assert tile_rows == rows and part.shape == (2, 1, 8)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("neither", "needs the partials or"),
+    ("partials rows", r"partials of shape \[2, 2, 3\] do not hold 300 rows"),
+    ("partials channels", r"partials of shape \[2, 2, 4\]"),
+    ("mean without var", "needs the partials or"),
+    ("running pair", "running_mean with running_var"),
+])
+def test_bn_finalize_refuses(case, match):
+    part = torch.zeros(2, 2, 3)
+    vec = torch.ones(3)
+    kw = dict(part=part, tile_rows=64, total=100, mean_in=None, var_in=None, rm=None, rv=None)
+    if case == "neither":
+        kw["part"] = None
+    elif case == "partials rows":
+        kw["total"] = 300
+    elif case == "partials channels":
+        kw["part"] = torch.zeros(2, 2, 4)
+    elif case == "mean without var":
+        kw.update(part=None, mean_in=vec)
+    elif case == "running pair":
+        kw["rm"] = vec.clone()
+    with pytest.raises(RuntimeError, match=match):
+        C.bn_finalize(kw["part"], kw["tile_rows"], kw["total"], None, kw["mean_in"], kw["var_in"], None, None,
+                      None, None, kw["rm"], kw["rv"], 0.1, 1e-5, 1.0, 3, torch.float32)
+
+
+def test_column_sums_refuses():
+    with pytest.raises(RuntimeError, match=r"a must be a contiguous \[rows, 2C\] array"):
+        C.column_sums(torch.zeros(4, 5), torch.zeros(2), torch.zeros(3), None, None)
+    with pytest.raises(RuntimeError, match="b must be a contiguous"):
+        C.column_sums(None, None, None, torch.zeros(4, 6), torch.zeros(7))
+    with pytest.raises(RuntimeError, match="b_out shares memory"):
+        b = torch.zeros(4, 6)
+        C.column_sums(None, None, None, b, b[0])
