@@ -107,16 +107,22 @@ def build(tsan: bool = False, verbose: bool = False) -> Path:
         raise
 
 
+_failure = None  # why the build failed in this process: said once, not retried on every call
+
+
 def status():
     """(usable, reason): the emulated build loads in this process."""
+    global _failure
     if not requested():
         return False, f"{ENV}=1 is not set"
-    try:
-        load()
-    except Exception as e:  # a compiler error, a missing tool: say which
-        text = str(e).strip().splitlines()
-        return False, f"the emulated CUDA build failed: {text[-1] if text else type(e).__name__}"
-    return True, ""
+    if _failure is None:
+        try:
+            load()
+            return True, ""
+        except Exception as e:  # a compiler error, a missing tool: say which
+            text = str(e).strip().splitlines()
+            _failure = f"the emulated CUDA build failed: {text[-1] if text else type(e).__name__}"
+    return False, _failure
 
 
 def tsan_runtime():
