@@ -154,7 +154,9 @@ def test_thread_sanitizer_sees_a_dropped_barrier(tsan_env, file, after):
     (stores; cp.async copies landing at the wait) and multiplying it, threads read what others are still
     writing."""
     line = _barrier_line(file, after)
-    out = _python(_RUN_TSAN, {**tsan_env, "FUSED_RESNET_EMU_DROP_BARRIER": f"{file}:{line}"})
+    env = {**tsan_env, "FUSED_RESNET_EMU_DROP_BARRIER": f"{file}:{line}",
+           "TSAN_OPTIONS": tsan_env["TSAN_OPTIONS"].replace("halt_on_error=0", "halt_on_error=1")}
+    out = _python(_RUN_TSAN, env)  # stops at the first report
     assert "WARNING: ThreadSanitizer: data race" in out.stderr, out.stderr[-3000:]
 
 
