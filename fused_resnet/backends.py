@@ -8,6 +8,8 @@ from collections.abc import Mapping
 
 import torch
 
+from . import _emulated
+
 BACKENDS = ("reference", "triton", "cuda")
 CHOICES = ("auto",) + BACKENDS
 
@@ -89,13 +91,6 @@ def _cuda_status():
     return True, ""
 
 
-def _emulated_status():
-    """(available on CPU tensors, reason): the emulated host build of the CUDA kernels (_emulated.py)."""
-    from . import _emulated
-
-    return _emulated.status()
-
-
 def available_backends() -> BackendReport:
     avail, unavail = {"reference": "plain PyTorch, any device"}, {}
     on_gpu, on_cpu, why = _triton_status()
@@ -106,15 +101,13 @@ def available_backends() -> BackendReport:
     else:
         unavail["triton"] = why
     ok, why = _cuda_status()
-    emu_ok, emu_why = _emulated_status() if not ok else (False, "")
+    emu_ok, emu_why = _emulated.status() if not ok else (False, "")
     if ok:
         avail["cuda"] = f"CUDA GPU: {torch.cuda.get_device_name()}"
     elif emu_ok:
         avail["cuda"] = ("CPU tensors through the emulated build of the CUDA kernels "
                          "(FUSED_RESNET_CUDA_EMULATED=1; slow, for testing)")
     else:
-        from . import _emulated
-
         unavail["cuda"] = why if not _emulated.requested() else f"{why}; {emu_why}"
     return BackendReport(avail, unavail)
 
@@ -156,11 +149,9 @@ def resolve(backend: str, device: torch.device, groups: int) -> str:
     if ok and device.type == "cuda":
         return backend
     if device.type == "cpu":
-        emu_ok, emu_why = _emulated_status()
+        emu_ok, emu_why = _emulated.status()
         if emu_ok:
             return backend
-        from . import _emulated
-
         if _emulated.requested():
             why = emu_why
     raise RuntimeError(f"backend='cuda' is not available: {why or 'it runs on CUDA tensors only'}")

@@ -11,6 +11,9 @@ from ._validate import validate
 from .backends import resolve
 
 
+_KERNEL_BACKENDS = ("triton", "cuda")  # the backends with a finalize kernel (no ATen tail)
+
+
 class PreparedBN(NamedTuple):
     """A BN finalized once for several fused consumers (a block's conv1 and projection shortcut): the
     kernels' [5, C] (mean, var, invstd, scale, beta), running buffers already updated. Pass it as
@@ -31,9 +34,6 @@ def prepare_batch_norm(x, bn_weight, bn_bias, running_mean, running_var, momentu
         return input_stats
     return PreparedBN(_finalize_training(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
                                          input_stats, x.numel() // x.shape[1], impl))
-
-
-_KERNEL_BACKENDS = ("triton", "cuda")  # the backends with a finalize kernel (no ATen tail)
 
 
 def _detached(t):

@@ -95,7 +95,22 @@ inline double __dsub_rn(double a, double b) { volatile double r = a - b; return 
 
 namespace fused_resnet_emu {
 
-// The block barrier with the divergence check: each thread records the __syncthreads it is at.
+// Threads meeting at a barrier record the call site they are at (written before arriving, read in the
+// completion step); every live one must be at the same site, else the emulation aborts naming two.
+inline void check_one_site(const std::vector<std::source_location>& site, const std::vector<char>& live,
+                           const char* what) noexcept {
+  const std::source_location* first = nullptr;
+  for (size_t t = 0; t < site.size(); ++t) {
+    if (!live[t]) continue;
+    if (first == nullptr) { first = &site[t]; continue; }
+    if (site[t].line() != first->line() || std::strcmp(site[t].file_name(), first->file_name()) != 0) {
+      std::fprintf(stderr, "fused_resnet emulation: %s: %s:%u and %s:%u\n", what, first->file_name(), first->line(),
+                   site[t].file_name(), site[t].line());
+      std::abort();
+    }
+  }
+}
+
 // A warp's rendezvous for the warp-collective primitives (ldmatrix, mma.sync): every lane posts its
 // operands to its input slot and arrives; the last lane to arrive computes every lane's result (the
 // `compute` the lanes posted) into the output slots; each lane then reads its own. Slots alternate
@@ -108,7 +123,7 @@ struct Warp {
   struct Completion {
     Warp* w;
     void operator()() noexcept {
-      w->check_sites();
+      check_one_site(w->site, w->live, "warp-collective primitive not converged");
       for (size_t t = 0; t < w->live.size(); ++t)
         if (w->live[t]) {
           w->compute_of[t](*w, w->set);
@@ -124,20 +139,9 @@ struct Warp {
   int set = 0;  // the slot set of the current meeting; flipped by the completion step
   alignas(16) unsigned char in[2][32][64];   // per set and lane: operands (up to 64 bytes)
   alignas(16) unsigned char out[2][32][64];  // per set and lane: results
-  void check_sites() noexcept {
-    const std::source_location* first = nullptr;
-    for (size_t t = 0; t < site.size(); ++t) {
-      if (!live[t]) continue;
-      if (first == nullptr) { first = &site[t]; continue; }
-      if (site[t].line() != first->line() || std::strcmp(site[t].file_name(), first->file_name()) != 0) {
-        std::fprintf(stderr, "fused_resnet emulation: warp-collective primitive not converged: %s:%u and %s:%u\n",
-                     first->file_name(), first->line(), site[t].file_name(), site[t].line());
-        std::abort();
-      }
-    }
-  }
 };
 
+// A block: its __syncthreads barrier (with the divergence check), its warps and its shared memory.
 struct Block {
   explicit Block(int threads)
       : barrier(threads, Completion{this}), site(static_cast<size_t>(threads)), live(static_cast<size_t>(threads), 1) {
@@ -146,7 +150,7 @@ struct Block {
   std::vector<std::unique_ptr<Warp>> warps;
   struct Completion {
     Block* b;
-    void operator()() noexcept { b->check_sites(); }
+    void operator()() noexcept { check_one_site(b->site, b->live, "divergent __syncthreads in one block"); }
   };
   std::barrier<Completion> barrier;
   std::vector<std::source_location> site;  // written before arriving, read in the completion step
@@ -172,18 +176,6 @@ struct Block {
     std::memset(p, 0xFF, bytes);
     regions.push_back(Region{key, p, align});
     return p;
-  }
-  void check_sites() noexcept {
-    const std::source_location* first = nullptr;
-    for (size_t t = 0; t < site.size(); ++t) {
-      if (!live[t]) continue;
-      if (first == nullptr) { first = &site[t]; continue; }
-      if (site[t].line() != first->line() || std::strcmp(site[t].file_name(), first->file_name()) != 0) {
-        std::fprintf(stderr, "fused_resnet emulation: divergent __syncthreads in one block: %s:%u and %s:%u\n",
-                     first->file_name(), first->line(), site[t].file_name(), site[t].line());
-        std::abort();
-      }
-    }
   }
 };
 
