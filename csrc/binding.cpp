@@ -252,7 +252,7 @@ at::Tensor conv_dgrad(const at::Tensor& gy, const at::Tensor& w, const at::Tenso
   p.mean = mean.data_ptr(); p.scale = scale.data_ptr(); p.beta = beta.data_ptr(); p.invstd = invstd.data_ptr();
   p.batch_stats = batch_stats;
   const bool sums = need_sums || batch_stats;
-  const int tiles = fr::ceil_div(x.size(0) * x.size(2) * x.size(3), fr::kTileM);
+  const int tiles = fr::conv_dgrad_tiles(p);
   at::Tensor part = at::empty({sums ? tiles : 0, 2, c}, scale.options());
   if (sums) p.part = part.data_ptr();
   if (x.numel() > 0) check_launch(fr::conv_dgrad(p, current_stream()), "conv_dgrad");

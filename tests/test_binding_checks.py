@@ -165,6 +165,27 @@ def test_forward_path_choice(dtype, channels_last, c, rows):
     assert tile_rows == rows and part.shape == (2, 1, 8)
 
 
+@pytest.mark.parametrize("dtype,channels_last,c,k,tiles", [
+    (torch.bfloat16, True, 16, 8, 4), (torch.float16, True, 72, 16, 4),  # mma.sync: one tile per phase
+    (torch.bfloat16, False, 16, 8, 1), (torch.bfloat16, True, 16, 12, 1), (torch.bfloat16, True, 12, 8, 1),
+    (torch.float32, True, 16, 8, 1),
+])
+def test_dgrad_path_choice(dtype, channels_last, c, k, tiles):
+    """The tensor-core dgrad takes fp16/bf16 dense-NHWC gy and W with K % 8 == 0 and C % 8 == 0 and splits
+    the pixels by stride phase (four at stride 2, a tile each here); the rest take the general kernel
+    (one 64-row tile for these 2x5x5 pixels). The partials' rows say which ran."""
+    if not C.EMULATED:
+        pytest.skip("needs a device the kernels run on: the emulated build")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, c, 5, 5).to(dtype).contiguous(memory_format=fmt)
+    w = torch.randn(k, c, 3, 3).to(dtype).contiguous(memory_format=fmt)
+    gy = torch.randn(2, k, 3, 3).to(dtype).contiguous(memory_format=fmt)
+    out = torch.empty(x.shape, dtype=torch.float32).contiguous(memory_format=fmt)
+    vec = torch.ones(c)
+    part = C.conv_dgrad(gy, w, x, vec * 0, vec, vec * 0, vec, out, True, True, [2, 2], [1, 1], [1, 1])
+    assert part.shape == (tiles, 2, c)
+
+
 @pytest.mark.parametrize("case,match", [
     ("neither", "needs the partials or"),
     ("partials rows", r"partials of shape \[2, 2, 3\] do not hold 300 rows"),

@@ -48,12 +48,15 @@ def test_dtypes(backend, device, dtype, training, channels_last):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_tensor_core_shapes(backend, device, dtype):
-    """fp16/bf16 channels_last with C % 8 == 0, the shapes the CUDA backend's mma.sync forward path takes
-    (cp.async ring, ldmatrix + BN transform): two row tiles, K past one column tile and C past one
-    32-channel slice (and not a multiple of either), stride 2, a 1x1."""
+    """fp16/bf16 channels_last with C % 8 == 0 (and K % 8 == 0), the shapes the CUDA backend's mma.sync
+    paths take (forward: cp.async ring, ldmatrix + BN transform; dgrad: split by stride phase): two row
+    tiles, K past one column tile and C past one 32-channel slice (and not a multiple of either); a 3x3 at
+    stride 2 on an odd size (phases of different sizes, each reached by its own taps); a 1x1 at stride 2
+    (three of its four dgrad phases reached by no tap)."""
     cases = (Case(n=2, c=40, h=6, w=6, k=72, residual=True, training=True, channels_last=True),
              Case(n=2, c=24, h=7, w=7, k=16, stride=2, training=False, channels_last=True),
-             Case(n=1, c=16, h=6, w=6, k=24, kernel=(1, 1), padding=0, training=True, channels_last=True))
+             Case(n=1, c=16, h=7, w=6, k=24, kernel=(1, 1), stride=2, padding=0, training=True,
+                  channels_last=True))
     for i, case in enumerate(cases):
         check_against_oracle(case, dtype, backend, device, seed=31 + i)
 

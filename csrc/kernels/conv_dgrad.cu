@@ -3,10 +3,12 @@
 // (tap, output channel). For tap (r, s), input row h receives from output row
 // oh = (h + pad - r*dil) / stride when that divides exactly and lands inside [0, OH).
 //
-// Epilogue per element: gm = ga where NOT ((x - mean)*scale + beta <= 0) (eager's threshold_backward: NaN passes); per column S1 = sum gm, S2 = sum gm*xhat over
-// the tile's rows. With running statistics dx = gm*scale is final here; with batch statistics dx needs
-// the global sums, so gm (accumulation dtype) is stored and bn_backward_finish.cu completes it.
-#include "gemm_tile.cuh"
+// The general path (any dtype, any strides) on the shared gemm_tile; fp16/bf16 channels_last tensors take the
+// tensor-core path of conv_dgrad_mma.cu. Epilogue (conv_dgrad.cuh): gm = ga masked by the recomputed ReLU,
+// per-column S1 = sum gm, S2 = sum gm*xhat over the tile's rows. With running statistics dx = gm*scale is
+// final here; with batch statistics dx needs the global sums, so gm (accumulation dtype) is stored and
+// bn_backward_finish.cu completes it.
+#include "conv_dgrad.cuh"
 
 namespace fused_resnet {
 namespace detail {
@@ -46,7 +48,6 @@ struct DgradProblem {
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) conv_dgrad_kernel(const ConvDgradParams p) {
-  using Acc = acc_t<T>;
   auto& sh = block_shared<ConvShared<T, kTileM>>();
   unsigned char* raw = sh.raw;
   int *row_n = sh.idx_n, *row_h = sh.idx_h, *row_w = sh.idx_w;
@@ -61,51 +62,20 @@ __global__ void __launch_bounds__(kThreads) conv_dgrad_kernel(const ConvDgradPar
   prob.b_kfast = p.sw[0] <= p.sw[1];  // B[k=out channel][col=in channel]
   gemm_tile<T>(prob, raw);
 
-  auto c = SharedTiles<T>::c(raw);
-  const T* x = static_cast<const T*>(p.x);
-  const Acc* scale = static_cast<const Acc*>(p.scale);
-  const Acc* beta = static_cast<const Acc*>(p.beta);
-  const Acc* mean = static_cast<const Acc*>(p.mean);
-  const bool cfast = p.sx[1] <= p.sx[3];
-  for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
-    int row, col;
-    tile_coord<kTileM, kTileN>(idx, cfast, row, col);
-    const int ch = n0 + col, nb = row_n[row];
-    if (nb < 0 || ch >= g.C) {
-      c[row][col] = Acc(0);  // excluded from the column sums below
-      continue;
-    }
-    const Acc xv = to_acc(x[offset4(p.sx, nb, ch, row_h[row], row_w[row])]);
-    const Acc gm = relu_passes(bn_affine(xv, mean[ch], scale[ch], beta[ch])) ? c[row][col] : Acc(0);
-    c[row][col] = gm;
-    if (p.batch_stats)
-      static_cast<Acc*>(p.out)[offset4(p.so, nb, ch, row_h[row], row_w[row])] = gm;
-    else
-      static_cast<T*>(p.out)[offset4(p.so, nb, ch, row_h[row], row_w[row])] = Cvt<T>::from(gm * scale[ch]);
-  }
-  if (p.part == nullptr) return;
-  __syncthreads();
-  const int col = threadIdx.x, ch = n0 + col;
-  if (col < kTileN && ch < g.C) {
-    const Acc* invstd = static_cast<const Acc*>(p.invstd);
-    const int cnt = min(M - m0, kTileM);
-    Acc s1 = 0, s2 = 0;
-    for (int row = 0; row < cnt; ++row) {
-      const Acc gm = c[row][col];  // no skip of gm == 0: eager's 0 * inf (xhat of an inf x) is NaN
-      const Acc xhat = (to_acc(x[offset4(p.sx, row_n[row], ch, row_h[row], row_w[row])]) - mean[ch]) * invstd[ch];
-      s1 += gm;
-      s2 = fma(gm, xhat, s2);
-    }
-    Acc* part = static_cast<Acc*>(p.part);
-    part[static_cast<int64_t>(2 * blockIdx.x) * g.C + ch] = s1;  // [tiles, 2, C]: rows column_sums adds up
-    part[static_cast<int64_t>(2 * blockIdx.x + 1) * g.C + ch] = s2;
-  }
+  dgrad_epilogue<T, kTileM, kTileN, kTileN + kPadC>(p, SharedTiles<T>::c(raw), min(M - m0, kTileM), n0,
+                                                    blockIdx.x, row_n, row_h, row_w);
 }
 
 }  // namespace
 }  // namespace detail
 
+int conv_dgrad_tiles(const ConvDgradParams& p) {
+  return detail::conv_dgrad_mma_applies(p) ? detail::conv_dgrad_mma_tiles(p)
+                                           : ceil_div(static_cast<int64_t>(p.g.N) * p.g.H * p.g.W, kTileM);
+}
+
 cudaError_t conv_dgrad(const ConvDgradParams& p, cudaStream_t stream) {
+  if (detail::conv_dgrad_mma_applies(p)) return detail::conv_dgrad_mma(p, stream);
   return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     const dim3 grid(ceil_div(static_cast<int64_t>(p.g.N) * p.g.H * p.g.W, kTileM), ceil_div(p.g.C, kTileN));

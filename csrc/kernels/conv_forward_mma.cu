@@ -17,9 +17,7 @@ namespace fused_resnet {
 namespace detail {
 namespace {
 
-constexpr int kBK = 32, kStages = 3, kMmaThreads = 128;
-constexpr int kLd = kBK + 8;  // shared row pitch (elements): 80 bytes keeps ldmatrix rows 16-byte aligned
-                              // and puts the 8 rows of each 8x8 matrix on distinct bank groups
+constexpr int kBK = kMmaBK, kStages = kMmaStages, kLd = kMmaLd;
 
 // CTA tile kBM x kBN (4 warps of kBM/2 x kBN/2). 64x128 when K > 64: each warp's A fragments, which
 // carry the BN transform, then feed 8 column blocks instead of 4 (half the transform per mma); 128x64
@@ -39,21 +37,6 @@ struct FwdMmaShared {
 };
 static_assert(sizeof(FwdMmaShared<__half, 128, 64>) <= 48 * 1024, "static shared memory");
 static_assert(sizeof(FwdMmaShared<__half, 64, 128>) <= 48 * 1024, "static shared memory");
-
-// Two adjacent channels of one row, as ldmatrix delivered them: the BN affine + ReLU, rounded to T, or 0
-// where the row's tap is padding. (m, s, b): the two channels' mean, scale, beta.
-template <class T>
-__device__ __forceinline__ uint32_t bn_relu_pair(uint32_t raw, bool valid, const float (&m)[2], const float (&s)[2],
-                                                 const float (&b)[2]) {
-  T v[2];
-  memcpy(v, &raw, 4);
-#pragma unroll
-  for (int h = 0; h < 2; ++h)
-    v[h] = valid ? Cvt<T>::from(relu_nan(bn_affine(to_acc(v[h]), m[h], s[h], b[h]))) : zero<T>();
-  uint32_t out;
-  memcpy(&out, v, 4);
-  return out;
-}
 
 template <class T, int kBM, int kBN>
 __global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const ConvForwardParams p) {
@@ -119,13 +102,8 @@ __global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const Con
     }
   };
 
-  float acc[kMI][kNJ][4];
-#pragma unroll
-  for (int i = 0; i < kMI; ++i)
-#pragma unroll
-    for (int j = 0; j < kNJ; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+  WarpAcc<kMI, kNJ> acc;
+  acc.zero();
 
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
@@ -156,40 +134,24 @@ __global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const Con
 #pragma unroll
       for (int i = 0; i < kMI; ++i) {
         const int row = wm * kWM + i * 16;
-        ldmatrix_x4(fa[i], &sh.ring.a[st][row + lane % 16][kk + (lane / 16) * 8]);
+        load_a_mk(fa[i], sh.ring.a[st], row, kk);
         const bool v0 = sh.valid[st][row + gq], v1 = sh.valid[st][row + gq + 8];
-        fa[i][0] = bn_relu_pair<T>(fa[i][0], v0, mu[0], sc[0], be[0]);
-        fa[i][1] = bn_relu_pair<T>(fa[i][1], v1, mu[0], sc[0], be[0]);
-        fa[i][2] = bn_relu_pair<T>(fa[i][2], v0, mu[1], sc[1], be[1]);
-        fa[i][3] = bn_relu_pair<T>(fa[i][3], v1, mu[1], sc[1], be[1]);
+        fa[i][0] = bn_relu_pair<T>(fa[i][0], {v0, v0}, mu[0], sc[0], be[0]);
+        fa[i][1] = bn_relu_pair<T>(fa[i][1], {v1, v1}, mu[0], sc[0], be[0]);
+        fa[i][2] = bn_relu_pair<T>(fa[i][2], {v0, v0}, mu[1], sc[1], be[1]);
+        fa[i][3] = bn_relu_pair<T>(fa[i][3], {v1, v1}, mu[1], sc[1], be[1]);
       }
 #pragma unroll
-      for (int jp = 0; jp < kNJ / 2; ++jp) {
-        uint32_t r[4];
-        ldmatrix_x4(r, &sh.ring.b[st][wn * kWN + jp * 16 + (lane / 16) * 8 + lane % 8][kk + ((lane / 8) % 2) * 8]);
-        fb[2 * jp][0] = r[0];
-        fb[2 * jp][1] = r[1];
-        fb[2 * jp + 1][0] = r[2];
-        fb[2 * jp + 1][1] = r[3];
-      }
+      for (int jp = 0; jp < kNJ / 2; ++jp) load_b_nk(fb[2 * jp], fb[2 * jp + 1], sh.ring.b[st], wn * kWN + jp * 16, kk);
 #pragma unroll
       for (int i = 0; i < kMI; ++i)
 #pragma unroll
-        for (int j = 0; j < kNJ; ++j) mma_16816<T>(acc[i][j], fa[i], fb[j]);
+        for (int j = 0; j < kNJ; ++j) mma_16816<T>(acc.v[i][j], fa[i], fb[j]);
     }
   }
   cp_async_wait<0>();
   __syncthreads();  // the ring is drained and read out: the accumulator tile overwrites it
-#pragma unroll
-  for (int i = 0; i < kMI; ++i)
-#pragma unroll
-    for (int j = 0; j < kNJ; ++j) {
-      const int row = wm * kWM + i * 16 + gq, col = wn * kWN + j * 8 + 2 * tq;
-      sh.c[row][col] = acc[i][j][0];
-      sh.c[row][col + 1] = acc[i][j][1];
-      sh.c[row + 8][col] = acc[i][j][2];
-      sh.c[row + 8][col + 1] = acc[i][j][3];
-    }
+  acc.store(sh.c, wm * kWM, wn * kWN);
   __syncthreads();
   forward_epilogue<T, kBM, kBN, FwdMmaShared<T, kBM, kBN>::kLdC>(p, sh.c, m0, n0, M, [&](int row, int& nb_, int& oh_, int& ow_) {
     const int mm = m0 + row;
@@ -208,13 +170,8 @@ bool conv_forward_mma_applies(const ConvForwardParams& p) {
   const ConvGeom& g = p.g;
   const int64_t C = g.C;
   const bool half = p.dtype == DType::kF16 || p.dtype == DType::kBF16;
-  // Dense NHWC, the kernel's addressing; the stride of a size-1 dimension never matters (a 1x1 weight is
-  // NHWC in either memory format).
-  const bool x_nhwc = p.sx[1] == 1 && (g.W == 1 || p.sx[3] == C) && (g.H == 1 || p.sx[2] == C * g.W) &&
-                      (g.N == 1 || p.sx[0] == C * g.W * g.H);
-  const bool w_nhwc = p.sw[1] == 1 && (g.KW == 1 || p.sw[3] == C) && (g.KH == 1 || p.sw[2] == C * g.KW) &&
-                      (g.K == 1 || p.sw[0] == C * g.KW * g.KH);
-  const bool aligned = reinterpret_cast<uintptr_t>(p.x) % 16 == 0 && reinterpret_cast<uintptr_t>(p.w) % 16 == 0;
+  const bool x_nhwc = nhwc_dense(p.sx, g.N, C, g.H, g.W), w_nhwc = nhwc_dense(p.sw, g.K, C, g.KH, g.KW);
+  const bool aligned = aligned16(p.x) && aligned16(p.w);
   return half && x_nhwc && w_nhwc && aligned && C % 8 == 0;
 }
 

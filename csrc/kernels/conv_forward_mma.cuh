@@ -2,7 +2,7 @@
 // (conv_forward.cu picks the path; conv_forward_mma.cu holds the mma.sync kernel).
 #pragma once
 
-#include "gemm_tile.cuh"
+#include "mma_tile.cuh"
 
 namespace fused_resnet {
 namespace detail {

@@ -131,6 +131,8 @@ cudaError_t conv_forward(const ConvForwardParams& p, cudaStream_t stream);
 // Rows per tile of conv_forward's statistics partials for these params (the path it takes decides).
 int conv_forward_tile_rows(const ConvForwardParams& p);
 cudaError_t conv_dgrad(const ConvDgradParams& p, cudaStream_t stream);
+// Rows of conv_dgrad's [tiles, 2, C] partials for these params (the path it takes decides).
+int conv_dgrad_tiles(const ConvDgradParams& p);
 cudaError_t bn_backward_finish(const BnBackwardFinishParams& p, cudaStream_t stream);
 cudaError_t conv_wgrad(const ConvWgradParams& p, cudaStream_t stream);
 cudaError_t batch_stats(const BatchStatsParams& p, cudaStream_t stream);

@@ -1,0 +1,64 @@
+// What the two dgrad kernels share: the epilogue, and the tensor-core path's entry points (conv_dgrad.cu
+// picks the path; conv_dgrad_mma.cu holds the mma.sync kernel).
+#pragma once
+
+#include "mma_tile.cuh"
+
+namespace fused_resnet {
+namespace detail {
+
+// The epilogue on a tile c[BM][LdC] of ga (visible to every thread) whose first `rows` rows are the input
+// pixels (row_n, row_h, row_w): gm = ga where NOT ((x - mean)*scale + beta <= 0) (eager's
+// threshold_backward: NaN passes), stored as gm (accumulation dtype) with batch statistics or as dx =
+// gm*scale otherwise; with p.part, the tile's per-column S1 = sum gm and S2 = sum gm*xhat into row `tile`
+// of the [tiles, 2, C] partials (zeros for a tile without rows). Every thread of the block calls it.
+template <class T, int BM, int BN, int LdC>
+__device__ __forceinline__ void dgrad_epilogue(const ConvDgradParams& p, acc_t<T> (*c)[LdC], int rows, int n0,
+                                               int tile, const int* row_n, const int* row_h, const int* row_w) {
+  using Acc = acc_t<T>;
+  const ConvGeom& g = p.g;
+  const T* x = static_cast<const T*>(p.x);
+  const Acc* scale = static_cast<const Acc*>(p.scale);
+  const Acc* beta = static_cast<const Acc*>(p.beta);
+  const Acc* mean = static_cast<const Acc*>(p.mean);
+  const bool cfast = p.sx[1] <= p.sx[3];
+  for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
+    int row, col;
+    tile_coord<BM, BN>(idx, cfast, row, col);
+    const int ch = n0 + col;
+    if (row >= rows || ch >= g.C) continue;
+    const int nb = row_n[row];
+    const Acc xv = to_acc(x[offset4(p.sx, nb, ch, row_h[row], row_w[row])]);
+    const Acc gm = relu_passes(bn_affine(xv, mean[ch], scale[ch], beta[ch])) ? c[row][col] : Acc(0);
+    c[row][col] = gm;
+    if (p.batch_stats)
+      static_cast<Acc*>(p.out)[offset4(p.so, nb, ch, row_h[row], row_w[row])] = gm;
+    else
+      static_cast<T*>(p.out)[offset4(p.so, nb, ch, row_h[row], row_w[row])] = Cvt<T>::from(gm * scale[ch]);
+  }
+  if (p.part == nullptr) return;
+  __syncthreads();
+  const int col = threadIdx.x, ch = n0 + col;
+  if (col < BN && ch < g.C) {
+    const Acc* invstd = static_cast<const Acc*>(p.invstd);
+    Acc s1 = 0, s2 = 0;
+    for (int row = 0; row < rows; ++row) {
+      const Acc gm = c[row][col];  // no skip of gm == 0: eager's 0 * inf (xhat of an inf x) is NaN
+      const Acc xhat = (to_acc(x[offset4(p.sx, row_n[row], ch, row_h[row], row_w[row])]) - mean[ch]) * invstd[ch];
+      s1 += gm;
+      s2 = fma(gm, xhat, s2);
+    }
+    Acc* part = static_cast<Acc*>(p.part);
+    part[static_cast<int64_t>(2 * tile) * g.C + ch] = s1;  // [tiles, 2, C]: rows column_sums adds up
+    part[static_cast<int64_t>(2 * tile + 1) * g.C + ch] = s2;
+  }
+}
+
+// The tensor-core path (fp16/bf16, gy and W channels_last-dense, K % 8 == 0 and C % 8 == 0, 16-byte
+// aligned), its number of tiles (which sizes the partials) and its launch.
+bool conv_dgrad_mma_applies(const ConvDgradParams& p);
+int conv_dgrad_mma_tiles(const ConvDgradParams& p);
+cudaError_t conv_dgrad_mma(const ConvDgradParams& p, cudaStream_t stream);
+
+}  // namespace detail
+}  // namespace fused_resnet

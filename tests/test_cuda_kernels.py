@@ -1,0 +1,74 @@
+"""The CUDA kernels' tensor-core paths against float64, called through the binding, at geometries the
+module-level matrix does not reach: stride 3, dilation together with stride, stride-phases that no tap
+reaches, 5x5 filters. Runs on the emulated build (CPU tensors) and, where fused_resnet._C and a GPU are
+here, on the GPU.
+
+The inputs are bf16/fp16 values, so every product is exact in float32 and the only error is float32
+accumulation; the tolerance is a multiple of torch's own float32 error on the same problem against the
+float64 answer (the reference's error), plus a floor at float32 rounding of the result."""
+import importlib
+import importlib.util
+
+import pytest
+import torch
+
+from fused_resnet import _emulated
+
+GEOMETRIES = [  # (stride, dilation, padding, filter)
+    (1, 1, 1, 3), (2, 1, 1, 3), (2, 2, 2, 3), (3, 2, 1, 3), (3, 1, 2, 5), (2, 1, 0, 1), (2, 3, 3, 3),
+]
+
+
+def _targets():
+    out = []
+    if _emulated.status()[0]:
+        out.append(pytest.param((_emulated.load, "cpu"), id="emulated"))
+    if importlib.util.find_spec("fused_resnet._C") is not None and torch.cuda.is_available():
+        out.append(pytest.param((lambda: importlib.import_module("fused_resnet._C"), "cuda"), id="gpu"))
+    return out or [pytest.param(None, marks=pytest.mark.skip(reason="no built CUDA kernels here"))]
+
+
+@pytest.fixture(params=_targets())
+def ext(request):
+    load, device = request.param
+    return load(), device
+
+
+def _check(got, want, f32):
+    """|got - want| within 4x torch's float32 error, floored at float32 rounding of the largest value."""
+    scale = want.abs().max().item()
+    tol = 4 * (f32.double() - want).abs().max().item() + 2 ** -22 * scale
+    err = (got.double() - want).abs().max().item()
+    assert err <= tol, f"error {err:.3e} > tolerance {tol:.3e} (|max| {scale:.3e})"
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "s{}d{}p{}k{}".format(*g))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_dgrad_mma_by_phase(ext, geometry, dtype):
+    """gm = conv_transpose(gy, W) masked by the recomputed ReLU, in float32 (batch statistics), and the
+    per-tile sums S1 = sum gm: every stride phase, with its own taps, against float64."""
+    C, device = ext
+    stride, dil, pad, ks = geometry
+    g = torch.Generator().manual_seed(hash(geometry) % 2 ** 31)
+    n, c, k, h, w = 2, 16, 24, 7, 6
+    oh = (h + 2 * pad - dil * (ks - 1) - 1) // stride + 1
+    ow = (w + 2 * pad - dil * (ks - 1) - 1) // stride + 1
+    cl = torch.channels_last
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).to(device).contiguous(memory_format=cl)
+
+    x, wt, gy = rnd(n, c, h, w), rnd(k, c, ks, ks), rnd(n, k, oh, ow)
+    beta = torch.randn(c, generator=g).to(device)  # mean 0, scale 1: the ReLU passes where x + beta > 0
+    zero, one = torch.zeros(c, device=device), torch.ones(c, device=device)
+    out = torch.empty(x.shape, device=device).contiguous(memory_format=cl)
+    part = C.conv_dgrad(gy, wt, x, zero, one, beta, one, out, True, True, [stride] * 2, [pad] * 2, [dil] * 2)
+    assert part.shape[0] == -(-n * -(-h // stride) * -(-w // stride) // 128) * stride * stride  # phase split ran
+
+    def ga(t):
+        return torch.nn.grad.conv2d_input(x.shape, wt.to(t), gy.to(t), stride=stride, padding=pad, dilation=dil)
+
+    mask = (x.double() + beta.double().view(1, -1, 1, 1)) > 0
+    want, f32 = ga(torch.float64) * mask, ga(torch.float32) * mask
+    _check(out, want, f32)
+    _check(part[:, 0].sum(0), want.sum((0, 2, 3)), f32.sum((0, 2, 3)))
