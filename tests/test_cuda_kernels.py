@@ -72,3 +72,39 @@ def test_dgrad_mma_by_phase(ext, geometry, dtype):
     want, f32 = ga(torch.float64) * mask, ga(torch.float32) * mask
     _check(out, want, f32)
     _check(part[:, 0].sum(0), want.sum((0, 2, 3)), f32.sum((0, 2, 3)))
+
+
+@pytest.mark.parametrize("size", [(7, 6), (3, 37)], ids=["narrow", "wide"])  # output rows below / above 32
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "s{}d{}p{}k{}".format(*g))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_wgrad_mma_splits(ext, geometry, dtype, size):
+    """dW = sum over pixels of gy (x) a, the activation a = relu(x*1 + beta) rounded to the dtype, rebuilt
+    in the kernel; split-K in 32-pixel chunks (the slabs summed here), against float64."""
+    C, device = ext
+    stride, dil, pad, ks = geometry
+    h, w = size
+    g = torch.Generator().manual_seed(hash((geometry, size)) % 2 ** 31)
+    n, c, k = 2, 24, 16
+    oh = (h + 2 * pad - dil * (ks - 1) - 1) // stride + 1
+    ow = (w + 2 * pad - dil * (ks - 1) - 1) // stride + 1
+    if oh < 1 or ow < 1:
+        pytest.skip("no output pixel")
+    cl = torch.channels_last
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).to(device).contiguous(memory_format=cl)
+
+    x, gy = rnd(n, c, h, w), rnd(n, k, oh, ow)
+    beta = torch.randn(c, generator=g).to(device)
+    zero, one = torch.zeros(c, device=device), torch.ones(c, device=device)
+    dw = torch.empty(k, c, ks, ks, dtype=dtype, device=device).contiguous(memory_format=cl)
+    pixels = n * oh * ow
+    split = -(-pixels // 32)
+    slabs = C.conv_wgrad(gy, x, dw, zero, one, beta, [stride] * 2, [pad] * 2, [dil] * 2, 32, split)
+    got = slabs.sum(0).as_strided(dw.shape, dw.stride())
+    a = (x.float() + beta.view(1, -1, 1, 1)).relu().to(dtype)
+
+    def dweight(t):
+        return torch.nn.grad.conv2d_weight(a.to(t), dw.shape, gy.to(t), stride=stride, padding=pad, dilation=dil)
+
+    _check(got, dweight(torch.float64), dweight(torch.float32))

@@ -3,8 +3,9 @@
 // GEMM view per tap: rows = output channels, columns = input channels, reduction = output pixels. The
 // reduction is long and the output small, so pixels are split across blocks (split-K, grid z =
 // taps x splits); each split writes its own slab and the slabs are summed afterwards: deterministic,
-// no atomics.
-#include "gemm_tile.cuh"
+// no atomics. The general path (any dtype, any strides); fp16/bf16 NHWC tensors take the tensor-core path of
+// conv_wgrad_mma.cu.
+#include "mma_tile.cuh"
 
 namespace fused_resnet {
 namespace detail {
@@ -75,9 +76,14 @@ __global__ void __launch_bounds__(kThreads) conv_wgrad_kernel(const ConvWgradPar
 }
 
 }  // namespace
+
+bool conv_wgrad_mma_applies(const ConvWgradParams& p);
+cudaError_t conv_wgrad_mma(const ConvWgradParams& p, cudaStream_t stream);
+
 }  // namespace detail
 
 cudaError_t conv_wgrad(const ConvWgradParams& p, cudaStream_t stream) {
+  if (detail::conv_wgrad_mma_applies(p)) return detail::conv_wgrad_mma(p, stream);
   return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     const dim3 grid(ceil_div(p.g.K, kTileM), ceil_div(p.g.C, kTileN), p.g.KH * p.g.KW * p.split);

@@ -1,0 +1,173 @@
+// wgrad, tensor-core path for fp16/bf16 NHWC gy and x with K % 8 == 0 and C % 8 == 0. Per tap (r, s) and
+// split: dW[k, c] += sum over the split's output pixels of gy[pixel, k] * a[tap pixel, c], with the
+// activation a = relu((x - mean)*scale + beta) rebuilt on the way from shared memory to registers, as the
+// forward does. Both operands are pixel-major in HBM (NHWC), so both slices are stored [pixel][channel]
+// and reach the mma through transposing ldmatrix; the raw bytes go HBM -> shared by 16-byte cp.async.
+//
+// Four threads copy one pixel of the 32-pixel slice; each keeps its pixel's (n, oh, ow) and advances it by
+// 32 pixels per step with precomputed carries (no division in the loop). A pixel past the split, or whose
+// tap falls into padding, has its activation forced to 0 (the conv pads the activation, not x).
+// Output: the split's slab in dW's layout (conv_wgrad.cu's contract; column_sums adds the slabs).
+#include "mma_tile.cuh"
+
+namespace fused_resnet {
+namespace detail {
+namespace {
+
+constexpr int kBK = kMmaBK, kStages = kMmaStages;
+
+template <class T, int kBM, int kBN>
+struct WgradMmaShared {
+  static constexpr int kLdA = kBM + 8, kLdB = kBN + 8, kLdC = kBN + 4;
+  union {
+    struct {
+      T a[kStages][kBK][kLdA];  // gy: [pixel][output channel]
+      T b[kStages][kBK][kLdB];  // x at the tap: [pixel][input channel]
+    } ring;
+    float c[kBM][kLdC];  // dW tile, once the ring is drained
+  };
+  unsigned char valid[kStages][kBK];  // per stage: the pixel counts and its tap lands inside x
+};
+static_assert(sizeof(WgradMmaShared<__half, 128, 64>) <= 48 * 1024, "static shared memory");
+static_assert(sizeof(WgradMmaShared<__half, 64, 128>) <= 48 * 1024, "static shared memory");
+
+template <class T, int kBM, int kBN>
+__global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvWgradParams p) {
+  constexpr int kWM = kBM / 2, kWN = kBN / 2, kMI = kWM / 16, kNJ = kWN / 8;
+  constexpr int kPixThreads = kMmaThreads / kBK;  // threads copying one pixel
+  constexpr int kChunksA = kBM / 8 / kPixThreads, kChunksB = kBN / 8 / kPixThreads;
+  auto& sh = block_shared<WgradMmaShared<T, kBM, kBN>>();
+  const ConvGeom& g = p.g;
+  const int P = g.N * g.OH * g.OW;
+  const int rs = blockIdx.z / p.split, sp = blockIdx.z % p.split, r = rs / g.KW, s = rs % g.KW;
+  const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN;
+  const int p_begin = sp * p.chunk, p_end = min(p_begin + p.chunk, P);
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wm = warp / 2, wn = warp % 2;
+  const int gq = lane / 4, tq = lane % 4;
+  const T* gy = static_cast<const T*>(p.gy);
+  const T* x = static_cast<const T*>(p.x);
+
+  // This lane's columns (input channels) are fixed for the whole tile: their affine once, in registers.
+  float mu[kNJ], sc[kNJ], be[kNJ];
+  {
+    const float* mean = static_cast<const float*>(p.mean);
+    const float* scale = static_cast<const float*>(p.scale);
+    const float* beta = static_cast<const float*>(p.beta);
+#pragma unroll
+    for (int j = 0; j < kNJ; ++j) {
+      const int c = n0 + wn * kWN + j * 8 + gq;
+      const bool cok = c < g.C;  // past C: x is zero-filled and so is the activation
+      mu[j] = cok ? mean[c] : 0.f;
+      sc[j] = cok ? scale[c] : 0.f;
+      be[j] = cok ? beta[c] : 0.f;
+    }
+  }
+
+  // This thread's pixel of the slice, decomposed once, advanced by kBK pixels a step.
+  const int prow = tid / kPixThreads, part_id = tid % kPixThreads;
+  int q = p_begin + prow;
+  int ow = q % g.OW, oh = (q / g.OW) % g.OH, nb = q / (g.OW * g.OH);
+  const int d_ow = kBK % g.OW, d_oh = (kBK / g.OW) % g.OH, d_n = kBK / (g.OW * g.OH);
+  const int steps = ceil_div(p_end - p_begin, kBK);
+
+  auto issue = [&](int st) {
+    const bool in = q < p_end;
+    const int ih = oh * g.stride_h - g.pad_h + r * g.dil_h, iw = ow * g.stride_w - g.pad_w + s * g.dil_w;
+    const bool tap_in = in && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
+    const T* gsrc = gy + (static_cast<int64_t>(in ? nb : 0) * g.OH * g.OW + (in ? oh * g.OW + ow : 0)) * g.K;
+    const T* xsrc = x + ((static_cast<int64_t>(tap_in ? nb : 0) * g.H + (tap_in ? ih : 0)) * g.W + (tap_in ? iw : 0)) * g.C;
+#pragma unroll
+    for (int u = 0; u < kChunksA; ++u) {
+      const int ch = part_id + kPixThreads * u, k = m0 + 8 * ch;
+      cp_async_16(&sh.ring.a[st][prow][8 * ch], gsrc + (k < g.K ? k : 0), in && k < g.K);
+    }
+#pragma unroll
+    for (int u = 0; u < kChunksB; ++u) {
+      const int ch = part_id + kPixThreads * u, c = n0 + 8 * ch;
+      cp_async_16(&sh.ring.b[st][prow][8 * ch], xsrc + (c < g.C ? c : 0), tap_in && c < g.C);
+    }
+    if (part_id == 0) sh.valid[st][prow] = tap_in;
+    q += kBK;
+    ow += d_ow;
+    const int c1 = ow >= g.OW;
+    ow -= c1 ? g.OW : 0;
+    oh += d_oh + c1;
+    const int c2 = oh >= g.OH;
+    oh -= c2 ? g.OH : 0;
+    nb += d_n + c2;
+  };
+
+  WarpAcc<kMI, kNJ> acc;
+  acc.zero();
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < steps) issue(st);
+    cp_async_commit();
+  }
+  for (int step = 0; step < steps; ++step) {
+    const int st = step % kStages;
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (step + kStages - 1 < steps) issue((step + kStages - 1) % kStages);
+    cp_async_commit();
+#pragma unroll
+    for (int kk = 0; kk < kBK; kk += 16) {
+      // This lane's pixels of the 16: kk + 2tq, +1 (fragment register 0) and +8 (register 1).
+      const bool v0[2] = {sh.valid[st][kk + 2 * tq] != 0, sh.valid[st][kk + 2 * tq + 1] != 0};
+      const bool v1[2] = {sh.valid[st][kk + 8 + 2 * tq] != 0, sh.valid[st][kk + 9 + 2 * tq] != 0};
+      uint32_t fa[kMI][4], fb[kNJ][2];
+#pragma unroll
+      for (int i = 0; i < kMI; ++i) load_a_km(fa[i], sh.ring.a[st], wm * kWM + i * 16, kk);
+#pragma unroll
+      for (int jp = 0; jp < kNJ / 2; ++jp) load_b_kn(fb[2 * jp], fb[2 * jp + 1], sh.ring.b[st], wn * kWN + jp * 16, kk);
+#pragma unroll
+      for (int j = 0; j < kNJ; ++j) {
+        const float m2[2] = {mu[j], mu[j]}, s2[2] = {sc[j], sc[j]}, b2[2] = {be[j], be[j]};
+        fb[j][0] = bn_relu_pair<T>(fb[j][0], v0, m2, s2, b2);
+        fb[j][1] = bn_relu_pair<T>(fb[j][1], v1, m2, s2, b2);
+      }
+#pragma unroll
+      for (int i = 0; i < kMI; ++i)
+#pragma unroll
+        for (int j = 0; j < kNJ; ++j) mma_16816<T>(acc.v[i][j], fa[i], fb[j]);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the ring is drained and read out: the accumulator tile overwrites it
+  acc.store(sh.c, wm * kWM, wn * kWN);
+  __syncthreads();
+  float* part = static_cast<float*>(p.part) + static_cast<int64_t>(sp) * g.K * g.C * g.KH * g.KW;
+  const bool cfast = p.sd[1] <= p.sd[0];
+  for (int idx = tid; idx < kBM * kBN; idx += kMmaThreads) {
+    int row, col;
+    tile_coord<kBM, kBN>(idx, cfast, row, col);
+    const int kout = m0 + row, ch = n0 + col;
+    if (kout < g.K && ch < g.C) part[offset4(p.sd, kout, ch, r, s)] = sh.c[row][col];
+  }
+}
+
+template <int kBM, int kBN>
+cudaError_t launch_mma_wgrad(const ConvWgradParams& p, cudaStream_t stream) {
+  const dim3 grid(ceil_div(p.g.K, kBM), ceil_div(p.g.C, kBN), p.g.KH * p.g.KW * p.split);
+  if (p.dtype == DType::kBF16)
+    return launch(conv_wgrad_mma_kernel<__nv_bfloat16, kBM, kBN>, grid, dim3(kMmaThreads), stream, p);
+  return launch(conv_wgrad_mma_kernel<__half, kBM, kBN>, grid, dim3(kMmaThreads), stream, p);
+}
+
+}  // namespace
+
+bool conv_wgrad_mma_applies(const ConvWgradParams& p) {
+  const ConvGeom& g = p.g;
+  const bool half = p.dtype == DType::kF16 || p.dtype == DType::kBF16;
+  return half && nhwc_dense(p.sg, g.N, g.K, g.OH, g.OW) && nhwc_dense(p.sx, g.N, g.C, g.H, g.W) &&
+         aligned16(p.gy) && aligned16(p.x) && g.K % 8 == 0 && g.C % 8 == 0;
+}
+
+// 128 output channels x 64 input channels when K > 64 (the activation, which carries the transform, on
+// the narrow side: 16 transformed values per thread per 16 MMAs); 64 x 128 otherwise.
+cudaError_t conv_wgrad_mma(const ConvWgradParams& p, cudaStream_t stream) {
+  return p.g.K > 64 ? launch_mma_wgrad<128, 64>(p, stream) : launch_mma_wgrad<64, 128>(p, stream);
+}
+
+}  // namespace detail
+}  // namespace fused_resnet
