@@ -19,9 +19,7 @@ namespace {
 
 constexpr int kBK = kMmaBK, kStages = kMmaStages, kLd = kMmaLd;
 
-// CTA tile kBM x kBN (4 warps of kBM/2 x kBN/2). 64x128 when K > 64: each warp's A fragments, which
-// carry the BN transform, then feed 8 column blocks instead of 4 (half the transform per mma); 128x64
-// when K <= 64, so no column half is masked.
+// CTA tile 64x128 when K > 64, 128x64 when K <= 64 (so no column half is masked); 4 warps of 32x64.
 template <class T, int kBM, int kBN>
 struct FwdMmaShared {
   static constexpr int kLdC = kBN + 4;
@@ -40,14 +38,17 @@ static_assert(sizeof(FwdMmaShared<__half, 64, 128>) <= 48 * 1024, "static shared
 
 template <class T, int kBM, int kBN>
 __global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const ConvForwardParams p) {
-  constexpr int kWM = kBM / 2, kWN = kBN / 2, kMI = kWM / 16, kNJ = kWN / 8;  // warp tile, its mma blocks
+  // Warp tile 32 x 64 in either CTA tile (4x1 warps in 128x64, 2x2 in 64x128): the A fragments, which carry
+  // the BN transform, each feed 8 column blocks -- 16 transformed values per thread per 16 MMAs.
+  constexpr int kWarpsN = kBN / 64, kWarpsM = 4 / kWarpsN;
+  constexpr int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN, kMI = kWM / 16, kNJ = kWN / 8;
   constexpr int kRowThreads = kMmaThreads / kBM;  // threads sharing one A row's 4 copies of 16 bytes
   constexpr int kRowChunks = 4 / kRowThreads;
   auto& sh = block_shared<FwdMmaShared<T, kBM, kBN>>();
   const ConvGeom& g = p.g;
   const int M = g.N * g.OH * g.OW;
   const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN;
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wm = warp / 2, wn = warp % 2;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wm = warp / kWarpsN, wn = warp % kWarpsN;
   const T* x = static_cast<const T*>(p.x);
   const T* w = static_cast<const T*>(p.w);
   const float* mean = static_cast<const float*>(p.mean);
@@ -135,11 +136,11 @@ __global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const Con
       for (int i = 0; i < kMI; ++i) {
         const int row = wm * kWM + i * 16;
         load_a_mk(fa[i], sh.ring.a[st], row, kk);
-        const bool v0 = sh.valid[st][row + gq], v1 = sh.valid[st][row + gq + 8];
-        fa[i][0] = bn_relu_pair<T>(fa[i][0], {v0, v0}, mu[0], sc[0], be[0]);
-        fa[i][1] = bn_relu_pair<T>(fa[i][1], {v1, v1}, mu[0], sc[0], be[0]);
-        fa[i][2] = bn_relu_pair<T>(fa[i][2], {v0, v0}, mu[1], sc[1], be[1]);
-        fa[i][3] = bn_relu_pair<T>(fa[i][3], {v1, v1}, mu[1], sc[1], be[1]);
+        const uint32_t k0 = sh.valid[st][row + gq] ? ~0u : 0u, k1 = sh.valid[st][row + gq + 8] ? ~0u : 0u;
+        fa[i][0] = bn_relu_pair<T>(fa[i][0], k0, mu[0], sc[0], be[0]);
+        fa[i][1] = bn_relu_pair<T>(fa[i][1], k1, mu[0], sc[0], be[0]);
+        fa[i][2] = bn_relu_pair<T>(fa[i][2], k0, mu[1], sc[1], be[1]);
+        fa[i][3] = bn_relu_pair<T>(fa[i][3], k1, mu[1], sc[1], be[1]);
       }
 #pragma unroll
       for (int jp = 0; jp < kNJ / 2; ++jp) load_b_nk(fb[2 * jp], fb[2 * jp + 1], sh.ring.b[st], wn * kWN + jp * 16, kk);

@@ -33,7 +33,10 @@ static_assert(sizeof(WgradMmaShared<__half, 64, 128>) <= 48 * 1024, "static shar
 
 template <class T, int kBM, int kBN>
 __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvWgradParams p) {
-  constexpr int kWM = kBM / 2, kWN = kBN / 2, kMI = kWM / 16, kNJ = kWN / 8;
+  // Warp tile 64 x 32 in either CTA tile (2x2 warps in 128x64, 1x4 in 64x128): the B fragments, which
+  // carry the BN transform, each feed 4 row blocks -- 16 transformed values per thread per 16 MMAs.
+  constexpr int kWarpsM = kBM / 64, kWarpsN = 4 / kWarpsM;
+  constexpr int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN, kMI = kWM / 16, kNJ = kWN / 8;
   constexpr int kPixThreads = kMmaThreads / kBK;  // threads copying one pixel
   constexpr int kChunksA = kBM / 8 / kPixThreads, kChunksB = kBN / 8 / kPixThreads;
   auto& sh = block_shared<WgradMmaShared<T, kBM, kBN>>();
@@ -42,7 +45,7 @@ __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvW
   const int rs = blockIdx.z / p.split, sp = blockIdx.z % p.split, r = rs / g.KW, s = rs % g.KW;
   const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN;
   const int p_begin = sp * p.chunk, p_end = min(p_begin + p.chunk, P);
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wm = warp / 2, wn = warp % 2;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wm = warp / kWarpsN, wn = warp % kWarpsN;
   const int gq = lane / 4, tq = lane % 4;
   const T* gy = static_cast<const T*>(p.gy);
   const T* x = static_cast<const T*>(p.x);
@@ -113,8 +116,8 @@ __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvW
 #pragma unroll
     for (int kk = 0; kk < kBK; kk += 16) {
       // This lane's pixels of the 16: kk + 2tq, +1 (fragment register 0) and +8 (register 1).
-      const bool v0[2] = {sh.valid[st][kk + 2 * tq] != 0, sh.valid[st][kk + 2 * tq + 1] != 0};
-      const bool v1[2] = {sh.valid[st][kk + 8 + 2 * tq] != 0, sh.valid[st][kk + 9 + 2 * tq] != 0};
+      const uint32_t k0 = keep_mask(sh.valid[st][kk + 2 * tq], sh.valid[st][kk + 2 * tq + 1]);
+      const uint32_t k1 = keep_mask(sh.valid[st][kk + 8 + 2 * tq], sh.valid[st][kk + 9 + 2 * tq]);
       uint32_t fa[kMI][4], fb[kNJ][2];
 #pragma unroll
       for (int i = 0; i < kMI; ++i) load_a_km(fa[i], sh.ring.a[st], wm * kWM + i * 16, kk);
@@ -123,8 +126,8 @@ __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvW
 #pragma unroll
       for (int j = 0; j < kNJ; ++j) {
         const float m2[2] = {mu[j], mu[j]}, s2[2] = {sc[j], sc[j]}, b2[2] = {be[j], be[j]};
-        fb[j][0] = bn_relu_pair<T>(fb[j][0], v0, m2, s2, b2);
-        fb[j][1] = bn_relu_pair<T>(fb[j][1], v1, m2, s2, b2);
+        fb[j][0] = bn_relu_pair<T>(fb[j][0], k0, m2, s2, b2);
+        fb[j][1] = bn_relu_pair<T>(fb[j][1], k1, m2, s2, b2);
       }
 #pragma unroll
       for (int i = 0; i < kMI; ++i)
@@ -163,8 +166,7 @@ bool conv_wgrad_mma_applies(const ConvWgradParams& p) {
          aligned16(p.gy) && aligned16(p.x) && g.K % 8 == 0 && g.C % 8 == 0;
 }
 
-// 128 output channels x 64 input channels when K > 64 (the activation, which carries the transform, on
-// the narrow side: 16 transformed values per thread per 16 MMAs); 64 x 128 otherwise.
+// 128 output channels x 64 input channels when K > 64, 64 x 128 otherwise.
 cudaError_t conv_wgrad_mma(const ConvWgradParams& p, cudaStream_t stream) {
   return p.g.K > 64 ? launch_mma_wgrad<128, 64>(p, stream) : launch_mma_wgrad<64, 128>(p, stream);
 }

@@ -1,5 +1,5 @@
 // The device primitives the kernels use, in one place: tensor cores (WMMA; mma.sync m16n8k16 with
-// ldmatrix), cp.async copies, block shared memory and the kernel launch. The emulated CPU build (csrc/emu, -DFUSED_RESNET_EMULATED) supplies host twins of exactly
+// ldmatrix), cp.async copies, packed conversion, block shared memory and the kernel launch. The emulated CPU build (csrc/emu, -DFUSED_RESNET_EMULATED) supplies host twins of exactly
 // these (mma.h, emu_primitives.h, cuda_runtime.h), so the kernel files are the same bytes in the GPU build
 // and the emulated one; a new primitive enters here and in csrc/emu together, with a test of its twin.
 #pragma once
@@ -68,6 +68,33 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t 
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 #endif  // !FUSED_RESNET_EMULATED
+
+// Two floats rounded to nearest-even in T and packed, lo in the low 16 bits: one F2FP.PACK_AB on sm_80+
+// (converting one at a time costs a conversion each and a PRMT to pack).
+template <class T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+#ifdef FUSED_RESNET_EMULATED
+  const uint16_t h[2] = {__float2bfloat16_rn(lo).bits, __float2bfloat16_rn(hi).bits};
+#else
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+#endif
+  uint32_t out;
+  memcpy(&out, &h, 4);
+  return out;
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+#ifdef FUSED_RESNET_EMULATED
+  const uint16_t h[2] = {__float2half_rn(lo).bits, __float2half_rn(hi).bits};
+#else
+  const __half2 h = __floats2half2_rn(lo, hi);
+#endif
+  uint32_t out;
+  memcpy(&out, &h, 4);
+  return out;
+}
 
 // The block's one object of type S in shared memory, the same for all its threads. Kernels declare their
 // shared memory through this rather than with __shared__ in their own bodies, so that the emulated build

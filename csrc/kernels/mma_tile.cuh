@@ -2,8 +2,9 @@
 // accumulator fragments and their trip into shared memory, and the ldmatrix loads of operand fragments
 // for both ways an operand can sit in shared memory.
 //
-// Four warps in a 2x2 grid; warp tile kWM x kWN = kMI x kNJ mma blocks of 16x8. Fragment layouts are the
-// PTX ISA's for m16n8k16 (csrc/emu/emu_primitives.h spells them out): A row-major 16x16, B "col" 16x8.
+// Four warps, in a grid each kernel picks; warp tile kWM x kWN = kMI x kNJ mma blocks of 16x8. Fragment
+// layouts are the PTX ISA's for m16n8k16 (csrc/emu/emu_primitives.h spells them out): A row-major 16x16,
+// B "col" 16x8.
 #pragma once
 
 #include "gemm_tile.cuh"
@@ -77,19 +78,19 @@ __device__ __forceinline__ void load_b_kn(uint32_t (&f0)[2], uint32_t (&f1)[2], 
 }
 
 // Two adjacent values of one fragment register: the BN affine + ReLU, rounded to T (the activation eager
-// stores), or 0 where the element is padding. Element h has channel affine (m[h], s[h], b[h]) and valid[h].
+// stores) and packed, then ANDed with `keep` (0xffff per half that is not padding). Element h has channel
+// affine (m[h], s[h], b[h]).
 template <class T>
-__device__ __forceinline__ uint32_t bn_relu_pair(uint32_t raw, const bool (&valid)[2], const float (&m)[2],
-                                                 const float (&s)[2], const float (&b)[2]) {
+__device__ __forceinline__ uint32_t bn_relu_pair(uint32_t raw, uint32_t keep, const float (&m)[2], const float (&s)[2],
+                                                 const float (&b)[2]) {
   T v[2];
   memcpy(v, &raw, 4);
-#pragma unroll
-  for (int h = 0; h < 2; ++h)
-    v[h] = valid[h] ? Cvt<T>::from(relu_nan(bn_affine(to_acc(v[h]), m[h], s[h], b[h]))) : zero<T>();
-  uint32_t out;
-  memcpy(&out, v, 4);
-  return out;
+  return pack2<T>(relu_nan(bn_affine(to_acc(v[0]), m[0], s[0], b[0])),
+                  relu_nan(bn_affine(to_acc(v[1]), m[1], s[1], b[1]))) & keep;
 }
+
+// The keep mask of bn_relu_pair for halves (lo, hi).
+__device__ __forceinline__ uint32_t keep_mask(bool lo, bool hi) { return (lo ? 0xffffu : 0u) | (hi ? 0xffff0000u : 0u); }
 
 // Dense NHWC in logical-NCHW strides s of an [n, c, h, w] tensor (the stride of a size-1 dimension never
 // matters, so a 1x1 weight is NHWC in either memory format).
