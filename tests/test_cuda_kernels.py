@@ -79,12 +79,23 @@ def test_dgrad_mma_by_phase(ext, geometry, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_wgrad_mma_splits(ext, geometry, dtype, size):
     """dW = sum over pixels of gy (x) a, the activation a = relu(x*1 + beta) rounded to the dtype, rebuilt
-    in the kernel; split-K in 32-pixel chunks (the slabs summed here), against float64."""
-    C, device = ext
+    in the kernel; split-K in 32-pixel chunks (the slabs summed here), against float64. 16 -> 24
+    channels: the 64x64 tile, whose warps split each slice in halves."""
+    _check_wgrad(*ext, geometry, dtype, size, c=24, k=16)
+
+
+@pytest.mark.parametrize("channels", [(40, 72), (72, 16)], ids=["k72-tile128x64", "c72-tile64x128"])
+def test_wgrad_mma_tiles(ext, channels):
+    """The two other CTA tiles, each with a partial tile of channels."""
+    c, k = channels
+    _check_wgrad(*ext, (2, 1, 1, 3), torch.bfloat16, (7, 6), c=c, k=k)
+
+
+def _check_wgrad(C, device, geometry, dtype, size, c, k):
     stride, dil, pad, ks = geometry
     h, w = size
-    g = torch.Generator().manual_seed(hash((geometry, size)) % 2 ** 31)
-    n, c, k = 2, 24, 16
+    g = torch.Generator().manual_seed(hash((geometry, size, c, k)) % 2 ** 31)
+    n = 2
     oh = (h + 2 * pad - dil * (ks - 1) - 1) // stride + 1
     ow = (w + 2 * pad - dil * (ks - 1) - 1) // stride + 1
     if oh < 1 or ow < 1:

@@ -30,12 +30,15 @@ struct WgradMmaShared {
 };
 static_assert(sizeof(WgradMmaShared<__half, 128, 64>) <= 48 * 1024, "static shared memory");
 static_assert(sizeof(WgradMmaShared<__half, 64, 128>) <= 48 * 1024, "static shared memory");
+static_assert(sizeof(WgradMmaShared<__half, 64, 64>) <= 48 * 1024, "static shared memory");
 
 template <class T, int kBM, int kBN>
 __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvWgradParams p) {
-  // Warp tile 64 x 32 in either CTA tile (2x2 warps in 128x64, 1x4 in 64x128): the B fragments, which
-  // carry the BN transform, each feed 4 row blocks -- 16 transformed values per thread per 16 MMAs.
-  constexpr int kWarpsM = kBM / 64, kWarpsN = 4 / kWarpsM;
+  // Warp tile 64 x 32 (2x2 warps in 128x64, 1x4 in 64x128; in 64x64, 1x2 warps for each half of the
+  // 32-pixel slice, the halves' sums added at the end): the B fragments, which carry the BN transform,
+  // each feed 4 row blocks -- 16 transformed values per thread per 16 MMAs.
+  constexpr int kHalves = kBM * kBN == 64 * 64 ? 2 : 1, kTileWarps = 4 / kHalves;
+  constexpr int kWarpsM = kBM / 64, kWarpsN = kTileWarps / kWarpsM;
   constexpr int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN, kMI = kWM / 16, kNJ = kWN / 8;
   constexpr int kPixThreads = kMmaThreads / kBK;  // threads copying one pixel
   constexpr int kChunksA = kBM / 8 / kPixThreads, kChunksB = kBN / 8 / kPixThreads;
@@ -45,7 +48,9 @@ __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvW
   const int rs = blockIdx.z / p.split, sp = blockIdx.z % p.split, r = rs / g.KW, s = rs % g.KW;
   const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN;
   const int p_begin = sp * p.chunk, p_end = min(p_begin + p.chunk, P);
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wm = warp / kWarpsN, wn = warp % kWarpsN;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32 % kTileWarps;
+  const int half = kHalves == 2 ? tid / 32 / kTileWarps : 0;  // a constant where there are no halves
+  const int wm = warp / kWarpsN, wn = warp % kWarpsN;
   const int gq = lane / 4, tq = lane % 4;
   const T* gy = static_cast<const T*>(p.gy);
   const T* x = static_cast<const T*>(p.x);
@@ -114,7 +119,8 @@ __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvW
     if (step + kStages - 1 < steps) issue((step + kStages - 1) % kStages);
     cp_async_commit();
 #pragma unroll
-    for (int kk = 0; kk < kBK; kk += 16) {
+    for (int kq = 0; kq < kBK / 16 / kHalves; ++kq) {
+      const int kk = 16 * (kq * kHalves + half);
       // This lane's pixels of the 16: kk + 2tq, +1 (fragment register 0) and +8 (register 1).
       const uint32_t k0 = keep_mask(sh.valid[st][kk + 2 * tq], sh.valid[st][kk + 2 * tq + 1]);
       const uint32_t k1 = keep_mask(sh.valid[st][kk + 8 + 2 * tq], sh.valid[st][kk + 9 + 2 * tq]);
@@ -137,8 +143,12 @@ __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvW
   }
   cp_async_wait<0>();
   __syncthreads();  // the ring is drained and read out: the accumulator tile overwrites it
-  acc.store(sh.c, wm * kWM, wn * kWN);
+  if (half == 0) acc.store(sh.c, wm * kWM, wn * kWN);
   __syncthreads();
+  if (kHalves == 2) {
+    if (half == 1) acc.add_to(sh.c, wm * kWM, wn * kWN);
+    __syncthreads();
+  }
   float* part = static_cast<float*>(p.part) + static_cast<int64_t>(sp) * g.K * g.C * g.KH * g.KW;
   const bool cfast = p.sd[1] <= p.sd[0];
   for (int idx = tid; idx < kBM * kBN; idx += kMmaThreads) {
@@ -166,9 +176,11 @@ bool conv_wgrad_mma_applies(const ConvWgradParams& p) {
          aligned16(p.gy) && aligned16(p.x) && g.K % 8 == 0 && g.C % 8 == 0;
 }
 
-// 128 output channels x 64 input channels when K > 64, 64 x 128 otherwise.
+// 128 output channels x 64 input channels when K > 64, 64 x 128 when C > 64 >= K, 64 x 64 when both fit
+// (no half of the MMAs on masked rows or columns).
 cudaError_t conv_wgrad_mma(const ConvWgradParams& p, cudaStream_t stream) {
-  return p.g.K > 64 ? launch_mma_wgrad<128, 64>(p, stream) : launch_mma_wgrad<64, 128>(p, stream);
+  if (p.g.K > 64) return launch_mma_wgrad<128, 64>(p, stream);
+  return p.g.C > 64 ? launch_mma_wgrad<64, 128>(p, stream) : launch_mma_wgrad<64, 64>(p, stream);
 }
 
 }  // namespace detail

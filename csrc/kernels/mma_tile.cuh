@@ -28,19 +28,28 @@ struct WarpAcc {
 #pragma unroll
         for (int e = 0; e < 4; ++e) v[i][j][e] = 0.f;
   }
-  // Into the tile c (rows, columns of the CTA tile), this warp's block at (row0, col0).
+  // Into the tile c (rows, columns of the CTA tile), this warp's block at (row0, col0): stored, or added
+  // to what is there.
   template <int LdC>
   __device__ __forceinline__ void store(float (*c)[LdC], int row0, int col0) const {
+    visit(c, row0, col0, [](float& dst, float val) { dst = val; });
+  }
+  template <int LdC>
+  __device__ __forceinline__ void add_to(float (*c)[LdC], int row0, int col0) const {
+    visit(c, row0, col0, [](float& dst, float val) { dst += val; });
+  }
+  template <int LdC, class Op>
+  __device__ __forceinline__ void visit(float (*c)[LdC], int row0, int col0, Op op) const {
     const int lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
 #pragma unroll
     for (int i = 0; i < kMI; ++i)
 #pragma unroll
       for (int j = 0; j < kNJ; ++j) {
         const int row = row0 + i * 16 + gq, col = col0 + j * 8 + 2 * tq;
-        c[row][col] = v[i][j][0];
-        c[row][col + 1] = v[i][j][1];
-        c[row + 8][col] = v[i][j][2];
-        c[row + 8][col + 1] = v[i][j][3];
+        op(c[row][col], v[i][j][0]);
+        op(c[row][col + 1], v[i][j][1]);
+        op(c[row + 8][col], v[i][j][2]);
+        op(c[row + 8][col + 1], v[i][j][3]);
       }
   }
 };
