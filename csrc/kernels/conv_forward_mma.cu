@@ -19,7 +19,7 @@ namespace {
 
 constexpr int kBK = kMmaBK, kStages = kMmaStages, kLd = kMmaLd;
 
-// CTA tile 64x128 when K > 64, 128x64 when K <= 64 (so no column half is masked); 4 warps of 32x64.
+// CTA tile 64x128 when K > 64, 128x64 when K <= 64 (so no column half is masked).
 template <class T, int kBM, int kBN>
 struct FwdMmaShared {
   static constexpr int kLdC = kBN + 4;
@@ -38,9 +38,10 @@ static_assert(sizeof(FwdMmaShared<__half, 64, 128>) <= 48 * 1024, "static shared
 
 template <class T, int kBM, int kBN>
 __global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const ConvForwardParams p) {
-  // Warp tile 32 x 64 in either CTA tile (4x1 warps in 128x64, 2x2 in 64x128): the A fragments, which carry
-  // the BN transform, each feed 8 column blocks -- 16 transformed values per thread per 16 MMAs.
-  constexpr int kWarpsN = kBN / 64, kWarpsM = 4 / kWarpsN;
+  // Warps stacked along the rows (4x1: warp tiles 32x64 or 16x128), so no two warps transform the same A
+  // rows and each transformed fragment feeds every column block of the tile: 16 (128x64) or 8 (64x128)
+  // transformed values per thread per 16 MMAs.
+  constexpr int kWarpsN = 1, kWarpsM = 4;
   constexpr int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN, kMI = kWM / 16, kNJ = kWN / 8;
   constexpr int kRowThreads = kMmaThreads / kBM;  // threads sharing one A row's 4 copies of 16 bytes
   constexpr int kRowChunks = 4 / kRowThreads;
@@ -65,41 +66,60 @@ __global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const Con
 
   const int steps = g.KH * g.KW * ceil_div(g.C, kBK);
 
+  // The B rows this thread copies (output channels n0 + tid / 4 + 32 j, chunk tid % 4 of the slice) are
+  // fixed for the whole tile: one base pointer (rows past K clamped to a real row, their copies
+  // zero-filled) and the step's offset into the [K][KH][KW][C] weight, the same for every row.
+  constexpr int kBRows = kMmaThreads / (kBK / 8), kBCopies = kBN / kBRows;
+  const int b_row = tid / (kBK / 8), b_chunk = tid % (kBK / 8);
+  const int64_t w_krow = static_cast<int64_t>(g.KH) * g.KW * g.C;  // elements per output channel
+  const T* w_thread = w + static_cast<int64_t>(min(n0 + b_row, g.K - 1)) * w_krow + 8 * b_chunk;
+  unsigned kout_ok = 0;
+#pragma unroll
+  for (int j = 0; j < kBCopies; ++j) kout_ok |= (n0 + b_row + kBRows * j < g.K ? 1u : 0u) << j;
+
   // Issues the copies of the next step into stage `st` (and the slice's affine and row flags). Steps are
-  // issued in order, so (r, s, c0) advance by counting: no division in the loop.
-  int r = 0, s = 0, c0 = 0;
+  // issued in order: (s, c0) and the tap's input pixel and offsets advance by counting and adding, and
+  // only a change of tap recomputes the A row's offset -- no division in the loop.
+  int s = 0, c0 = 0, w_tap = 0, ih = ih0, iw = iw0;
+  auto tap_offset = [&](bool& ok) {
+    ok = row_in && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
+    return ok ? (static_cast<int64_t>(ih) * g.W + iw) * g.C : int64_t(0);
+  };
+  bool tap_ok;
+  int64_t x_tap = tap_offset(tap_ok);
   auto issue = [&](int st) {
-    const int ih = ih0 + r * g.dil_h, iw = iw0 + s * g.dil_w;
-    const bool ok = row_in && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
-    const T* src = x_img + (static_cast<int64_t>(ok ? ih : 0) * g.W + (ok ? iw : 0)) * g.C + c0;
 #pragma unroll
     for (int q = 0; q < kRowChunks; ++q) {
       const int ch = c_first + q;
-      cp_async_16(&sh.ring.a[st][arow][8 * ch], src + 8 * ch, ok && c0 + 8 * ch < g.C);
+      const bool ok = tap_ok && c0 + 8 * ch < g.C;
+      cp_async_16(&sh.ring.a[st][arow][8 * ch], x_img + x_tap + (ok ? c0 + 8 * ch : 0), ok);
     }
-    if (c_first == 0) sh.valid[st][arow] = ok;
+    if (c_first == 0) sh.valid[st][arow] = tap_ok;
+    const bool cok = c0 + 8 * b_chunk < g.C;
+    const T* wsrc = w_thread + (cok ? w_tap + c0 : 0);
 #pragma unroll
-    for (int j = 0; j < kBN * kBK / 8 / kMmaThreads; ++j) {
-      const int i = tid + j * kMmaThreads, row = i / (kBK / 8), ch = i % (kBK / 8);
-      const int kout = n0 + row, c = c0 + 8 * ch;
-      const bool wok = kout < g.K && c < g.C;
-      const T* wsrc = w + ((static_cast<int64_t>(wok ? kout : 0) * g.KH + r) * g.KW + s) * g.C + (wok ? c : 0);
-      cp_async_16(&sh.ring.b[st][row][8 * ch], wsrc, wok);
-    }
+    for (int j = 0; j < kBCopies; ++j)
+      cp_async_16(&sh.ring.b[st][b_row + kBRows * j][8 * b_chunk],
+                  wsrc + (((kout_ok >> j) & 1u) ? j * kBRows * w_krow : 0), cok && ((kout_ok >> j) & 1u));
     if (tid < kBK) {
       const int c = c0 + tid;
-      const bool cok = c < g.C;  // past C: the copies are zero-filled and so is the activation
-      sh.affine[st][0][tid] = cok ? mean[c] : 0.f;
-      sh.affine[st][1][tid] = cok ? scale[c] : 0.f;
-      sh.affine[st][2][tid] = cok ? beta[c] : 0.f;
+      const bool aok = c < g.C;  // past C: the copies are zero-filled and so is the activation
+      sh.affine[st][0][tid] = aok ? mean[c] : 0.f;
+      sh.affine[st][1][tid] = aok ? scale[c] : 0.f;
+      sh.affine[st][2][tid] = aok ? beta[c] : 0.f;
     }
     c0 += kBK;
-    if (c0 >= g.C) {
+    if (c0 >= g.C) {  // next tap
       c0 = 0;
+      w_tap += g.C;
       if (++s == g.KW) {
         s = 0;
-        ++r;
+        iw = iw0;
+        ih += g.dil_h;
+      } else {
+        iw += g.dil_w;
       }
+      x_tap = tap_offset(tap_ok);
     }
   };
 

@@ -34,11 +34,11 @@ static_assert(sizeof(WgradMmaShared<__half, 64, 64>) <= 48 * 1024, "static share
 
 template <class T, int kBM, int kBN>
 __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvWgradParams p) {
-  // Warp tile 64 x 32 (2x2 warps in 128x64, 1x4 in 64x128; in 64x64, 1x2 warps for each half of the
-  // 32-pixel slice, the halves' sums added at the end): the B fragments, which carry the BN transform,
-  // each feed 4 row blocks -- 16 transformed values per thread per 16 MMAs.
+  // Warps side by side along the columns (1x4: warp tiles 128x16 or 64x32; in 64x64, 1x2 warps for each
+  // half of the 32-pixel slice, the halves' sums added at the end), so no two warps transform the same B
+  // columns and each transformed fragment feeds every row block of the tile.
   constexpr int kHalves = kBM * kBN == 64 * 64 ? 2 : 1, kTileWarps = 4 / kHalves;
-  constexpr int kWarpsM = kBM / 64, kWarpsN = kTileWarps / kWarpsM;
+  constexpr int kWarpsM = 1, kWarpsN = kTileWarps;
   constexpr int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN, kMI = kWM / 16, kNJ = kWN / 8;
   constexpr int kPixThreads = kMmaThreads / kBK;  // threads copying one pixel
   constexpr int kChunksA = kBM / 8 / kPixThreads, kChunksB = kBN / 8 / kPixThreads;
