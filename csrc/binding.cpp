@@ -218,7 +218,7 @@ std::tuple<at::Tensor, int64_t> conv_forward(const at::Tensor& x, const at::Tens
   return std::make_tuple(part, rows);
 }
 
-// Writes out (dx in x's dtype, or gm in the accumulation dtype when batch_stats); returns per-tile
+// Writes out (dx, or gm when batch_stats; x's dtype either way); returns per-tile
 // (S1, S2), [tiles_m, 2, C], or an empty tensor when neither is needed.
 at::Tensor conv_dgrad(const at::Tensor& gy, const at::Tensor& w, const at::Tensor& x, const at::Tensor& mean,
                       const at::Tensor& scale, const at::Tensor& beta, const at::Tensor& invstd, at::Tensor& out,
@@ -238,8 +238,8 @@ at::Tensor conv_dgrad(const at::Tensor& gy, const at::Tensor& w, const at::Tenso
   check_output(out, "out", {&gy, &w, &x, &mean, &scale, &beta, &invstd});
   check_on(gy, x, "grad_y"); check_on(w, x, "weight"); check_on(x, x, "x"); check_on(out, x, "out");
   const DeviceGuard guard(x.device());
-  TORCH_CHECK(out.scalar_type() == (batch_stats ? acc : x.scalar_type()), "fused_resnet._C: out has dtype ",
-              out.scalar_type());
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), "fused_resnet._C: out has dtype ", out.scalar_type(),
+              ", x ", x.scalar_type());
   check_vec(mean, c, acc, x, "mean"); check_vec(scale, c, acc, x, "scale"); check_vec(beta, c, acc, x, "beta");
   check_vec(invstd, c, acc, x, "invstd");
   fr::ConvDgradParams p{};
@@ -265,9 +265,9 @@ void bn_backward_finish(const at::Tensor& gm, const at::Tensor& x, at::Tensor& d
   check_4d(gm, "gm"); check_4d(x, "x"); check_4d(dx, "dx"); check_same_dtype(dx, x, "dx");
   const auto acc = acc_of(x);
   const int64_t c = x.size(1);
-  TORCH_CHECK(gm.scalar_type() == acc && gm.sizes() == x.sizes() && dx.sizes() == x.sizes(),
+  TORCH_CHECK(gm.scalar_type() == x.scalar_type() && gm.sizes() == x.sizes() && dx.sizes() == x.sizes(),
               "fused_resnet._C: gm ", gm.sizes(), " (", gm.scalar_type(), ") and dx ", dx.sizes(),
-              " must have x's shape ", x.sizes(), ", gm in ", acc);
+              " must have x's shape ", x.sizes(), ", gm in ", x.scalar_type());
   check_output(dx, "dx", {&gm, &x, &mean, &invstd, &s1, &s2});
   check_on(gm, x, "gm"); check_on(x, x, "x"); check_on(dx, x, "dx");
   const DeviceGuard guard(x.device());

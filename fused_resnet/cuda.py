@@ -125,7 +125,8 @@ def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_sta
     dx = out = part = None
     if need_dx or need_sums:
         dx = torch.empty_like(x, memory_format=memory_format_of(x))
-        out = torch.empty_like(x, dtype=acc, memory_format=memory_format_of(x)) if batch_stats else dx
+        # gm (batch statistics) in x's dtype: eager's ReLU-backward output, half a float32 buffer's bytes
+        out = torch.empty_like(x, memory_format=memory_format_of(x)) if batch_stats else dx
         part = ext.conv_dgrad(grad_y, weight, x, mean, scale, beta, invstd, out, batch_stats, need_sums,
                               list(stride), list(padding), list(dilation))
     dw = slabs = None

@@ -180,7 +180,7 @@ def test_dgrad_path_choice(dtype, channels_last, c, k, tiles):
     x = torch.randn(2, c, 5, 5).to(dtype).contiguous(memory_format=fmt)
     w = torch.randn(k, c, 3, 3).to(dtype).contiguous(memory_format=fmt)
     gy = torch.randn(2, k, 3, 3).to(dtype).contiguous(memory_format=fmt)
-    out = torch.empty(x.shape, dtype=torch.float32).contiguous(memory_format=fmt)
+    out = torch.empty_like(x)
     vec = torch.ones(c)
     part = C.conv_dgrad(gy, w, x, vec * 0, vec, vec * 0, vec, out, True, True, [2, 2], [1, 1], [1, 1])
     assert part.shape == (tiles, 2, c)

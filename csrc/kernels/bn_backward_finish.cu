@@ -11,7 +11,7 @@ namespace {
 template <class T>
 __global__ void __launch_bounds__(256) bn_backward_finish_kernel(const BnBackwardFinishParams p) {
   using Acc = acc_t<T>;
-  const Acc* gm = static_cast<const Acc*>(p.gm);
+  const T* gm = static_cast<const T*>(p.gm);
   const T* x = static_cast<const T*>(p.x);
   T* dx = static_cast<T*>(p.dx);
   const Acc* mean = static_cast<const Acc*>(p.mean);
@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(256) bn_backward_finish_kernel(const BnBackwar
     }
     const Acc k = gamma ? invstd[c] * gamma[c] : invstd[c];
     const Acc xhat = (to_acc(x[offset4(p.sx, n, c, h, w)]) - mean[c]) * invstd[c];
-    const Acc v = k * (gm[offset4(p.sgm, n, c, h, w)] - s1[c] * inv_count - xhat * (s2[c] * inv_count));
+    const Acc v = k * (to_acc(gm[offset4(p.sgm, n, c, h, w)]) - s1[c] * inv_count - xhat * (s2[c] * inv_count));
     dx[offset4(p.sdx, n, c, h, w)] = Cvt<T>::from(v);
   }
 }

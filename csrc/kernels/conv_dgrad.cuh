@@ -8,10 +8,12 @@ namespace fused_resnet {
 namespace detail {
 
 // The epilogue on a tile c[BM][LdC] of ga (visible to every thread) whose first `rows` rows are the input
-// pixels (row_n, row_h, row_w): gm = ga where NOT ((x - mean)*scale + beta <= 0) (eager's
-// threshold_backward: NaN passes), stored as gm (accumulation dtype) with batch statistics or as dx =
-// gm*scale otherwise; with p.part, the tile's per-column S1 = sum gm and S2 = sum gm*xhat into row `tile`
-// of the [tiles, 2, C] partials (zeros for a tile without rows). Every thread of the block calls it.
+// pixels (row_n, row_h, row_w): ga rounded to T (eager's conv backward returns it in the input dtype),
+// gm = ga where NOT ((x - mean)*scale + beta <= 0) (eager's threshold_backward: NaN passes), stored as gm
+// with batch statistics (half the bytes of a float32 buffer, and exactly eager's ReLU-backward output) or
+// as dx = gm*scale otherwise, both in T; with p.part, the tile's per-column S1 = sum gm and S2 = sum
+// gm*xhat into row `tile` of the [tiles, 2, C] partials (zeros for a tile without rows). Every thread of
+// the block calls it.
 template <class T, int BM, int BN, int LdC>
 __device__ __forceinline__ void dgrad_epilogue(const ConvDgradParams& p, acc_t<T> (*c)[LdC], int rows, int n0,
                                                int tile, const int* row_n, const int* row_h, const int* row_w) {
@@ -29,12 +31,11 @@ __device__ __forceinline__ void dgrad_epilogue(const ConvDgradParams& p, acc_t<T
     if (row >= rows || ch >= g.C) continue;
     const int nb = row_n[row];
     const Acc xv = to_acc(x[offset4(p.sx, nb, ch, row_h[row], row_w[row])]);
-    const Acc gm = relu_passes(bn_affine(xv, mean[ch], scale[ch], beta[ch])) ? c[row][col] : Acc(0);
+    const Acc ga = to_acc(Cvt<T>::from(c[row][col]));
+    const Acc gm = relu_passes(bn_affine(xv, mean[ch], scale[ch], beta[ch])) ? ga : Acc(0);
     c[row][col] = gm;
-    if (p.batch_stats)
-      static_cast<Acc*>(p.out)[offset4(p.so, nb, ch, row_h[row], row_w[row])] = gm;
-    else
-      static_cast<T*>(p.out)[offset4(p.so, nb, ch, row_h[row], row_w[row])] = Cvt<T>::from(gm * scale[ch]);
+    static_cast<T*>(p.out)[offset4(p.so, nb, ch, row_h[row], row_w[row])] =
+        Cvt<T>::from(p.batch_stats ? gm : gm * scale[ch]);
   }
   if (p.part == nullptr) return;
   __syncthreads();

@@ -48,9 +48,9 @@ struct ConvForwardParams {
   void* part;         // acc [2, tiles_m, K]: tile mean, tile M2; null = no statistics
 };
 
-// ga = conv_transpose(gy, w); gm = ga where NOT ((x - mean)*scale + beta <= 0); per-tile S1 = sum gm,
-// S2 = sum gm*xhat.
-// batch_stats: out (acc) receives gm, finished into dx by bn_backward_finish.
+// ga = conv_transpose(gy, w) rounded to dtype; gm = ga where NOT ((x - mean)*scale + beta <= 0); per-tile
+// S1 = sum gm, S2 = sum gm*xhat.
+// batch_stats: out (dtype) receives gm, finished into dx by bn_backward_finish.
 // otherwise:   out (dtype) receives dx = gm * scale directly.
 struct ConvDgradParams {
   DType dtype;
@@ -68,7 +68,7 @@ struct ConvDgradParams {
 struct BnBackwardFinishParams {
   DType dtype;
   int N, C, H, W;
-  const void* gm; int64_t sgm[4];  // acc
+  const void* gm; int64_t sgm[4];  // dtype
   const void* x; int64_t sx[4];
   void* dx; int64_t sdx[4];
   const void* mean; const void* invstd; const void* s1; const void* s2;  // acc [C]
