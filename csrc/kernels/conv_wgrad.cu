@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kThreads) conv_wgrad_kernel(const ConvWgradPar
   int *pix_n = sh.idx_n, *pix_oh = sh.idx_h, *pix_ow = sh.idx_w;
   const ConvGeom& g = p.g;
   const int P = g.N * g.OH * g.OW;
-  const int rs = blockIdx.z / p.split, sp = blockIdx.z % p.split;
+  const int rs = blockIdx.z % (g.KH * g.KW), sp = blockIdx.z / (g.KH * g.KW);  // taps fastest: L2 shares a split's rows
   const int m0 = blockIdx.x * kTileM, n0 = blockIdx.y * kTileN;
   const int p_begin = sp * p.chunk;
   const int p_end = min(p_begin + p.chunk, P);

@@ -45,7 +45,9 @@ __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvW
   auto& sh = block_shared<WgradMmaShared<T, kBM, kBN>>();
   const ConvGeom& g = p.g;
   const int P = g.N * g.OH * g.OW;
-  const int rs = blockIdx.z / p.split, sp = blockIdx.z % p.split, r = rs / g.KW, s = rs % g.KW;
+  // Taps fastest in the grid: the blocks of one split (the same pixels, every tap) launch together and
+  // share their gy and x rows in L2 instead of each tap re-reading them from HBM.
+  const int taps = g.KH * g.KW, rs = blockIdx.z % taps, sp = blockIdx.z / taps, r = rs / g.KW, s = rs % g.KW;
   const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN;
   const int p_begin = sp * p.chunk, p_end = min(p_begin + p.chunk, P);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32 % kTileWarps;

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._layout import memory_format_of
+
 
 @functools.lru_cache(maxsize=1)
 def interpreting() -> bool:
@@ -94,7 +96,19 @@ def conv_config(kernel: str, m: int, n: int, k: int, taps: int, x: torch.Tensor)
     tap: the tuned table's entry for this GPU and shape when it has one, else the heuristic."""
     from . import configs
 
-    return configs.lookup(kernel, m, n, k, taps, x) or heuristic_config(kernel, m, n, k, x)
+    if configs._forced:  # the tuning sweep: decided afresh at every launch
+        return configs.lookup(kernel, m, n, k, taps, x) or heuristic_config(kernel, m, n, k, x)
+    # Memoized per shape, dtype, layout and device: a step's launches would otherwise rebuild the table key
+    # and the heuristic every time (host time that a small layer's launches cannot hide).
+    # An answer holds while the table it came from is the one loaded (configs.write and a test's
+    # cache_clear load another).
+    key = (kernel, m, n, k, taps, x.dtype, x.device, x.dim() == 4 and x.stride(1) == 1,
+           memory_format_of(x) == torch.channels_last, ASSUMED_GPU, interpreting())
+    table = configs._table()
+    hit = configs.memo.get(key)
+    if hit is None or hit[0] is not table:
+        hit = configs.memo[key] = (table, configs.lookup(kernel, m, n, k, taps, x) or heuristic_config(kernel, m, n, k, x))
+    return dict(hit[1])
 
 
 def heuristic_config(kernel: str, m: int, n: int, k: int, x: torch.Tensor) -> dict:

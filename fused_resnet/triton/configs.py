@@ -36,6 +36,7 @@ def shape_key(kernel: str, dtype: torch.dtype, layout: str, m: int, n: int, k: i
     return f"{kernel}:{str(dtype).replace('torch.', '')}:{layout}:{m}x{n}x{k}x{taps}"
 
 
+memo: dict = {}  # _common.conv_config's per-shape answers: key -> (the table they came from, config)
 _forced: dict = {}  # kernel -> config (or None: the heuristic), set by forced() for the tuning sweep
 requested: dict = {}  # kernel -> the table key of its latest forced launch (the sweep files winners under it)
 
