@@ -176,6 +176,43 @@ def test_mma_sync_tile_is_the_matrix_product(emu, dtype, via_ldmatrix):
     assert ((got - ar @ br).abs() <= (ar.abs() @ br.abs()) * 17 * 2.0**-24).all()
 
 
+def test_tf32_rounding(emu):
+    """cvt.rna.tf32.f32 twin: the nearest 10-bit-mantissa value, ties away from zero, checked against the
+    two TF32 neighbours of each input computed in float64; inf kept, NaN kept a NaN."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(100_000, generator=g) * torch.exp2(torch.randint(-40, 40, (100_000,), generator=g).float())
+    lo_bits = x.view(torch.int32) & ~0x1FFF  # toward zero: the low 13 mantissa bits cleared
+    ties = (lo_bits | 0x1000).view(torch.float32)  # exactly halfway between two TF32 neighbours
+    x = torch.cat([x, ties, torch.tensor([float("inf"), -float("inf"), 0.0, -0.0, 3.4e38, -3.4e38])])
+    got = emu.emu_round_tf32(x).double()
+    down = (x.view(torch.int32) & ~0x1FFF).view(torch.float32).double()
+    ulp = torch.exp2(torch.floor(torch.log2(down.abs().clamp_min(2.0 ** -126))) - 10)
+    up = down + torch.sign(x.double()) * ulp  # the neighbour away from zero
+    xd = x.double()
+    want = torch.where((xd - down).abs() < (up - xd).abs(), down, up)  # ties go to `up`: away from zero
+    want = torch.where(torch.isinf(xd), xd, want)
+    finite_want = want.abs() < 2.0 ** 128
+    assert torch.equal(got[finite_want], want[finite_want])
+    assert torch.isinf(got[~finite_want]).all()  # rounding up past the largest finite value gives inf
+    assert emu.emu_round_tf32(torch.tensor([float("nan")])).isnan().all()
+
+
+@pytest.mark.parametrize("via_ldmatrix", [False, True], ids=["ptx-table", "ldmatrix"])
+def test_mma_tf32_tile_is_the_matrix_product(emu, via_ldmatrix):
+    """mma.sync m16n8k8 TF32 from cvt.rna.tf32 operands, A fed from the PTX table or through ldmatrix.x4
+    (a 32-bit element as two b16 columns): small integers exactly, random values against float64 products
+    of the TF32-rounded operands."""
+    g = torch.Generator().manual_seed(6)
+    a = torch.randint(-8, 9, (16, 8), generator=g).float()
+    b = torch.randint(-8, 9, (8, 8), generator=g).float()
+    assert torch.equal(emu.emu_mma_tf32_product(a, b, via_ldmatrix), a @ b)
+    a, b = torch.randn(16, 8, generator=g), torch.randn(8, 8, generator=g)
+    ar, br = emu.emu_round_tf32(a).double(), emu.emu_round_tf32(b).double()
+    got = emu.emu_mma_tf32_product(a, b, via_ldmatrix).double()
+    assert ((got - ar @ br).abs() <= (ar.abs() @ br.abs()) * 9 * 2.0**-24).all()
+    assert not torch.equal(ar, a.double())  # the rounding happened
+
+
 def test_cp_async_lands_only_at_the_wait(emu):
     """Before cp.async.wait_group a thread reads what was there (the poison); after the wait and a
     barrier every thread sees the copies, and a predicated-off copy is 16 zero bytes."""

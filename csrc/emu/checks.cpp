@@ -147,6 +147,62 @@ at::Tensor mma_product(const at::Tensor& a, const at::Tensor& b, bool bf16, bool
               : mma_tile<__half>(a, b, via_ldmatrix, __float2half_rn);
 }
 
+// D = A B for A 16x8, B 8x8 (float32) through cvt_tf32 and mma_1688_tf32, A's fragments via ldmatrix.x4 of
+// row-major A (the kernels' way: a 32-bit element is two b16 columns of an 8x8 matrix) or picked from the
+// PTX table; B's always from the table. Returns [16, 8].
+at::Tensor mma_tf32_product(const at::Tensor& a, const at::Tensor& b, bool via_ldmatrix) {
+  TORCH_CHECK(a.scalar_type() == at::kFloat && a.is_contiguous() && a.sizes() == at::IntArrayRef({16, 8}) &&
+              b.scalar_type() == at::kFloat && b.is_contiguous() && b.sizes() == at::IntArrayRef({8, 8}),
+              "A 16x8 and B 8x8 float32 contiguous");
+  struct Shared { alignas(128) float a[16 * 12]; };  // rows padded to 48 bytes
+  at::Tensor out = at::empty({16, 8}, a.options());
+  const float *pa = a.data_ptr<float>(), *pb = b.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  auto kernel = [&] {
+    using namespace fused_resnet::detail;
+    auto& sh = block_shared<Shared>();
+    const int lane = static_cast<int>(threadIdx.x), g = lane / 4, t = lane % 4;
+    uint32_t fa[4], fb[2];
+    if (via_ldmatrix) {
+      for (int i = lane; i < 128; i += 32) {
+        const uint32_t r = cvt_tf32(pa[i]);
+        std::memcpy(&sh.a[(i / 8) * 12 + i % 8], &r, 4);
+      }
+      __syncthreads();
+      ldmatrix_x4(fa, &sh.a[(lane % 16) * 12 + (lane / 16) * 4]);
+    } else {
+      fa[0] = cvt_tf32(pa[g * 8 + t]);
+      fa[1] = cvt_tf32(pa[(g + 8) * 8 + t]);
+      fa[2] = cvt_tf32(pa[g * 8 + t + 4]);
+      fa[3] = cvt_tf32(pa[(g + 8) * 8 + t + 4]);
+    }
+    fb[0] = cvt_tf32(pb[t * 8 + g]);
+    fb[1] = cvt_tf32(pb[(t + 4) * 8 + g]);
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    mma_1688_tf32(d, fa, fb);
+    po[g * 8 + 2 * t] = d[0];
+    po[g * 8 + 2 * t + 1] = d[1];
+    po[(g + 8) * 8 + 2 * t] = d[2];
+    po[(g + 8) * 8 + 2 * t + 1] = d[3];
+  };
+  const cudaError_t err = fused_resnet_emu::launch(kernel, dim3(1), dim3(32));
+  TORCH_CHECK(err == cudaSuccess, cudaGetErrorString(err));
+  return out;
+}
+
+// cvt_tf32 of each element, as float32.
+at::Tensor round_tf32(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "float32 contiguous");
+  at::Tensor out = at::empty_like(x);
+  const float* px = x.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    const uint32_t u = fused_resnet::detail::cvt_tf32(px[i]);
+    std::memcpy(&po[i], &u, 4);
+  }
+  return out;
+}
+
 // cp.async of 16 floats by 4 threads (one 16-byte copy each, the last zero-filled): what a thread reads
 // before its wait (the poison: nothing has landed), and after wait + barrier. Returns [2, 16].
 at::Tensor cp_async_stages(const at::Tensor& src) {
@@ -209,6 +265,8 @@ void register_emulation_checks(pybind11::module_& m) {
   m.def("emu_widen_16", &widen_16);
   m.def("emu_wmma_product", &wmma_product);
   m.def("emu_mma_product", &mma_product);
+  m.def("emu_mma_tf32_product", &mma_tf32_product);
+  m.def("emu_round_tf32", &round_tf32);
   m.def("emu_cp_async_stages", &cp_async_stages);
   m.def("emu_unwritten_shared", &unwritten_shared);
   m.def("emu_divergent_barrier", &divergent_barrier);

@@ -1,4 +1,5 @@
-// Host twins of the inline-PTX primitives in csrc/kernels/device.cuh: cp.async, ldmatrix, mma.sync.
+// Host twins of the inline-PTX primitives in csrc/kernels/device.cuh: cp.async, ldmatrix, mma.sync
+// (m16n8k16 fp16/bf16, m16n8k8 tf32), cvt.rna.tf32.
 //
 // Each follows the PTX ISA's definition, not a convenient shortcut, because a layout mistake here would
 // hide the same mistake in a kernel (tests/test_emulation.py checks each against an independent answer):
@@ -152,6 +153,51 @@ inline void mma_all(fused_resnet_emu::Warp& w, int set) {
     }
     std::memcpy(w.out[set][lane], d, 16);
   }
+}
+
+// cvt.rna.tf32.f32: to nearest, ties away from zero, on the low 13 mantissa bits; inf stays inf, NaN a NaN.
+inline uint32_t cvt_tf32(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7f800000u) == 0x7f800000u) return (u & 0x007fffffu) ? 0x7fffffffu : u;
+  return (u + 0x1000u) & 0xffffe000u;  // the carry may reach the exponent: rounds up to the next binade / inf
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: d += A B. Fragments (g = lane / 4, t = lane % 4):
+// A 16x8: a[0] = A[g][t], a[1] = A[g+8][t], a[2] = A[g][t+4], a[3] = A[g+8][t+4]; B 8x8: b[0] = B[t][g],
+// b[1] = B[t+4][g]; C, D as m16n8k16. The hardware reads only the TF32 bits of each operand (the low 13
+// mantissa bits are ignored), and so does this. Posted per lane: a (16 bytes), b (8), c (16).
+inline void mma_tf32_all(fused_resnet_emu::Warp& w, int set) {
+  auto elem = [&](int lane, int offset) {
+    uint32_t u;
+    std::memcpy(&u, w.in[set][lane] + offset, 4);
+    u &= 0xffffe000u;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  };
+  auto A = [&](int row, int k) { return elem((row % 8) * 4 + k % 4, 4 * ((row >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0))); };
+  auto B = [&](int k, int col) { return elem(col * 4 + k % 4, 16 + 4 * (k >= 4 ? 1 : 0)); };
+  for (size_t lane = 0; lane < w.live.size(); ++lane) {
+    if (!w.live[lane]) continue;
+    const int g = int(lane) / 4, t = int(lane) % 4;
+    float d[4];
+    std::memcpy(d, w.in[set][lane] + 24, 16);
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i % 2);
+      for (int k = 0; k < 8; ++k) d[i] = std::fma(A(row, k), B(k, col), d[i]);
+    }
+    std::memcpy(w.out[set][lane], d, 16);
+  }
+}
+
+inline void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                          std::source_location loc = std::source_location::current()) {
+  unsigned char operands[40];
+  std::memcpy(operands, a, 16);
+  std::memcpy(operands + 16, b, 8);
+  std::memcpy(operands + 24, d, 16);
+  fused_resnet_emu::warp_collective(mma_tf32_all, operands, sizeof(operands), d, sizeof(d), loc);
 }
 
 template <class T>

@@ -1,5 +1,5 @@
 // The device primitives the kernels use, in one place: tensor cores (WMMA; mma.sync m16n8k16 with
-// ldmatrix), cp.async copies, packed conversion, block shared memory and the kernel launch. The emulated CPU build (csrc/emu, -DFUSED_RESNET_EMULATED) supplies host twins of exactly
+// ldmatrix; m16n8k8 TF32), cp.async copies, packed and TF32 conversion, block shared memory and the kernel launch. The emulated CPU build (csrc/emu, -DFUSED_RESNET_EMULATED) supplies host twins of exactly
 // these (mma.h, emu_primitives.h, cuda_runtime.h), so the kernel files are the same bytes in the GPU build
 // and the emulated one; a new primitive enters here and in csrc/emu together, with a test of its twin.
 #pragma once
@@ -63,6 +63,24 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
 template <>
 __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// A float rounded to TF32 (10 mantissa bits), to nearest with ties away from zero (cvt.rna.tf32.f32),
+// as the 32-bit pattern mma.sync's .tf32 operands take.
+__device__ __forceinline__ uint32_t cvt_tf32(float v) {
+  uint32_t out;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(out) : "f"(v));
+  return out;
+}
+
+// d += A B, mma.sync m16n8k8 with TF32 A (row-major) and B ("col") fragments, fp32 accumulators. Same
+// accumulator layout as m16n8k16; A: a[0] = A[g][t], a[1] = A[g+8][t], a[2] = A[g][t+4], a[3] = A[g+8][t+4];
+// B: b[0] = B[t][g], b[1] = B[t+4][g] (g = lane / 4, t = lane % 4).
+__device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
                "{%0, %1, %2, %3};\n"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
