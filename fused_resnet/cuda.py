@@ -28,6 +28,12 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _tf32():
+    """fp32 convolutions on TF32 tensor cores where PyTorch's own switch for them allows it, so that "fp32"
+    means what it means for nn.Conv2d (the Triton backend reads the same switch)."""
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
 def stats_partials(x):
     """Per-tile (mean - pivot, M2) of x per channel: ([2, tiles, C], rows per tile, total rows), for
     bn_finalize (the pivot is x[0, c, 0, 0], read by both kernels from x itself)."""
@@ -76,7 +82,7 @@ def conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, paddin
     """
     ext = _ext(x)
     part, tile_rows = ext.conv_forward(x, weight, bias, mean, scale, beta, residual, y, list(stride),
-                                       list(padding), list(dilation), out_stats)
+                                       list(padding), list(dilation), out_stats, _tf32())
     if not out_stats:
         return None
     return moments((part, tile_rows, y.shape[0] * y.shape[2] * y.shape[3]), _acc(x.dtype))
@@ -105,7 +111,7 @@ def _wgrad_slabs(ext, grad_y, x, dw, mean, scale, beta, stride, padding, dilatio
     chunk = -(-p_tiles // split) * tile
     split = max(1, -(-pixels // chunk))
     return ext.conv_wgrad(grad_y, x, dw, mean, scale, beta, list(stride), list(padding), list(dilation), chunk,
-                          split)
+                          split, _tf32())
 
 
 def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_stats, needs, stride, padding,
@@ -128,7 +134,7 @@ def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_sta
         # gm (batch statistics) in x's dtype: eager's ReLU-backward output, half a float32 buffer's bytes
         out = torch.empty_like(x, memory_format=memory_format_of(x)) if batch_stats else dx
         part = ext.conv_dgrad(grad_y, weight, x, mean, scale, beta, invstd, out, batch_stats, need_sums,
-                              list(stride), list(padding), list(dilation))
+                              list(stride), list(padding), list(dilation), _tf32())
     dw = slabs = None
     if need_dw:
         dw = torch.empty_like(weight, memory_format=memory_format_of(weight))

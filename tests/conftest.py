@@ -13,6 +13,11 @@ if not torch.cuda.is_available():
     # built on first use, about a minute). Set it to 0 to skip the CUDA backend's tests instead.
     os.environ.setdefault("FUSED_RESNET_CUDA_EMULATED", "1")
 
+# The shared matrix checks fp32 at IEEE float32: the CPU reference has no TF32 (and on a GPU, eager and both
+# backends would switch to it together). TF32 is on by default in PyTorch, and the kernels follow it; its
+# paths have their own tests with TF32's tolerance (test_cuda_kernels.py).
+torch.backends.cudnn.allow_tf32 = False
+
 import pytest  # noqa: E402
 
 import fused_resnet  # noqa: E402

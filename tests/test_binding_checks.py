@@ -40,7 +40,7 @@ def test_well_formed_call_is_refused_for_its_device_only():
     if C.EMULATED:
         x, w, y = x.to("meta"), w.to("meta"), y.to("meta")
     with pytest.raises(RuntimeError, match=WRONG_DEVICE):
-        C.conv_forward(x, w, None, vec, vec, vec, None, y, [1, 1], [1, 1], [1, 1], False)
+        C.conv_forward(x, w, None, vec, vec, vec, None, y, [1, 1], [1, 1], [1, 1], False, False)
 
 
 def test_strided_input_is_not_mistaken_for_an_aliased_output():
@@ -50,12 +50,12 @@ def test_strided_input_is_not_mistaken_for_an_aliased_output():
         pytest.skip("needs a device the kernels run on: the emulated build")
     x = torch.randn(2, 3, 10, 5)[:, :, ::2]
     w, y, vec = torch.randn(4, 3, 3, 3), torch.empty(2, 4, 5, 5), torch.ones(3)
-    C.conv_forward(x, w, None, vec, vec, vec, None, y, [1, 1], [1, 1], [1, 1], False)
+    C.conv_forward(x, w, None, vec, vec, vec, None, y, [1, 1], [1, 1], [1, 1], False, False)
     base = torch.randn(2, 3, 10, 5)  # and a dense y inside a strided x's span is still refused
     y_in_x = base.view(-1)[:150].view(2, 3, 5, 5)
     with pytest.raises(RuntimeError, match="y shares memory"):
         C.conv_forward(base[:, :, ::2], torch.randn(3, 3, 1, 1), None, vec, vec, vec, None, y_in_x, [1, 1], [0, 0],
-                       [1, 1], False)
+                       [1, 1], False, False)
 
 
 @pytest.mark.parametrize("case,match", [
@@ -88,7 +88,7 @@ def test_conv_forward_refuses(case, match):
     elif case == "residual shape":
         res = torch.randn(2, 4, 4, 5)
     with pytest.raises(RuntimeError, match=match):
-        C.conv_forward(x, w, None, vec, vec, vec, res, y, stride, [1, 1], dil, False)
+        C.conv_forward(x, w, None, vec, vec, vec, res, y, stride, [1, 1], dil, False, False)
 
 
 @pytest.mark.parametrize("case,match", [
@@ -114,7 +114,7 @@ def test_conv_dgrad_refuses(case, match):
         vec = torch.ones(4)
         out = gy
     with pytest.raises(RuntimeError, match=match):
-        C.conv_dgrad(gy, w, x, vec, vec, vec, vec, out, False, True, [1, 1], [1, 1], [1, 1])
+        C.conv_dgrad(gy, w, x, vec, vec, vec, vec, out, False, True, [1, 1], [1, 1], [1, 1], False)
 
 
 @pytest.mark.parametrize("case,match", [
@@ -136,7 +136,7 @@ def test_conv_wgrad_refuses(case, match):
         k = 5
     stride = [0, 1] if case == "stride 0" else [1, 1]
     with pytest.raises(RuntimeError, match=match):
-        C.conv_wgrad(gy, x, torch.empty(k, 3, kh, kw), vec, vec, vec, stride, [1, 1], [1, 1], chunk, split)
+        C.conv_wgrad(gy, x, torch.empty(k, 3, kh, kw), vec, vec, vec, stride, [1, 1], [1, 1], chunk, split, False)
 
 
 def test_finish_refuses_aliased_output():
@@ -147,33 +147,39 @@ def test_finish_refuses_aliased_output():
         C.bn_backward_finish(gm, x, x, vec, vec, None, vec, vec, 32)
 
 
-@pytest.mark.parametrize("dtype,channels_last,c,rows", [
-    (torch.bfloat16, True, 16, 128), (torch.float16, True, 8, 128),  # the mma.sync path: 128-row tiles
-    (torch.bfloat16, False, 16, 64), (torch.bfloat16, True, 12, 64), (torch.float32, True, 16, 64),
+@pytest.mark.parametrize("dtype,channels_last,c,rows,tf32", [
+    (torch.bfloat16, True, 16, 128, False), (torch.float16, True, 8, 128, False),  # mma.sync: 128-row tiles
+    (torch.float32, True, 12, 128, True),  # TF32 mma.sync: C % 4 == 0 suffices
+    (torch.bfloat16, False, 16, 64, False), (torch.bfloat16, True, 12, 64, False),
+    (torch.float32, True, 16, 64, False), (torch.float32, True, 14, 64, True), (torch.float64, True, 16, 64, True),
 ])
-def test_forward_path_choice(dtype, channels_last, c, rows):
-    """The tensor-core forward takes fp16/bf16 dense-NHWC x and W with C % 8 == 0; the rest take the
-    general kernel. The returned rows per tile say which ran (and size the statistics partials)."""
+def test_forward_path_choice(dtype, channels_last, c, rows, tf32):
+    """The tensor-core forward takes dense-NHWC x and W in fp16/bf16 with C % 8 == 0, or in fp32 with
+    C % 4 == 0 when TF32 is allowed; the rest take the general kernel. The returned rows per tile say which
+    ran (and size the statistics partials)."""
     if not C.EMULATED:
         pytest.skip("needs a device the kernels run on: the emulated build")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(2, c, 5, 5).to(dtype).contiguous(memory_format=fmt)
     w = torch.randn(8, c, 3, 3).to(dtype).contiguous(memory_format=fmt)
     y = torch.empty(2, 8, 5, 5, dtype=dtype).contiguous(memory_format=fmt)
-    vec = torch.ones(c)
-    part, tile_rows = C.conv_forward(x, w, None, vec * 0, vec, vec * 0, None, y, [1, 1], [1, 1], [1, 1], True)
+    vec = torch.ones(c, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    part, tile_rows = C.conv_forward(x, w, None, vec * 0, vec, vec * 0, None, y, [1, 1], [1, 1], [1, 1], True, tf32)
     assert tile_rows == rows and part.shape == (2, 1, 8)
 
 
-@pytest.mark.parametrize("dtype,channels_last,c,k,tiles", [
-    (torch.bfloat16, True, 16, 8, 4), (torch.float16, True, 72, 16, 4),  # mma.sync: one tile per phase
-    (torch.bfloat16, False, 16, 8, 1), (torch.bfloat16, True, 16, 12, 1), (torch.bfloat16, True, 12, 8, 1),
-    (torch.float32, True, 16, 8, 1),
+@pytest.mark.parametrize("dtype,channels_last,c,k,tiles,tf32", [
+    (torch.bfloat16, True, 16, 8, 4, False), (torch.float16, True, 72, 16, 4, False),  # one tile per phase
+    (torch.float32, True, 12, 4, 4, True),  # TF32: multiples of 4 suffice
+    (torch.bfloat16, False, 16, 8, 1, False), (torch.bfloat16, True, 16, 12, 1, False),
+    (torch.bfloat16, True, 12, 8, 1, False), (torch.float32, True, 16, 8, 1, False),
+    (torch.float32, True, 16, 6, 1, True),
 ])
-def test_dgrad_path_choice(dtype, channels_last, c, k, tiles):
-    """The tensor-core dgrad takes fp16/bf16 dense-NHWC gy and W with K % 8 == 0 and C % 8 == 0 and splits
-    the pixels by stride phase (four at stride 2, a tile each here); the rest take the general kernel
-    (one 64-row tile for these 2x5x5 pixels). The partials' rows say which ran."""
+def test_dgrad_path_choice(dtype, channels_last, c, k, tiles, tf32):
+    """The tensor-core dgrad takes dense-NHWC gy and W in fp16/bf16 with K % 8 == 0 and C % 8 == 0, or in
+    fp32 with multiples of 4 when TF32 is allowed, and splits the pixels by stride phase (four at stride
+    2, a tile each here); the rest take the general kernel (one 64-row tile for these 2x5x5 pixels). The
+    partials' rows say which ran."""
     if not C.EMULATED:
         pytest.skip("needs a device the kernels run on: the emulated build")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -182,7 +188,7 @@ def test_dgrad_path_choice(dtype, channels_last, c, k, tiles):
     gy = torch.randn(2, k, 3, 3).to(dtype).contiguous(memory_format=fmt)
     out = torch.empty_like(x)
     vec = torch.ones(c)
-    part = C.conv_dgrad(gy, w, x, vec * 0, vec, vec * 0, vec, out, True, True, [2, 2], [1, 1], [1, 1])
+    part = C.conv_dgrad(gy, w, x, vec * 0, vec, vec * 0, vec, out, True, True, [2, 2], [1, 1], [1, 1], tf32)
     assert part.shape == (tiles, 2, c)
 
 

@@ -67,7 +67,7 @@ def test_dgrad_mma_by_phase(ext, geometry, dtype):
     beta = torch.randn(c, generator=g).to(device)  # mean 0, scale 1: the ReLU passes where x + beta > 0
     zero, one = torch.zeros(c, device=device), torch.ones(c, device=device)
     out = torch.empty_like(x)
-    part = C.conv_dgrad(gy, wt, x, zero, one, beta, one, out, True, True, [stride] * 2, [pad] * 2, [dil] * 2)
+    part = C.conv_dgrad(gy, wt, x, zero, one, beta, one, out, True, True, [stride] * 2, [pad] * 2, [dil] * 2, False)
     assert part.shape[0] == -(-n * -(-h // stride) * -(-w // stride) // 128) * stride * stride  # phase split ran
 
     def ga(t):
@@ -120,7 +120,7 @@ def _check_wgrad(C, device, geometry, dtype, size, c, k):
     dw = torch.empty(k, c, ks, ks, dtype=dtype, device=device).contiguous(memory_format=cl)
     pixels = n * oh * ow
     split = -(-pixels // 32)
-    slabs = C.conv_wgrad(gy, x, dw, zero, one, beta, [stride] * 2, [pad] * 2, [dil] * 2, 32, split)
+    slabs = C.conv_wgrad(gy, x, dw, zero, one, beta, [stride] * 2, [pad] * 2, [dil] * 2, 32, split, False)
     got = slabs.sum(0).as_strided(dw.shape, dw.stride())
     a = (x.float() + beta.view(1, -1, 1, 1)).relu().to(dtype)
 
@@ -128,3 +128,101 @@ def _check_wgrad(C, device, geometry, dtype, size, c, k):
         return torch.nn.grad.conv2d_weight(a.to(t), dw.shape, gy.to(t), stride=stride, padding=pad, dilation=dil)
 
     _check(got, dweight(torch.float64), dweight(torch.float32))
+
+
+def _tf32(t):
+    """The nearest TF32 value, ties away from zero (cvt.rna.tf32.f32; its twin is checked against float64
+    neighbours in test_emulation.py), as float64."""
+    return ((t.float().contiguous().view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32).double()
+
+
+TF32_GEOMETRIES = [(1, 1, 1, 3), (2, 1, 1, 3), (3, 2, 1, 3), (2, 1, 0, 1)]
+
+
+@pytest.mark.parametrize("geometry", TF32_GEOMETRIES, ids=lambda g: "s{}d{}p{}k{}".format(*g))
+def test_tf32_forward_dgrad_wgrad(ext, geometry):
+    """fp32 with TF32 allowed: the three mma kernels round their operands to TF32 (the activation after the
+    BN+ReLU, like cuDNN rounding the stored activation) and accumulate in float32. Against float64 on the
+    TF32-rounded operands, where the products are exact: only float32 summation error is left."""
+    C, device = ext
+    stride, dil, pad, ks = geometry
+    g = torch.Generator().manual_seed(hash(("tf32", geometry)) % 2 ** 31)
+    n, c, k, h, w = 2, 12, 20, 7, 6  # multiples of 4, not of 8: fp32's copies are 4 channels
+    oh = (h + 2 * pad - dil * (ks - 1) - 1) // stride + 1
+    ow = (w + 2 * pad - dil * (ks - 1) - 1) // stride + 1
+    cl = torch.channels_last
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device).contiguous(memory_format=cl)
+
+    x, wt, gy = rnd(n, c, h, w), rnd(k, c, ks, ks), rnd(n, k, oh, ow)
+    beta = torch.randn(c, generator=g).to(device)
+    zero, one = torch.zeros(c, device=device), torch.ones(c, device=device)
+    geo = dict(stride=stride, padding=pad, dilation=dil)
+    a = (x + beta.view(1, -1, 1, 1)).relu()  # the activation in float32, as the kernels form it
+
+    y = torch.empty(n, k, oh, ow, device=device).contiguous(memory_format=cl)
+    _, rows = C.conv_forward(x, wt, None, zero, one, beta, None, y, [stride] * 2, [pad] * 2, [dil] * 2, False, True)
+    assert rows == 128  # the mma path (K <= 64); the general kernel's tiles have 64 rows
+
+    def fwd(t):
+        return torch.nn.functional.conv2d(_tf32(a).to(t), _tf32(wt).to(t), **geo)
+
+    _check(y, fwd(torch.float64), fwd(torch.float32))
+
+    out = torch.empty_like(x)
+    part = C.conv_dgrad(gy, wt, x, zero, one, beta, one, out, True, True, [stride] * 2, [pad] * 2, [dil] * 2, True)
+    assert part.shape[0] == -(-n * -(-h // stride) * -(-w // stride) // 128) * stride * stride  # phase split ran
+    mask = (x.double() + beta.double().view(1, -1, 1, 1)) > 0
+
+    def ga(t):
+        return torch.nn.grad.conv2d_input(x.shape, _tf32(wt).to(t), _tf32(gy).to(t), **geo) * mask
+
+    _check(out, ga(torch.float64), ga(torch.float32))
+
+    dw = torch.empty(k, c, ks, ks, device=device).contiguous(memory_format=cl)
+    slabs = C.conv_wgrad(gy, x, dw, zero, one, beta, [stride] * 2, [pad] * 2, [dil] * 2, 32, -(-n * oh * ow // 32),
+                         True)
+    got = slabs.sum(0).as_strided(dw.shape, dw.stride())
+
+    def dweight(t):
+        return torch.nn.grad.conv2d_weight(_tf32(a).to(t), dw.shape, _tf32(gy).to(t), **geo)
+
+    _check(got, dweight(torch.float64), dweight(torch.float32))
+
+
+def test_tf32_layer_follows_allow_tf32(ext):
+    """A training step of one fused fp32 channels_last layer on the CUDA backend: with
+    torch.backends.cudnn.allow_tf32 (PyTorch's default) the result differs from the IEEE one and stays
+    within TF32's error (10 mantissa bits, the fp16 floor of the shared matrix: 4e-3 of the largest value);
+    without it, within float32's."""
+    import fused_resnet
+    from fused_resnet import reference
+
+    _, device = ext
+    g = torch.Generator().manual_seed(17)
+    cl = torch.channels_last
+    x = torch.randn(2, 12, 6, 6, generator=g).to(device).contiguous(memory_format=cl)
+    w = (torch.randn(8, 12, 3, 3, generator=g) / 6).to(device).contiguous(memory_format=cl)
+    gamma, beta = torch.rand(12, generator=g).to(device) + 0.5, torch.randn(12, generator=g).to(device)
+    gy = torch.randn(2, 8, 6, 6, generator=g).to(device).contiguous(memory_format=cl)
+
+    def step(fn, dtype, **kw):
+        xs, ws = x.to(dtype).clone().requires_grad_(), w.to(dtype).clone().requires_grad_()
+        y = fn(xs, ws, None, bn_weight=gamma.to(dtype), bn_bias=beta.to(dtype), training=True, padding=1, **kw)
+        y.backward(gy.to(dtype))
+        return y.detach(), xs.grad, ws.grad
+
+    oracle = step(reference.bn_relu_conv2d, torch.float64)
+    ieee = step(fused_resnet.bn_relu_conv2d, torch.float32, backend="cuda")
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        tf32 = step(fused_resnet.bn_relu_conv2d, torch.float32, backend="cuda")
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+    for name, want, got_ieee, got_tf32 in zip(("y", "dx", "dw"), oracle, ieee, tf32):
+        scale = want.abs().max().item()
+        assert (got_ieee.double() - want).abs().max() <= 2e-5 * scale, name
+        assert (got_tf32.double() - want).abs().max() <= 4e-3 * scale, name
+        assert not torch.equal(got_tf32, got_ieee), f"{name}: TF32 did not take effect"

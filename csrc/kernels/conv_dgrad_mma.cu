@@ -1,6 +1,7 @@
-// dgrad, tensor-core path for fp16/bf16 NHWC gy and W with K % 8 == 0 and C % 8 == 0: the 16-byte
-// cp.async ring of conv_forward_mma.cu with raw gy as A (no transform: the ReLU mask and BN backward are
-// the epilogue's) and W as B, ldmatrix (transposing for B, whose rows are output channels) -> mma.sync.
+// dgrad, tensor-core path for NHWC gy and W (fp16/bf16 with K and C multiples of 8; fp32 in TF32 with
+// multiples of 4): the 16-byte cp.async ring of conv_forward_mma.cu with raw gy as A (no transform: the
+// ReLU mask and BN backward are the epilogue's) and W as B (rows are output channels: the transposing
+// ldmatrix for 16-bit elements, 32-bit loads for float) -> mma.sync.
 //
 // Split by stride phase: input pixel (h, w) receives from tap (r, s) only when the stride divides
 // h + pad_h - r*dil_h (and likewise for w). Pixels of one phase (h mod stride_h, w mod stride_w) share the
@@ -10,18 +11,21 @@
 // Within a phase the valid r form an arithmetic progression (step stride_h / gcd(stride_h, dil_h)).
 //
 // GEMM per phase: rows = the phase's input pixels, columns = input channels, reduction = (valid tap,
-// 32-channel slice of K). The epilogue is conv_dgrad.cu's (conv_dgrad.cuh).
+// 64-byte slice of K). The epilogue is conv_dgrad.cu's (conv_dgrad.cuh).
 #include "conv_dgrad.cuh"
 
 namespace fused_resnet {
 namespace detail {
 namespace {
 
-constexpr int kBK = kMmaBK, kStages = kMmaStages, kLd = kMmaLd;
+constexpr int kStages = kMmaStages;
 
 template <class T, int kBM, int kBN>
 struct DgradMmaShared {
-  static constexpr int kLdB = kBN + 8;  // [k][col] rows: 16-byte aligned, rows of a matrix on distinct banks
+  static constexpr int kBK = MmaElem<T>::kBK, kLd = MmaElem<T>::kLd;
+  // [k][col] rows: 16-byte aligned, rows of an ldmatrix on distinct bank groups; for float, whose B
+  // fragments are 32-bit loads of 4 rows x 8 columns, a pitch of 8 banks mod 32 keeps those conflict-free.
+  static constexpr int kLdB = kBN + 8;
   static constexpr int kLdC = kBN + 4;
   union {
     struct {
@@ -34,6 +38,8 @@ struct DgradMmaShared {
 };
 static_assert(sizeof(DgradMmaShared<__half, 128, 64>) <= 48 * 1024, "static shared memory");
 static_assert(sizeof(DgradMmaShared<__half, 64, 128>) <= 48 * 1024, "static shared memory");
+static_assert(sizeof(DgradMmaShared<float, 128, 64>) <= 48 * 1024, "static shared memory");
+static_assert(sizeof(DgradMmaShared<float, 64, 128>) <= 48 * 1024, "static shared memory");
 
 __host__ __device__ __forceinline__ int gcd_int(int a, int b) {
   while (b != 0) {
@@ -69,6 +75,7 @@ __host__ __device__ __forceinline__ int phase_extent(int size, int ph, int strid
 template <class T, int kBM, int kBN>
 __global__ void __launch_bounds__(kMmaThreads) conv_dgrad_mma_kernel(const ConvDgradParams p) {
   constexpr int kWM = kBM / 2, kWN = kBN / 2, kMI = kWM / 16, kNJ = kWN / 8;
+  constexpr int kBK = MmaElem<T>::kBK, kVec = MmaElem<T>::kVec, kK = MmaElem<T>::kK;
   constexpr int kRowThreads = kMmaThreads / kBM, kRowChunks = 4 / kRowThreads;
   auto& sh = block_shared<DgradMmaShared<T, kBM, kBN>>();
   const ConvGeom& g = p.g;
@@ -104,15 +111,15 @@ __global__ void __launch_bounds__(kMmaThreads) conv_dgrad_mma_kernel(const ConvD
 #pragma unroll
     for (int q = 0; q < kRowChunks; ++q) {
       const int ch = c_first + q;
-      cp_async_16(&sh.ring.a[st][arow][8 * ch], src + 8 * ch, ok && k0 + 8 * ch < g.K);
+      cp_async_16(&sh.ring.a[st][arow][kVec * ch], src + kVec * ch, ok && k0 + kVec * ch < g.K);
     }
 #pragma unroll
-    for (int j = 0; j < kBK * kBN / 8 / kMmaThreads; ++j) {
-      const int i = tid + j * kMmaThreads, row = i / (kBN / 8), ch = i % (kBN / 8);
-      const int kout = k0 + row, c = n0 + 8 * ch;
+    for (int j = 0; j < kBK * kBN / kVec / kMmaThreads; ++j) {
+      const int i = tid + j * kMmaThreads, row = i / (kBN / kVec), ch = i % (kBN / kVec);
+      const int kout = k0 + row, c = n0 + kVec * ch;
       const bool wok = kout < g.K && c < g.C;
       const T* wsrc = w + ((static_cast<int64_t>(wok ? kout : 0) * g.KH + r) * g.KW + s) * g.C + (wok ? c : 0);
-      cp_async_16(&sh.ring.b[st][row][8 * ch], wsrc, wok);
+      cp_async_16(&sh.ring.b[st][row][kVec * ch], wsrc, wok);
     }
     k0 += kBK;
     if (k0 >= g.K) {
@@ -144,16 +151,25 @@ __global__ void __launch_bounds__(kMmaThreads) conv_dgrad_mma_kernel(const ConvD
     if (step + kStages - 1 < steps) issue((step + kStages - 1) % kStages);
     cp_async_commit();
 #pragma unroll
-    for (int kk = 0; kk < kBK; kk += 16) {
+    for (int kk = 0; kk < kBK; kk += kK) {
       uint32_t fa[kMI][4], fb[kNJ][2];
 #pragma unroll
-      for (int i = 0; i < kMI; ++i) load_a_mk(fa[i], sh.ring.a[st], wm * kWM + i * 16, kk);
+      for (int i = 0; i < kMI; ++i) {
+        load_a_mk(fa[i], sh.ring.a[st], wm * kWM + i * 16, kk);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) fa[i][e] = raw_operand<T>(fa[i][e]);
+      }
 #pragma unroll
       for (int jp = 0; jp < kNJ / 2; ++jp) load_b_kn(fb[2 * jp], fb[2 * jp + 1], sh.ring.b[st], wn * kWN + jp * 16, kk);
 #pragma unroll
+      for (int j = 0; j < kNJ; ++j) {
+        fb[j][0] = raw_operand<T>(fb[j][0]);
+        fb[j][1] = raw_operand<T>(fb[j][1]);
+      }
+#pragma unroll
       for (int i = 0; i < kMI; ++i)
 #pragma unroll
-        for (int j = 0; j < kNJ; ++j) mma_16816<T>(acc.v[i][j], fa[i], fb[j]);
+        for (int j = 0; j < kNJ; ++j) mma_step<T>(acc.v[i][j], fa[i], fb[j]);
     }
   }
   cp_async_wait<0>();
@@ -176,18 +192,19 @@ int phase0_tiles(const ConvDgradParams& p, int rows) {
 template <int kBM, int kBN>
 cudaError_t launch_mma_dgrad(const ConvDgradParams& p, cudaStream_t stream) {
   const dim3 grid(phase0_tiles(p, kBM), ceil_div(p.g.C, kBN), p.g.stride_h * p.g.stride_w);
-  if (p.dtype == DType::kBF16)
-    return launch(conv_dgrad_mma_kernel<__nv_bfloat16, kBM, kBN>, grid, dim3(kMmaThreads), stream, p);
-  return launch(conv_dgrad_mma_kernel<__half, kBM, kBN>, grid, dim3(kMmaThreads), stream, p);
+  return dispatch_mma_dtype(p.dtype, [&](auto tag) {
+    return launch(conv_dgrad_mma_kernel<decltype(tag), kBM, kBN>, grid, dim3(kMmaThreads), stream, p);
+  });
 }
 
 }  // namespace
 
 bool conv_dgrad_mma_applies(const ConvDgradParams& p) {
   const ConvGeom& g = p.g;
-  const bool half = p.dtype == DType::kF16 || p.dtype == DType::kBF16;
-  return half && nhwc_dense(p.sg, g.N, g.K, g.OH, g.OW) && nhwc_dense(p.sw, g.K, g.C, g.KH, g.KW) &&
-         aligned16(p.gy) && aligned16(p.w) && g.K % 8 == 0 && g.C % 8 == 0 && g.stride_h * g.stride_w <= 65535;
+  const int vec = mma_vec(p.dtype);
+  return mma_dtype(p.dtype, p.tf32) && nhwc_dense(p.sg, g.N, g.K, g.OH, g.OW) &&
+         nhwc_dense(p.sw, g.K, g.C, g.KH, g.KW) && aligned16(p.gy) && aligned16(p.w) && g.K % vec == 0 &&
+         g.C % vec == 0 && g.stride_h * g.stride_w <= 65535;
 }
 
 int conv_dgrad_mma_tiles(const ConvDgradParams& p) {

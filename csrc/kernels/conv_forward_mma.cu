@@ -1,4 +1,5 @@
-// Forward, tensor-core path for fp16/bf16 NHWC (channels_last) tensors with C % 8 == 0: the raw x and W
+// Forward, tensor-core path for NHWC (channels_last) tensors, fp16/bf16 with C % 8 == 0 or fp32 in TF32 with
+// C % 4 == 0 (MmaElem: the same bytes per slice and per mma either way): the raw x and W
 // slices stream into a 3-stage shared-memory ring with 16-byte cp.async copies; the BN affine + ReLU is
 // applied on the way from shared memory to registers (ldmatrix -> transform -> mma.sync m16n8k16), so
 // what sits in shared memory is exactly what is in HBM and the copies need no register round trip.
@@ -17,12 +18,12 @@ namespace fused_resnet {
 namespace detail {
 namespace {
 
-constexpr int kBK = kMmaBK, kStages = kMmaStages, kLd = kMmaLd;
+constexpr int kStages = kMmaStages;
 
 // CTA tile 64x128 when K > 64, 128x64 when K <= 64 (so no column half is masked).
 template <class T, int kBM, int kBN>
 struct FwdMmaShared {
-  static constexpr int kLdC = kBN + 4;
+  static constexpr int kBK = MmaElem<T>::kBK, kLd = MmaElem<T>::kLd, kLdC = kBN + 4;
   union {
     struct {
       T a[kStages][kBM][kLd];
@@ -35,6 +36,8 @@ struct FwdMmaShared {
 };
 static_assert(sizeof(FwdMmaShared<__half, 128, 64>) <= 48 * 1024, "static shared memory");
 static_assert(sizeof(FwdMmaShared<__half, 64, 128>) <= 48 * 1024, "static shared memory");
+static_assert(sizeof(FwdMmaShared<float, 128, 64>) <= 48 * 1024, "static shared memory");
+static_assert(sizeof(FwdMmaShared<float, 64, 128>) <= 48 * 1024, "static shared memory");
 
 template <class T, int kBM, int kBN>
 __global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const ConvForwardParams p) {
@@ -43,6 +46,7 @@ __global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const Con
   // transformed values per thread per 16 MMAs.
   constexpr int kWarpsN = 1, kWarpsM = 4;
   constexpr int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN, kMI = kWM / 16, kNJ = kWN / 8;
+  constexpr int kBK = MmaElem<T>::kBK, kVec = MmaElem<T>::kVec, kK = MmaElem<T>::kK, kPer = MmaElem<T>::kPer;
   constexpr int kRowThreads = kMmaThreads / kBM;  // threads sharing one A row's 4 copies of 16 bytes
   constexpr int kRowChunks = 4 / kRowThreads;
   auto& sh = block_shared<FwdMmaShared<T, kBM, kBN>>();
@@ -69,10 +73,10 @@ __global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const Con
   // The B rows this thread copies (output channels n0 + tid / 4 + 32 j, chunk tid % 4 of the slice) are
   // fixed for the whole tile: one base pointer (rows past K clamped to a real row, their copies
   // zero-filled) and the step's offset into the [K][KH][KW][C] weight, the same for every row.
-  constexpr int kBRows = kMmaThreads / (kBK / 8), kBCopies = kBN / kBRows;
-  const int b_row = tid / (kBK / 8), b_chunk = tid % (kBK / 8);
+  constexpr int kBRows = kMmaThreads / 4, kBCopies = kBN / kBRows;
+  const int b_row = tid / 4, b_chunk = tid % 4;
   const int64_t w_krow = static_cast<int64_t>(g.KH) * g.KW * g.C;  // elements per output channel
-  const T* w_thread = w + static_cast<int64_t>(min(n0 + b_row, g.K - 1)) * w_krow + 8 * b_chunk;
+  const T* w_thread = w + static_cast<int64_t>(min(n0 + b_row, g.K - 1)) * w_krow + kVec * b_chunk;
   unsigned kout_ok = 0;
 #pragma unroll
   for (int j = 0; j < kBCopies; ++j) kout_ok |= (n0 + b_row + kBRows * j < g.K ? 1u : 0u) << j;
@@ -91,15 +95,15 @@ __global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const Con
 #pragma unroll
     for (int q = 0; q < kRowChunks; ++q) {
       const int ch = c_first + q;
-      const bool ok = tap_ok && c0 + 8 * ch < g.C;
-      cp_async_16(&sh.ring.a[st][arow][8 * ch], x_img + x_tap + (ok ? c0 + 8 * ch : 0), ok);
+      const bool ok = tap_ok && c0 + kVec * ch < g.C;
+      cp_async_16(&sh.ring.a[st][arow][kVec * ch], x_img + x_tap + (ok ? c0 + kVec * ch : 0), ok);
     }
     if (c_first == 0) sh.valid[st][arow] = tap_ok;
-    const bool cok = c0 + 8 * b_chunk < g.C;
+    const bool cok = c0 + kVec * b_chunk < g.C;
     const T* wsrc = w_thread + (cok ? w_tap + c0 : 0);
 #pragma unroll
     for (int j = 0; j < kBCopies; ++j)
-      cp_async_16(&sh.ring.b[st][b_row + kBRows * j][8 * b_chunk],
+      cp_async_16(&sh.ring.b[st][b_row + kBRows * j][kVec * b_chunk],
                   wsrc + (((kout_ok >> j) & 1u) ? j * kBRows * w_krow : 0), cok && ((kout_ok >> j) & 1u));
     if (tid < kBK) {
       const int c = c0 + tid;
@@ -139,14 +143,14 @@ __global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const Con
     if (step + kStages - 1 < steps) issue((step + kStages - 1) % kStages);
     cp_async_commit();
 #pragma unroll
-    for (int kk = 0; kk < kBK; kk += 16) {
-      // This lane's four channels of the slice (2tq, 2tq+1, and +8): their affine once, for all its rows.
-      float mu[2][2], sc[2][2], be[2][2];
+    for (int kk = 0; kk < kBK; kk += kK) {
+      // This lane's channels of the slice (registers 0-1, then 2-3): their affine once, for all its rows.
+      float mu[2][kPer], sc[2][kPer], be[2][kPer];
 #pragma unroll
       for (int hi = 0; hi < 2; ++hi)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int ch = kk + 2 * tq + 8 * hi + h;
+        for (int h = 0; h < kPer; ++h) {
+          const int ch = kk + frag_k<T>(tq, hi, h);
           mu[hi][h] = sh.affine[st][0][ch];
           sc[hi][h] = sh.affine[st][1][ch];
           be[hi][h] = sh.affine[st][2][ch];
@@ -157,17 +161,22 @@ __global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const Con
         const int row = wm * kWM + i * 16;
         load_a_mk(fa[i], sh.ring.a[st], row, kk);
         const uint32_t k0 = sh.valid[st][row + gq] ? ~0u : 0u, k1 = sh.valid[st][row + gq + 8] ? ~0u : 0u;
-        fa[i][0] = bn_relu_pair<T>(fa[i][0], k0, mu[0], sc[0], be[0]);
-        fa[i][1] = bn_relu_pair<T>(fa[i][1], k1, mu[0], sc[0], be[0]);
-        fa[i][2] = bn_relu_pair<T>(fa[i][2], k0, mu[1], sc[1], be[1]);
-        fa[i][3] = bn_relu_pair<T>(fa[i][3], k1, mu[1], sc[1], be[1]);
+        fa[i][0] = bn_relu_reg<T>(fa[i][0], k0, mu[0], sc[0], be[0]);
+        fa[i][1] = bn_relu_reg<T>(fa[i][1], k1, mu[0], sc[0], be[0]);
+        fa[i][2] = bn_relu_reg<T>(fa[i][2], k0, mu[1], sc[1], be[1]);
+        fa[i][3] = bn_relu_reg<T>(fa[i][3], k1, mu[1], sc[1], be[1]);
       }
 #pragma unroll
       for (int jp = 0; jp < kNJ / 2; ++jp) load_b_nk(fb[2 * jp], fb[2 * jp + 1], sh.ring.b[st], wn * kWN + jp * 16, kk);
 #pragma unroll
+      for (int j = 0; j < kNJ; ++j) {
+        fb[j][0] = raw_operand<T>(fb[j][0]);
+        fb[j][1] = raw_operand<T>(fb[j][1]);
+      }
+#pragma unroll
       for (int i = 0; i < kMI; ++i)
 #pragma unroll
-        for (int j = 0; j < kNJ; ++j) mma_16816<T>(acc.v[i][j], fa[i], fb[j]);
+        for (int j = 0; j < kNJ; ++j) mma_step<T>(acc.v[i][j], fa[i], fb[j]);
     }
   }
   cp_async_wait<0>();
@@ -190,10 +199,9 @@ __global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const Con
 bool conv_forward_mma_applies(const ConvForwardParams& p) {
   const ConvGeom& g = p.g;
   const int64_t C = g.C;
-  const bool half = p.dtype == DType::kF16 || p.dtype == DType::kBF16;
   const bool x_nhwc = nhwc_dense(p.sx, g.N, C, g.H, g.W), w_nhwc = nhwc_dense(p.sw, g.K, C, g.KH, g.KW);
   const bool aligned = aligned16(p.x) && aligned16(p.w);
-  return half && x_nhwc && w_nhwc && aligned && C % 8 == 0;
+  return mma_dtype(p.dtype, p.tf32) && x_nhwc && w_nhwc && aligned && C % mma_vec(p.dtype) == 0;
 }
 
 int conv_forward_mma_tile_rows(const ConvForwardParams& p) { return p.g.K <= 64 ? 128 : 64; }
@@ -201,9 +209,9 @@ int conv_forward_mma_tile_rows(const ConvForwardParams& p) { return p.g.K <= 64 
 template <int kBM, int kBN>
 cudaError_t launch_mma_forward(const ConvForwardParams& p, cudaStream_t stream) {
   const dim3 grid(ceil_div(static_cast<int64_t>(p.g.N) * p.g.OH * p.g.OW, kBM), ceil_div(p.g.K, kBN));
-  if (p.dtype == DType::kBF16)
-    return launch(conv_forward_mma_kernel<__nv_bfloat16, kBM, kBN>, grid, dim3(kMmaThreads), stream, p);
-  return launch(conv_forward_mma_kernel<__half, kBM, kBN>, grid, dim3(kMmaThreads), stream, p);
+  return dispatch_mma_dtype(p.dtype, [&](auto tag) {
+    return launch(conv_forward_mma_kernel<decltype(tag), kBM, kBN>, grid, dim3(kMmaThreads), stream, p);
+  });
 }
 
 cudaError_t conv_forward_mma(const ConvForwardParams& p, cudaStream_t stream) {

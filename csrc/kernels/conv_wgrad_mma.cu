@@ -1,11 +1,13 @@
-// wgrad, tensor-core path for fp16/bf16 NHWC gy and x with K % 8 == 0 and C % 8 == 0. Per tap (r, s) and
-// split: dW[k, c] += sum over the split's output pixels of gy[pixel, k] * a[tap pixel, c], with the
-// activation a = relu((x - mean)*scale + beta) rebuilt on the way from shared memory to registers, as the
-// forward does. Both operands are pixel-major in HBM (NHWC), so both slices are stored [pixel][channel]
-// and reach the mma through transposing ldmatrix; the raw bytes go HBM -> shared by 16-byte cp.async.
+// wgrad, tensor-core path for NHWC gy and x (fp16/bf16 with K and C multiples of 8; fp32 in TF32 with
+// multiples of 4). Per tap (r, s) and split: dW[k, c] += sum over the split's output pixels of
+// gy[pixel, k] * a[tap pixel, c], with the activation a = relu((x - mean)*scale + beta) rebuilt on the
+// way from shared memory to registers, as the forward does. Both operands are pixel-major in HBM (NHWC),
+// so both slices are stored [pixel][channel] and reach the mma through the transposing ldmatrix (32-bit
+// loads for float); the raw bytes go HBM -> shared by 16-byte cp.async.
 //
-// Four threads copy one pixel of the 32-pixel slice; each keeps its pixel's (n, oh, ow) and advances it by
-// 32 pixels per step with precomputed carries (no division in the loop). A pixel past the split, or whose
+// 128 / kBK threads copy one pixel of the kBK-pixel slice (32 pixels of 16-bit elements, 16 of float);
+// each keeps its pixel's (n, oh, ow) and advances it by kBK pixels per step with precomputed carries (no
+// division in the loop). A pixel past the split, or whose
 // tap falls into padding, has its activation forced to 0 (the conv pads the activation, not x).
 // Output: the split's slab in dW's layout (conv_wgrad.cu's contract; column_sums adds the slabs).
 #include "mma_tile.cuh"
@@ -14,10 +16,11 @@ namespace fused_resnet {
 namespace detail {
 namespace {
 
-constexpr int kBK = kMmaBK, kStages = kMmaStages;
+constexpr int kStages = kMmaStages;
 
 template <class T, int kBM, int kBN>
 struct WgradMmaShared {
+  static constexpr int kBK = MmaElem<T>::kBK;
   static constexpr int kLdA = kBM + 8, kLdB = kBN + 8, kLdC = kBN + 4;
   union {
     struct {
@@ -31,6 +34,8 @@ struct WgradMmaShared {
 static_assert(sizeof(WgradMmaShared<__half, 128, 64>) <= 48 * 1024, "static shared memory");
 static_assert(sizeof(WgradMmaShared<__half, 64, 128>) <= 48 * 1024, "static shared memory");
 static_assert(sizeof(WgradMmaShared<__half, 64, 64>) <= 48 * 1024, "static shared memory");
+static_assert(sizeof(WgradMmaShared<float, 128, 64>) <= 48 * 1024, "static shared memory");
+static_assert(sizeof(WgradMmaShared<float, 64, 128>) <= 48 * 1024, "static shared memory");
 
 template <class T, int kBM, int kBN>
 __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvWgradParams p) {
@@ -40,8 +45,9 @@ __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvW
   constexpr int kHalves = kBM * kBN == 64 * 64 ? 2 : 1, kTileWarps = 4 / kHalves;
   constexpr int kWarpsM = 1, kWarpsN = kTileWarps;
   constexpr int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN, kMI = kWM / 16, kNJ = kWN / 8;
+  constexpr int kBK = MmaElem<T>::kBK, kVec = MmaElem<T>::kVec, kK = MmaElem<T>::kK, kPer = MmaElem<T>::kPer;
   constexpr int kPixThreads = kMmaThreads / kBK;  // threads copying one pixel
-  constexpr int kChunksA = kBM / 8 / kPixThreads, kChunksB = kBN / 8 / kPixThreads;
+  constexpr int kChunksA = kBM / kVec / kPixThreads, kChunksB = kBN / kVec / kPixThreads;
   auto& sh = block_shared<WgradMmaShared<T, kBM, kBN>>();
   const ConvGeom& g = p.g;
   const int P = g.N * g.OH * g.OW;
@@ -88,13 +94,13 @@ __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvW
     const T* xsrc = x + ((static_cast<int64_t>(tap_in ? nb : 0) * g.H + (tap_in ? ih : 0)) * g.W + (tap_in ? iw : 0)) * g.C;
 #pragma unroll
     for (int u = 0; u < kChunksA; ++u) {
-      const int ch = part_id + kPixThreads * u, k = m0 + 8 * ch;
-      cp_async_16(&sh.ring.a[st][prow][8 * ch], gsrc + (k < g.K ? k : 0), in && k < g.K);
+      const int ch = part_id + kPixThreads * u, k = m0 + kVec * ch;
+      cp_async_16(&sh.ring.a[st][prow][kVec * ch], gsrc + (k < g.K ? k : 0), in && k < g.K);
     }
 #pragma unroll
     for (int u = 0; u < kChunksB; ++u) {
-      const int ch = part_id + kPixThreads * u, c = n0 + 8 * ch;
-      cp_async_16(&sh.ring.b[st][prow][8 * ch], xsrc + (c < g.C ? c : 0), tap_in && c < g.C);
+      const int ch = part_id + kPixThreads * u, c = n0 + kVec * ch;
+      cp_async_16(&sh.ring.b[st][prow][kVec * ch], xsrc + (c < g.C ? c : 0), tap_in && c < g.C);
     }
     if (part_id == 0) sh.valid[st][prow] = tap_in;
     q += kBK;
@@ -121,26 +127,37 @@ __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvW
     if (step + kStages - 1 < steps) issue((step + kStages - 1) % kStages);
     cp_async_commit();
 #pragma unroll
-    for (int kq = 0; kq < kBK / 16 / kHalves; ++kq) {
-      const int kk = 16 * (kq * kHalves + half);
-      // This lane's pixels of the 16: kk + 2tq, +1 (fragment register 0) and +8 (register 1).
-      const uint32_t k0 = keep_mask(sh.valid[st][kk + 2 * tq], sh.valid[st][kk + 2 * tq + 1]);
-      const uint32_t k1 = keep_mask(sh.valid[st][kk + 8 + 2 * tq], sh.valid[st][kk + 9 + 2 * tq]);
+    for (int kq = 0; kq < kBK / kK / kHalves; ++kq) {
+      const int kk = kK * (kq * kHalves + half);
+      // This lane's pixels of the kK: those of B fragment registers 0 and 1 (frag_k).
+      const auto* v = sh.valid[st] + kk;
+      const uint32_t k0 = keep_mask<T>(v[frag_k<T>(tq, 0, 0)], v[frag_k<T>(tq, 0, kPer - 1)]);
+      const uint32_t k1 = keep_mask<T>(v[frag_k<T>(tq, 1, 0)], v[frag_k<T>(tq, 1, kPer - 1)]);
       uint32_t fa[kMI][4], fb[kNJ][2];
 #pragma unroll
-      for (int i = 0; i < kMI; ++i) load_a_km(fa[i], sh.ring.a[st], wm * kWM + i * 16, kk);
+      for (int i = 0; i < kMI; ++i) {
+        load_a_km(fa[i], sh.ring.a[st], wm * kWM + i * 16, kk);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) fa[i][e] = raw_operand<T>(fa[i][e]);
+      }
 #pragma unroll
       for (int jp = 0; jp < kNJ / 2; ++jp) load_b_kn(fb[2 * jp], fb[2 * jp + 1], sh.ring.b[st], wn * kWN + jp * 16, kk);
 #pragma unroll
       for (int j = 0; j < kNJ; ++j) {
-        const float m2[2] = {mu[j], mu[j]}, s2[2] = {sc[j], sc[j]}, b2[2] = {be[j], be[j]};
-        fb[j][0] = bn_relu_pair<T>(fb[j][0], k0, m2, s2, b2);
-        fb[j][1] = bn_relu_pair<T>(fb[j][1], k1, m2, s2, b2);
+        float m2[kPer], s2[kPer], b2[kPer];
+#pragma unroll
+        for (int h = 0; h < kPer; ++h) {
+          m2[h] = mu[j];
+          s2[h] = sc[j];
+          b2[h] = be[j];
+        }
+        fb[j][0] = bn_relu_reg<T>(fb[j][0], k0, m2, s2, b2);
+        fb[j][1] = bn_relu_reg<T>(fb[j][1], k1, m2, s2, b2);
       }
 #pragma unroll
       for (int i = 0; i < kMI; ++i)
 #pragma unroll
-        for (int j = 0; j < kNJ; ++j) mma_16816<T>(acc.v[i][j], fa[i], fb[j]);
+        for (int j = 0; j < kNJ; ++j) mma_step<T>(acc.v[i][j], fa[i], fb[j]);
     }
   }
   cp_async_wait<0>();
@@ -164,18 +181,19 @@ __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvW
 template <int kBM, int kBN>
 cudaError_t launch_mma_wgrad(const ConvWgradParams& p, cudaStream_t stream) {
   const dim3 grid(ceil_div(p.g.K, kBM), ceil_div(p.g.C, kBN), p.g.KH * p.g.KW * p.split);
-  if (p.dtype == DType::kBF16)
-    return launch(conv_wgrad_mma_kernel<__nv_bfloat16, kBM, kBN>, grid, dim3(kMmaThreads), stream, p);
-  return launch(conv_wgrad_mma_kernel<__half, kBM, kBN>, grid, dim3(kMmaThreads), stream, p);
+  return dispatch_mma_dtype(p.dtype, [&](auto tag) {
+    return launch(conv_wgrad_mma_kernel<decltype(tag), kBM, kBN>, grid, dim3(kMmaThreads), stream, p);
+  });
 }
 
 }  // namespace
 
 bool conv_wgrad_mma_applies(const ConvWgradParams& p) {
   const ConvGeom& g = p.g;
-  const bool half = p.dtype == DType::kF16 || p.dtype == DType::kBF16;
-  return half && nhwc_dense(p.sg, g.N, g.K, g.OH, g.OW) && nhwc_dense(p.sx, g.N, g.C, g.H, g.W) &&
-         aligned16(p.gy) && aligned16(p.x) && g.K % 8 == 0 && g.C % 8 == 0;
+  const int vec = mma_vec(p.dtype);
+  return mma_dtype(p.dtype, p.tf32) && nhwc_dense(p.sg, g.N, g.K, g.OH, g.OW) &&
+         nhwc_dense(p.sx, g.N, g.C, g.H, g.W) && aligned16(p.gy) && aligned16(p.x) && g.K % vec == 0 &&
+         g.C % vec == 0;
 }
 
 // 128 output channels x 64 input channels when K > 64, 64 x 128 when C > 64 >= K, 64 x 64 when both fit

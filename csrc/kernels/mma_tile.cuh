@@ -12,10 +12,48 @@
 namespace fused_resnet {
 namespace detail {
 
-constexpr int kMmaThreads = 128, kMmaBK = 32, kMmaStages = 3;
-// Shared row pitch of a slice stored reduction-fastest: 80 bytes keeps every ldmatrix row 16-byte aligned
-// and puts the 8 rows of each 8x8 matrix on distinct bank groups.
-constexpr int kMmaLd = kMmaBK + 8;
+constexpr int kMmaThreads = 128, kMmaStages = 3;
+
+// Element geometry, the same in bytes for every T: a 64-byte reduction slice per stage, 16-byte copies,
+// 32 bytes of the reduction per mma -- m16n8k16 for fp16/bf16, m16n8k8 TF32 for float (the element of an
+// 8x8 b16 ldmatrix matrix is then half a float, so non-transposing ldmatrix still delivers TF32 fragments).
+template <class T>
+struct MmaElem {
+  static constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte copy
+  static constexpr int kBK = 4 * kVec;         // elements per stage's slice
+  static constexpr int kK = 2 * kVec;          // reduction elements per mma
+  static constexpr int kPer = 4 / sizeof(T);   // elements per fragment register
+  // Row pitch of a slice stored reduction-fastest: 80 bytes keeps every ldmatrix row 16-byte aligned and
+  // puts the 8 rows of each 8x8 matrix on distinct bank groups.
+  static constexpr int kLd = kBK + kVec;
+};
+
+// Fragment element h of register `reg` (A: reg / 2, B: reg) sits at this reduction index of the mma's
+// kK, for lane quad position tq.
+template <class T>
+__device__ __forceinline__ int frag_k(int tq, int half_sel, int h) {
+  return MmaElem<T>::kPer * tq + (MmaElem<T>::kK / 2) * half_sel + h;
+}
+
+template <class T>
+__device__ __forceinline__ void mma_step(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (sizeof(T) == 2)
+    mma_16816<T>(d, a, b);
+  else
+    mma_1688_tf32(d, a, b);
+}
+
+// A raw operand register as the mma takes it: 16-bit pairs as they are, a float rounded to TF32.
+template <class T>
+__device__ __forceinline__ uint32_t raw_operand(uint32_t r) {
+  if constexpr (sizeof(T) == 2) {
+    return r;
+  } else {
+    float f;
+    memcpy(&f, &r, 4);
+    return cvt_tf32(f);
+  }
+}
 
 template <int kMI, int kNJ>
 struct WarpAcc {
@@ -54,52 +92,88 @@ struct WarpAcc {
   }
 };
 
-// A fragment (16 rows x 16 of the reduction) from a tile stored [row][k] (k fastest): &a[row0][kk], pitch Ld.
+// A fragment (16 rows x kK of the reduction, raw bits) from a tile stored [row][k] (k fastest): &a[row0][kk].
 template <class T, int Ld>
 __device__ __forceinline__ void load_a_mk(uint32_t (&f)[4], const T (*a)[Ld], int row0, int kk) {
   const int lane = threadIdx.x % 32;
-  ldmatrix_x4(f, &a[row0 + lane % 16][kk + (lane / 16) * 8]);
+  ldmatrix_x4(f, &a[row0 + lane % 16][kk + (lane / 16) * MmaElem<T>::kVec]);
 }
 
-// The same fragment from a tile stored [k][row] (rows fastest): the transposing ldmatrix.
+// The bits of one 32-bit element of shared memory.
+template <class T>
+__device__ __forceinline__ uint32_t bits32(const T& v) {
+  static_assert(sizeof(T) == 4, "32-bit elements");
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  return u;
+}
+
+// The same fragment from a tile stored [k][row] (rows fastest): the transposing ldmatrix for 16-bit
+// elements; for float (which ldmatrix cannot transpose) one 32-bit load per register.
 template <class T, int Ld>
 __device__ __forceinline__ void load_a_km(uint32_t (&f)[4], const T (*a)[Ld], int row0, int kk) {
   const int lane = threadIdx.x % 32;
-  ldmatrix_x4_trans(f, &a[kk + (lane / 16) * 8 + lane % 8][row0 + ((lane / 8) % 2) * 8]);
+  if constexpr (sizeof(T) == 2) {
+    ldmatrix_x4_trans(f, &a[kk + (lane / 16) * 8 + lane % 8][row0 + ((lane / 8) % 2) * 8]);
+  } else {
+    const int g = lane / 4, t = lane % 4;
+    f[0] = bits32(a[kk + t][row0 + g]);
+    f[1] = bits32(a[kk + t][row0 + g + 8]);
+    f[2] = bits32(a[kk + t + 4][row0 + g]);
+    f[3] = bits32(a[kk + t + 4][row0 + g + 8]);
+  }
 }
 
-// Two B fragments (columns col0.. col0+15, 16 of the reduction) from a tile stored [col][k] (k fastest).
+// Two B fragments (columns col0.. col0+15, kK of the reduction, raw bits) from a tile stored [col][k].
 template <class T, int Ld>
 __device__ __forceinline__ void load_b_nk(uint32_t (&f0)[2], uint32_t (&f1)[2], const T (*b)[Ld], int col0, int kk) {
   const int lane = threadIdx.x % 32;
   uint32_t r[4];
-  ldmatrix_x4(r, &b[col0 + (lane / 16) * 8 + lane % 8][kk + ((lane / 8) % 2) * 8]);
+  ldmatrix_x4(r, &b[col0 + (lane / 16) * 8 + lane % 8][kk + ((lane / 8) % 2) * MmaElem<T>::kVec]);
   f0[0] = r[0]; f0[1] = r[1]; f1[0] = r[2]; f1[1] = r[3];
 }
 
-// The same two fragments from a tile stored [k][col] (columns fastest): the transposing ldmatrix.
+// The same two fragments from a tile stored [k][col] (columns fastest): the transposing ldmatrix for
+// 16-bit elements, one 32-bit load per register for float.
 template <class T, int Ld>
 __device__ __forceinline__ void load_b_kn(uint32_t (&f0)[2], uint32_t (&f1)[2], const T (*b)[Ld], int col0, int kk) {
   const int lane = threadIdx.x % 32;
-  uint32_t r[4];
-  ldmatrix_x4_trans(r, &b[kk + ((lane / 8) % 2) * 8 + lane % 8][col0 + (lane / 16) * 8]);
-  f0[0] = r[0]; f0[1] = r[1]; f1[0] = r[2]; f1[1] = r[3];
+  if constexpr (sizeof(T) == 2) {
+    uint32_t r[4];
+    ldmatrix_x4_trans(r, &b[kk + ((lane / 8) % 2) * 8 + lane % 8][col0 + (lane / 16) * 8]);
+    f0[0] = r[0]; f0[1] = r[1]; f1[0] = r[2]; f1[1] = r[3];
+  } else {
+    const int g = lane / 4, t = lane % 4;
+    f0[0] = bits32(b[kk + t][col0 + g]);
+    f0[1] = bits32(b[kk + t + 4][col0 + g]);
+    f1[0] = bits32(b[kk + t][col0 + 8 + g]);
+    f1[1] = bits32(b[kk + t + 4][col0 + 8 + g]);
+  }
 }
 
-// Two adjacent values of one fragment register: the BN affine + ReLU, rounded to T (the activation eager
-// stores) and packed, then ANDed with `keep` (0xffff per half that is not padding). Element h has channel
-// affine (m[h], s[h], b[h]).
+// The values of one fragment register (two 16-bit ones, or one float): the BN affine + ReLU, rounded to T
+// (the activation eager stores) and packed -- for float, then to TF32 as the mma takes it -- and ANDed
+// with `keep` (all ones per element that is not padding). Element h has channel affine (m[h], s[h], b[h]).
 template <class T>
-__device__ __forceinline__ uint32_t bn_relu_pair(uint32_t raw, uint32_t keep, const float (&m)[2], const float (&s)[2],
-                                                 const float (&b)[2]) {
-  T v[2];
+__device__ __forceinline__ uint32_t bn_relu_reg(uint32_t raw, uint32_t keep, const float (&m)[MmaElem<T>::kPer],
+                                                const float (&s)[MmaElem<T>::kPer], const float (&b)[MmaElem<T>::kPer]) {
+  T v[MmaElem<T>::kPer];
   memcpy(v, &raw, 4);
-  return pack2<T>(relu_nan(bn_affine(to_acc(v[0]), m[0], s[0], b[0])),
-                  relu_nan(bn_affine(to_acc(v[1]), m[1], s[1], b[1]))) & keep;
+  if constexpr (sizeof(T) == 2)
+    return pack2<T>(relu_nan(bn_affine(to_acc(v[0]), m[0], s[0], b[0])),
+                    relu_nan(bn_affine(to_acc(v[1]), m[1], s[1], b[1]))) & keep;
+  else
+    return cvt_tf32(relu_nan(bn_affine(v[0], m[0], s[0], b[0]))) & keep;
 }
 
-// The keep mask of bn_relu_pair for halves (lo, hi).
-__device__ __forceinline__ uint32_t keep_mask(bool lo, bool hi) { return (lo ? 0xffffu : 0u) | (hi ? 0xffff0000u : 0u); }
+// The keep mask of bn_relu_reg for the register's elements (hi ignored for float's one element).
+template <class T>
+__device__ __forceinline__ uint32_t keep_mask(bool lo, bool hi) {
+  if constexpr (sizeof(T) == 2)
+    return (lo ? 0xffffu : 0u) | (hi ? 0xffff0000u : 0u);
+  else
+    return lo ? ~0u : 0u;
+}
 
 // Dense NHWC in logical-NCHW strides s of an [n, c, h, w] tensor (the stride of a size-1 dimension never
 // matters, so a 1x1 weight is NHWC in either memory format).
@@ -108,6 +182,21 @@ __host__ __forceinline__ bool nhwc_dense(const int64_t (&s)[4], int64_t n, int64
 }
 
 __host__ __forceinline__ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The dtypes the mma kernels take: fp16, bf16, and fp32 when TF32 is allowed (torch.backends.cudnn.allow_tf32).
+__host__ __forceinline__ bool mma_dtype(DType d, bool tf32) {
+  return d == DType::kF16 || d == DType::kBF16 || (d == DType::kF32 && tf32);
+}
+// Elements per 16-byte copy: the channel-count multiple the kernels' copies need.
+__host__ __forceinline__ int mma_vec(DType d) { return d == DType::kF32 ? 4 : 8; }
+
+// f(T{}) for the mma dtypes.
+template <class F>
+__host__ auto dispatch_mma_dtype(DType d, F&& f) {
+  if (d == DType::kBF16) return f(__nv_bfloat16{});
+  if (d == DType::kF16) return f(__half{});
+  return f(float{});
+}
 
 }  // namespace detail
 }  // namespace fused_resnet

@@ -46,6 +46,7 @@ struct ConvForwardParams {
   const void* mean; const void* scale; const void* beta;  // acc [C]: the BN affine
   const void* bias;   // acc [K], may be null
   void* part;         // acc [2, tiles_m, K]: tile mean, tile M2; null = no statistics
+  bool tf32;          // fp32: multiply in TF32 on the tensor cores (torch.backends.cudnn.allow_tf32)
 };
 
 // ga = conv_transpose(gy, w) rounded to dtype; gm = ga where NOT ((x - mean)*scale + beta <= 0); per-tile
@@ -62,6 +63,7 @@ struct ConvDgradParams {
   void* out; int64_t so[4];
   void* part;  // acc [tiles_m, 2, C]: S1, S2 per tile; null = not needed
   bool batch_stats;
+  bool tf32;  // as in ConvForwardParams
 };
 
 // dx = invstd*gamma*(gm - S1/M - xhat*S2/M), elementwise.
@@ -88,6 +90,7 @@ struct ConvWgradParams {
   void* part; int64_t sd[4];
   int chunk;  // output pixels per split (a multiple of kTileK)
   int split;
+  bool tf32;  // as in ConvForwardParams
 };
 
 // Per-tile (mean relative to the pivot x[0, c, 0, 0], M2) of x per channel: part acc [2, tiles, C], tiles
