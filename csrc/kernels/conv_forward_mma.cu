@@ -29,7 +29,10 @@ struct FwdMmaShared {
       T a[kStages][kBM][kLd];
       T b[kStages][kBN][kLd];
     } ring;
-    float c[kBM][kLdC];  // the accumulator tile, once the ring is drained
+    struct {
+      float c[kBM][kLdC];            // the accumulator tile, once the ring is drained
+      int n[kBM], oh[kBM], ow[kBM];  // each tile row's output pixel, decomposed once for the epilogue
+    } epi;
   };
   float affine[kStages][3][kBK];      // per stage: mean, scale, beta of the slice's channels
   unsigned char valid[kStages][kBM];  // per stage: the row's tap lands inside x
@@ -181,17 +184,21 @@ __global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const Con
   }
   cp_async_wait<0>();
   __syncthreads();  // the ring is drained and read out: the accumulator tile overwrites it
-  acc.store(sh.c, wm * kWM, wn * kWN);
+  acc.store(sh.epi.c, wm * kWM, wn * kWN);
+  if (tid < kBM) {
+    const int mm = m0 + tid, tt = mm / g.OW;
+    sh.epi.n[tid] = mm < M ? tt / g.OH : -1;
+    sh.epi.oh[tid] = tt % g.OH;
+    sh.epi.ow[tid] = mm % g.OW;
+  }
   __syncthreads();
-  forward_epilogue<T, kBM, kBN, FwdMmaShared<T, kBM, kBN>::kLdC>(p, sh.c, m0, n0, M, [&](int row, int& nb_, int& oh_, int& ow_) {
-    const int mm = m0 + row;
-    if (mm >= M) return false;
-    ow_ = mm % g.OW;
-    const int tt = mm / g.OW;
-    oh_ = tt % g.OH;
-    nb_ = tt / g.OH;
-    return true;
-  });
+  forward_epilogue<T, kBM, kBN, FwdMmaShared<T, kBM, kBN>::kLdC>(
+      p, sh.epi.c, m0, n0, M, [&](int row, int& nb_, int& oh_, int& ow_) {
+        nb_ = sh.epi.n[row];
+        oh_ = sh.epi.oh[row];
+        ow_ = sh.epi.ow[row];
+        return nb_ >= 0;
+      });
 }
 
 }  // namespace
