@@ -27,14 +27,14 @@ def test_sanitize_case_passes_on_the_interpreter(dtype, channels_last, stride, r
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU pass runs it for real")
 def test_sanitize_case_passes_on_the_emulated_cuda_build():
-    """The CUDA backend's sanitizer case that takes the mma.sync forward (bf16 channels_last, C=24); the
+    """The CUDA backend's sanitizer case that takes the mma.sync kernels (bf16 channels_last, 24 -> 16); the
     other cases' shapes are covered by the parity matrix."""
     import fused_resnet
 
     report = fused_resnet.available_backends()
     if "cuda" not in report:
         pytest.skip(f"backend 'cuda' unavailable: {report.unavailable['cuda']}")
-    assert _sanitize_case().one("cuda", torch.bfloat16, True, 1, True, device="cpu", c=24) is None
+    assert _sanitize_case().one("cuda", torch.bfloat16, True, 1, True, device="cpu", c=24, k=16) is None
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
