@@ -79,38 +79,51 @@ __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvW
     }
   }
 
-  // This thread's pixel of the slice, decomposed once, advanced by kBK pixels a step.
+  // This thread's pixel of the slice, decomposed once, advanced by kBK pixels a step with precomputed
+  // carries; its gy and x offsets (elements) advance with it by adding.
   const int prow = tid / kPixThreads, part_id = tid % kPixThreads;
   int q = p_begin + prow;
-  int ow = q % g.OW, oh = (q / g.OW) % g.OH, nb = q / (g.OW * g.OH);
+  int ow = q % g.OW, oh = (q / g.OW) % g.OH;
+  const int nb = q / (g.OW * g.OH);
   const int d_ow = kBK % g.OW, d_oh = (kBK / g.OW) % g.OH, d_n = kBK / (g.OW * g.OH);
+  const int ih_t = r * g.dil_h - g.pad_h, iw_t = s * g.dil_w - g.pad_w;  // the tap's input offset
+  const int64_t HW = static_cast<int64_t>(g.H) * g.W, rowpix = static_cast<int64_t>(g.stride_h) * g.W;
+  // x's pixel index moves by these per step, per carry out of ow, per carry out of oh (times C: elements).
+  const int64_t x_step = (d_n * HW + d_oh * rowpix + static_cast<int64_t>(d_ow) * g.stride_w) * g.C;
+  const int64_t x_c1 = (rowpix - static_cast<int64_t>(g.OW) * g.stride_w) * g.C;
+  const int64_t x_c2 = (HW - g.OH * rowpix) * g.C;
+  int64_t g_off = static_cast<int64_t>(q) * g.K;
+  int64_t x_off = (nb * HW + (oh * g.stride_h + ih_t) * static_cast<int64_t>(g.W) + ow * g.stride_w + iw_t) * g.C;
   const int steps = ceil_div(p_end - p_begin, kBK);
 
   auto issue = [&](int st) {
     const bool in = q < p_end;
-    const int ih = oh * g.stride_h - g.pad_h + r * g.dil_h, iw = ow * g.stride_w - g.pad_w + s * g.dil_w;
+    const int ih = oh * g.stride_h + ih_t, iw = ow * g.stride_w + iw_t;
     const bool tap_in = in && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
-    const T* gsrc = gy + (static_cast<int64_t>(in ? nb : 0) * g.OH * g.OW + (in ? oh * g.OW + ow : 0)) * g.K;
-    const T* xsrc = x + ((static_cast<int64_t>(tap_in ? nb : 0) * g.H + (tap_in ? ih : 0)) * g.W + (tap_in ? iw : 0)) * g.C;
 #pragma unroll
     for (int u = 0; u < kChunksA; ++u) {
       const int ch = part_id + kPixThreads * u, k = m0 + kVec * ch;
-      cp_async_16(&sh.ring.a[st][prow][kVec * ch], gsrc + (k < g.K ? k : 0), in && k < g.K);
+      const bool ok = in && k < g.K;
+      cp_async_16(&sh.ring.a[st][prow][kVec * ch], gy + (ok ? g_off + k : 0), ok);
     }
 #pragma unroll
     for (int u = 0; u < kChunksB; ++u) {
       const int ch = part_id + kPixThreads * u, c = n0 + kVec * ch;
-      cp_async_16(&sh.ring.b[st][prow][kVec * ch], xsrc + (c < g.C ? c : 0), tap_in && c < g.C);
+      const bool ok = tap_in && c < g.C;
+      cp_async_16(&sh.ring.b[st][prow][kVec * ch], x + (ok ? x_off + c : 0), ok);
     }
     if (part_id == 0) sh.valid[st][prow] = tap_in;
     q += kBK;
+    g_off += static_cast<int64_t>(kBK) * g.K;
+    x_off += x_step;
     ow += d_ow;
-    const int c1 = ow >= g.OW;
+    const bool c1 = ow >= g.OW;
     ow -= c1 ? g.OW : 0;
-    oh += d_oh + c1;
-    const int c2 = oh >= g.OH;
+    x_off += c1 ? x_c1 : 0;
+    oh += d_oh + (c1 ? 1 : 0);
+    const bool c2 = oh >= g.OH;
     oh -= c2 ? g.OH : 0;
-    nb += d_n + c2;
+    x_off += c2 ? x_c2 : 0;
   };
 
   WarpAcc<kMI, kNJ> acc;
