@@ -38,17 +38,29 @@ __global__ void __launch_bounds__(kChannels * kGroups) batch_stats_kernel(const 
   const Acc pivot = c < p.C ? to_acc(x[static_cast<int64_t>(c) * p.sx[1]]) : Acc(0);
   Acc mean = 0, m2 = 0, sum = 0;
   int cnt = 0;
+  // This thread's rows m0 + grp + kGroups*i: the first decomposed once, the rest reached by adding kGroups
+  // with precomputed carries (no division per element).
+  const int m_first = m0 + grp;
+  int w = m_first % p.W, h = (m_first / p.W) % p.H, n = m_first / (p.W * p.H);
+  const int d_w = kGroups % p.W, d_h = (kGroups / p.W) % p.H, d_n = kGroups / (p.W * p.H);
   for (int i = 0; i < kRowsPerThread; ++i) {
-    const int m = m0 + grp + kGroups * i;
+    const int m = m_first + kGroups * i;
     if (m >= M) break;
     ++cnt;
-    if (c >= p.C) continue;
-    const int w = m % p.W, t = m / p.W;
-    const Acc v = to_acc(x[offset4(p.sx, t / p.H, c, t % p.H, w)]) - pivot;
-    const Acc d = v - mean;
-    sum += v;
-    mean += d / Acc(cnt);
-    m2 = fma(d, v - mean, m2);
+    if (c < p.C) {
+      const Acc v = to_acc(x[offset4(p.sx, n, c, h, w)]) - pivot;
+      const Acc d = v - mean;
+      sum += v;
+      mean += d / Acc(cnt);
+      m2 = fma(d, v - mean, m2);
+    }
+    w += d_w;
+    const bool c1 = w >= p.W;
+    w -= c1 ? p.W : 0;
+    h += d_h + (c1 ? 1 : 0);
+    const bool c2 = h >= p.H;
+    h -= c2 ? p.H : 0;
+    n += d_n + (c2 ? 1 : 0);
   }
   s_mean[grp][lane] = mean;
   s_m2[grp][lane] = m2;

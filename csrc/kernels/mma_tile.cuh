@@ -8,6 +8,7 @@
 #pragma once
 
 #include "gemm_tile.cuh"
+#include "layout.cuh"
 
 namespace fused_resnet {
 namespace detail {
@@ -174,14 +175,6 @@ __device__ __forceinline__ uint32_t keep_mask(bool lo, bool hi) {
   else
     return lo ? ~0u : 0u;
 }
-
-// Dense NHWC in logical-NCHW strides s of an [n, c, h, w] tensor (the stride of a size-1 dimension never
-// matters, so a 1x1 weight is NHWC in either memory format).
-__host__ __forceinline__ bool nhwc_dense(const int64_t (&s)[4], int64_t n, int64_t c, int64_t h, int64_t w) {
-  return s[1] == 1 && (w == 1 || s[3] == c) && (h == 1 || s[2] == c * w) && (n == 1 || s[0] == c * w * h);
-}
-
-__host__ __forceinline__ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // The dtypes the mma kernels take: fp16, bf16, and fp32 when TF32 is allowed (torch.backends.cudnn.allow_tf32).
 __host__ __forceinline__ bool mma_dtype(DType d, bool tf32) {
