@@ -3,7 +3,9 @@
 For every kernel in csrc/SOURCES, per architecture: registers, stack (spills), static shared memory
 (`cuobjdump --dump-resource-usage`), and for the tensor-core kernels the SASS instructions per MMA in the
 main loop: the instructions of the innermost loop (backward branch) holding the most HMMAs, divided by
-its HMMA count -- issue, barriers, address arithmetic and the BN transform included.
+its HMMA count -- issue, barriers, address arithmetic and the BN transform included. "loop": the
+instructions of that loop, or for a kernel without HMMA its largest innermost loop (for the elementwise
+kernels, the per-element cost times the compiler's unrolling).
 cuobjdump comes from Triton's wheel when the CUDA toolkit lacks it (ENVIRONMENT.md).
 
     python benchmarks/cuda_static_report.py [--arch 80 90] [--check] [--markdown]
@@ -56,7 +58,8 @@ def _demangle_short(name):
 def _sass_per_mma(sass_text):
     """{mangled kernel: (HMMA in the main loop, instructions in that loop)}. The main loop: the innermost
     backward branch's range that holds the most HMMAs; without one (a fully unrolled burst), the span
-    from the first to the last HMMA."""
+    from the first to the last HMMA. A kernel without HMMA: (0, instructions of its largest innermost
+    loop), (0, 0) without a loop."""
     result = {}
     for block in re.split(r"\n\s*Function : ", sass_text)[1:]:
         name = block.split("\n", 1)[0].strip()
@@ -66,7 +69,15 @@ def _sass_per_mma(sass_text):
             if m:
                 ins.append((int(m.group(1), 16), m.group(2)))
         hmma = [a for a, text in ins if re.search(r"\bHMMA\b", text)]
+        loops = []
+        for addr, text in ins:
+            br = re.search(r"\bBRA\s+(?:`?\(?)0x([0-9a-f]+)", text)
+            if br and int(br.group(1), 16) < addr:
+                loops.append((int(br.group(1), 16), addr))
         if not hmma:
+            inner = [(lo, hi) for lo, hi in loops
+                     if not any(lo <= l2 and h2 <= hi and (l2, h2) != (lo, hi) for l2, h2 in loops)]
+            result[name] = (0, max((sum(lo <= a <= hi for a, _ in ins) for lo, hi in inner), default=0))
             continue
         best = None
         for addr, text in ins:
@@ -111,7 +122,7 @@ def report(archs):
                         mma, span = sass.get(current, (0, 0))
                         rows.append(dict(arch=arch, file=src.name, kernel=_demangle_short(current),
                                          regs=int(res.group(1)), stack=int(res.group(2)),
-                                         shared=int(res.group(3)), mma=mma,
+                                         shared=int(res.group(3)), mma=mma, loop=span,
                                          per_mma=(span / mma) if mma else None))
     return rows
 
@@ -124,12 +135,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     rows = report(args.arch)
     sep = " | " if args.markdown else "  "
-    head = ["arch", "kernel", "regs", "stack", "shared B", "HMMA", "SASS/HMMA"]
+    head = ["arch", "kernel", "regs", "stack", "shared B", "loop", "HMMA", "SASS/HMMA"]
     lines = [sep.join(head)]
     if args.markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"sm_{r['arch']}", r["kernel"], str(r["regs"]), str(r["stack"]), str(r["shared"]), str(r["mma"]),
+        cells = [f"sm_{r['arch']}", r["kernel"], str(r["regs"]), str(r["stack"]), str(r["shared"]), str(r["loop"]),
+                 str(r["mma"]),
                  f"{r['per_mma']:.1f}" if r["per_mma"] else "-"]
         lines.append(("| " + " | ".join(cells) + " |") if args.markdown else sep.join(cells))
     print("\n".join(lines))
