@@ -1,9 +1,10 @@
-// Per-channel batch statistics, numerically stable: each thread merges two-pass (mean, M2) of chunks of its
-// rows (Chan's formula) after shifting by a per-channel pivot (the channel's first element x[0, c, 0, 0], so shifted values are of the order
-// of the std), the 8 row groups of a block are merged with Chan's formula, and the per-block
-// (mean, M2) go to the host-side merge (fused_resnet/_partials.py). No float32 sum of squares anywhere,
-// so |mean| >> std keeps its variance. A plain sum rides along only to give eager's mean when the data holds
-// inf (Welford's update turns inf into NaN; eager's sum/N keeps +-inf).
+// Per-channel batch statistics, numerically stable: each thread takes its rows in chunks, forms each chunk's
+// (mean, M2) two-pass in registers and merges it into its running (mean, M2) with Chan's formula, all after
+// shifting by a per-channel pivot (the channel's first element x[0, c, 0, 0], so shifted values are of the
+// order of the std); the 8 row groups of a block are merged with Chan's formula too, and the per-block
+// (mean, M2) go to bn_finalize. No float32 sum of squares anywhere, so |mean| >> std keeps its variance. A
+// plain sum rides along only to give eager's mean when the data holds inf (the update turns inf into NaN;
+// eager's sum/N keeps +-inf).
 #include "device.cuh"
 #include "dtype.cuh"
 
