@@ -23,7 +23,13 @@ __device__ __forceinline__ void dgrad_epilogue(const ConvDgradParams& p, acc_t<T
   const Acc* scale = static_cast<const Acc*>(p.scale);
   const Acc* beta = static_cast<const Acc*>(p.beta);
   const Acc* mean = static_cast<const Acc*>(p.mean);
+  const Acc* invstd = static_cast<const Acc*>(p.invstd);
   const bool cfast = p.sx[1] <= p.sx[3];
+  // Channels fastest (channels_last x): the walk keeps each thread on one column (blockDim is a multiple of
+  // BN), so its share of the column sums accrues on the way -- no second pass over x; otherwise gm stays in
+  // c and a thread per column sums it afterwards.
+  const bool own_col = cfast && blockDim.x % BN == 0;
+  Acc s1 = 0, s2 = 0;
   for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
     int row, col;
     tile_coord<BM, BN>(idx, cfast, row, col);
@@ -33,22 +39,38 @@ __device__ __forceinline__ void dgrad_epilogue(const ConvDgradParams& p, acc_t<T
     const Acc xv = to_acc(x[offset4(p.sx, nb, ch, row_h[row], row_w[row])]);
     const Acc ga = to_acc(Cvt<T>::from(c[row][col]));
     const Acc gm = relu_passes(bn_affine(xv, mean[ch], scale[ch], beta[ch])) ? ga : Acc(0);
-    c[row][col] = gm;
+    if (own_col) {
+      s1 += gm;  // no skip of gm == 0: eager's 0 * inf (xhat of an inf x) is NaN
+      s2 = fma(gm, (xv - mean[ch]) * invstd[ch], s2);
+    } else {
+      c[row][col] = gm;
+    }
     static_cast<T*>(p.out)[offset4(p.so, nb, ch, row_h[row], row_w[row])] =
         Cvt<T>::from(p.batch_stats ? gm : gm * scale[ch]);
   }
   if (p.part == nullptr) return;
-  __syncthreads();
+  __syncthreads();  // every thread is done with c
   const int col = threadIdx.x, ch = n0 + col;
-  if (col < BN && ch < g.C) {
-    const Acc* invstd = static_cast<const Acc*>(p.invstd);
-    Acc s1 = 0, s2 = 0;
+  if (own_col) {  // the threads sharing a column post their sums in c's first rows, then one adds them up
+    const int shares = blockDim.x / BN, share = threadIdx.x / BN;
+    c[share][threadIdx.x % BN] = s1;
+    c[shares + share][threadIdx.x % BN] = s2;
+    __syncthreads();
+    s1 = s2 = 0;
+    if (col < BN)
+      for (int j = 0; j < shares; ++j) {
+        s1 += c[j][col];
+        s2 += c[shares + j][col];
+      }
+  } else if (col < BN && ch < g.C) {
     for (int row = 0; row < rows; ++row) {
-      const Acc gm = c[row][col];  // no skip of gm == 0: eager's 0 * inf (xhat of an inf x) is NaN
+      const Acc gm = c[row][col];
       const Acc xhat = (to_acc(x[offset4(p.sx, row_n[row], ch, row_h[row], row_w[row])]) - mean[ch]) * invstd[ch];
       s1 += gm;
       s2 = fma(gm, xhat, s2);
     }
+  }
+  if (col < BN && ch < g.C) {
     Acc* part = static_cast<Acc*>(p.part);
     part[static_cast<int64_t>(2 * tile) * g.C + ch] = s1;  // [tiles, 2, C]: rows column_sums adds up
     part[static_cast<int64_t>(2 * tile + 1) * g.C + ch] = s2;
