@@ -21,18 +21,36 @@ __device__ __forceinline__ void forward_epilogue(const ConvForwardParams& p, acc
   const T* res = static_cast<const T*>(p.residual);
   T* y = static_cast<T*>(p.y);
   const bool cfast = p.sy[1] <= p.sy[3];
-  for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
-    int row, col;
-    tile_coord<BM, BN>(idx, cfast, row, col);
-    const int kout = n0 + col;
-    int nb, oh, ow;
-    if (!pixel(row, nb, oh, ow) || kout >= g.K) continue;
+  // y (and the residual) dense channels_last, as the launchers allocate y for a channels_last x: element
+  // (row, col) sits at (m0 + row) * K + kout, no pixel decomposition or 64-bit stride products.
+  const bool dense = nhwc_dense(p.sy, g.N, g.K, g.OH, g.OW) &&
+                     (res == nullptr || (p.sr[0] == p.sy[0] && p.sr[1] == p.sy[1] && p.sr[2] == p.sy[2] &&
+                                         p.sr[3] == p.sy[3]));
+  // One element: its value stored at offset oy of y, with the residual's element at orr.
+  auto finish = [&](int row, int col, int kout, int64_t oy, int64_t orr) {
     Acc v = c[row][col];
     if (bias) v += bias[kout];
-    if (res) v += to_acc(res[offset4(p.sr, nb, kout, oh, ow)]);
+    if (res) v += to_acc(res[orr]);
     const T out = Cvt<T>::from(v);
-    y[offset4(p.sy, nb, kout, oh, ow)] = out;
+    y[oy] = out;
     c[row][col] = to_acc(out);  // statistics of y as stored: what the next BN reads
+  };
+  if (dense) {
+    for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
+      const int row = idx / BN, col = idx % BN, kout = n0 + col;
+      if (kout >= g.K || m0 + row >= M) continue;
+      const int64_t o = static_cast<int64_t>(m0 + row) * g.K + kout;
+      finish(row, col, kout, o, o);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
+      int row, col;
+      tile_coord<BM, BN>(idx, cfast, row, col);
+      const int kout = n0 + col;
+      int nb, oh, ow;
+      if (kout >= g.K || !pixel(row, nb, oh, ow)) continue;
+      finish(row, col, kout, offset4(p.sy, nb, kout, oh, ow), res ? offset4(p.sr, nb, kout, oh, ow) : 0);
+    }
   }
   if (p.part == nullptr) return;
   __syncthreads();
