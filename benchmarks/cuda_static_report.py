@@ -8,7 +8,10 @@ instructions of that loop, or for a kernel without HMMA its largest innermost lo
 kernels, the per-element cost times the compiler's unrolling).
 cuobjdump comes from Triton's wheel when the CUDA toolkit lacks it (ENVIRONMENT.md).
 
-    python benchmarks/cuda_static_report.py [--arch 80 90] [--check] [--markdown]
+    python benchmarks/cuda_static_report.py [--arch 80 90] [--check] [--markdown] [--loops]
+
+--loops adds, per kernel, the sizes of all its innermost loops in address order (main loop, epilogue and
+statistics loops: what one thread executes per iteration of each).
 
 --check exits 1 on any spill. Figures before/after a change go into benchmarks/NOTES.md.
 """
@@ -55,6 +58,36 @@ def _demangle_short(name):
     return re.sub(r"\(.*\)$", "", out)
 
 
+def _innermost_loops(ins):
+    """[(first, last) address] of the loops (backward branches) holding no other loop, in address order."""
+    loops = []
+    for addr, text in ins:
+        br = re.search(r"\bBRA\s+(?:`?\(?)0x([0-9a-f]+)", text)
+        if br and int(br.group(1), 16) < addr:
+            loops.append((int(br.group(1), 16), addr))
+    return sorted((lo, hi) for lo, hi in loops
+                  if not any(lo <= l2 and h2 <= hi and (l2, h2) != (lo, hi) for l2, h2 in loops))
+
+
+def _listing(block):
+    """[(address, instruction text)] of one function's SASS."""
+    ins = []
+    for line in block.split("\n"):
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s*(.*)", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2)))
+    return ins
+
+
+def loop_sizes(sass_text):
+    """{mangled kernel: [instructions of each innermost loop, in address order]}."""
+    out = {}
+    for block in re.split(r"\n\s*Function : ", sass_text)[1:]:
+        ins = _listing(block)
+        out[block.split("\n", 1)[0].strip()] = [sum(lo <= a <= hi for a, _ in ins) for lo, hi in _innermost_loops(ins)]
+    return out
+
+
 def _sass_per_mma(sass_text):
     """{mangled kernel: (HMMA in the main loop, instructions in that loop)}. The main loop: the innermost
     backward branch's range that holds the most HMMAs; without one (a fully unrolled burst), the span
@@ -63,21 +96,11 @@ def _sass_per_mma(sass_text):
     result = {}
     for block in re.split(r"\n\s*Function : ", sass_text)[1:]:
         name = block.split("\n", 1)[0].strip()
-        ins = []
-        for line in block.split("\n"):
-            m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s*(.*)", line)
-            if m:
-                ins.append((int(m.group(1), 16), m.group(2)))
+        ins = _listing(block)
         hmma = [a for a, text in ins if re.search(r"\bHMMA\b", text)]
-        loops = []
-        for addr, text in ins:
-            br = re.search(r"\bBRA\s+(?:`?\(?)0x([0-9a-f]+)", text)
-            if br and int(br.group(1), 16) < addr:
-                loops.append((int(br.group(1), 16), addr))
         if not hmma:
-            inner = [(lo, hi) for lo, hi in loops
-                     if not any(lo <= l2 and h2 <= hi and (l2, h2) != (lo, hi) for l2, h2 in loops)]
-            result[name] = (0, max((sum(lo <= a <= hi for a, _ in ins) for lo, hi in inner), default=0))
+            sizes = [sum(lo <= a <= hi for a, _ in ins) for lo, hi in _innermost_loops(ins)]
+            result[name] = (0, max(sizes, default=0))
             continue
         best = None
         for addr, text in ins:
@@ -109,8 +132,8 @@ def report(archs):
                     raise SystemExit(f"nvcc failed on {src.name}:\n{out.stderr[-3000:]}")
                 usage = subprocess.run([cuobjdump, "--dump-resource-usage", str(cubin)], capture_output=True,
                                        text=True).stdout
-                sass = _sass_per_mma(subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True,
-                                                    text=True).stdout)
+                listing = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True).stdout
+                sass, loops = _sass_per_mma(listing), loop_sizes(listing)
                 current = None
                 for line in usage.splitlines():
                     fn = re.search(r"Function (\S+):", line)
@@ -123,6 +146,7 @@ def report(archs):
                         rows.append(dict(arch=arch, file=src.name, kernel=_demangle_short(current),
                                          regs=int(res.group(1)), stack=int(res.group(2)),
                                          shared=int(res.group(3)), mma=mma, loop=span,
+                                         loops=loops.get(current, []),
                                          per_mma=(span / mma) if mma else None))
     return rows
 
@@ -132,10 +156,11 @@ def main(argv=None):
     ap.add_argument("--arch", nargs="+", default=["80", "90"])
     ap.add_argument("--check", action="store_true", help="exit 1 on any spill (stack > 0)")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--loops", action="store_true", help="also every innermost loop's size, in address order")
     args = ap.parse_args(argv)
     rows = report(args.arch)
     sep = " | " if args.markdown else "  "
-    head = ["arch", "kernel", "regs", "stack", "shared B", "loop", "HMMA", "SASS/HMMA"]
+    head = ["arch", "kernel", "regs", "stack", "shared B", "loop", "HMMA", "SASS/HMMA"] + (["loops"] if args.loops else [])
     lines = [sep.join(head)]
     if args.markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -143,6 +168,8 @@ def main(argv=None):
         cells = [f"sm_{r['arch']}", r["kernel"], str(r["regs"]), str(r["stack"]), str(r["shared"]), str(r["loop"]),
                  str(r["mma"]),
                  f"{r['per_mma']:.1f}" if r["per_mma"] else "-"]
+        if args.loops:
+            cells.append(" ".join(map(str, r["loops"])))
         lines.append(("| " + " | ".join(cells) + " |") if args.markdown else sep.join(cells))
     print("\n".join(lines))
     spills = [r for r in rows if r["stack"] > 0]
