@@ -97,23 +97,25 @@ def test_divergent_barrier_aborts_with_both_sites():
 
 
 # One layer's training step through every CUDA kernel (stats, forward with residual and output
-# statistics, dgrad with the batch-statistics finish, split-K wgrad), both layouts and a half type.
+# statistics, dgrad with the batch-statistics finish, split-K wgrad), both layouts, a half type and TF32.
 _TSAN_CASES = """
 import torch, fused_resnet
 from fused_resnet.functional import bn_relu_conv2d_with_stats
 torch.set_num_threads(1)
-# (C = 8, bf16, channels_last: the forward takes the mma.sync path; C = 6: the general kernels)
-for fmt, dtype, c in ((torch.contiguous_format, torch.float32, 6), (torch.channels_last, torch.bfloat16, 6),
-                      (torch.channels_last, torch.bfloat16, 8)):
+torch.backends.cudnn.allow_tf32 = True  # PyTorch's default: fp32 channels_last takes the TF32 mma kernels
+# (8 -> 8 channels, channels_last, bf16 or fp32: the mma.sync forward, phase-split dgrad (stride 2 for
+# the 1x1) and wgrad; 6 -> 7: the general kernels)
+for fmt, dtype, c, k in ((torch.contiguous_format, torch.float32, 6, 7), (torch.channels_last, torch.bfloat16, 6, 7),
+                         (torch.channels_last, torch.bfloat16, 8, 8), (torch.channels_last, torch.float32, 8, 8)):
     torch.manual_seed(0)
     x = torch.randn(2, c, 5, 5).to(dtype).to(memory_format=fmt).requires_grad_(True)
-    w = torch.randn(7, c, 3, 3).to(dtype).to(memory_format=fmt).requires_grad_(True)
-    r = torch.randn(2, 7, 5, 5).to(dtype)
+    w = torch.randn(k, c, 3, 3).to(dtype).to(memory_format=fmt).requires_grad_(True)
+    r = torch.randn(2, k, 5, 5).to(dtype)
     y, mean, var = bn_relu_conv2d_with_stats(x, w, training=True, padding=1, residual=r, backend="cuda",
                                              out_stats=True)
     y.float().square().sum().backward()
-    w1 = torch.randn(5, c, 1, 1).to(dtype).requires_grad_(True)  # 1x1: several split-K chunks
-    fused_resnet.bn_relu_conv2d(x, w1, training=True, backend="cuda").float().sum().backward()
+    w1 = torch.randn(k, c, 1, 1).to(dtype).requires_grad_(True)  # 1x1 at stride 2: split-K, tapless phases
+    fused_resnet.bn_relu_conv2d(x, w1, training=True, stride=2, backend="cuda").float().sum().backward()
 print("cases done")
 """
 
@@ -147,7 +149,7 @@ def test_thread_sanitizer_finds_no_race_in_the_kernels(tsan_env):
 
 
 @pytest.mark.parametrize("file,after", [("gemm_tile.cuh", "stash();"),
-                                        ("conv_forward_mma.cu", "cp_async_wait<kStages - 2>();")],
+                                        ("mma_tile.cuh", "cp_async_wait<kMmaStages - 2>();")],
                          ids=["gemm_tile", "mma-ring"])
 def test_thread_sanitizer_sees_a_dropped_barrier(tsan_env, file, after):
     """Proof that the check can fail: without the barrier between staging a slice into shared memory

@@ -139,17 +139,7 @@ __global__ void __launch_bounds__(kMmaThreads) conv_dgrad_mma_kernel(const ConvD
 
   WarpAcc<kMI, kNJ> acc;
   acc.zero();
-#pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
-    if (st < steps) issue(st);
-    cp_async_commit();  // one group per step, empty past the end: the wait count stays uniform
-  }
-  for (int step = 0; step < steps; ++step) {
-    const int st = step % kStages;
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    if (step + kStages - 1 < steps) issue((step + kStages - 1) % kStages);
-    cp_async_commit();
+  run_ring(steps, issue, [&](int st) {
 #pragma unroll
     for (int kk = 0; kk < kBK; kk += kK) {
       uint32_t fa[kMI][4], fb[kNJ][2];
@@ -171,9 +161,7 @@ __global__ void __launch_bounds__(kMmaThreads) conv_dgrad_mma_kernel(const ConvD
 #pragma unroll
         for (int j = 0; j < kNJ; ++j) mma_step<T>(acc.v[i][j], fa[i], fb[j]);
     }
-  }
-  cp_async_wait<0>();
-  __syncthreads();  // the ring is drained and read out: the accumulator tile overwrites it
+  });
   acc.store(sh.c, wm * kWM, wn * kWN);
   __syncthreads();
   dgrad_epilogue<T, kBM, kBN, DgradMmaShared<T, kBM, kBN>::kLdC>(

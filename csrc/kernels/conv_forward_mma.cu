@@ -133,18 +133,8 @@ __global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const Con
   WarpAcc<kMI, kNJ> acc;
   acc.zero();
 
-#pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
-    if (st < steps) issue(st);
-    cp_async_commit();  // one group per step, empty past the end: the wait count stays uniform
-  }
   const int gq = lane / 4, tq = lane % 4;
-  for (int step = 0; step < steps; ++step) {
-    const int st = step % kStages;
-    cp_async_wait<kStages - 2>();  // this thread's copies of `step` have landed
-    __syncthreads();               // everyone's have, and everyone is done with the stage refilled next
-    if (step + kStages - 1 < steps) issue((step + kStages - 1) % kStages);
-    cp_async_commit();
+  run_ring(steps, issue, [&](int st) {
 #pragma unroll
     for (int kk = 0; kk < kBK; kk += kK) {
       // This lane's channels of the slice (registers 0-1, then 2-3): their affine once, for all its rows.
@@ -181,9 +171,7 @@ __global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const Con
 #pragma unroll
         for (int j = 0; j < kNJ; ++j) mma_step<T>(acc.v[i][j], fa[i], fb[j]);
     }
-  }
-  cp_async_wait<0>();
-  __syncthreads();  // the ring is drained and read out: the accumulator tile overwrites it
+  });
   acc.store(sh.epi.c, wm * kWM, wn * kWN);
   if (tid < kBM) {
     const int mm = m0 + tid, tt = mm / g.OW;

@@ -128,17 +128,7 @@ __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvW
 
   WarpAcc<kMI, kNJ> acc;
   acc.zero();
-#pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
-    if (st < steps) issue(st);
-    cp_async_commit();
-  }
-  for (int step = 0; step < steps; ++step) {
-    const int st = step % kStages;
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    if (step + kStages - 1 < steps) issue((step + kStages - 1) % kStages);
-    cp_async_commit();
+  run_ring(steps, issue, [&](int st) {
 #pragma unroll
     for (int kq = 0; kq < kBK / kK / kHalves; ++kq) {
       const int kk = kK * (kq * kHalves + half);
@@ -172,9 +162,7 @@ __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvW
 #pragma unroll
         for (int j = 0; j < kNJ; ++j) mma_step<T>(acc.v[i][j], fa[i], fb[j]);
     }
-  }
-  cp_async_wait<0>();
-  __syncthreads();  // the ring is drained and read out: the accumulator tile overwrites it
+  });
   if (half == 0) acc.store(sh.c, wm * kWM, wn * kWN);
   __syncthreads();
   if (kHalves == 2) {

@@ -3,8 +3,8 @@
 // for both ways an operand can sit in shared memory.
 //
 // Four warps, in a grid each kernel picks; warp tile kWM x kWN = kMI x kNJ mma blocks of 16x8. Fragment
-// layouts are the PTX ISA's for m16n8k16 (csrc/emu/emu_primitives.h spells them out): A row-major 16x16,
-// B "col" 16x8.
+// layouts are the PTX ISA's for m16n8k16 (16-bit) and m16n8k8 (TF32) (csrc/emu/emu_primitives.h spells
+// them out): A row-major, B "col".
 #pragma once
 
 #include "gemm_tile.cuh"
@@ -29,8 +29,8 @@ struct MmaElem {
   static constexpr int kLd = kBK + kVec;
 };
 
-// Fragment element h of register `reg` (A: reg / 2, B: reg) sits at this reduction index of the mma's
-// kK, for lane quad position tq.
+// The reduction index (within the mma's kK) of element h of a fragment register, for the lane's quad
+// position tq: half_sel 0 for A registers 0-1 and B register 0, 1 for A registers 2-3 and B register 1.
 template <class T>
 __device__ __forceinline__ int frag_k(int tq, int half_sel, int h) {
   return MmaElem<T>::kPer * tq + (MmaElem<T>::kK / 2) * half_sel + h;
@@ -54,6 +54,28 @@ __device__ __forceinline__ uint32_t raw_operand(uint32_t r) {
     memcpy(&f, &r, 4);
     return cvt_tf32(f);
   }
+}
+
+// The cp.async ring every mma kernel runs: issue(stage) queues one step's copies, kMmaStages - 1 steps ahead,
+// one commit group per step (empty past the end, so the wait count stays uniform); compute(stage) runs
+// once that step's copies have landed for every thread and no thread still reads the stage about to be
+// refilled. Returns drained and synchronized: the caller may reuse the ring's shared memory.
+template <class Issue, class Compute>
+__device__ __forceinline__ void run_ring(int steps, Issue&& issue, Compute&& compute) {
+#pragma unroll
+  for (int st = 0; st < kMmaStages - 1; ++st) {
+    if (st < steps) issue(st);
+    cp_async_commit();
+  }
+  for (int step = 0; step < steps; ++step) {
+    cp_async_wait<kMmaStages - 2>();  // this thread's copies of `step` have landed
+    __syncthreads();                  // everyone's have, and everyone is done with the stage refilled next
+    if (step + kMmaStages - 1 < steps) issue((step + kMmaStages - 1) % kMmaStages);
+    cp_async_commit();
+    compute(step % kMmaStages);
+  }
+  cp_async_wait<0>();
+  __syncthreads();
 }
 
 template <int kMI, int kNJ>
