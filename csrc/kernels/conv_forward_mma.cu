@@ -1,17 +1,18 @@
 // Forward, tensor-core path for NHWC (channels_last) tensors, fp16/bf16 with C % 8 == 0 or fp32 in TF32 with
-// C % 4 == 0 (MmaElem: the same bytes per slice and per mma either way): the raw x and W
-// slices stream into a 3-stage shared-memory ring with 16-byte cp.async copies; the BN affine + ReLU is
-// applied on the way from shared memory to registers (ldmatrix -> transform -> mma.sync m16n8k16), so
-// what sits in shared memory is exactly what is in HBM and the copies need no register round trip.
+// C % 4 == 0 (MmaElem: the same bytes per slice and per mma either way): the raw x and W slices stream
+// into a 3-stage shared-memory ring with 16-byte cp.async copies (run_ring); the BN affine + ReLU is
+// applied on the way from shared memory to registers (ldmatrix -> transform -> mma.sync), so what sits in
+// shared memory is exactly what is in HBM and the copies need no register round trip.
 //
 // GEMM view as in conv_forward.cu: rows = output pixels, columns = output channels, reduction =
-// (tap, input channel), walked as one flattened loop of (tap, 32-channel slice) steps. CTA tile 128x64 or
-// 64x128 (FwdMmaShared says which when), 4 warps. Each thread copies (part of) one tile row of A: its
+// (tap, input channel), walked as one flattened loop of (tap, 64-byte channel slice) steps. CTA tile
+// 128x64 or 64x128 (FwdMmaShared says which when), 4 warps. Each thread copies (part of) one tile row of A: its
 // pixel's (n, oh, ow) is decomposed once per tile and every step only adds the tap's offset (no division
 // in the main loop). A row whose tap falls into padding is flagged invalid for the step and its activation
 // forced to 0 after the transform (the conv pads the activation, not x).
 //
-// The epilogue (bias, residual, the stored y, per-tile statistics of y) is conv_forward.cu's.
+// The epilogue (bias, residual, the stored y, per-tile statistics of y) is forward_epilogue
+// (conv_forward_mma.cuh), shared with conv_forward.cu.
 #include "conv_forward_mma.cuh"
 
 namespace fused_resnet {

@@ -40,7 +40,7 @@ static_assert(sizeof(WgradMmaShared<float, 64, 128>) <= 48 * 1024, "static share
 template <class T, int kBM, int kBN>
 __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvWgradParams p) {
   // Warps side by side along the columns (1x4: warp tiles 128x16 or 64x32; in 64x64, 1x2 warps for each
-  // half of the 32-pixel slice, the halves' sums added at the end), so no two warps transform the same B
+  // half of the kBK-pixel slice, the halves' sums added at the end), so no two warps transform the same B
   // columns and each transformed fragment feeds every row block of the tile.
   constexpr int kHalves = kBM * kBN == 64 * 64 ? 2 : 1, kTileWarps = 4 / kHalves;
   constexpr int kWarpsM = 1, kWarpsN = kTileWarps;
