@@ -29,14 +29,14 @@ __device__ __forceinline__ void dgrad_epilogue(const ConvDgradParams& p, acc_t<T
   // BN), so its share of the column sums accrues on the way -- no second pass over x; otherwise gm stays in
   // c and a thread per column sums it afterwards.
   const bool own_col = cfast && blockDim.x % BN == 0;
+  // x and out dense channels_last with the same strides (as the launchers allocate out): one offset,
+  // pixel * C + ch, for both -- no 64-bit stride products per element.
+  const bool dense = nhwc_dense(p.sx, g.N, g.C, g.H, g.W) && p.so[0] == p.sx[0] && p.so[1] == p.sx[1] &&
+                     p.so[2] == p.sx[2] && p.so[3] == p.sx[3];
   Acc s1 = 0, s2 = 0;
-  for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
-    int row, col;
-    tile_coord<BM, BN>(idx, cfast, row, col);
-    const int ch = n0 + col;
-    if (row >= rows || ch >= g.C) continue;
-    const int nb = row_n[row];
-    const Acc xv = to_acc(x[offset4(p.sx, nb, ch, row_h[row], row_w[row])]);
+  // One element: x read at ox, dx or gm stored at oo.
+  auto one = [&](int row, int col, int ch, int64_t ox, int64_t oo) {
+    const Acc xv = to_acc(x[ox]);
     const Acc ga = to_acc(Cvt<T>::from(c[row][col]));
     const Acc gm = relu_passes(bn_affine(xv, mean[ch], scale[ch], beta[ch])) ? ga : Acc(0);
     if (own_col) {
@@ -45,8 +45,24 @@ __device__ __forceinline__ void dgrad_epilogue(const ConvDgradParams& p, acc_t<T
     } else {
       c[row][col] = gm;
     }
-    static_cast<T*>(p.out)[offset4(p.so, nb, ch, row_h[row], row_w[row])] =
-        Cvt<T>::from(p.batch_stats ? gm : gm * scale[ch]);
+    static_cast<T*>(p.out)[oo] = Cvt<T>::from(p.batch_stats ? gm : gm * scale[ch]);
+  };
+  if (dense) {
+    for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
+      const int row = idx / BN, col = idx % BN, ch = n0 + col;
+      if (row >= rows || ch >= g.C) continue;
+      const int64_t o = (static_cast<int64_t>(row_n[row] * g.H + row_h[row]) * g.W + row_w[row]) * g.C + ch;
+      one(row, col, ch, o, o);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
+      int row, col;
+      tile_coord<BM, BN>(idx, cfast, row, col);
+      const int ch = n0 + col;
+      if (row >= rows || ch >= g.C) continue;
+      const int nb = row_n[row], h = row_h[row], w = row_w[row];
+      one(row, col, ch, offset4(p.sx, nb, ch, h, w), offset4(p.so, nb, ch, h, w));
+    }
   }
   if (p.part == nullptr) return;
   __syncthreads();  // every thread is done with c
