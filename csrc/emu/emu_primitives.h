@@ -126,6 +126,24 @@ inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row,
   ldmatrix<2, true>(r, row, loc);
 }
 
+// What each live lane of an m16n8kK mma receives: its four D elements (rows g, g + 8; columns 2t, 2t + 1)
+// = C (posted at byte 24) + the sum over k of A(row, k) B(k, col), in k order. A and B read the operands
+// the lanes posted.
+template <int K, class FA, class FB>
+inline void mma_lanes(fused_resnet_emu::Warp& w, int set, FA&& A, FB&& B) {
+  for (size_t lane = 0; lane < w.live.size(); ++lane) {
+    if (!w.live[lane]) continue;
+    const int g = int(lane) / 4, t = int(lane) % 4;
+    float d[4];
+    std::memcpy(d, w.in[set][lane] + 24, 16);
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i % 2);
+      for (int k = 0; k < K; ++k) d[i] = std::fma(A(row, k), B(k, col), d[i]);
+    }
+    std::memcpy(w.out[set][lane], d, 16);
+  }
+}
+
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: d += A B. Fragments (g = lane / 4, t = lane % 4):
 // A 16x16: a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..], a[3] = A[g+8][2t+8..];
 // B 16x8: b[0] = B[2t..2t+1][g], b[1] = B[2t+8..2t+9][g]; C, D 16x8: d[0..1] = D[g][2t..2t+1], d[2..3] = D[g+8][..].
@@ -142,17 +160,7 @@ inline void mma_all(fused_resnet_emu::Warp& w, int set) {
     return elem((row % 8) * 4 + (k % 8) / 2, 4 * ((row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)) + 2 * (k % 2));
   };
   auto B = [&](int k, int col) { return elem(col * 4 + (k % 8) / 2, 16 + 4 * (k >= 8 ? 1 : 0) + 2 * (k % 2)); };
-  for (size_t lane = 0; lane < w.live.size(); ++lane) {
-    if (!w.live[lane]) continue;
-    const int g = int(lane) / 4, t = int(lane) % 4;
-    float d[4];
-    std::memcpy(d, w.in[set][lane] + 24, 16);
-    for (int i = 0; i < 4; ++i) {
-      const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i % 2);
-      for (int k = 0; k < 16; ++k) d[i] = std::fma(A(row, k), B(k, col), d[i]);
-    }
-    std::memcpy(w.out[set][lane], d, 16);
-  }
+  mma_lanes<16>(w, set, A, B);
 }
 
 // cvt.rna.tf32.f32: to nearest, ties away from zero, on the low 13 mantissa bits; inf stays inf, NaN a NaN.
@@ -178,17 +186,7 @@ inline void mma_tf32_all(fused_resnet_emu::Warp& w, int set) {
   };
   auto A = [&](int row, int k) { return elem((row % 8) * 4 + k % 4, 4 * ((row >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0))); };
   auto B = [&](int k, int col) { return elem(col * 4 + k % 4, 16 + 4 * (k >= 4 ? 1 : 0)); };
-  for (size_t lane = 0; lane < w.live.size(); ++lane) {
-    if (!w.live[lane]) continue;
-    const int g = int(lane) / 4, t = int(lane) % 4;
-    float d[4];
-    std::memcpy(d, w.in[set][lane] + 24, 16);
-    for (int i = 0; i < 4; ++i) {
-      const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i % 2);
-      for (int k = 0; k < 8; ++k) d[i] = std::fma(A(row, k), B(k, col), d[i]);
-    }
-    std::memcpy(w.out[set][lane], d, 16);
-  }
+  mma_lanes<8>(w, set, A, B);
 }
 
 inline void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],

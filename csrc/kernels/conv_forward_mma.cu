@@ -163,14 +163,8 @@ __global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const Con
 #pragma unroll
       for (int jp = 0; jp < kNJ / 2; ++jp) load_b_nk(fb[2 * jp], fb[2 * jp + 1], sh.ring.b[st], wn * kWN + jp * 16, kk);
 #pragma unroll
-      for (int j = 0; j < kNJ; ++j) {
-        fb[j][0] = raw_operand<T>(fb[j][0]);
-        fb[j][1] = raw_operand<T>(fb[j][1]);
-      }
-#pragma unroll
-      for (int i = 0; i < kMI; ++i)
-#pragma unroll
-        for (int j = 0; j < kNJ; ++j) mma_step<T>(acc.v[i][j], fa[i], fb[j]);
+      for (int j = 0; j < kNJ; ++j) raw_operands<T>(fb[j]);
+      acc.template mma<T>(fa, fb);
     }
   });
   acc.store(sh.epi.c, wm * kWM, wn * kWN);

@@ -140,8 +140,7 @@ __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvW
 #pragma unroll
       for (int i = 0; i < kMI; ++i) {
         load_a_km(fa[i], sh.ring.a[st], wm * kWM + i * 16, kk);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) fa[i][e] = raw_operand<T>(fa[i][e]);
+        raw_operands<T>(fa[i]);
       }
 #pragma unroll
       for (int jp = 0; jp < kNJ / 2; ++jp) load_b_kn(fb[2 * jp], fb[2 * jp + 1], sh.ring.b[st], wn * kWN + jp * 16, kk);
@@ -157,10 +156,7 @@ __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvW
         fb[j][0] = bn_relu_reg<T>(fb[j][0], k0, m2, s2, b2);
         fb[j][1] = bn_relu_reg<T>(fb[j][1], k1, m2, s2, b2);
       }
-#pragma unroll
-      for (int i = 0; i < kMI; ++i)
-#pragma unroll
-        for (int j = 0; j < kNJ; ++j) mma_step<T>(acc.v[i][j], fa[i], fb[j]);
+      acc.template mma<T>(fa, fb);
     }
   });
   if (half == 0) acc.store(sh.c, wm * kWM, wn * kWN);

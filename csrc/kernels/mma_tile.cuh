@@ -78,9 +78,24 @@ __device__ __forceinline__ void run_ring(int steps, Issue&& issue, Compute&& com
   __syncthreads();
 }
 
+// Each register of a raw (untransformed) fragment as the mma takes it (raw_operand).
+template <class T, int N>
+__device__ __forceinline__ void raw_operands(uint32_t (&f)[N]) {
+#pragma unroll
+  for (int e = 0; e < N; ++e) f[e] = raw_operand<T>(f[e]);
+}
+
 template <int kMI, int kNJ>
 struct WarpAcc {
   float v[kMI][kNJ][4];
+  // The warp tile's products of one kK slice: every A fragment with every B fragment.
+  template <class T>
+  __device__ __forceinline__ void mma(const uint32_t (&fa)[kMI][4], const uint32_t (&fb)[kNJ][2]) {
+#pragma unroll
+    for (int i = 0; i < kMI; ++i)
+#pragma unroll
+      for (int j = 0; j < kNJ; ++j) mma_step<T>(v[i][j], fa[i], fb[j]);
+  }
   __device__ __forceinline__ void zero() {
 #pragma unroll
     for (int i = 0; i < kMI; ++i)
