@@ -219,12 +219,13 @@ std::tuple<at::Tensor, int64_t> conv_forward(const at::Tensor& x, const at::Tens
   return std::make_tuple(part, rows);
 }
 
-// Writes out (dx, or gm when batch_stats; x's dtype either way); returns per-tile
+// Writes out (dx, or gm when batch_stats, or ga when raw; x's dtype every time; addend: another consumer's
+// ga, added first); returns per-tile
 // (S1, S2), [tiles_m, 2, C], or an empty tensor when neither is needed.
 at::Tensor conv_dgrad(const at::Tensor& gy, const at::Tensor& w, const at::Tensor& x, const at::Tensor& mean,
                       const at::Tensor& scale, const at::Tensor& beta, const at::Tensor& invstd, at::Tensor& out,
                       bool batch_stats, bool need_sums, std::vector<int64_t> stride, std::vector<int64_t> padding,
-                      std::vector<int64_t> dilation, bool tf32) {
+                      std::vector<int64_t> dilation, bool tf32, const std::optional<at::Tensor>& addend, bool raw) {
   check_4d(gy, "grad_y"); check_4d(w, "weight"); check_4d(x, "x"); check_4d(out, "out");
   check_same_dtype(gy, x, "grad_y"); check_same_dtype(w, x, "weight");
   const auto acc = acc_of(x);
@@ -252,6 +253,22 @@ at::Tensor conv_dgrad(const at::Tensor& gy, const at::Tensor& w, const at::Tenso
   p.x = x.data_ptr(); strides_of(x, p.sx);
   p.out = out.data_ptr(); strides_of(out, p.so);
   p.mean = mean.data_ptr(); p.scale = scale.data_ptr(); p.beta = beta.data_ptr(); p.invstd = invstd.data_ptr();
+  if (addend.has_value()) {
+    check_4d(*addend, "addend");
+    TORCH_CHECK(addend->scalar_type() == x.scalar_type() && addend->sizes() == out.sizes() &&
+                    addend->strides() == out.strides(),
+                "fused_resnet._C: addend ", addend->sizes(), " (", addend->scalar_type(), ", strides ",
+                addend->strides(), ") must have out's shape, strides and dtype: ", out.sizes(), " ",
+                out.strides(), " ", out.scalar_type());
+    check_on(*addend, x, "addend");
+    // addend may be out itself (each element is read, then written, by one thread), not a part of it
+    TORCH_CHECK(addend->is_same(out) || !may_overlap(out, *addend), "fused_resnet._C: addend overlaps out "
+                "without being it");
+    p.addend = addend->data_ptr();
+  }
+  TORCH_CHECK(!raw || !(batch_stats || need_sums), "fused_resnet._C: raw dgrad has no BN backward (batch_stats "
+              "and need_sums must be false)");
+  p.raw = raw;
   p.batch_stats = batch_stats;
   const bool sums = need_sums || batch_stats;
   const int tiles = fr::conv_dgrad_tiles(p);

@@ -1,9 +1,13 @@
 """The fused op registered with torch.library, with fake implementations and autograd.
 
-Three ops, one name family:
+The ops, one name family:
   fused_resnet::batch_stats                 per-channel (mean, biased var) of x
+  fused_resnet::bn_finalize                 [5, C] BN finalize (+ running-buffer update) for the kernels
   fused_resnet::bn_relu_conv2d              y = conv(relu(x*scale+shift)) + bias + residual [+ stats of y]
-  fused_resnet::bn_relu_conv2d_backward     (dx, dW, dgamma, dbeta) from dL/dy, recomputing relu(bn(x))
+  fused_resnet::bn_relu_conv2d_pair         (y, y2): two convs of one relu(bn(x)) (a projection block's
+                                            conv1 and shortcut), one autograd node
+  fused_resnet::bn_relu_conv2d_backward     (dx, dW, dgamma, dbeta[, dW2]) from dL/dy (and dL/dy2),
+                                            recomputing relu(bn(x))
 
 The BN statistics enter the conv op as detached inputs with a flag `batch_stats` saying whether they
 are x's own batch statistics; its backward then applies the full BN-backward formula, so the
@@ -75,12 +79,26 @@ def _ref_forward(x, weight, bias, gamma, beta, mean, invstd, residual, stride, p
     return y
 
 
+def _ref_conv_grads(grad_y, a, weight, stride, padding, dilation, groups, need_ga, need_dw):
+    """(ga, dW) of conv(a) (None where not needed), the padding applied explicitly as in forward."""
+    pads = _pad_for(a.shape[2], a.shape[3], weight, stride, padding, dilation, grad_y.shape[2:])
+    ga, dw, _ = torch.ops.aten.convolution_backward(
+        grad_y, F.pad(a, pads), weight, None, list(stride), [0, 0], list(dilation), False, [0, 0], groups,
+        [need_ga, need_dw, False])
+    if need_ga:
+        ga = F.pad(ga, [-p for p in pads])  # adjoint of the padding: crop what was padded
+    return ga, (dw if need_dw else None)
+
+
 def _ref_backward(grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, eps, stride, padding,
-                  dilation, groups, needs, sync=None):
+                  dilation, groups, needs, sync=None, others=()):
     """The DESIGN.md backward formulas in PyTorch ops, recomputing a from x (a is never stored).
 
     Autograd is off inside a custom op's implementation, so this spells the math out: conv backward
-    (aten.convolution_backward) for ga and dW, then the ReLU mask and BN backward by hand.
+    (aten.convolution_backward) for ga and dW, then the ReLU mask and BN backward by hand. others: more
+    convs of the same a, (grad_y, weight, stride, padding, dilation, need_dW) each, their ga added to
+    this one's (in x's dtype, as eager's autograd sums them) before the mask. Returns (dx, dW, dgamma,
+    dbeta, [dW of each of others]).
     """
     acc = _acc(x.dtype)
     c = x.shape[1]
@@ -88,15 +106,16 @@ def _ref_backward(grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, eps
     scale, shift = _affine(mean, invstd, gamma, beta)
     xf = x.to(acc)
     pre = xf * scale.view(1, c, 1, 1) + shift.view(1, c, 1, 1)
-    pads = _pad_for(x.shape[2], x.shape[3], weight, stride, padding, dilation, grad_y.shape[2:])
-    a = F.pad(torch.relu(pre).to(x.dtype), pads)
+    a = torch.relu(pre).to(x.dtype)
     need_ga = need_dx or need_dg or need_db
-    ga, dw, _ = torch.ops.aten.convolution_backward(
-        grad_y, a, weight, None, list(stride), [0, 0], list(dilation), False, [0, 0], groups,
-        [need_ga, need_dw, False])
+    ga, dw = _ref_conv_grads(grad_y, a, weight, stride, padding, dilation, groups, need_ga, need_dw)
+    other_dws = []
+    for gy2, w2, stride2, padding2, dilation2, need_dw2 in others:
+        ga2, dw2 = _ref_conv_grads(gy2, a, w2, stride2, padding2, dilation2, 1, need_ga, need_dw2)
+        ga = ga + ga2 if need_ga else None
+        other_dws.append(dw2)
     dx = dgamma = dbeta = None
     if need_ga:
-        ga = F.pad(ga, [-p for p in pads])  # adjoint of the padding: crop what was padded
         gm = ga.to(acc) * (pre > 0)
         xhat = (xf - mean.view(1, c, 1, 1)) * invstd.view(1, c, 1, 1)
         s1 = gm.sum((0, 2, 3))
@@ -112,7 +131,7 @@ def _ref_backward(grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, eps
                 dx = k.view(1, c, 1, 1) * (gm - (s1 / m).view(1, c, 1, 1) - xhat * (s2 / m).view(1, c, 1, 1))
             else:
                 dx = gm * scale.view(1, c, 1, 1)
-    return dx, (dw if need_dw else None), dgamma, dbeta
+    return dx, dw, dgamma, dbeta, other_dws
 
 
 # ---------------------------------------------------------------- kernel backends (triton, cuda)
@@ -148,11 +167,12 @@ def _kernel_forward(kb, x, weight, bias, gamma, beta, mean, invstd, residual, st
 
 
 def _kernel_backward(kb, grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, stride, padding,
-                     dilation, needs, sync=None, prologue=None):
+                     dilation, needs, sync=None, prologue=None, others=()):
     scale, beta = (prologue[0], prologue[1]) if prologue is not None else _bn_prologue(mean, invstd, gamma, beta)
-    # Every reduction finishes in the backend's kernels: four launches at most, no ATen tail.
+    # Every reduction finishes in the backend's kernels: four launches at most (plus three per other
+    # consumer: raw dgrad, wgrad, its column sums), no ATen tail.
     return kb.conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_stats, needs,
-                            stride, padding, dilation, sync=sync)
+                            stride, padding, dilation, sync=sync, others=others)
 
 
 # ---------------------------------------------------------------- the registered ops
@@ -247,21 +267,27 @@ def _conv_backward_impl(
     grad_y: Tensor, x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     mean: Tensor, invstd: Tensor, batch_stats: bool, eps: float, stride: List[int], padding: List[int],
     dilation: List[int], groups: int, needs: List[bool], backend: str, sync_group: int = 0,
-    prologue: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dW, dgamma, dbeta); an entry whose `needs` flag is False comes back empty.
-    sync_group (an id from _sync.group_id): dx uses the process group's BN-backward sums."""
-    needs = list(needs)
+    prologue: Optional[Tensor] = None, grad_y2: Optional[Tensor] = None, weight2: Optional[Tensor] = None,
+    stride2: Optional[List[int]] = None, padding2: Optional[List[int]] = None, dilation2: Optional[List[int]] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dW, dgamma, dbeta, dW2); an entry whose `needs` flag (the first four; a fifth for dW2) is False
+    comes back empty. sync_group (an id from _sync.group_id): dx uses the process group's BN-backward sums.
+    grad_y2/weight2/stride2/padding2/dilation2: a second conv (groups 1) of the same relu(bn(x)) -- a
+    projection block's shortcut -- whose gradient joins this one's before the ReLU mask, so the BN backward
+    runs once (the bn_relu_conv2d_pair op's backward)."""
+    needs = list(needs) + [False] * (5 - len(needs))
     sync = _sync.sum_reducer(sync_group) if (batch_stats and needs[0]) else None
     needs[2] = needs[2] and bn_weight is not None
     needs[3] = needs[3] and bn_bias is not None
+    others = () if weight2 is None else ((grad_y2, weight2, stride2, padding2, dilation2, needs[4]),)
     if backend in ("triton", "cuda"):
         grads = _kernel_backward(_kernels(backend), grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats,
-                                 stride, padding, dilation, needs, sync, prologue)
+                                 stride, padding, dilation, needs[:4], sync, prologue, others)
     else:
         grads = _ref_backward(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps,
-                              stride, padding, dilation, groups, needs, sync)
-    like = (x, weight, bn_weight, bn_bias)
+                              stride, padding, dilation, groups, needs[:4], sync, others)
+    grads = grads[:4] + ((grads[4][0] if others else None),)
+    like = (x, weight, bn_weight, bn_bias, weight2)
     out = []
     for g, ref in zip(grads, like):
         if g is None:
@@ -278,13 +304,46 @@ bn_relu_conv2d_backward_op = torch.library.custom_op("fused_resnet::bn_relu_conv
 
 @bn_relu_conv2d_backward_op.register_fake
 def _(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps, stride, padding, dilation,
-      groups, needs, backend, sync_group=0, prologue=None):
+      groups, needs, backend, sync_group=0, prologue=None, grad_y2=None, weight2=None, stride2=None, padding2=None,
+      dilation2=None):
     def like(t, need):
         if not need or t is None:
             return x.new_empty((0,))
         return torch.empty_like(t, memory_format=memory_format_of(t)) if t.dim() == 4 else torch.empty_like(t)
 
-    return (like(x, needs[0]), like(weight, needs[1]), like(bn_weight, needs[2]), like(bn_bias, needs[3]))
+    needs = list(needs) + [False] * (5 - len(needs))
+    return (like(x, needs[0]), like(weight, needs[1]), like(bn_weight, needs[2]), like(bn_bias, needs[3]),
+            like(weight2, needs[4]))
+
+
+def _pair_impl(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], weight2: Tensor, bias2: Optional[Tensor],
+    bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], mean: Tensor, invstd: Tensor, batch_stats: bool,
+    eps: float, stride: List[int], padding: List[int], dilation: List[int], out_size: List[int],
+    stride2: List[int], padding2: List[int], dilation2: List[int], out_size2: List[int], out_stats: bool,
+    backend: str, sync_group: int = 0, prologue: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Two convs (groups 1, no residual) of one relu(bn(x)): (y, y2, mean_y, var_y), the statistics of y
+    as bn_relu_conv2d's. A projection block's conv1 and shortcut: one autograd node, so the backward sums
+    the two convs' gradients before the ReLU mask and runs the BN backward once, as eager does."""
+    y, mean_y, var_y = _conv_impl(x, weight, bias, bn_weight, bn_bias, mean, invstd, None, batch_stats, eps,
+                                  stride, padding, dilation, out_size, 1, out_stats, backend, sync_group, prologue)
+    y2, _, _ = _conv_impl(x, weight2, bias2, bn_weight, bn_bias, mean, invstd, None, batch_stats, eps, stride2,
+                          padding2, dilation2, out_size2, 1, False, backend, sync_group, prologue)
+    return y, y2, mean_y, var_y
+
+
+bn_relu_conv2d_pair_op = torch.library.custom_op("fused_resnet::bn_relu_conv2d_pair", _pair_impl, mutates_args=())
+
+
+@bn_relu_conv2d_pair_op.register_fake
+def _(x, weight, bias, weight2, bias2, bn_weight, bn_bias, mean, invstd, batch_stats, eps, stride, padding,
+      dilation, out_size, stride2, padding2, dilation2, out_size2, out_stats, backend, sync_group=0, prologue=None):
+    fmt = memory_format_of(x)
+    y = torch.empty((x.shape[0], weight.shape[0], *out_size), dtype=x.dtype, device=x.device, memory_format=fmt)
+    y2 = torch.empty((x.shape[0], weight2.shape[0], *out_size2), dtype=x.dtype, device=x.device, memory_format=fmt)
+    k = weight.shape[0] if out_stats else 0
+    return y, y2, mean.new_empty((k,)), mean.new_empty((k,))
 
 
 # ---------------------------------------------------------------- autograd
@@ -318,14 +377,63 @@ def _backward(ctx, grad_y, grad_mean, grad_var, direct=False):
             dgamma = None
         if dbeta is not None and bn_bias is None:
             dbeta = None
-    dbias = None
-    if ctx.has_bias and ni[2]:
-        dbias = grad_y.sum((0, 2, 3), dtype=_acc(grad_y.dtype)).to(ctx.bias_dtype)
+    dbias = _bias_grad(grad_y, ctx.bias_dtype) if (ctx.has_bias and ni[2]) else None
     dres = grad_y if (ctx.has_residual and ni[7]) else None
     return (dx, dw, dbias, dgamma, dbeta, None, None, dres) + (None,) * 11
 
 
+def _bias_grad(grad_y, dtype):
+    return grad_y.sum((0, 2, 3), dtype=_acc(grad_y.dtype)).to(dtype)
+
+
 torch.library.register_autograd("fused_resnet::bn_relu_conv2d", _backward, setup_context=_setup_context)
+
+_PAIR_ARGS = 23
+
+
+def _pair_setup_context(ctx, inputs, output):
+    inputs = tuple(inputs) + (0, None)[len(inputs) - (_PAIR_ARGS - 2):]  # trailing defaults left out
+    (x, weight, bias, weight2, bias2, bn_weight, bn_bias, mean, invstd, batch_stats, eps, stride, padding,
+     dilation, out_size, stride2, padding2, dilation2, out_size2, out_stats, backend, sync_group, prologue) = inputs
+    ctx.save_for_backward(x, weight, weight2, bn_weight, bn_bias, mean, invstd, prologue)
+    ctx.set_materialize_grads(False)
+    ctx.bias_dtypes = (bias.dtype if bias is not None else None, bias2.dtype if bias2 is not None else None)
+    ctx.conv = (batch_stats, eps, list(stride), list(padding), list(dilation), list(stride2), list(padding2),
+                list(dilation2), backend, sync_group)
+    ctx.out_sizes = (list(out_size), list(out_size2))
+
+
+def _pair_backward(ctx, grad_y, grad_y2, grad_mean, grad_var, direct=False):
+    """Both convs' gradients into one backward op: their ga summed before the ReLU mask, one BN backward."""
+    if grad_y is None and grad_y2 is None:
+        return (None,) * _PAIR_ARGS
+    x, weight, weight2, bn_weight, bn_bias, mean, invstd, prologue = ctx.saved_tensors
+    batch_stats, eps, stride, padding, dilation, stride2, padding2, dilation2, backend, sync_group = ctx.conv
+    # An unused output's gradient is zero: made here, as autograd would have (materialize_grads is off for
+    # the statistics outputs).
+    grad_y, grad_y2 = (g if g is not None else
+                       torch.zeros((x.shape[0], w.shape[0], *size), dtype=x.dtype, device=x.device,
+                                   memory_format=memory_format_of(x))
+                       for g, w, size in ((grad_y, weight, ctx.out_sizes[0]), (grad_y2, weight2, ctx.out_sizes[1])))
+    ni = ctx.needs_input_grad
+    needs = [bool(ni[0]), bool(ni[1]), bool(ni[5]), bool(ni[6]), bool(ni[3])]
+    dx = dw = dw2 = dgamma = dbeta = None
+    if any(needs):
+        grads = (_conv_backward_impl if direct else bn_relu_conv2d_backward_op)(
+            grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps, stride, padding, dilation, 1,
+            needs, backend, sync_group, prologue, grad_y2, weight2, stride2, padding2, dilation2)
+        dx, dw, dgamma, dbeta, dw2 = (g if need else None for g, need in zip(grads, needs))
+        if bn_weight is None:
+            dgamma = None
+        if bn_bias is None:
+            dbeta = None
+    db, db2 = ctx.bias_dtypes
+    dbias = _bias_grad(grad_y, db) if (db is not None and ni[2]) else None
+    dbias2 = _bias_grad(grad_y2, db2) if (db2 is not None and ni[4]) else None
+    return (dx, dw, dbias, dw2, dbias2, dgamma, dbeta) + (None,) * (_PAIR_ARGS - 7)
+
+
+torch.library.register_autograd("fused_resnet::bn_relu_conv2d_pair", _pair_backward, setup_context=_pair_setup_context)
 
 
 # ---------------------------------------------------------------- eager fast path
@@ -370,3 +478,23 @@ def bn_relu_conv2d(*args):
     if _traced(args[0]):
         return bn_relu_conv2d_op(*args)
     return _FusedConv.apply(*args)
+
+
+class _FusedConvPair(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = _pair_impl(*inputs)
+        _pair_setup_context(ctx, inputs, out)
+        ctx.mark_non_differentiable(out[2], out[3])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_y2, grad_mean, grad_var):
+        return _pair_backward(ctx, grad_y, grad_y2, grad_mean, grad_var, direct=True)
+
+
+def bn_relu_conv2d_pair(*args):
+    """The fused pair op (two convs of one BN+ReLU): the registered op when traced, else the same code."""
+    if _traced(args[0]):
+        return bn_relu_conv2d_pair_op(*args)
+    return _FusedConvPair.apply(*args)

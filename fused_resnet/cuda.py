@@ -115,12 +115,16 @@ def _wgrad_slabs(ext, grad_y, x, dw, mean, scale, beta, stride, padding, dilatio
 
 
 def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_stats, needs, stride, padding,
-                  dilation, sync=None):
-    """(dx, dW, dgamma, dbeta), None where `needs` (dx, dW, dgamma, dbeta) says no; four launches at most:
-    dgrad (+ per-tile BN-backward sums), wgrad (split-K slabs), one column_sums for both, and with batch
-    statistics the dx finish. dW in the weight's dtype and layout; dgamma/dbeta in the accumulation
-    dtype. sync(s1, s2, count) -> (s1, s2, count) makes dx use process-group-wide sums (dgamma/dbeta
-    stay local, as nn.SyncBatchNorm's do)."""
+                  dilation, sync=None, others=()):
+    """(dx, dW, dgamma, dbeta, [dW of each of `others`]), None where `needs` (dx, dW, dgamma, dbeta) says no;
+    four launches at most for one consumer: dgrad (+ per-tile BN-backward sums), wgrad (split-K slabs), one
+    column_sums for both, and with batch statistics the dx finish. dW in the weight's dtype and layout;
+    dgamma/dbeta in the accumulation dtype. sync(s1, s2, count) -> (s1, s2, count) makes dx use
+    process-group-wide sums (dgamma/dbeta stay local, as nn.SyncBatchNorm's do).
+    others: more consumers of the same activation, (grad_y, weight, stride, padding, dilation, need_dW) each
+    (a block's projection shortcut): their ga is summed into this one's before the ReLU mask (one raw
+    dgrad each, into the buffer this conv's dgrad then finishes in place), so the BN backward runs once,
+    as eager's does on the summed gradient; their dW costs a wgrad and a column_sums each."""
     ext = _ext(x)
     acc = _acc(x.dtype)
     need_dx, need_dw, need_dg, need_db = needs
@@ -133,8 +137,13 @@ def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_sta
         dx = torch.empty_like(x, memory_format=memory_format_of(x))
         # gm (batch statistics) in x's dtype: eager's ReLU-backward output, half a float32 buffer's bytes
         out = torch.empty_like(x, memory_format=memory_format_of(x)) if batch_stats else dx
+        addend = None
+        for gy2, w2, stride2, padding2, dilation2, _ in others:
+            ext.conv_dgrad(gy2, w2, x, mean, scale, beta, invstd, out, False, False, list(stride2),
+                           list(padding2), list(dilation2), _tf32(), addend, True)
+            addend = out
         part = ext.conv_dgrad(grad_y, weight, x, mean, scale, beta, invstd, out, batch_stats, need_sums,
-                              list(stride), list(padding), list(dilation), _tf32())
+                              list(stride), list(padding), list(dilation), _tf32(), addend, False)
     dw = slabs = None
     if need_dw:
         dw = torch.empty_like(weight, memory_format=memory_format_of(weight))
@@ -144,6 +153,14 @@ def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_sta
         s1 = torch.empty(c, dtype=acc, device=x.device)
         s2 = torch.empty_like(s1)
     ext.column_sums(part.view(part.shape[0], 2 * c) if need_sums else None, s1, s2, slabs, dw)
+    other_dws = []
+    for gy2, w2, stride2, padding2, dilation2, need_dw2 in others:
+        dw2 = None
+        if need_dw2:
+            dw2 = torch.empty_like(w2, memory_format=memory_format_of(w2))
+            ext.column_sums(None, None, None,
+                            _wgrad_slabs(ext, gy2, x, dw2, mean, scale, beta, stride2, padding2, dilation2), dw2)
+        other_dws.append(dw2)
     if batch_stats:
         m = x.numel() // c
         fs1, fs2, count = sync(s1, s2, m) if sync is not None else (s1, s2, m)
@@ -151,4 +168,4 @@ def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_sta
         ext.bn_backward_finish(out, x, dx, mean, invstd, g, fs1.contiguous(), fs2.contiguous(), int(count))
     elif not need_dx:
         dx = None
-    return dx, dw, (s2 if need_dg else None), (s1 if need_db else None)
+    return dx, dw, (s2 if need_dg else None), (s1 if need_db else None), other_dws

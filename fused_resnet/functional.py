@@ -14,28 +14,6 @@ from .backends import resolve
 _KERNEL_BACKENDS = ("triton", "cuda")  # the backends with a finalize kernel (no ATen tail)
 
 
-class PreparedBN(NamedTuple):
-    """A BN finalized once for several fused consumers (a block's conv1 and projection shortcut): the
-    kernels' [5, C] (mean, var, invstd, scale, beta), running buffers already updated. Pass it as
-    input_stats; the kernel backends (Triton, CUDA) make one (prepare_batch_norm)."""
-
-    fin: torch.Tensor
-
-
-def prepare_batch_norm(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, input_stats=None,
-                       backend="auto"):
-    """In training, x's BN finalized once for several consumers: a PreparedBN (one or two launches,
-    running buffers updated here) on the kernel backends (Triton, CUDA); on the reference backend the
-    (mean, var) the consumers finalize themselves (the first consumer then updates the running buffers)."""
-    impl = resolve(backend, x.device, 1)
-    if impl not in _KERNEL_BACKENDS:
-        return input_stats if input_stats is not None else batch_statistics(x, impl)
-    if isinstance(input_stats, PreparedBN):
-        return input_stats
-    return PreparedBN(_finalize_training(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
-                                         input_stats, x.numel() // x.shape[1], impl))
-
-
 def _detached(t):
     return t.detach() if t is not None else None
 
@@ -103,21 +81,22 @@ def bn_relu_conv2d_with_stats(
         process_group), with nn.SyncBatchNorm's semantics (see _sync.py). A no-op when torch.distributed
         is not initialized or the group has one process.
     """
-    x, weight, bias, residual, amp_off = _autocast_inputs(x, weight, bias, residual)
+    (x, weight, bias, residual), amp_off = _autocast_inputs(x, weight, bias, residual)
     with amp_off:
         return _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
                            eps, stride, padding, dilation, groups, residual, backend, input_stats, out_stats,
                            sync_stats, process_group)
 
 
-def _autocast_inputs(x, weight, bias, residual):
-    """Under torch.autocast, the conv's operands in the dtype autocast would give the conv (x too: the
-    BN+ReLU prologue reads it in that dtype); BN parameters, statistics and running buffers stay as they
-    are (float32). Returns them with a context that turns autocast off around the op, so the reference
-    path's inner ops are not cast a second time. float64 tensors are never cast, as autocast does."""
+def _autocast_inputs(x, *operands):
+    """Under torch.autocast, the conv's operands (x, then weights, biases, residual) in the dtype autocast
+    would give the conv (x too: the BN+ReLU prologue reads it in that dtype); BN parameters, statistics and
+    running buffers stay as they are (float32). Returns them (a tuple) with a context that turns autocast off
+    around the op, so the reference path's inner ops are not cast a second time. float64 tensors are never
+    cast, as autocast does."""
     dev = x.device.type if isinstance(x, torch.Tensor) else "cpu"
     if not (isinstance(x, torch.Tensor) and torch.is_autocast_enabled(dev)):
-        return x, weight, bias, residual, contextlib.nullcontext()
+        return (x, *operands), contextlib.nullcontext()
     dt = torch.get_autocast_dtype(dev)
 
     def cast(t):
@@ -125,7 +104,41 @@ def _autocast_inputs(x, weight, bias, residual):
             return t.to(dt)
         return t
 
-    return cast(x), cast(weight), cast(bias), cast(residual), torch.autocast(dev, enabled=False)
+    return tuple(cast(t) for t in (x, *operands)), torch.autocast(dev, enabled=False)
+
+
+def bn_relu_conv2d_pair_with_stats(
+    x, weight, weight2, bias=None, bias2=None, *, bn_weight=None, bn_bias=None, running_mean=None,
+    running_var=None, training=False, momentum=0.1, eps=1e-5, stride=1, padding=0, dilation=1, stride2=1,
+    padding2=0, dilation2=1, backend="auto", input_stats=None, out_stats=False, sync_stats=False,
+    process_group=None,
+):
+    """Two convs of one relu(batch_norm(x)): (y, y2, mean_y, var_y) with
+    y = conv2d(a, weight, bias, stride, padding, dilation) and y2 = conv2d(a, weight2, bias2, stride2,
+    padding2, dilation2), groups 1 both, no residual; the running buffers updated once. A projection block's
+    conv1 and shortcut: one autograd node, so backward sums the two gradients of a before the ReLU mask and
+    runs the BN backward once (as eager does; two bn_relu_conv2d calls would run it twice). mean_y/var_y:
+    y's statistics when out_stats (as bn_relu_conv2d_with_stats), else None. Both convs are validated
+    before anything runs."""
+    (x, weight, bias, weight2, bias2), amp_off = _autocast_inputs(x, weight, bias, weight2, bias2)
+    with amp_off:
+        geo = validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
+                       eps, stride, padding, dilation, 1, None, backend)
+        try:
+            geo2 = validate(x, weight2, bias2, bn_weight, bn_bias, running_mean, running_var, training, momentum,
+                            eps, stride2, padding2, dilation2, 1, None, backend)
+        except (TypeError, ValueError) as e:  # validate names the first conv's arguments
+            raise type(e)(f"the second conv (weight2, bias2, stride2, padding2, dilation2): {e}") from None
+        impl = resolve(backend, x.device, 1)
+        bn = _bn_inputs(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, impl,
+                        input_stats, sync_stats, process_group)
+        y, y2, mean_y, var_y = _ops.bn_relu_conv2d_pair(
+            x, weight, bias, weight2, bias2, bn_weight, bn_bias, bn.mean, bn.invstd, training, float(eps),
+            list(geo.stride), list(geo.padding), list(geo.dilation), list(geo.out_size), list(geo2.stride),
+            list(geo2.padding), list(geo2.dilation), list(geo2.out_size), bool(out_stats), impl, bn.gid,
+            bn.prologue)
+        bn.update_running_stats()
+    return (y, y2, mean_y, var_y) if out_stats else (y, y2, None, None)
 
 
 def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
@@ -134,16 +147,50 @@ def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
     geo = validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
                    eps, stride, padding, dilation, groups, residual, backend)
     impl = resolve(backend, x.device, geo.groups)
+    bn = _bn_inputs(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, impl, input_stats,
+                    sync_stats, process_group)
+    y, mean_y, var_y = _ops.bn_relu_conv2d(
+        x, weight, bias, bn_weight, bn_bias, bn.mean, bn.invstd, residual, training, float(eps),
+        list(geo.stride), list(geo.padding), list(geo.dilation), list(geo.out_size), geo.groups,
+        bool(out_stats), impl, bn.gid, bn.prologue)
+    bn.update_running_stats()
+    return (y, mean_y, var_y) if out_stats else (y, None, None)
+
+
+class _BNInputs(NamedTuple):
+    """What the conv ops take of the BN: mean, invstd, the kernels' [2, C] (scale, beta) or None, the sync
+    group id; and the running-buffer update still to do after the op (the reference path's: the kernel
+    backends' finalize kernel has done it already)."""
+
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    prologue: object
+    gid: int
+    pending: tuple
+
+    def update_running_stats(self):
+        # After the op succeeded, so a failed call leaves the buffers as they were.
+        if self.pending:
+            update_running_stats(*self.pending)
+
+
+def _bn_inputs(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, impl, input_stats,
+               sync_stats, process_group):
+    """x's BN as the conv ops take it (validation has run). Kernel backends without sync: one bn_finalize
+    launch (after the statistics partials when x's own statistics are needed) gives mean, invstd and the
+    prologue's scale/beta and updates the running buffers in place -- no ATen tail. Otherwise the
+    statistics (synchronized over the group with sync_stats) and invstd in ATen ops."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     count = x.numel() // x.shape[1]
     gid = _sync.group_id(process_group) if (training and sync_stats) else 0
-    if isinstance(input_stats, PreparedBN):
-        if impl not in _KERNEL_BACKENDS or gid or not training:
-            raise ValueError("a PreparedBN is for the kernel backends' training path without sync_stats")
-        running_mean = running_var = None  # updated when it was prepared
     if impl in _KERNEL_BACKENDS and not gid:
-        return _with_finalize_kernel(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training,
-                                     momentum, eps, residual, impl, input_stats, out_stats, geo, count)
+        if training:
+            fin = _finalize_training(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, input_stats,
+                                     count, impl)
+        else:
+            fin = _ops.bn_finalize(x.detach(), running_mean.detach(), running_var.detach(), _detached(bn_weight),
+                                   _detached(bn_bias), None, None, False, 0.0, float(eps), count, impl)
+        return _BNInputs(fin[0], fin[2], fin[3:5], 0, ())
     if training:
         if input_stats is not None:
             mean, var = (s.detach().to(acc) for s in input_stats)
@@ -153,36 +200,8 @@ def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
             mean, var, count = _sync.gather_stats(mean, var, count, gid)
     else:
         mean, var = running_mean.detach().to(acc), running_var.detach().to(acc)
-    invstd = torch.rsqrt(var + eps)
-    y, mean_y, var_y = _ops.bn_relu_conv2d(
-        x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, training, float(eps),
-        list(geo.stride), list(geo.padding), list(geo.dilation), list(geo.out_size), geo.groups,
-        bool(out_stats), impl, gid)
-    if training and running_mean is not None:
-        # After the op succeeded, so a failed call leaves the buffers as they were.
-        update_running_stats(running_mean, running_var, mean, var, count, momentum)
-    return (y, mean_y, var_y) if out_stats else (y, None, None)
-
-
-def _with_finalize_kernel(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
-                          eps, residual, impl, input_stats, out_stats, geo, count):
-    """The kernel path with no ATen tail: one bn_finalize launch (after the statistics partials when
-    x's own statistics are needed) gives mean, invstd and the prologue's scale/beta and updates the
-    running buffers in place; then the conv. Validation has run, so the only failures left are the
-    kernels' own."""
-    if isinstance(input_stats, PreparedBN):
-        fin = input_stats.fin
-    elif training:
-        fin = _finalize_training(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, input_stats,
-                                 count, impl)
-    else:
-        fin = _ops.bn_finalize(x.detach(), running_mean.detach(), running_var.detach(), _detached(bn_weight),
-                               _detached(bn_bias), None, None, False, 0.0, float(eps), count, impl)
-    y, mean_y, var_y = _ops.bn_relu_conv2d(
-        x, weight, bias, bn_weight, bn_bias, fin[0], fin[2], residual, training, float(eps),
-        list(geo.stride), list(geo.padding), list(geo.dilation), list(geo.out_size), geo.groups,
-        bool(out_stats), impl, 0, fin[3:5])
-    return (y, mean_y, var_y) if out_stats else (y, None, None)
+    pending = (running_mean, running_var, mean, var, count, momentum) if (training and running_mean is not None) else ()
+    return _BNInputs(mean, torch.rsqrt(var + eps), None, gid, pending)
 
 
 def batch_statistics(x, backend="auto"):

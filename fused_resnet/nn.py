@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import PreparedBN, batch_statistics, bn_relu_conv2d_with_stats, prepare_batch_norm
+from .functional import bn_relu_conv2d_pair_with_stats, bn_relu_conv2d_with_stats
 from .sync_bn import SyncBatchNorm2d
 
 
@@ -32,19 +32,23 @@ def _momentum(bn, update_running_stats):
     return factor, tracking
 
 
-def shared_batch_norm(bn, x, input_stats, backend):
-    """x's statistics for bn in training, finalized once when two convs consume bn (see
-    functional.prepare_batch_norm). A PreparedBN comes with bn's running buffers and counter already
-    updated, so neither consumer updates them; plain (mean, var) leave that to the first consumer."""
-    if isinstance(bn, (SyncBatchNorm2d, nn.SyncBatchNorm)) or not (bn.track_running_stats and
-                                                                   bn.running_mean is not None):
-        return input_stats if input_stats is not None else batch_statistics(x, backend)
-    factor, _ = _momentum(bn, True)
-    stats = prepare_batch_norm(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, factor, bn.eps,
-                               input_stats, backend)
-    if isinstance(stats, PreparedBN) and bn.num_batches_tracked is not None:
+def _bn_arguments(bn, update_running_stats, input_stats, out_stats):
+    """The functional API's BN keyword arguments for bn, and whether the call updates bn's buffers (then
+    the caller counts num_batches_tracked), as nn.BatchNorm2d.forward decides them."""
+    factor, tracking = _momentum(bn, update_running_stats)
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep_buffers = (not bn.training or bn.track_running_stats) and (update_running_stats or not use_batch_stats)
+    kw = dict(bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean if keep_buffers else None,
+              running_var=bn.running_var if keep_buffers else None, training=use_batch_stats, momentum=factor,
+              eps=bn.eps, input_stats=input_stats if use_batch_stats else None,
+              out_stats=out_stats and use_batch_stats, sync_stats=isinstance(bn, (SyncBatchNorm2d, nn.SyncBatchNorm)),
+              process_group=getattr(bn, "process_group", None))
+    return kw, tracking
+
+
+def _count_batch(bn, tracking):
+    if tracking and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
-    return stats
 
 
 def fused_bn_relu_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d, x, residual=None, *, backend="auto",
@@ -57,21 +61,30 @@ def fused_bn_relu_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d, x, residual=None, *,
     bn synchronizes its training statistics over its process group.
     Returns (y, stats_of_y or None).
     """
-    factor, tracking = _momentum(bn, update_running_stats and not isinstance(input_stats, PreparedBN))
-    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    keep_buffers = (not bn.training or bn.track_running_stats) and (update_running_stats or not use_batch_stats)
+    kw, tracking = _bn_arguments(bn, update_running_stats, input_stats, out_stats)
     y, mean, var = bn_relu_conv2d_with_stats(
-        x, conv.weight, conv.bias, bn_weight=bn.weight, bn_bias=bn.bias,
-        running_mean=bn.running_mean if keep_buffers else None,
-        running_var=bn.running_var if keep_buffers else None,
-        training=use_batch_stats, momentum=factor, eps=bn.eps, stride=conv.stride,
-        padding=conv.padding, dilation=conv.dilation, groups=conv.groups, residual=residual,
-        backend=backend, input_stats=input_stats if use_batch_stats else None,
-        out_stats=out_stats and use_batch_stats, sync_stats=isinstance(bn, (SyncBatchNorm2d, nn.SyncBatchNorm)),
-        process_group=getattr(bn, "process_group", None))
-    if tracking and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
+        x, conv.weight, conv.bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+        groups=conv.groups, residual=residual, backend=backend, **kw)
+    _count_batch(bn, tracking)
     return y, ((mean, var) if mean is not None else None)
+
+
+def fused_bn_relu_conv_pair(bn: nn.BatchNorm2d, conv: nn.Conv2d, conv2: nn.Conv2d, x, *, backend="auto",
+                            input_stats=None, out_stats=False):
+    """(conv(a), conv2(a), stats of conv(a) or None) for a = relu(bn(x)): one fused op with one autograd
+    node (a projection block's conv1 and shortcut), bn's buffers updated once, with fused_bn_relu_conv's
+    semantics. Both convs groups=1, padding_mode='zeros'."""
+    for c in (conv, conv2):
+        _check_pair(bn, c)
+        if c.groups != 1:
+            raise ValueError(f"a fused conv pair takes groups=1 convolutions, got groups={c.groups}")
+    kw, tracking = _bn_arguments(bn, True, input_stats, out_stats)
+    y, y2, mean, var = bn_relu_conv2d_pair_with_stats(
+        x, conv.weight, conv2.weight, conv.bias, conv2.bias, stride=conv.stride, padding=conv.padding,
+        dilation=conv.dilation, stride2=conv2.stride, padding2=conv2.padding, dilation2=conv2.dilation,
+        backend=backend, **kw)
+    _count_batch(bn, tracking)
+    return y, y2, ((mean, var) if mean is not None else None)
 
 
 class FusedBNReLUConv2d(nn.Module):
@@ -135,17 +148,15 @@ class PreActBlock(nn.Module):
         if not self.fused:
             return self._forward_plain(x), None
         chain = self._chain()
-        bn1, conv1 = chain[0]
-        if bn1.training and self.shortcut is not None:
-            # Two consumers of bn1: its batch statistics (and on Triton its finalized affine and the
-            # running-buffer update) once for both.
-            input_stats = shared_batch_norm(bn1, x, input_stats, self.backend)
-        sc = x
+        out, stats, sc, first = x, input_stats, x, 0
         if self.shortcut is not None:
-            sc, _ = fused_bn_relu_conv(bn1, self.shortcut, x, backend=self.backend, input_stats=input_stats,
-                                       update_running_stats=False)
-        out, stats = x, input_stats
-        for i, (bn, conv) in enumerate(chain):
+            # Two consumers of bn1: one fused op for both, so its backward runs bn1's once on the summed
+            # gradient (as eager does) and its buffers are updated once.
+            bn1, conv1 = chain[0]
+            out, sc, stats = fused_bn_relu_conv_pair(bn1, conv1, self.shortcut, x, backend=self.backend,
+                                                     input_stats=input_stats, out_stats=True)
+            first = 1
+        for i, (bn, conv) in enumerate(chain[first:], first):
             last = i == len(chain) - 1
             out, stats = fused_bn_relu_conv(bn, conv, out, sc if last else None, backend=self.backend,
                                             input_stats=stats, out_stats=want_stats or not last)

@@ -96,11 +96,29 @@ def test_conv_forward_refuses(case, match):
     ("grad_y batch", r"grad_y of shape \[3, 4, 5, 5\] must be \[N=2, K=4"),
     ("weight channels", "input channels"),
     ("out aliases grad_y", "out shares memory with an input"),
+    ("addend shape", r"addend \[2, 3, 5, 4\] .* must have out's shape"),
+    ("addend dtype", "must have out's shape, strides and dtype"),
+    ("addend strides", "must have out's shape, strides and dtype"),
+    ("addend overlaps out", "addend overlaps out without being it"),
+    ("raw with sums", "raw dgrad has no BN backward"),
 ])
 def test_conv_dgrad_refuses(case, match):
     x, w, _, vec = _args()
     gy = torch.randn(2, 4, 5, 5)
     out = torch.empty_like(x)
+    addend, raw, need_sums = None, False, True
+    if case == "addend shape":
+        addend = torch.randn(2, 3, 5, 4)
+    elif case == "addend dtype":
+        addend = torch.randn_like(x, dtype=torch.float64)
+    elif case == "addend strides":
+        addend = torch.randn_like(x).contiguous(memory_format=torch.channels_last)
+    elif case == "addend overlaps out":
+        big = torch.randn(2 * x.numel())
+        out = big[:x.numel()].view(x.shape)
+        addend = big[x.numel() // 2:x.numel() // 2 + x.numel()].view(x.shape)
+    elif case == "raw with sums":
+        raw = True
     if case == "grad_y channels":
         gy = torch.randn(2, 5, 5, 5)
     elif case == "grad_y batch":
@@ -114,7 +132,7 @@ def test_conv_dgrad_refuses(case, match):
         vec = torch.ones(4)
         out = gy
     with pytest.raises(RuntimeError, match=match):
-        C.conv_dgrad(gy, w, x, vec, vec, vec, vec, out, False, True, [1, 1], [1, 1], [1, 1], False)
+        C.conv_dgrad(gy, w, x, vec, vec, vec, vec, out, False, need_sums, [1, 1], [1, 1], [1, 1], False, addend, raw)
 
 
 @pytest.mark.parametrize("case,match", [
@@ -188,7 +206,7 @@ def test_dgrad_path_choice(dtype, channels_last, c, k, tiles, tf32):
     gy = torch.randn(2, k, 3, 3).to(dtype).contiguous(memory_format=fmt)
     out = torch.empty_like(x)
     vec = torch.ones(c)
-    part = C.conv_dgrad(gy, w, x, vec * 0, vec, vec * 0, vec, out, True, True, [2, 2], [1, 1], [1, 1], tf32)
+    part = C.conv_dgrad(gy, w, x, vec * 0, vec, vec * 0, vec, out, True, True, [2, 2], [1, 1], [1, 1], tf32, None, False)
     assert part.shape == (tiles, 2, c)
 
 

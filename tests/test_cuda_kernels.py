@@ -67,7 +67,7 @@ def test_dgrad_mma_by_phase(ext, geometry, dtype):
     beta = torch.randn(c, generator=g).to(device)  # mean 0, scale 1: the ReLU passes where x + beta > 0
     zero, one = torch.zeros(c, device=device), torch.ones(c, device=device)
     out = torch.empty_like(x)
-    part = C.conv_dgrad(gy, wt, x, zero, one, beta, one, out, True, True, [stride] * 2, [pad] * 2, [dil] * 2, False)
+    part = C.conv_dgrad(gy, wt, x, zero, one, beta, one, out, True, True, [stride] * 2, [pad] * 2, [dil] * 2, False, None, False)
     assert part.shape[0] == -(-n * -(-h // stride) * -(-w // stride) // 128) * stride * stride  # phase split ran
 
     def ga(t):
@@ -171,7 +171,7 @@ def test_tf32_forward_dgrad_wgrad(ext, geometry):
     _check(y, fwd(torch.float64), fwd(torch.float32))
 
     out = torch.empty_like(x)
-    part = C.conv_dgrad(gy, wt, x, zero, one, beta, one, out, True, True, [stride] * 2, [pad] * 2, [dil] * 2, True)
+    part = C.conv_dgrad(gy, wt, x, zero, one, beta, one, out, True, True, [stride] * 2, [pad] * 2, [dil] * 2, True, None, False)
     assert part.shape[0] == -(-n * -(-h // stride) * -(-w // stride) // 128) * stride * stride  # phase split ran
     mask = (x.double() + beta.double().view(1, -1, 1, 1)) > 0
 

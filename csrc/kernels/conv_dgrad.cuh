@@ -11,7 +11,8 @@ namespace detail {
 // pixels (row_n, row_h, row_w): ga rounded to T (eager's conv backward returns it in the input dtype),
 // gm = ga where NOT ((x - mean)*scale + beta <= 0) (eager's threshold_backward: NaN passes), stored as gm
 // with batch statistics (half the bytes of a float32 buffer, and exactly eager's ReLU-backward output) or
-// as dx = gm*scale otherwise, both in T; with p.part, the tile's per-column S1 = sum gm and S2 = sum
+// as dx = gm*scale otherwise, both in T (p.addend: ga is first summed with the other consumers' share, each
+// rounded to T; p.raw: that ga itself is stored, nothing else); with p.part, the tile's per-column S1 = sum gm and S2 = sum
 // gm*xhat into row `tile` of the [tiles, 2, C] partials (zeros for a tile without rows). Every thread of
 // the block calls it.
 template <class T, int BM, int BN, int LdC>
@@ -33,11 +34,17 @@ __device__ __forceinline__ void dgrad_epilogue(const ConvDgradParams& p, acc_t<T
   // pixel * C + ch, for both -- no 64-bit stride products per element.
   const bool dense = nhwc_dense(p.sx, g.N, g.C, g.H, g.W) && p.so[0] == p.sx[0] && p.so[1] == p.sx[1] &&
                      p.so[2] == p.sx[2] && p.so[3] == p.sx[3];
+  const T* addend = static_cast<const T*>(p.addend);  // out's strides (the binding checks)
   Acc s1 = 0, s2 = 0;
-  // One element: x read at ox, dx or gm stored at oo.
+  // One element: x read at ox, dx or gm (or ga, raw) stored at oo.
   auto one = [&](int row, int col, int ch, int64_t ox, int64_t oo) {
+    Acc ga = to_acc(Cvt<T>::from(c[row][col]));
+    if (addend != nullptr) ga = to_acc(Cvt<T>::from(ga + to_acc(addend[oo])));
+    if (p.raw) {  // part is null: no sums
+      static_cast<T*>(p.out)[oo] = Cvt<T>::from(ga);
+      return;
+    }
     const Acc xv = to_acc(x[ox]);
-    const Acc ga = to_acc(Cvt<T>::from(c[row][col]));
     const Acc gm = relu_passes(bn_affine(xv, mean[ch], scale[ch], beta[ch])) ? ga : Acc(0);
     if (own_col) {
       s1 += gm;  // no skip of gm == 0: eager's 0 * inf (xhat of an inf x) is NaN

@@ -12,18 +12,25 @@ from .wgrad import conv_wgrad_partial
 
 
 def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_stats, needs, stride, padding,
-                  dilation, sync=None):
-    """(dx, dW, dgamma, dbeta), None where `needs` (dx, dW, dgamma, dbeta) says no. dW comes in the
-    weight's dtype and layout; dgamma/dbeta in the accumulation dtype. sync(s1, s2, count) ->
-    (s1, s2, count) makes dx use process-group-wide sums (dgamma/dbeta stay local)."""
+                  dilation, sync=None, others=()):
+    """(dx, dW, dgamma, dbeta, [dW of each of `others`]), None where `needs` (dx, dW, dgamma, dbeta) says
+    no. dW comes in the weight's dtype and layout; dgamma/dbeta in the accumulation dtype. sync(s1, s2,
+    count) -> (s1, s2, count) makes dx use process-group-wide sums (dgamma/dbeta stay local).
+    others: more consumers of the same activation, (grad_y, weight, stride, padding, dilation, need_dW)
+    each: same contract as fused_resnet.cuda.conv_backward (their ga summed in before the mask, one BN
+    backward)."""
     need_dx, need_dw, need_dg, need_db = needs
     batch_stats = batch_stats and need_dx
     need_sums = need_dg or need_db or batch_stats
     c = x.shape[1]
     out = part = None
     if need_dx or need_sums:
+        addend = None
+        for gy2, w2, stride2, padding2, dilation2, _ in others:
+            addend, _ = conv_dgrad(gy2, x, w2, mean, scale, beta, invstd, False, False, stride2, padding2,
+                                   dilation2, addend=addend, raw=True)
         out, part = conv_dgrad(grad_y, x, weight, mean, scale, beta, invstd, batch_stats, need_sums,
-                               stride, padding, dilation)
+                               stride, padding, dilation, addend=addend)
     dw = slabs = None
     if need_dw:
         dw = torch.empty_like(weight)
@@ -34,6 +41,14 @@ def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_sta
         s2 = torch.empty_like(s1)
     column_sums(a=part.view(part.shape[0], 2 * c) if need_sums else None, a_out=(s1, s2),
                 b=slabs, b_out=dw)
+    other_dws = []
+    for gy2, w2, stride2, padding2, dilation2, need_dw2 in others:
+        dw2 = None
+        if need_dw2:
+            dw2 = torch.empty_like(w2)
+            column_sums(b=conv_wgrad_partial(gy2, x, dw2, mean, scale, beta, stride2, padding2, dilation2),
+                        b_out=dw2)
+        other_dws.append(dw2)
     dx = None
     if batch_stats:
         m = x.numel() // c
@@ -41,4 +56,4 @@ def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_sta
         dx = bn_backward_finish(out, x, mean, invstd, gamma, fs1, fs2, count)
     elif need_dx:
         dx = out
-    return dx, dw, (s2 if need_dg else None), (s1 if need_db else None)
+    return dx, dw, (s2 if need_dg else None), (s1 if need_db else None), other_dws

@@ -43,14 +43,14 @@ def _first_tap(phase, pad, stride, dil, step, KSIZE):
 
 @triton.jit
 def _conv_dgrad_kernel(
-    g_ptr, w_ptr, x_ptr, mean_ptr, scale_ptr, beta_ptr, invstd_ptr, out_ptr, part_ptr,
+    g_ptr, w_ptr, x_ptr, mean_ptr, scale_ptr, beta_ptr, invstd_ptr, out_ptr, part_ptr, add_ptr,
     N, C, H, W, K, OH, OW,
     sgn, sgc, sgh, sgw,
     swk, swc, swr, sws,
     sxn, sxc, sxh, sxw,
     son, soc, soh, sow,
     KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, step_h, step_w,
-    BATCH_STATS: tl.constexpr, NEED_SUMS: tl.constexpr,
+    BATCH_STATS: tl.constexpr, NEED_SUMS: tl.constexpr, ADDEND: tl.constexpr, RAW: tl.constexpr,
     IN_DTYPE: tl.constexpr, ACC: tl.constexpr, DOT_MODE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -100,13 +100,19 @@ def _conv_dgrad_kernel(
     h = ph + stride_h * i
     w = pw + stride_w * j
     emask = mask_m[:, None] & mask_c[None, :]
+    o_off = (nb.to(tl.int64) * son + h * soh + w * sow)[:, None] + offs_c[None, :] * soc
+    ga = acc.to(IN_DTYPE).to(ACC)
+    if ADDEND:  # another consumer's share (out's strides), summed as eager's autograd does: both rounded
+        ga = (ga + tl.load(add_ptr + o_off, mask=emask, other=0.0).to(ACC)).to(IN_DTYPE).to(ACC)
+    if RAW:
+        tl.store(out_ptr + o_off, ga.to(out_ptr.dtype.element_ty), mask=emask)
+        return
     xt = tl.load(x_ptr + (nb.to(tl.int64) * sxn + h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc,
                  mask=emask, other=0.0).to(ACC)
     mu = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
     sc = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
     be = tl.load(beta_ptr + offs_c, mask=mask_c, other=0.0)
     pre = (xt - mu[None, :]) * sc[None, :] + be[None, :]
-    ga = acc.to(IN_DTYPE).to(ACC)
     gm = tl.where(emask & ~(pre <= 0), ga, 0.0)
     if NEED_SUMS:
         istd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0)
@@ -114,7 +120,6 @@ def _conv_dgrad_kernel(
         row = phase * tiles_m + pid_m  # part: [rows, 2, C], column_sums' input
         tl.store(part_ptr + row * 2 * C + offs_c, tl.sum(gm, axis=0), mask=mask_c)
         tl.store(part_ptr + row * 2 * C + C + offs_c, tl.sum(gm * xhat, axis=0), mask=mask_c)
-    o_off = (nb.to(tl.int64) * son + h * soh + w * sow)[:, None] + offs_c[None, :] * soc
     if BATCH_STATS:
         tl.store(out_ptr + o_off, gm.to(out_ptr.dtype.element_ty), mask=emask)
     else:
@@ -159,9 +164,14 @@ def _bn_backward_finish_kernel(
 
 
 def conv_dgrad(grad_y, x, weight, mean, scale, beta, invstd, batch_stats, need_sums, stride, padding,
-               dilation):
+               dilation, addend=None, raw=False):
     """(out, part): out is dx (running statistics) or ga*m in x's dtype for bn_backward_finish (batch
-    statistics); part [rows, 2, C] the per-tile BN-backward partials (S1, S2) when need_sums, else None."""
+    statistics); part [rows, 2, C] the per-tile BN-backward partials (S1, S2) when need_sums, else None.
+    addend: the other consumers' ga (x's dtype, x's layout), added to this conv's ga first; it is also
+    where out goes (each element read, then written, by one program). raw: out is that ga itself, no
+    mask and no sums (a first consumer's share, the next call's addend)."""
+    if raw and (batch_stats or need_sums):
+        raise ValueError("raw dgrad has no BN backward: batch_stats and need_sums must be False")
     n, c, h, w = x.shape
     k, _, kh, kw = weight.shape
     oh, ow = grad_y.shape[2], grad_y.shape[3]
@@ -172,15 +182,15 @@ def conv_dgrad(grad_y, x, weight, mean, scale, beta, invstd, batch_stats, need_s
     tiles_m = cdiv(m_phase, cfg["BLOCK_M"])
     grid = (phases * tiles_m * cdiv(c, cfg["BLOCK_N"]),)
     # dx, or ga*m in the input dtype: eager's ReLU backward output, half the bytes of a float32 buffer
-    out = torch.empty_like(x, memory_format=memory_format_of(x))
+    out = addend if addend is not None else torch.empty_like(x, memory_format=memory_format_of(x))
     part = torch.empty((phases * tiles_m, 2, c), dtype=acc_dtype(x.dtype), device=x.device) if need_sums else None
     _conv_dgrad_kernel[grid](
-        grad_y, weight, x, mean, scale, beta, invstd, out, part if need_sums else out,
+        grad_y, weight, x, mean, scale, beta, invstd, out, part if need_sums else out, out,
         n, c, h, w, k, oh, ow,
         *grad_y.stride(), *weight.stride(), *x.stride(), *out.stride(),
         kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         stride[0] // math.gcd(stride[0], dilation[0]), stride[1] // math.gcd(stride[1], dilation[1]),
-        BATCH_STATS=batch_stats, NEED_SUMS=need_sums,
+        BATCH_STATS=batch_stats, NEED_SUMS=need_sums, ADDEND=addend is not None, RAW=raw,
         IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc_dtype(x.dtype)), DOT_MODE=dot_mode(x.dtype),
         PRECISION=fp32_precision(), **cfg,
     )

@@ -62,6 +62,11 @@ struct ConvDgradParams {
   const void* mean; const void* scale; const void* beta; const void* invstd;  // acc [C]
   void* out; int64_t so[4];
   void* part;  // acc [tiles_m, 2, C]: S1, S2 per tile; null = not needed
+  // The other consumers' gradient w.r.t. the activation (dtype, out's strides), added to this conv's ga
+  // (both rounded to dtype, as eager's autograd sums two gradients of one tensor); null = none. May be out
+  // itself: each element is read before the same thread writes it.
+  const void* addend;
+  bool raw;  // store ga (+ addend) itself: no ReLU mask, no BN backward, no sums (a first consumer's share)
   bool batch_stats;
   bool tf32;  // as in ConvForwardParams
 };
