@@ -412,8 +412,7 @@ def _pair_backward(ctx, grad_y, grad_y2, grad_mean, grad_var, direct=False):
     # An unused output's gradient is zero: made here, as autograd would have (materialize_grads is off for
     # the statistics outputs).
     grad_y, grad_y2 = (g if g is not None else
-                       torch.zeros((x.shape[0], w.shape[0], *size), dtype=x.dtype, device=x.device,
-                                   memory_format=memory_format_of(x))
+                       x.new_zeros((x.shape[0], w.shape[0], *size)).contiguous(memory_format=memory_format_of(x))
                        for g, w, size in ((grad_y, weight, ctx.out_sizes[0]), (grad_y2, weight2, ctx.out_sizes[1])))
     ni = ctx.needs_input_grad
     needs = [bool(ni[0]), bool(ni[1]), bool(ni[5]), bool(ni[6]), bool(ni[3])]

@@ -65,6 +65,24 @@ def bn_relu_conv2d(
     return y
 
 
+def bn_relu_conv2d_pair(
+    x, weight, weight2, bias=None, bias2=None, *, bn_weight=None, bn_bias=None, running_mean=None,
+    running_var=None, training=False, momentum=0.1, eps=1e-5, stride=1, padding=0, dilation=1, stride2=1,
+    padding2=0, dilation2=1, backend="auto", sync_stats=False, process_group=None,
+):
+    """(conv2d(a, weight, bias, stride, padding, dilation), conv2d(a, weight2, bias2, stride2, padding2,
+    dilation2)) for a = relu(batch_norm(x, ...)), fused, groups 1 -- a projection block's conv1 and
+    shortcut. Same BN arguments and semantics as bn_relu_conv2d (the running buffers updated once); one
+    autograd node, so the backward sums the two convs' gradients of a before the ReLU mask and runs the
+    BN backward once, as eager does."""
+    y, y2, _, _ = bn_relu_conv2d_pair_with_stats(
+        x, weight, weight2, bias, bias2, bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean,
+        running_var=running_var, training=training, momentum=momentum, eps=eps, stride=stride, padding=padding,
+        dilation=dilation, stride2=stride2, padding2=padding2, dilation2=dilation2, backend=backend,
+        sync_stats=sync_stats, process_group=process_group)
+    return y, y2
+
+
 def bn_relu_conv2d_with_stats(
     x, weight, bias=None, *, bn_weight=None, bn_bias=None, running_mean=None, running_var=None,
     training=False, momentum=0.1, eps=1e-5, stride=1, padding=0, dilation=1, groups=1, residual=None,

@@ -29,3 +29,29 @@ def bn_relu_conv2d(
     a = F.relu(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps))
     y = F.conv2d(a, weight, bias, stride, padding, dilation, groups)
     return y if residual is None else y + residual
+
+
+def bn_relu_conv2d_pair(
+    x,
+    weight,
+    weight2,
+    bias=None,
+    bias2=None,
+    *,
+    bn_weight=None,
+    bn_bias=None,
+    running_mean=None,
+    running_var=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+    stride=1,
+    padding=0,
+    dilation=1,
+    stride2=1,
+    padding2=0,
+    dilation2=1,
+):
+    a = F.relu(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps))
+    return (F.conv2d(a, weight, bias, stride, padding, dilation),
+            F.conv2d(a, weight2, bias2, stride2, padding2, dilation2))

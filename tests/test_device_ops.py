@@ -72,18 +72,20 @@ def test_layer_issues_no_more_device_ops_than_eager(kernel_backend, channels_las
     assert not ff.syncs and not fb.syncs
 
 
+@pytest.mark.parametrize("shortcut", ["identity", "projection"])
 @pytest.mark.parametrize("block", ["basic", "bottleneck"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_block_issues_no_more_device_ops_than_eager(kernel_backend, block, channels_last):
-    """Blocks with an identity shortcut (all but the first of each stage). A projection-shortcut block
-    runs bn1's backward once per consumer (conv1 and the shortcut), where eager sums the two gradients
-    first: 4 launches more than eager (benchmarks/NOTES.md) until conv1 and the shortcut share one
-    kernel."""
+def test_block_issues_no_more_device_ops_than_eager(kernel_backend, block, channels_last, shortcut):
+    """Identity shortcut (all but the first block of each stage) and projection shortcut (stride 2: the
+    first): there bn1 has two consumers, conv1 and the shortcut, and the fused pair op sums their gradients
+    before one BN backward, as eager does."""
     torch.manual_seed(1)
     cls = fused_resnet.PreActBottleneck if block == "bottleneck" else fused_resnet.PreActBlock
     planes = 2 if block == "bottleneck" else 8
-    fused = cls(8, planes, backend=kernel_backend).train()
-    eager = cls(8, planes, fused=False).train()
+    stride = 2 if shortcut == "projection" else 1
+    fused = cls(8, planes, stride, backend=kernel_backend).train()
+    assert (fused.shortcut is not None) == (shortcut == "projection")
+    eager = cls(8, planes, stride, fused=False).train()
     eager.load_state_dict(fused.state_dict())
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     fused, eager = fused.to(memory_format=fmt), eager.to(memory_format=fmt)
