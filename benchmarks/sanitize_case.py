@@ -6,7 +6,8 @@ Batch statistics, forward (with and without residual, bias and output statistics
 BN-backward sums and the dx finish, and split-K wgrad; in fp32, bf16 (tensor-core path), fp16 and fp64;
 NCHW and channels_last; stride 1 and 2; channel counts that are not a multiple of any tile, and for
 channels_last fp16/bf16/fp32 also 24 -> 16 channels (the CUDA backend's mma.sync forward, phase-split dgrad
-and wgrad: cp.async rings; fp32 through TF32, PyTorch's default torch.backends.cudnn.allow_tf32). Checks
+and wgrad: cp.async rings; fp32 through TF32, PyTorch's default torch.backends.cudnn.allow_tf32); the pair op
+of a projection block (raw dgrad, dgrad with an addend, written in place). Checks
 the result against the reference too, so a kernel that reads out of bounds silently still fails here.
 """
 import argparse
@@ -18,8 +19,10 @@ import fused_resnet
 from fused_resnet import reference
 
 
-def one(backend, dtype, channels_last, stride, residual, device="cuda", c=19, k=21):
-    """None when every output and gradient matches the reference, else what did not."""
+def one(backend, dtype, channels_last, stride, residual, device="cuda", c=19, k=21, pair=False):
+    """None when every output and gradient matches the reference, else what did not. pair: the op of a
+    projection block's conv1 and shortcut (bn_relu_conv2d_pair, with a 1x1 second conv of the same stride;
+    no residual): its backward's raw dgrad and the dgrad that adds it in."""
     g = torch.Generator(device=device).manual_seed(0)
     n, h = 2, 9  # odd sizes: every tile edge is a partial one
     x = torch.randn(n, c, h, h, device=device, dtype=dtype, generator=g)
@@ -32,22 +35,29 @@ def one(backend, dtype, channels_last, stride, residual, device="cuda", c=19, k=
     r = torch.randn(n, k, oh, oh, device=device, dtype=dtype, generator=g) if residual else None
     bn_w = (torch.rand(c, device=device, generator=g) + 0.5).to(dtype if dtype == torch.float64 else torch.float32)
     bn_b = torch.randn(c, device=device, generator=g).to(bn_w.dtype)
-    args = dict(bias=torch.randn(k, device=device, dtype=dtype, generator=g), stride=stride, padding=1,
-                training=True, residual=r)
+    bias = torch.randn(k, device=device, dtype=dtype, generator=g)
+    w2 = torch.randn(k + 8, c, 1, 1, device=device, dtype=dtype, generator=g) * c ** -0.5
+    if channels_last:
+        w2 = w2.contiguous(memory_format=torch.channels_last)
     outs = []
     for impl in (backend, "reference"):
-        leaves = [t.detach().clone().requires_grad_() for t in (x, w, bn_w, bn_b)]
-        y = (fused_resnet.bn_relu_conv2d if impl == backend else reference.bn_relu_conv2d)(
-            leaves[0], leaves[1], bn_weight=leaves[2], bn_bias=leaves[3],
-            running_mean=torch.zeros(c, device=device, dtype=bn_w.dtype),
-            running_var=torch.ones(c, device=device, dtype=bn_w.dtype),
-            **({"backend": backend} if impl == backend else {}), **args)
-        y.backward(torch.ones_like(y) * 0.01 + y.detach() * 0.1)
-        outs.append([y.detach().double()] + [t.grad.double() for t in leaves])
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, bn_w, bn_b) + ((w2,) if pair else ())]
+        bn = dict(bn_weight=leaves[2], bn_bias=leaves[3], running_mean=torch.zeros(c, device=device, dtype=bn_w.dtype),
+                  running_var=torch.ones(c, device=device, dtype=bn_w.dtype), training=True,
+                  **({"backend": backend} if impl == backend else {}))
+        if pair:
+            fn = fused_resnet.bn_relu_conv2d_pair if impl == backend else reference.bn_relu_conv2d_pair
+            ys = fn(leaves[0], leaves[1], leaves[4], bias, stride=stride, padding=1, stride2=stride, **bn)
+        else:
+            fn = fused_resnet.bn_relu_conv2d if impl == backend else reference.bn_relu_conv2d
+            ys = (fn(leaves[0], leaves[1], bias, stride=stride, padding=1, residual=r, **bn),)
+        torch.autograd.backward(ys, [torch.ones_like(y) * 0.01 + y.detach() * 0.1 for y in ys])
+        outs.append([y.detach().double() for y in ys] + [t.grad.double() for t in leaves])
     if device == "cuda":
         torch.cuda.synchronize()
     tol = {torch.float64: 1e-9, torch.float32: 1e-2, torch.float16: 5e-2, torch.bfloat16: 2e-1}[dtype]
-    for name, a, b in zip(("y", "dx", "dw", "dgamma", "dbeta"), *outs):
+    names = ("y", "y2", "dx", "dw", "dgamma", "dbeta", "dw2") if pair else ("y", "dx", "dw", "dgamma", "dbeta")
+    for name, a, b in zip(names, *outs):
         err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
         if not err <= tol:
             return f"{name} relative error {err:.2e} > {tol:.0e}"
@@ -65,11 +75,11 @@ def main():
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for channels_last in (False, True):
             mma = channels_last and dtype != torch.float64
-            for stride, residual in ((1, True), (2, False)):
+            for stride, residual, pair in ((1, True, False), (2, False, False), (2, False, True)):
                 for c, k in ((19, 21), (24, 16)) if mma else ((19, 21),):
-                    why = one(args.backend, dtype, channels_last, stride, residual, c=c, k=k)
+                    why = one(args.backend, dtype, channels_last, stride, residual, c=c, k=k, pair=pair)
                     tag = (f"{args.backend} {str(dtype)[6:]} {'channels_last' if channels_last else 'nchw'} "
-                           f"s{stride} C={c} K={k}")
+                           f"s{stride} C={c} K={k}{' pair (conv1 + 1x1 shortcut)' if pair else ''}")
                     print(f"{tag}: {'ok' if why is None else 'FAIL ' + why}")
                     bad += why is not None
     return 1 if bad else 0

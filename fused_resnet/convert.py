@@ -6,7 +6,9 @@ subclass that applies ReLU itself, as timm's BatchNormAct2d does; checked numeri
 name) whose users are all Conv2d modules. nn.Identity placeholders in between (timm's drop_block, aa)
 do not break a chain. Each conv becomes a FusedBNReLUConv2d sharing the BN and conv modules (no
 copies); when a conv's only user is an addition, the other operand becomes the fused epilogue's
-residual. With several convs on one BN, only the first updates the running stats.
+residual. A BN feeding exactly two convs, neither with a residual add (a pre-activation block's conv1 and
+projection shortcut), becomes one FusedBNReLUConv2dPair: one op, so the BN's backward runs once on the
+summed gradient. With several convs on one BN otherwise, only the first updates the running stats.
 
 What a conversion must never do: change what the model computes in either mode, or touch the model it
 was given. So BatchNorm modules are fx leaves (tracing into them would run their buffer updates and
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ._validate import output_size
-from .nn import FusedBNReLUConv2d, PreActBlock, _check_pair
+from .nn import FusedBNReLUConv2d, FusedBNReLUConv2dPair, PreActBlock, _check_pair
 
 log = logging.getLogger("fused_resnet.convert")
 
@@ -280,6 +282,31 @@ def _unfusable(bn, conv, backend):
     return None
 
 
+def _fuse_pair(gm, bn_node, relu_node, convs, prefix, backend, aliases, report) -> int:
+    """A BN whose ReLU feeds exactly two convs, neither with a residual add (a pre-activation block's conv1
+    and projection shortcut): one FusedBNReLUConv2dPair, so the backward runs the BN's once on the summed
+    gradient, as eager does (two fused layers would run it twice). Returns the number of convs fused."""
+    bn = gm.get_submodule(bn_node.target)
+    mods = [gm.get_submodule(c.target) for c in convs]
+    name = "fused_" + "_and_".join(str(c.target).replace(".", "_") for c in convs)
+    gm.add_submodule(name, FusedBNReLUConv2dPair(bn, *mods, backend=backend))
+    aliases[f"{name}.bn"] = str(bn_node.target)
+    aliases[f"{name}.conv"], aliases[f"{name}.conv2"] = (str(c.target) for c in convs)
+    with gm.graph.inserting_after(relu_node):
+        call = gm.graph.call_module(name, (bn_node.args[0],))
+    with gm.graph.inserting_after(call):
+        second = gm.graph.call_function(operator.getitem, (call, 1))
+    with gm.graph.inserting_after(call):
+        first = gm.graph.call_function(operator.getitem, (call, 0))
+    for conv_node, out, other in ((convs[0], first, convs[1]), (convs[1], second, convs[0])):
+        conv_node.replace_all_uses_with(out)
+        gm.graph.erase_node(conv_node)
+        report.append(Entry(f"{prefix}{bn_node.target} -> {prefix}{conv_node.target}", True,
+                            f"no residual, one op with {prefix}{other.target} (the BN shared by both: its "
+                            "backward runs once)"))
+    return 2
+
+
 def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: list) -> int:
     count = 0
     aliases = {}
@@ -334,6 +361,9 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: list) -> 
         if why:
             report.append(Entry(where, False, why))
             continue
+        if len(convs) == 2 and all(_residual_add(c)[0] is None for c in convs):
+            count += _fuse_pair(gm, bn_node, relu_node, convs, prefix, backend, aliases, report)
+            convs = []
         for i, conv_node in enumerate(convs):
             conv = gm.get_submodule(conv_node.target)
             fused = FusedBNReLUConv2d.from_modules(bn, conv, backend=backend)
@@ -381,7 +411,7 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: list) -> 
 
 
 def _convert_module(module: nn.Module, prefix: str, backend: str, report: list) -> nn.Module:
-    if isinstance(module, (FusedBNReLUConv2d, PreActBlock)):
+    if isinstance(module, (FusedBNReLUConv2d, FusedBNReLUConv2dPair, PreActBlock)):
         report.append(Entry(prefix.rstrip(".") or "<model>", False, "already fused"))
         return module
     if isinstance(module, _BN):  # a leaf of every trace: nothing inside it to fuse

@@ -116,6 +116,25 @@ class FusedBNReLUConv2d(nn.Module):
         return f"backend={self.backend!r}"
 
 
+class FusedBNReLUConv2dPair(nn.Module):
+    """(conv(a), conv2(a)) for a = relu(bn(x)), one fused op (bn_relu_conv2d_pair): a BN with two conv
+    consumers, its buffers updated once and its backward run once on the summed gradient. `.bn`, `.conv`,
+    `.conv2` hold the parameters (convert() builds it around a model's own modules)."""
+
+    def __init__(self, bn: nn.BatchNorm2d, conv: nn.Conv2d, conv2: nn.Conv2d, backend="auto"):
+        super().__init__()
+        for c in (conv, conv2):
+            _check_pair(bn, c)
+        self.bn, self.conv, self.conv2, self.backend = bn, conv, conv2, backend
+
+    def forward(self, x):
+        y, y2, _ = fused_bn_relu_conv_pair(self.bn, self.conv, self.conv2, x, backend=self.backend)
+        return y, y2
+
+    def extra_repr(self):
+        return f"backend={self.backend!r}"
+
+
 class PreActBlock(nn.Module):
     """Basic pre-activation block (He et al. 2016):
     out = relu(bn1(x)); sc = shortcut(out) or x; return conv2(relu(bn2(conv1(out)))) + sc.

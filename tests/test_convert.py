@@ -60,6 +60,10 @@ def test_convert_fuses_and_reports(backend, device):
     # block1: bn1->conv1, bn2->conv2 (+residual); block2: bn1->{conv1, shortcut}, bn2->conv2; head: one.
     assert len(fused) == 6, "\n".join(map(str, conv.fusion_report))
     assert sum("residual add in the epilogue" in e.why for e in fused) == 2
+    # block2's bn1 feeds conv1 and the shortcut: one pair op, so its backward runs once (as eager's)
+    pairs = [m for m in conv.modules() if isinstance(m, fused_resnet.FusedBNReLUConv2dPair)]
+    assert len(pairs) == 1
+    assert sum("one op with" in e.why for e in fused) == 2
     assert any("head.3" in e.where for e in skipped)  # the BN followed by pooling stays as it is
     x = torch.randn(2, 3, 6, 6, device=device)
     assert _count_bn_calls(conv, x) == 1  # only the head's unfused BN runs on its own

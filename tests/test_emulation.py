@@ -97,7 +97,8 @@ def test_divergent_barrier_aborts_with_both_sites():
 
 
 # One layer's training step through every CUDA kernel (stats, forward with residual and output
-# statistics, dgrad with the batch-statistics finish, split-K wgrad), both layouts, a half type and TF32.
+# statistics, dgrad with the batch-statistics finish, split-K wgrad) and a pair's (raw dgrad, dgrad with an
+# addend), both layouts, a half type and TF32.
 _TSAN_CASES = """
 import torch, fused_resnet
 from fused_resnet.functional import bn_relu_conv2d_with_stats
@@ -114,8 +115,11 @@ for fmt, dtype, c, k in ((torch.contiguous_format, torch.float32, 6, 7), (torch.
     y, mean, var = bn_relu_conv2d_with_stats(x, w, training=True, padding=1, residual=r, backend="cuda",
                                              out_stats=True)
     y.float().square().sum().backward()
-    w1 = torch.randn(k, c, 1, 1).to(dtype).requires_grad_(True)  # 1x1 at stride 2: split-K, tapless phases
-    fused_resnet.bn_relu_conv2d(x, w1, training=True, stride=2, backend="cuda").float().sum().backward()
+    # a projection block's pair: 3x3 and 1x1 at stride 2 (the 1x1's raw dgrad, with tapless phases, then the
+    # 3x3's dgrad adding it in place; split-K wgrads)
+    w1 = torch.randn(k, c, 1, 1).to(dtype).to(memory_format=fmt).requires_grad_(True)
+    y3, y1 = fused_resnet.bn_relu_conv2d_pair(x, w, w1, training=True, stride=2, padding=1, stride2=2, backend="cuda")
+    (y3.float().sum() + y1.float().square().sum()).backward()
 print("cases done")
 """
 

@@ -20,9 +20,10 @@ def _sanitize_case():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU pass runs it for real")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("channels_last,stride,residual", [(False, 1, True), (True, 2, False)])
-def test_sanitize_case_passes_on_the_interpreter(dtype, channels_last, stride, residual):
-    assert _sanitize_case().one("triton", dtype, channels_last, stride, residual, device="cpu") is None
+@pytest.mark.parametrize("channels_last,stride,residual,pair", [(False, 1, True, False), (True, 2, False, False),
+                                                                (True, 2, False, True)])
+def test_sanitize_case_passes_on_the_interpreter(dtype, channels_last, stride, residual, pair):
+    assert _sanitize_case().one("triton", dtype, channels_last, stride, residual, device="cpu", pair=pair) is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU pass runs it for real")
@@ -35,6 +36,7 @@ def test_sanitize_case_passes_on_the_emulated_cuda_build():
     if "cuda" not in report:
         pytest.skip(f"backend 'cuda' unavailable: {report.unavailable['cuda']}")
     assert _sanitize_case().one("cuda", torch.bfloat16, True, 1, True, device="cpu", c=24, k=16) is None
+    assert _sanitize_case().one("cuda", torch.bfloat16, True, 2, False, device="cpu", c=24, k=16, pair=True) is None
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")

@@ -1,0 +1,214 @@
+"""bn_relu_conv2d_pair: two convs of one relu(bn(x)) (a projection block's conv1 and shortcut) in one op
+whose backward sums the two gradients of the activation before the ReLU mask and runs the BN backward
+once -- against the eager composition (fused_resnet.reference.bn_relu_conv2d_pair), every backend.
+
+Tolerances: helpers' rule (the backend's error against a float64 run of the reference within a small
+multiple of the reference's own error at the test dtype, plus a floor of a few ulps)."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fused_resnet
+from fused_resnet import _ops, reference
+
+from helpers import FLOOR, MULTIPLE, max_err
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN/inf cases under the interpreter
+
+LEAVES = ("x", "weight", "weight2", "bias", "bias2", "bn_weight", "bn_bias")
+
+# (kernel, stride, padding) of conv1 and of the second conv: a basic block's first conv with its 1x1
+# stride-2 shortcut; a bottleneck's 1x1 conv1 with a 1x1 shortcut that changes channels; a 5x5 beside
+# a 3x3 dilated one (the general kernels).
+GEOMETRIES = {
+    "3x3s2+1x1s2": (((3, 3), 2, 1, 1), ((1, 1), 2, 0, 1)),
+    "1x1+1x1": (((1, 1), 1, 0, 1), ((1, 1), 1, 0, 1)),
+    "5x5+3x3d2": (((5, 5), 1, 2, 1), ((3, 3), 1, 2, 2)),
+}
+
+
+def _inputs(geometry, c, k, k2, seed, device, bias=True):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device)
+
+    (ks, _, _, _), (ks2, _, _, _) = geometry
+    return dict(
+        x=rnd(2, c, 7, 6) + 0.3,
+        weight=rnd(k, c, *ks, scale=(c * ks[0] * ks[1]) ** -0.5),
+        weight2=rnd(k2, c, *ks2, scale=(c * ks2[0] * ks2[1]) ** -0.5),
+        bias=rnd(k, scale=0.5) if bias else None,
+        bias2=rnd(k2, scale=0.5) if bias else None,
+        bn_weight=(torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(device),
+        bn_bias=rnd(c, scale=0.5),
+        running_mean=rnd(c, scale=0.2),
+        running_var=(torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(device),
+    )
+
+
+def _cast(t, dtype, channels_last):
+    out = {}
+    for name, v in t.items():
+        if v is not None:
+            v = v.to(dtype)
+            if v.dim() == 4 and channels_last:
+                v = v.contiguous(memory_format=torch.channels_last)
+        out[name] = v
+    return out
+
+
+def _run(fn, t, geometry, training, seed, **extra):
+    """Outputs, gradients of every leaf (for random output gradients) and the running buffers."""
+    (_, s, p, d), (_, s2, p2, d2) = geometry
+    leaves = {n: (t[n].detach().clone().requires_grad_() if t[n] is not None else None) for n in LEAVES}
+    rm, rv = t["running_mean"].clone(), t["running_var"].clone()
+    y, y2 = fn(leaves["x"], leaves["weight"], leaves["weight2"], leaves["bias"], leaves["bias2"],
+               bn_weight=leaves["bn_weight"], bn_bias=leaves["bn_bias"], running_mean=rm, running_var=rv,
+               training=training, stride=s, padding=p, dilation=d, stride2=s2, padding2=p2, dilation2=d2, **extra)
+    g = torch.Generator().manual_seed(seed + 1)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y)
+    gy2 = torch.randn(y2.shape, generator=g, dtype=torch.float64).to(y2)
+    names = [n for n in LEAVES if leaves[n] is not None]
+    grads = torch.autograd.grad((y, y2), [leaves[n] for n in names], (gy, gy2))
+    res = {"y": y.detach(), "y2": y2.detach(), "running_mean": rm, "running_var": rv}
+    res.update({"d" + n: gr for n, gr in zip(names, grads)})
+    return res
+
+
+def _check(backend, device, dtype, geometry, training, channels_last, seed, c=8, k=16, k2=8):
+    master = _inputs(geometry, c, k, k2, seed, device)
+    low = _cast(master, dtype, channels_last)
+    exact = _cast({n: (v.to(dtype).double() if v is not None else None) for n, v in master.items()},
+                  torch.float64, False)
+    got = _run(fused_resnet.bn_relu_conv2d_pair, low, geometry, training, seed, backend=backend)
+    ref = _run(reference.bn_relu_conv2d_pair, low, geometry, training, seed)
+    oracle = _run(reference.bn_relu_conv2d_pair, exact, geometry, training, seed)
+    assert got.keys() == oracle.keys()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert got["y"].is_contiguous(memory_format=fmt) and got["y2"].is_contiguous(memory_format=fmt)
+    for name, want in oracle.items():
+        scale = want.double().abs().max().item() + 1e-30
+        e_got, e_ref = max_err(got[name], want), max_err(ref[name], want)
+        tol = MULTIPLE * e_ref + FLOOR[dtype] * scale
+        assert e_got <= tol, f"{name}: {backend} error {e_got:.3e} > {tol:.3e} (reference {e_ref:.3e}), {dtype}"
+
+
+@pytest.mark.parametrize("geometry", list(GEOMETRIES), ids=list(GEOMETRIES))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_pair_matches_eager_float32(backend, device, geometry, training):
+    _check(backend, device, torch.float32, GEOMETRIES[geometry], training, False, seed=11)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_pair_matches_eager_dtypes(backend, device, dtype, channels_last):
+    """channels_last with C, K % 8 == 0 in fp16/bf16: the CUDA backend's tensor-core dgrad (raw and
+    addend epilogues) and wgrad."""
+    _check(backend, device, dtype, GEOMETRIES["3x3s2+1x1s2"], True, channels_last, seed=12)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_pair_gradcheck(backend, device, training):
+    """float64, every differentiable input, both biases; conv1 3x3 stride 2 beside a 1x1 stride-2 shortcut."""
+    t = _inputs(GEOMETRIES["3x3s2+1x1s2"], 3, 4, 2, seed=13, device=device)
+    inputs = [t[n].requires_grad_() for n in LEAVES]
+
+    def fn(x, weight, weight2, bias, bias2, gamma, beta):
+        return fused_resnet.bn_relu_conv2d_pair(
+            x, weight, weight2, bias, bias2, bn_weight=gamma, bn_bias=beta, running_mean=t["running_mean"].clone(),
+            running_var=t["running_var"].clone(), training=training, stride=2, padding=1, stride2=2,
+            backend=backend)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("used", ["y", "y2"])
+def test_one_output_unused(backend, device, used):
+    """A loss of one output only: the other's gradient is zero, as eager's."""
+    t = _inputs(GEOMETRIES["3x3s2+1x1s2"], 3, 4, 2, seed=14, device=device)
+    grads = []
+    for fn, extra in ((fused_resnet.bn_relu_conv2d_pair, dict(backend=backend)), (reference.bn_relu_conv2d_pair, {})):
+        x, w, w2 = (t[n].clone().requires_grad_() for n in ("x", "weight", "weight2"))
+        y, y2 = fn(x, w, w2, bn_weight=t["bn_weight"], bn_bias=t["bn_bias"], running_mean=t["running_mean"].clone(),
+                   running_var=t["running_var"].clone(), training=True, stride=2, padding=1, stride2=2, **extra)
+        out = y if used == "y" else y2
+        grads.append(torch.autograd.grad(out.sum(), (x, w, w2), allow_unused=True, materialize_grads=True))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nonfinite_input_matches_eager(backend, device, value):
+    """NaN and inf reach the outputs, gradients and running statistics where eager's do."""
+    t = _cast(_inputs(GEOMETRIES["3x3s2+1x1s2"], 3, 4, 2, seed=15, device=device), torch.float32, False)
+    t["x"][1, 0, 2, 3] = value
+    got = _run(fused_resnet.bn_relu_conv2d_pair, t, GEOMETRIES["3x3s2+1x1s2"], True, 15, backend=backend)
+    want = _run(reference.bn_relu_conv2d_pair, t, GEOMETRIES["3x3s2+1x1s2"], True, 15)
+    for name in want:
+        a, b = got[name].float(), want[name].float()
+        assert torch.equal(a.isnan(), b.isnan()), f"{name}: NaN pattern differs"
+        assert torch.equal(a.isinf(), b.isinf()), f"{name}: inf pattern differs"
+
+
+@pytest.mark.parametrize("case,match", [
+    ("weight2 channels", r"the second conv \(weight2.*x has 3 channels but weight expects 2"),
+    ("weight2 dtype", r"the second conv \(weight2"),
+    ("stride2 zero", r"the second conv \(weight2.*stride"),
+])
+def test_bad_second_conv_raises_before_anything_runs(device, case, match):
+    t = _inputs(GEOMETRIES["3x3s2+1x1s2"], 3, 4, 2, seed=16, device=device)
+    w2, stride2 = t["weight2"], 2
+    if case == "weight2 channels":
+        w2 = torch.randn(4, 2, 1, 1, dtype=torch.float64, device=device)
+    elif case == "weight2 dtype":
+        w2 = w2.float()
+    else:
+        stride2 = 0
+    rm = t["running_mean"].clone()
+    with pytest.raises((ValueError, TypeError), match=match):
+        fused_resnet.bn_relu_conv2d_pair(t["x"], t["weight"], w2, running_mean=rm, running_var=t["running_var"],
+                                         training=True, stride=2, padding=1, stride2=stride2)
+    assert torch.equal(rm, t["running_mean"])  # nothing half-changed
+
+
+def test_block_runs_bn1_once_with_the_pair(backend, device):
+    """A projection block's training step: outputs, every gradient and bn1's buffers (updated once) as
+    the unfused block's, in float64."""
+    torch.manual_seed(17)
+    fused = fused_resnet.PreActBlock(4, 6, 2, backend=backend).double().to(device).train()
+    plain = fused_resnet.PreActBlock(4, 6, 2, fused=False).double().to(device).train()
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64, device=device)
+    outs = []
+    for m in (fused, plain):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.backward(torch.ones_like(y))
+        outs.append([y, xi.grad] + [p.grad for p in m.parameters()] + [b for b in m.buffers()])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    assert int(fused.bn1.num_batches_tracked) == 1
+
+
+def test_opcheck_pair_op(backend, device):
+    t = _inputs(GEOMETRIES["3x3s2+1x1s2"], 3, 4, 2, seed=18, device=device)
+    x, w, w2, b, b2, g, be = (t[n].float().requires_grad_() for n in LEAVES)
+    mean, invstd = t["running_mean"].float(), t["running_var"].float().rsqrt()
+    for training in (True, False):
+        args = (x, w, b, w2, b2, g, be, mean, invstd, training, 1e-5, [2, 2], [1, 1], [1, 1], [4, 3],
+                [2, 2], [0, 0], [1, 1], [4, 3], True, backend)
+        torch.library.opcheck(_ops.bn_relu_conv2d_pair_op, args)
+        leaves = [x, w, b, w2, b2, g, be]
+        y1 = _ops.bn_relu_conv2d_pair_op(*args)
+        got1 = torch.autograd.grad(y1[0].sum() + 2 * y1[1].sum(), leaves)
+        y2 = _ops.bn_relu_conv2d_pair(*args)  # the eager fast path: same code, plain autograd.Function
+        got2 = torch.autograd.grad(y2[0].sum() + 2 * y2[1].sum(), leaves)
+        for a, c in zip(got1 + tuple(y1), got2 + tuple(y2)):
+            torch.testing.assert_close(a, c, rtol=0, atol=0)
+    gy, gy2 = torch.randn(2, 4, 4, 3, device=device), torch.randn(2, 2, 4, 3, device=device)
+    bargs = (gy, x.detach(), w.detach(), g.detach(), be.detach(), mean, invstd, True, 1e-5, [2, 2], [1, 1], [1, 1],
+             1, [True, True, True, True, True], backend, 0, None, gy2, w2.detach(), [2, 2], [0, 0], [1, 1])
+    torch.library.opcheck(_ops.bn_relu_conv2d_backward_op, bargs)
