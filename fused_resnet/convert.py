@@ -6,9 +6,9 @@ subclass that applies ReLU itself, as timm's BatchNormAct2d does; checked numeri
 name) whose users are all Conv2d modules. nn.Identity placeholders in between (timm's drop_block, aa)
 do not break a chain. Each conv becomes a FusedBNReLUConv2d sharing the BN and conv modules (no
 copies); when a conv's only user is an addition, the other operand becomes the fused epilogue's
-residual. A BN feeding exactly two convs, neither with a residual add (a pre-activation block's conv1 and
-projection shortcut), becomes one FusedBNReLUConv2dPair: one op, so the BN's backward runs once on the
-summed gradient. With several convs on one BN otherwise, only the first updates the running stats.
+residual. A BN feeding exactly two convs (a pre-activation block's conv1 and projection shortcut) becomes
+one FusedBNReLUConv2dPair: one op, so the BN's backward runs once on the summed gradient. With more convs
+on one BN, only the first updates the running stats.
 
 What a conversion must never do: change what the model computes in either mode, or touch the model it
 was given. So BatchNorm modules are fx leaves (tracing into them would run their buffer updates and
@@ -283,9 +283,11 @@ def _unfusable(bn, conv, backend):
 
 
 def _fuse_pair(gm, bn_node, relu_node, convs, prefix, backend, aliases, report) -> int:
-    """A BN whose ReLU feeds exactly two convs, neither with a residual add (a pre-activation block's conv1
-    and projection shortcut): one FusedBNReLUConv2dPair, so the backward runs the BN's once on the summed
-    gradient, as eager does (two fused layers would run it twice). Returns the number of convs fused."""
+    """A BN whose ReLU feeds exactly two convs (a pre-activation block's conv1 and projection shortcut): one
+    FusedBNReLUConv2dPair, so the backward runs the BN's once on the summed gradient, as eager does (two
+    fused layers would run it twice). The pair has no residual epilogue: an add after one of its convs
+    stays in the graph, where the conv on its other side (the block's last, fused later) takes it into
+    its own epilogue. Returns the number of convs fused."""
     bn = gm.get_submodule(bn_node.target)
     mods = [gm.get_submodule(c.target) for c in convs]
     name = "fused_" + "_and_".join(str(c.target).replace(".", "_") for c in convs)
@@ -295,15 +297,15 @@ def _fuse_pair(gm, bn_node, relu_node, convs, prefix, backend, aliases, report) 
     with gm.graph.inserting_after(relu_node):
         call = gm.graph.call_module(name, (bn_node.args[0],))
     with gm.graph.inserting_after(call):
-        second = gm.graph.call_function(operator.getitem, (call, 1))
-    with gm.graph.inserting_after(call):
         first = gm.graph.call_function(operator.getitem, (call, 0))
+    with gm.graph.inserting_after(first):
+        second = gm.graph.call_function(operator.getitem, (call, 1))
     for conv_node, out, other in ((convs[0], first, convs[1]), (convs[1], second, convs[0])):
         conv_node.replace_all_uses_with(out)
         gm.graph.erase_node(conv_node)
         report.append(Entry(f"{prefix}{bn_node.target} -> {prefix}{conv_node.target}", True,
-                            f"no residual, one op with {prefix}{other.target} (the BN shared by both: its "
-                            "backward runs once)"))
+                            f"one op with {prefix}{other.target} (the BN shared by both: its backward runs "
+                            "once)"))
     return 2
 
 
@@ -361,7 +363,7 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: list) -> 
         if why:
             report.append(Entry(where, False, why))
             continue
-        if len(convs) == 2 and all(_residual_add(c)[0] is None for c in convs):
+        if len(convs) == 2:
             count += _fuse_pair(gm, bn_node, relu_node, convs, prefix, backend, aliases, report)
             convs = []
         for i, conv_node in enumerate(convs):
