@@ -44,7 +44,7 @@ static_assert(sizeof(FwdMmaShared<float, 128, 64>) <= 48 * 1024, "static shared 
 static_assert(sizeof(FwdMmaShared<float, 64, 128>) <= 48 * 1024, "static shared memory");
 
 template <class T, int kBM, int kBN>
-__global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const ConvForwardParams p) {
+__global__ void __launch_bounds__(kMmaThreads, kBM == 128 ? 4 : 0) conv_forward_mma_kernel(const ConvForwardParams p) {
   // Warps stacked along the rows (4x1: warp tiles 32x64 or 16x128), so no two warps transform the same A
   // rows and each transformed fragment feeds every column block of the tile: 16 (128x64) or 8 (64x128)
   // transformed values per thread per 16 MMAs.
@@ -149,22 +149,28 @@ __global__ void __launch_bounds__(kMmaThreads) conv_forward_mma_kernel(const Con
           sc[hi][h] = sh.affine[st][1][ch];
           be[hi][h] = sh.affine[st][2][ch];
         }
-      uint32_t fa[kMI][4], fb[kNJ][2];
+      // One A fragment at a time (transformed, then multiplied with every B fragment): one alive, not kMI;
+      // the B fragments are loaded after the first is transformed.
+      uint32_t fb[kNJ][2];
 #pragma unroll
       for (int i = 0; i < kMI; ++i) {
         const int row = wm * kWM + i * 16;
-        load_a_mk(fa[i], sh.ring.a[st], row, kk);
+        uint32_t fa[4];
+        load_a_mk(fa, sh.ring.a[st], row, kk);
         const uint32_t k0 = sh.valid[st][row + gq] ? ~0u : 0u, k1 = sh.valid[st][row + gq + 8] ? ~0u : 0u;
-        fa[i][0] = bn_relu_reg<T>(fa[i][0], k0, mu[0], sc[0], be[0]);
-        fa[i][1] = bn_relu_reg<T>(fa[i][1], k1, mu[0], sc[0], be[0]);
-        fa[i][2] = bn_relu_reg<T>(fa[i][2], k0, mu[1], sc[1], be[1]);
-        fa[i][3] = bn_relu_reg<T>(fa[i][3], k1, mu[1], sc[1], be[1]);
+        fa[0] = bn_relu_reg<T>(fa[0], k0, mu[0], sc[0], be[0]);
+        fa[1] = bn_relu_reg<T>(fa[1], k1, mu[0], sc[0], be[0]);
+        fa[2] = bn_relu_reg<T>(fa[2], k0, mu[1], sc[1], be[1]);
+        fa[3] = bn_relu_reg<T>(fa[3], k1, mu[1], sc[1], be[1]);
+        if (i == 0) {
+#pragma unroll
+          for (int jp = 0; jp < kNJ / 2; ++jp)
+            load_b_nk(fb[2 * jp], fb[2 * jp + 1], sh.ring.b[st], wn * kWN + jp * 16, kk);
+#pragma unroll
+          for (int j = 0; j < kNJ; ++j) raw_operands<T>(fb[j]);
+        }
+        acc.template mma_row<T>(i, fa, fb);
       }
-#pragma unroll
-      for (int jp = 0; jp < kNJ / 2; ++jp) load_b_nk(fb[2 * jp], fb[2 * jp + 1], sh.ring.b[st], wn * kWN + jp * 16, kk);
-#pragma unroll
-      for (int j = 0; j < kNJ; ++j) raw_operands<T>(fb[j]);
-      acc.template mma<T>(fa, fb);
     }
   });
   acc.store(sh.epi.c, wm * kWM, wn * kWN);

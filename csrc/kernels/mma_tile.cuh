@@ -7,6 +7,8 @@
 // them out): A row-major, B "col".
 #pragma once
 
+#include <type_traits>
+
 #include "gemm_tile.cuh"
 #include "layout.cuh"
 
@@ -92,9 +94,14 @@ struct WarpAcc {
   template <class T>
   __device__ __forceinline__ void mma(const uint32_t (&fa)[kMI][4], const uint32_t (&fb)[kNJ][2]) {
 #pragma unroll
-    for (int i = 0; i < kMI; ++i)
+    for (int i = 0; i < kMI; ++i) mma_row<T>(i, fa[i], fb);
+  }
+  // Row block i's products: one A fragment with every B fragment (a caller that builds its A fragments one
+  // at a time keeps one alive, not kMI).
+  template <class T>
+  __device__ __forceinline__ void mma_row(int i, const uint32_t (&fa)[4], const uint32_t (&fb)[kNJ][2]) {
 #pragma unroll
-      for (int j = 0; j < kNJ; ++j) mma_step<T>(v[i][j], fa[i], fb[j]);
+    for (int j = 0; j < kNJ; ++j) mma_step<T>(v[i][j], fa, fb[j]);
   }
   __device__ __forceinline__ void zero() {
 #pragma unroll
@@ -197,11 +204,19 @@ __device__ __forceinline__ uint32_t bn_relu_reg(uint32_t raw, uint32_t keep, con
                                                 const float (&s)[MmaElem<T>::kPer], const float (&b)[MmaElem<T>::kPer]) {
   T v[MmaElem<T>::kPer];
   memcpy(v, &raw, 4);
-  if constexpr (sizeof(T) == 2)
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    // A bf16 is a float's upper half: the pair widens with a shift and a mask (no byte permute per value).
+    const uint32_t lo_bits = raw << 16, hi_bits = raw & 0xffff0000u;
+    float lo, hi;
+    memcpy(&lo, &lo_bits, 4);
+    memcpy(&hi, &hi_bits, 4);
+    return pack2<T>(relu_nan(bn_affine(lo, m[0], s[0], b[0])), relu_nan(bn_affine(hi, m[1], s[1], b[1]))) & keep;
+  } else if constexpr (sizeof(T) == 2) {
     return pack2<T>(relu_nan(bn_affine(to_acc(v[0]), m[0], s[0], b[0])),
                     relu_nan(bn_affine(to_acc(v[1]), m[1], s[1], b[1]))) & keep;
-  else
+  } else {
     return cvt_tf32(relu_nan(bn_affine(v[0], m[0], s[0], b[0]))) & keep;
+  }
 }
 
 // The keep mask of bn_relu_reg for the register's elements (hi ignored for float's one element).
