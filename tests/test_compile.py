@@ -107,3 +107,21 @@ def test_eager_fast_path_matches_the_registered_op(backend, device):
     torch.testing.assert_close(y1, y2, rtol=0, atol=0)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_torch_compile_fullgraph_projection_block():
+    """A projection block (conv1 and shortcut: the pair op) traces with no graph break; same outputs and
+    gradients as eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(4)
+    block = fused_resnet.PreActBlock(3, 4, 2, backend="reference").train()
+    twin = fused_resnet.PreActBlock(3, 4, 2, backend="reference").train()
+    twin.load_state_dict(block.state_dict())
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    y1, y2 = block(x), compiled(x)
+    torch.testing.assert_close(y1, y2)
+    g1, = torch.autograd.grad(y1.square().sum(), x)
+    g2, = torch.autograd.grad(y2.square().sum(), x)
+    torch.testing.assert_close(g1, g2)
+    torch.testing.assert_close(block.bn1.running_mean, twin.bn1.running_mean)
