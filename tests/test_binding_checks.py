@@ -186,6 +186,29 @@ def test_forward_path_choice(dtype, channels_last, c, rows, tf32):
     assert tile_rows == rows and part.shape == (2, 1, 8)
 
 
+def test_forward_with_misaligned_affine_takes_the_general_kernel():
+    """The tensor-core forward copies the BN affine (mean, scale, beta) 16 bytes at a time: a view that is not
+    16-byte aligned sends the layer to the general kernel, with the same result."""
+    if not C.EMULATED:
+        pytest.skip("needs a device the kernels run on: the emulated build")
+    fmt = torch.channels_last
+    x = torch.randn(2, 16, 5, 5).to(torch.bfloat16).contiguous(memory_format=fmt)
+    w = torch.randn(8, 16, 3, 3).to(torch.bfloat16).contiguous(memory_format=fmt)
+    mean, scale, beta = torch.randn(16) * 0.1, torch.rand(16) + 0.5, torch.randn(16) * 0.1
+    outs = []
+    for shift in (0, 1):
+        views = []
+        for v in (mean, scale, beta):
+            buf = torch.empty(17)
+            buf[shift:shift + 16] = v
+            views.append(buf[shift:shift + 16])
+        y = torch.empty(2, 8, 5, 5, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+        _, tile_rows = C.conv_forward(x, w, None, *views, None, y, [1, 1], [1, 1], [1, 1], True, False)
+        outs.append((tile_rows, y.float()))
+    assert outs[0][0] == 128 and outs[1][0] == 64  # mma.sync, then the general kernel
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("dtype,channels_last,c,k,tiles,tf32", [
     (torch.bfloat16, True, 16, 8, 4, False), (torch.float16, True, 72, 16, 4, False),  # one tile per phase
     (torch.float32, True, 12, 4, 4, True),  # TF32: multiples of 4 suffice

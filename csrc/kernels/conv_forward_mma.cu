@@ -35,7 +35,7 @@ struct FwdMmaShared {
       int n[kBM], oh[kBM], ow[kBM];  // each tile row's output pixel, decomposed once for the epilogue
     } epi;
   };
-  float affine[kStages][3][kBK];      // per stage: mean, scale, beta of the slice's channels
+  alignas(16) float affine[kStages][3][kBK];  // per stage: mean, scale, beta of the slice's channels
   unsigned char valid[kStages][kBM];  // per stage: the row's tap lands inside x
 };
 static_assert(sizeof(FwdMmaShared<__half, 128, 64>) <= 48 * 1024, "static shared memory");
@@ -43,8 +43,10 @@ static_assert(sizeof(FwdMmaShared<__half, 64, 128>) <= 48 * 1024, "static shared
 static_assert(sizeof(FwdMmaShared<float, 128, 64>) <= 48 * 1024, "static shared memory");
 static_assert(sizeof(FwdMmaShared<float, 64, 128>) <= 48 * 1024, "static shared memory");
 
+// fp16/bf16: 4 CTAs per SM (128 registers; shared memory allows 4 too) -- left to itself ptxas spent up to 162
+// registers (3 CTAs) or spilled, depending on the tile (benchmarks/NOTES.md). TF32: its choice (no spill).
 template <class T, int kBM, int kBN>
-__global__ void __launch_bounds__(kMmaThreads, kBM == 128 ? 4 : 0) conv_forward_mma_kernel(const ConvForwardParams p) {
+__global__ void __launch_bounds__(kMmaThreads, sizeof(T) == 2 ? 4 : 0) conv_forward_mma_kernel(const ConvForwardParams p) {
   // Warps stacked along the rows (4x1: warp tiles 32x64 or 16x128), so no two warps transform the same A
   // rows and each transformed fragment feeds every column block of the tile: 16 (128x64) or 8 (64x128)
   // transformed values per thread per 16 MMAs.
@@ -96,11 +98,13 @@ __global__ void __launch_bounds__(kMmaThreads, kBM == 128 ? 4 : 0) conv_forward_
   bool tap_ok;
   int64_t x_tap = tap_offset(tap_ok);
   auto issue = [&](int st) {
+    // The row's pixel (pixel 0 of the image when the tap is in padding: some valid address either way); a
+    // chunk past C reads nothing and points at the pixel's last chunk, so every address stays inside x.
+    const T* a_pix = x_img + x_tap;
 #pragma unroll
     for (int q = 0; q < kRowChunks; ++q) {
-      const int ch = c_first + q;
-      const bool ok = tap_ok && c0 + kVec * ch < g.C;
-      cp_async_16(&sh.ring.a[st][arow][kVec * ch], x_img + x_tap + (ok ? c0 + kVec * ch : 0), ok);
+      const int k = c0 + kVec * (c_first + q);
+      cp_async_16(&sh.ring.a[st][arow][kVec * (c_first + q)], a_pix + min(k, g.C - kVec), tap_ok && k < g.C);
     }
     if (c_first == 0) sh.valid[st][arow] = tap_ok;
     const bool cok = c0 + kVec * b_chunk < g.C;
@@ -109,12 +113,11 @@ __global__ void __launch_bounds__(kMmaThreads, kBM == 128 ? 4 : 0) conv_forward_
     for (int j = 0; j < kBCopies; ++j)
       cp_async_16(&sh.ring.b[st][b_row + kBRows * j][kVec * b_chunk],
                   wsrc + (((kout_ok >> j) & 1u) ? j * kBRows * w_krow : 0), cok && ((kout_ok >> j) & 1u));
-    if (tid < kBK) {
-      const int c = c0 + tid;
-      const bool aok = c < g.C;  // past C: the copies are zero-filled and so is the activation
-      sh.affine[st][0][tid] = aok ? mean[c] : 0.f;
-      sh.affine[st][1][tid] = aok ? scale[c] : 0.f;
-      sh.affine[st][2][tid] = aok ? beta[c] : 0.f;
+    if (tid < 3 * kBK / 4) {  // the slice's mean, scale, beta: 16-byte copies too (no register round trip)
+      const int arr = tid / (kBK / 4), part = tid % (kBK / 4), c = c0 + 4 * part;
+      const float* src = arr == 0 ? mean : arr == 1 ? scale : beta;
+      // past C: zero-filled (so is the activation), the address kept inside the array
+      cp_async_16(&sh.affine[st][arr][4 * part], src + min(c, g.C - 4), c < g.C);
     }
     c0 += kBK;
     if (c0 >= g.C) {  // next tap
@@ -196,7 +199,9 @@ bool conv_forward_mma_applies(const ConvForwardParams& p) {
   const ConvGeom& g = p.g;
   const int64_t C = g.C;
   const bool x_nhwc = nhwc_dense(p.sx, g.N, C, g.H, g.W), w_nhwc = nhwc_dense(p.sw, g.K, C, g.KH, g.KW);
-  const bool aligned = aligned16(p.x) && aligned16(p.w);
+  // mean/scale/beta too: the slice's affine is copied 16 bytes at a time (C % 4 == 0 below)
+  const bool aligned = aligned16(p.x) && aligned16(p.w) && aligned16(p.mean) && aligned16(p.scale) &&
+                       aligned16(p.beta);
   return mma_dtype(p.dtype, p.tf32) && x_nhwc && w_nhwc && aligned && C % mma_vec(p.dtype) == 0;
 }
 
