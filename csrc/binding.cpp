@@ -238,7 +238,21 @@ at::Tensor conv_dgrad(const at::Tensor& gy, const at::Tensor& w, const at::Tenso
   TORCH_CHECK(out.sizes() == x.sizes(), "fused_resnet._C: out of shape ", out.sizes(), " must have x's shape ",
               x.sizes());
   check_output(out, "out", {&gy, &w, &x, &mean, &scale, &beta, &invstd});
+  if (addend.has_value()) {
+    check_4d(*addend, "addend");
+    TORCH_CHECK(addend->scalar_type() == x.scalar_type() && addend->sizes() == out.sizes() &&
+                    addend->strides() == out.strides(),
+                "fused_resnet._C: addend ", addend->sizes(), " (", addend->scalar_type(), ", strides ",
+                addend->strides(), ") must have out's shape, strides and dtype: ", out.sizes(), " ",
+                out.strides(), " ", out.scalar_type());
+    // addend may be out itself (each element is read, then written, by one thread), not a part of it
+    TORCH_CHECK(addend->is_same(out) || !may_overlap(out, *addend), "fused_resnet._C: addend overlaps out "
+                "without being it");
+  }
+  TORCH_CHECK(!raw || !(batch_stats || need_sums), "fused_resnet._C: raw dgrad has no BN backward (batch_stats "
+              "and need_sums must be false)");
   check_on(gy, x, "grad_y"); check_on(w, x, "weight"); check_on(x, x, "x"); check_on(out, x, "out");
+  if (addend.has_value()) check_on(*addend, x, "addend");
   const DeviceGuard guard(x.device());
   TORCH_CHECK(out.scalar_type() == x.scalar_type(), "fused_resnet._C: out has dtype ", out.scalar_type(),
               ", x ", x.scalar_type());
@@ -253,21 +267,7 @@ at::Tensor conv_dgrad(const at::Tensor& gy, const at::Tensor& w, const at::Tenso
   p.x = x.data_ptr(); strides_of(x, p.sx);
   p.out = out.data_ptr(); strides_of(out, p.so);
   p.mean = mean.data_ptr(); p.scale = scale.data_ptr(); p.beta = beta.data_ptr(); p.invstd = invstd.data_ptr();
-  if (addend.has_value()) {
-    check_4d(*addend, "addend");
-    TORCH_CHECK(addend->scalar_type() == x.scalar_type() && addend->sizes() == out.sizes() &&
-                    addend->strides() == out.strides(),
-                "fused_resnet._C: addend ", addend->sizes(), " (", addend->scalar_type(), ", strides ",
-                addend->strides(), ") must have out's shape, strides and dtype: ", out.sizes(), " ",
-                out.strides(), " ", out.scalar_type());
-    check_on(*addend, x, "addend");
-    // addend may be out itself (each element is read, then written, by one thread), not a part of it
-    TORCH_CHECK(addend->is_same(out) || !may_overlap(out, *addend), "fused_resnet._C: addend overlaps out "
-                "without being it");
-    p.addend = addend->data_ptr();
-  }
-  TORCH_CHECK(!raw || !(batch_stats || need_sums), "fused_resnet._C: raw dgrad has no BN backward (batch_stats "
-              "and need_sums must be false)");
+  if (addend.has_value()) p.addend = addend->data_ptr();
   p.raw = raw;
   p.batch_stats = batch_stats;
   const bool sums = need_sums || batch_stats;
