@@ -103,7 +103,7 @@ def test_pair_matches_eager_float32(backend, device, geometry, training):
     _check(backend, device, torch.float32, GEOMETRIES[geometry], training, False, seed=11)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)  # fp16: the bf16 code paths
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_pair_matches_eager_dtypes(backend, device, dtype, channels_last):
     """channels_last with C, K % 8 == 0 in fp16/bf16: the CUDA backend's tensor-core dgrad (raw and
@@ -111,9 +111,9 @@ def test_pair_matches_eager_dtypes(backend, device, dtype, channels_last):
     _check(backend, device, dtype, GEOMETRIES["3x3s2+1x1s2"], True, channels_last, seed=12)
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_pair_gradcheck(backend, device, training):
-    """float64, every differentiable input, both biases; conv1 3x3 stride 2 beside a 1x1 stride-2 shortcut."""
+def test_pair_gradcheck(backend, device, training=True):
+    """float64, every differentiable input, both biases; conv1 3x3 stride 2 beside a 1x1 stride-2 shortcut.
+    Training (the full BN backward); eval's dx = gm*scale is in the parity cases above."""
     t = _inputs(GEOMETRIES["3x3s2+1x1s2"], 3, 4, 2, seed=13, device=device)
     inputs = [t[n].requires_grad_() for n in LEAVES]
 

@@ -19,9 +19,10 @@ def _sanitize_case():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU pass runs it for real")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("channels_last,stride,residual,pair", [(False, 1, True, False), (True, 2, False, False),
-                                                                (True, 2, False, True)])
+# The pair case once (bf16): its dtypes are tests/test_conv_pair.py's matrix.
+@pytest.mark.parametrize("dtype,channels_last,stride,residual,pair", [
+    (d, cl, s, r, False) for d in (torch.float32, torch.bfloat16, torch.float64)
+    for cl, s, r in ((False, 1, True), (True, 2, False))] + [(torch.bfloat16, True, 2, False, True)])
 def test_sanitize_case_passes_on_the_interpreter(dtype, channels_last, stride, residual, pair):
     assert _sanitize_case().one("triton", dtype, channels_last, stride, residual, device="cpu", pair=pair) is None
 
