@@ -214,3 +214,17 @@ def test_opcheck_pair_op(backend, device):
     bargs = (gy, x.detach(), w.detach(), g.detach(), be.detach(), mean, invstd, True, 1e-5, [2, 2], [1, 1], [1, 1],
              1, [True, True, True, True, True], backend, 0, None, gy2, w2.detach(), [2, 2], [0, 0], [1, 1])
     torch.library.opcheck(_ops.bn_relu_conv2d_backward_op, bargs)
+
+
+def test_weights_only_gradients(backend, device):
+    """x and the BN affine frozen (no dx, no BN sums: the backward runs only the two wgrads), float64."""
+    t = _inputs(GEOMETRIES["3x3s2+1x1s2"], 8, 16, 8, seed=19, device=device)
+    grads = []
+    for fn, extra in ((fused_resnet.bn_relu_conv2d_pair, dict(backend=backend)), (reference.bn_relu_conv2d_pair, {})):
+        w, w2 = t["weight"].clone().requires_grad_(), t["weight2"].clone().requires_grad_()
+        y, y2 = fn(t["x"], w, w2, bn_weight=t["bn_weight"], bn_bias=t["bn_bias"],
+                   running_mean=t["running_mean"].clone(), running_var=t["running_var"].clone(), training=True,
+                   stride=2, padding=1, stride2=2, **extra)
+        grads.append(torch.autograd.grad(y.sum() + 2 * y2.sum(), (w, w2)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
