@@ -222,11 +222,6 @@ def _bn_inputs(x, bn_weight, bn_bias, running_mean, running_var, training, momen
     return _BNInputs(mean, torch.rsqrt(var + eps), None, gid, pending)
 
 
-def batch_statistics(x, backend="auto"):
-    """Per-channel (mean, biased var) of x, detached, from the backend "auto"/backend would pick."""
-    return _ops.batch_stats(x.detach(), resolve(backend, x.device, 1))
-
-
 def update_running_stats(running_mean, running_var, mean, var, count, momentum):
     """nn.BatchNorm2d's update: EMA with `momentum`, the running variance unbiased (count / (count-1))."""
     with torch.no_grad():
