@@ -6,6 +6,7 @@ global batch in one process, with the loss DDP optimizes (the mean over ranks of
 DDP averages gradients). Ranks get unequal batch sizes so the count weighting is exercised. float64
 everywhere, so the comparison is tight. The GPU test compares against nn.SyncBatchNorm itself.
 """
+import datetime
 import os
 import socket
 
@@ -61,10 +62,23 @@ def _params(m):
     return dict(m.named_parameters())
 
 
+def _init(rank, world, port):
+    # A bounded timeout: a rank that dies leaves the other waiting at most this long, not gloo's 30 minutes.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+
+
+def _finish():
+    """Both ranks meet before either tears gloo down: a rank that destroys its group and exits while the
+    other is still tearing its own connections down can make gloo's transport thread abort that process
+    ("terminate called without an active exception", SIGABRT; seen once in CI, layer-reference case)."""
+    dist.barrier()
+
+
 def _worker(rank, world, port, kind, backend, out_dir):
     if backend == "triton":
         os.environ["TRITON_INTERPRET"] = "1"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    _init(rank, world, port)
     try:
         model = fused_resnet.convert_sync_batchnorm(_build(kind, True, backend))
         ddp = nn.parallel.DistributedDataParallel(model)
@@ -80,6 +94,7 @@ def _worker(rank, world, port, kind, backend, out_dir):
         model.eval()
         res["eval_out"] = model(x).detach()  # after a step: every rank holds the same weights and buffers
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+        _finish()
     finally:
         dist.destroy_process_group()
 
@@ -152,7 +167,7 @@ def test_convert_sync_batchnorm_shares_tensors():
 
 
 def _gpu_worker(rank, world, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    _init(rank, world, port)
     try:
         x, target = _data("model")
         lo = sum(SPLIT[:rank])
@@ -165,6 +180,7 @@ def _gpu_worker(rank, world, port, out_dir):
             _loss("model", out, target[lo:lo + SPLIT[rank]].cuda()).backward()
             res[name] = {"out": out.detach().cpu(), **{k: p.grad.cpu() for k, p in model.named_parameters()}}
         torch.save(res, os.path.join(out_dir, f"gpu{rank}.pt"))
+        _finish()
     finally:
         dist.destroy_process_group()
 
