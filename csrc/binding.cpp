@@ -482,6 +482,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("TILE_M") = fr::kTileM;
   m.attr("TILE_N") = fr::kTileN;
   m.attr("TILE_K") = fr::kTileK;
+  m.attr("WGRAD_CHUNK") = fr::kWgradChunk;
   m.attr("STATS_ROWS") = fr::kStatsRows;
   m.def("batch_stats", &batch_stats);
   m.def("conv_forward", &conv_forward);

@@ -103,7 +103,7 @@ def _wgrad_slabs(ext, grad_y, x, dw, mean, scale, beta, stride, padding, dilatio
     n, c, _, _ = x.shape
     k, _, kh, kw = dw.shape
     pixels = n * grad_y.shape[2] * grad_y.shape[3]
-    tile = ext.TILE_K
+    tile = ext.WGRAD_CHUNK  # a multiple of every wgrad kernel's pixel step
     blocks = -(-k // ext.TILE_M) * -(-c // ext.TILE_N) * kh * kw
     p_tiles = max(1, -(-pixels // tile))
     # Enough splits to give every SM two blocks, within the grid's z limit.

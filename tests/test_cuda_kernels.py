@@ -46,6 +46,19 @@ def _check(got, want, f32, rounded=0.0):
                                 f"(|max| {scale:.3e})")
 
 
+def _out_size(h, w, geometry):
+    """(OH, OW) of a conv of geometry (stride, dilation, padding, filter) on an H x W input."""
+    stride, dil, pad, ks = geometry
+    return tuple((s + 2 * pad - dil * (ks - 1) - 1) // stride + 1 for s in (h, w))
+
+
+def _maker(g, dtype, device):
+    """rnd(*shape): fresh standard-normal values from generator g, in dtype on device, channels_last."""
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).to(device).contiguous(memory_format=torch.channels_last)
+    return rnd
+
+
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "s{}d{}p{}k{}".format(*g))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_dgrad_mma_by_phase(ext, geometry, dtype):
@@ -56,12 +69,8 @@ def test_dgrad_mma_by_phase(ext, geometry, dtype):
     stride, dil, pad, ks = geometry
     g = torch.Generator().manual_seed(hash(geometry) % 2 ** 31)
     n, c, k, h, w = 2, 16, 24, 7, 6
-    oh = (h + 2 * pad - dil * (ks - 1) - 1) // stride + 1
-    ow = (w + 2 * pad - dil * (ks - 1) - 1) // stride + 1
-    cl = torch.channels_last
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(dtype).to(device).contiguous(memory_format=cl)
+    oh, ow = _out_size(h, w, (stride, dil, pad, ks))
+    rnd = _maker(g, dtype, device)
 
     x, wt, gy = rnd(n, c, h, w), rnd(k, c, ks, ks), rnd(n, k, oh, ow)
     beta = torch.randn(c, generator=g).to(device)  # mean 0, scale 1: the ReLU passes where x + beta > 0
@@ -88,14 +97,16 @@ def test_dgrad_mma_by_phase(ext, geometry, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_wgrad_mma_splits(ext, geometry, dtype, size):
     """dW = sum over pixels of gy (x) a, the activation a = relu(x*1 + beta) rounded to the dtype, rebuilt
-    in the kernel; split-K in 32-pixel chunks (the slabs summed here), against float64. 16 -> 24
-    channels: the 64x64 tile, whose warps split each slice in halves."""
+    in the kernel; split-K in chunks of the launcher's granularity (the slabs summed here), against float64. 24 -> 16
+    channels: the 32x32 tile, whose warps split each step's pixels in quarters."""
     _check_wgrad(*ext, geometry, dtype, size, c=24, k=16)
 
 
-@pytest.mark.parametrize("channels", [(40, 72), (72, 16)], ids=["k72-tile128x64", "c72-tile64x128"])
+@pytest.mark.parametrize("channels", [(40, 72), (72, 16), (48, 40), (16, 8)],
+                         ids=["k72-tile128x64", "c72-tile64x128", "c48-tile64x64", "c16-tile16x16"])
 def test_wgrad_mma_tiles(ext, channels):
-    """The two other CTA tiles, each with a partial tile of channels."""
+    """The other CTA tiles, each with a partial tile of channels (64x64: warps split each step in halves;
+    16x16: in quarters)."""
     c, k = channels
     _check_wgrad(*ext, (2, 1, 1, 3), torch.bfloat16, (7, 6), c=c, k=k)
 
@@ -105,22 +116,23 @@ def _check_wgrad(C, device, geometry, dtype, size, c, k):
     h, w = size
     g = torch.Generator().manual_seed(hash((geometry, size, c, k)) % 2 ** 31)
     n = 2
-    oh = (h + 2 * pad - dil * (ks - 1) - 1) // stride + 1
-    ow = (w + 2 * pad - dil * (ks - 1) - 1) // stride + 1
+    oh, ow = _out_size(h, w, (stride, dil, pad, ks))
     if oh < 1 or ow < 1:
         pytest.skip("no output pixel")
     cl = torch.channels_last
 
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(dtype).to(device).contiguous(memory_format=cl)
+    rnd = _maker(g, dtype, device)
 
     x, gy = rnd(n, c, h, w), rnd(n, k, oh, ow)
     beta = torch.randn(c, generator=g).to(device)
     zero, one = torch.zeros(c, device=device), torch.ones(c, device=device)
     dw = torch.empty(k, c, ks, ks, dtype=dtype, device=device).contiguous(memory_format=cl)
     pixels = n * oh * ow
-    split = -(-pixels // 32)
-    slabs = C.conv_wgrad(gy, x, dw, zero, one, beta, [stride] * 2, [pad] * 2, [dil] * 2, 32, split, False)
+    # the launcher's chunk (a multiple of every kernel's pixel step, whose warps may split it in quarters),
+    # twice that where there are pixels enough for two steps per split
+    chunk = C.WGRAD_CHUNK * (2 if pixels > 2 * C.WGRAD_CHUNK else 1)
+    split = -(-pixels // chunk)
+    slabs = C.conv_wgrad(gy, x, dw, zero, one, beta, [stride] * 2, [pad] * 2, [dil] * 2, chunk, split, False)
     got = slabs.sum(0).as_strided(dw.shape, dw.stride())
     a = (x.float() + beta.view(1, -1, 1, 1)).relu().to(dtype)
 
@@ -128,6 +140,59 @@ def _check_wgrad(C, device, geometry, dtype, size, c, k):
         return torch.nn.grad.conv2d_weight(a.to(t), dw.shape, gy.to(t), stride=stride, padding=pad, dilation=dil)
 
     _check(got, dweight(torch.float64), dweight(torch.float32))
+
+
+FORWARD_CASES = [  # (dtype, C, K, geometry): C a multiple of the wide 128-byte slice (64 16-bit / 32 fp32 channels)
+    (torch.bfloat16, 64, 24, (1, 1, 1, 3)),  # 128x64 tile, one slice per tap
+    (torch.bfloat16, 64, 24, (2, 1, 1, 3)),
+    (torch.bfloat16, 128, 72, (1, 2, 2, 3)),  # 64x128 tile, two slices per tap, a partial column tile
+    (torch.float16, 128, 24, (2, 1, 0, 1)),
+    (torch.float32, 32, 72, (1, 1, 1, 3)),  # TF32
+    (torch.bfloat16, 40, 24, (1, 1, 1, 3)),  # the narrow slice: 40 channels end mid-slice
+]
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=lambda c: "{}-c{}-k{}-s{}d{}p{}k{}".format(
+    str(c[0]).split(".")[-1], c[1], c[2], *c[3]))
+def test_forward_mma_slices(ext, case):
+    """y = conv(relu(bn(x)), W) + residual through the forward's tensor-core path with a real BN affine (mean,
+    scale, beta per channel), for both slice widths and tiles; y and the residual dense channels_last, so the
+    epilogue's 16-byte path runs. The scales are powers of two, so the kernel's
+    fma((x - mean), scale, beta) is exactly torch's float32 (x - mean) * scale + beta: the activation is
+    rebuilt bit for bit here and only the conv's float32 accumulation is left to the tolerance."""
+    C, device = ext
+    dtype, c, k, (stride, dil, pad, ks) = case
+    g = torch.Generator().manual_seed(hash(("forward", c, k, stride, dil, pad, ks, str(dtype))) % 2 ** 31)
+    n, h, w = 2, 7, 6
+    oh, ow = _out_size(h, w, (stride, dil, pad, ks))
+    cl = torch.channels_last
+
+    rnd = _maker(g, dtype, device)
+
+    x, wt, res = rnd(n, c, h, w), rnd(k, c, ks, ks), rnd(n, k, oh, ow)
+    mean = torch.randn(c, generator=g).to(device)
+    scale = (2.0 ** torch.randint(-1, 3, (c,), generator=g)).float().to(device)
+    beta = torch.randn(c, generator=g).to(device)
+    y = torch.empty(n, k, oh, ow, dtype=dtype, device=device).contiguous(memory_format=cl)
+    tf32 = dtype == torch.float32
+    _, rows = C.conv_forward(x, wt, None, mean, scale, beta, res, y, [stride] * 2, [pad] * 2, [dil] * 2, False,
+                             tf32)
+    assert rows == (128 if k <= 64 else 64)  # the mma path's tiles
+
+    def view(t):
+        return t.view(1, -1, 1, 1)
+
+    a = ((x.float() - view(mean)) * view(scale) + view(beta)).relu().to(dtype)
+    geo = dict(stride=stride, padding=pad, dilation=dil)
+    if tf32:
+        def fwd(t):
+            return torch.nn.functional.conv2d(_tf32(a).to(t), _tf32(wt).to(t), **geo) + res.to(t)
+        rounded = 0.0
+    else:
+        def fwd(t):
+            return torch.nn.functional.conv2d(a.to(t), wt.to(t), **geo) + res.to(t)
+        rounded = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    _check(y, fwd(torch.float64), fwd(torch.float32), rounded)
 
 
 def _tf32(t):
@@ -148,12 +213,10 @@ def test_tf32_forward_dgrad_wgrad(ext, geometry):
     stride, dil, pad, ks = geometry
     g = torch.Generator().manual_seed(hash(("tf32", geometry)) % 2 ** 31)
     n, c, k, h, w = 2, 12, 20, 7, 6  # multiples of 4, not of 8: fp32's copies are 4 channels
-    oh = (h + 2 * pad - dil * (ks - 1) - 1) // stride + 1
-    ow = (w + 2 * pad - dil * (ks - 1) - 1) // stride + 1
+    oh, ow = _out_size(h, w, (stride, dil, pad, ks))
     cl = torch.channels_last
 
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(device).contiguous(memory_format=cl)
+    rnd = _maker(g, torch.float32, device)
 
     x, wt, gy = rnd(n, c, h, w), rnd(k, c, ks, ks), rnd(n, k, oh, ow)
     beta = torch.randn(c, generator=g).to(device)
@@ -181,8 +244,8 @@ def test_tf32_forward_dgrad_wgrad(ext, geometry):
     _check(out, ga(torch.float64), ga(torch.float32))
 
     dw = torch.empty(k, c, ks, ks, device=device).contiguous(memory_format=cl)
-    slabs = C.conv_wgrad(gy, x, dw, zero, one, beta, [stride] * 2, [pad] * 2, [dil] * 2, 32, -(-n * oh * ow // 32),
-                         True)
+    slabs = C.conv_wgrad(gy, x, dw, zero, one, beta, [stride] * 2, [pad] * 2, [dil] * 2, C.WGRAD_CHUNK,
+                         -(-n * oh * ow // C.WGRAD_CHUNK), True)
     got = slabs.sum(0).as_strided(dw.shape, dw.stride())
 
     def dweight(t):

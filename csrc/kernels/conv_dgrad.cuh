@@ -37,6 +37,10 @@ __device__ __forceinline__ void dgrad_epilogue(const ConvDgradParams& p, acc_t<T
   const T* addend = static_cast<const T*>(p.addend);  // out's strides (the binding checks)
   Acc s1 = 0, s2 = 0;
   // One element: x read at ox, dx or gm (or ga, raw) stored at oo.
+  // Where dense: the element offset of (tile row, channel) in x and out alike.
+  auto dense_offset = [&](int row, int ch) {
+    return (static_cast<int64_t>(row_n[row] * g.H + row_h[row]) * g.W + row_w[row]) * g.C + ch;
+  };
   auto one = [&](int row, int col, int ch, int64_t ox, int64_t oo) {
     Acc ga = to_acc(Cvt<T>::from(c[row][col]));
     if (addend != nullptr) ga = to_acc(Cvt<T>::from(ga + to_acc(addend[oo])));
@@ -54,11 +58,53 @@ __device__ __forceinline__ void dgrad_epilogue(const ConvDgradParams& p, acc_t<T
     }
     static_cast<T*>(p.out)[oo] = Cvt<T>::from(p.batch_stats ? gm : gm * scale[ch]);
   };
-  if (dense) {
+  // 16 bytes of x and out per access -- kV consecutive channels of one input pixel -- where they are dense
+  // channels_last, 16-byte aligned and C % kV == 0: each thread keeps the same kV columns for the whole
+  // walk, so their BN affine is loaded once and their shares of S1, S2 accrue in registers. Not with an
+  // addend (the pair op's conv1): with it in this loop, ptxas scheduled the 64x128 main loop above worse
+  // (7.5 -> 8.1 instructions per HMMA, benchmarks/NOTES.md).
+  constexpr int kV = Vec16<T>::kN, kCols = BN / kV;  // vectors per tile row
+  // (Not for fp64: 2 elements per access gain little there, and its general kernel would spill on sm_80.)
+  const bool vec = sizeof(T) < 8 && dense && own_col && g.C % kV == 0 && blockDim.x % kCols == 0 &&
+                   aligned16(x) && aligned16(p.out) && addend == nullptr;
+  Acc v1[kV], v2[kV];  // the vector walk's S1, S2 shares
+  if (vec) {
+    const int col = threadIdx.x % kCols * kV, ch0 = n0 + col;
+    Acc mu[kV], sc[kV], be[kV], is[kV];
+#pragma unroll
+    for (int e = 0; e < kV; ++e) {
+      v1[e] = v2[e] = 0;
+      const bool in = ch0 < g.C;  // C % kV == 0: the vector's channels are all in or all out
+      mu[e] = in ? mean[ch0 + e] : Acc(0);
+      sc[e] = in ? scale[ch0 + e] : Acc(0);
+      be[e] = in ? beta[ch0 + e] : Acc(0);
+      is[e] = in ? invstd[ch0 + e] : Acc(0);
+    }
+    T* out = static_cast<T*>(p.out);
+    for (int row = threadIdx.x / kCols; row < rows && ch0 < g.C; row += blockDim.x / kCols) {
+      const int64_t o = dense_offset(row, ch0);
+      Vec16<T> xv{}, av{}, ov;
+      if (!p.raw) xv = load16(x + o);
+#pragma unroll
+      for (int e = 0; e < kV; ++e) {
+        Acc ga = to_acc(Cvt<T>::from(c[row][col + e]));
+        if (p.raw) {
+          ov.v[e] = Cvt<T>::from(ga);
+          continue;
+        }
+        const Acc xe = to_acc(xv.v[e]);
+        const Acc gm = relu_passes(bn_affine(xe, mu[e], sc[e], be[e])) ? ga : Acc(0);
+        v1[e] += gm;  // no skip of gm == 0: eager's 0 * inf (xhat of an inf x) is NaN
+        v2[e] = fma(gm, (xe - mu[e]) * is[e], v2[e]);
+        ov.v[e] = Cvt<T>::from(p.batch_stats ? gm : gm * sc[e]);
+      }
+      store16(out + o, ov);
+    }
+  } else if (dense) {
     for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
       const int row = idx / BN, col = idx % BN, ch = n0 + col;
       if (row >= rows || ch >= g.C) continue;
-      const int64_t o = (static_cast<int64_t>(row_n[row] * g.H + row_h[row]) * g.W + row_w[row]) * g.C + ch;
+      const int64_t o = dense_offset(row, ch);
       one(row, col, ch, o, o);
     }
   } else {
@@ -75,9 +121,17 @@ __device__ __forceinline__ void dgrad_epilogue(const ConvDgradParams& p, acc_t<T
   __syncthreads();  // every thread is done with c
   const int col = threadIdx.x, ch = n0 + col;
   if (own_col) {  // the threads sharing a column post their sums in c's first rows, then one adds them up
-    const int shares = blockDim.x / BN, share = threadIdx.x / BN;
-    c[share][threadIdx.x % BN] = s1;
-    c[shares + share][threadIdx.x % BN] = s2;
+    const int cols = vec ? kCols : BN, shares = blockDim.x / cols, share = threadIdx.x / cols;
+    if (vec) {
+#pragma unroll
+      for (int e = 0; e < kV; ++e) {
+        c[share][threadIdx.x % kCols * kV + e] = v1[e];
+        c[shares + share][threadIdx.x % kCols * kV + e] = v2[e];
+      }
+    } else {
+      c[share][threadIdx.x % BN] = s1;
+      c[shares + share][threadIdx.x % BN] = s2;
+    }
     __syncthreads();
     s1 = s2 = 0;
     if (col < BN)

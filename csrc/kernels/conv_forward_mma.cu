@@ -5,7 +5,8 @@
 // shared memory is exactly what is in HBM and the copies need no register round trip.
 //
 // GEMM view as in conv_forward.cu: rows = output pixels, columns = output channels, reduction =
-// (tap, input channel), walked as one flattened loop of (tap, 64-byte channel slice) steps. CTA tile
+// (tap, input channel), walked as one flattened loop of (tap, channel slice) steps -- 128-byte slices when C
+// is a multiple of them, else 64-byte ones (kChunks below). CTA tile
 // 128x64 or 64x128 (FwdMmaShared says which when), 4 warps. Each thread copies (part of) one tile row of A: its
 // pixel's (n, oh, ow) is decomposed once per tile and every step only adds the tap's offset (no division
 // in the main loop). A row whose tap falls into padding is flagged invalid for the step and its activation
@@ -21,10 +22,20 @@ namespace {
 
 constexpr int kStages = kMmaStages;
 
+// A step's reduction slice is kChunks 16-byte copies per row: 4 (64 bytes, MmaElem's slice) in general, 8
+// (128 bytes) when C is a multiple of that wider slice ("whole" slices: none runs past C, so no copy needs
+// a channel predicate or a clamped address). The wide step spreads its fixed cost -- copy issue, tap walk,
+// wait and barrier -- over twice the MMAs, and takes 85 KB of shared memory (dynamic: 2 CTAs per SM, where
+// the narrow ring's 48 KB allow 4).
+constexpr int kNarrowChunks = 4, kWideChunks = 8;
+
 // CTA tile 64x128 when K > 64, 128x64 when K <= 64 (so no column half is masked).
-template <class T, int kBM, int kBN>
+template <class T, int kBM, int kBN, int kChunks>
 struct FwdMmaShared {
-  static constexpr int kBK = MmaElem<T>::kBK, kLd = MmaElem<T>::kLd, kLdC = kBN + 4;
+  static constexpr int kBK = kChunks * MmaElem<T>::kVec, kLdC = kBN + 4;
+  // Row pitch: one 16-byte chunk past the slice keeps every ldmatrix row aligned and puts the 8 rows of
+  // each 8x8 matrix on distinct bank groups (80 or 144 bytes).
+  static constexpr int kLd = kBK + MmaElem<T>::kVec;
   union {
     struct {
       T a[kStages][kBM][kLd];
@@ -38,24 +49,33 @@ struct FwdMmaShared {
   alignas(16) float affine[kStages][3][kBK];  // per stage: mean, scale, beta of the slice's channels
   unsigned char valid[kStages][kBM];  // per stage: the row's tap lands inside x
 };
-static_assert(sizeof(FwdMmaShared<__half, 128, 64>) <= 48 * 1024, "static shared memory");
-static_assert(sizeof(FwdMmaShared<__half, 64, 128>) <= 48 * 1024, "static shared memory");
-static_assert(sizeof(FwdMmaShared<float, 128, 64>) <= 48 * 1024, "static shared memory");
-static_assert(sizeof(FwdMmaShared<float, 64, 128>) <= 48 * 1024, "static shared memory");
+// The narrow ring stays in static shared memory (4 CTAs per SM by shared memory).
+static_assert(sizeof(FwdMmaShared<__half, 128, 64, kNarrowChunks>) <= kStaticSharedBytes, "narrow ring");
+static_assert(sizeof(FwdMmaShared<__half, 64, 128, kNarrowChunks>) <= kStaticSharedBytes, "narrow ring");
+static_assert(sizeof(FwdMmaShared<float, 128, 64, kNarrowChunks>) <= kStaticSharedBytes, "narrow ring");
+static_assert(sizeof(FwdMmaShared<float, 64, 128, kNarrowChunks>) <= kStaticSharedBytes, "narrow ring");
 
-// fp16/bf16: 4 CTAs per SM (128 registers; shared memory allows 4 too) -- left to itself ptxas spent up to 162
-// registers (3 CTAs) or spilled, depending on the tile (benchmarks/NOTES.md). TF32: its choice (no spill).
-template <class T, int kBM, int kBN>
-__global__ void __launch_bounds__(kMmaThreads, sizeof(T) == 2 ? 4 : 0) conv_forward_mma_kernel(const ConvForwardParams p) {
+// fp16/bf16: as many CTAs per SM as shared memory allows (4 narrow, 2 wide) -- left to itself ptxas spent up
+// to 162 registers on the narrow ring (3 CTAs) or spilled, depending on the tile (benchmarks/NOTES.md).
+// TF32: its choice (no spill).
+template <class T, int kChunks>
+constexpr int fwd_min_ctas() {
+  return sizeof(T) != 2 ? 0 : kChunks == kWideChunks ? 2 : 4;
+}
+
+template <class T, int kBM, int kBN, int kChunks>
+__global__ void __launch_bounds__(kMmaThreads, fwd_min_ctas<T, kChunks>()) conv_forward_mma_kernel(const ConvForwardParams p) {
   // Warps stacked along the rows (4x1: warp tiles 32x64 or 16x128), so no two warps transform the same A
   // rows and each transformed fragment feeds every column block of the tile: 16 (128x64) or 8 (64x128)
   // transformed values per thread per 16 MMAs.
   constexpr int kWarpsN = 1, kWarpsM = 4;
   constexpr int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN, kMI = kWM / 16, kNJ = kWN / 8;
-  constexpr int kBK = MmaElem<T>::kBK, kVec = MmaElem<T>::kVec, kK = MmaElem<T>::kK, kPer = MmaElem<T>::kPer;
-  constexpr int kRowThreads = kMmaThreads / kBM;  // threads sharing one A row's 4 copies of 16 bytes
-  constexpr int kRowChunks = 4 / kRowThreads;
-  auto& sh = block_shared<FwdMmaShared<T, kBM, kBN>>();
+  using Shared = FwdMmaShared<T, kBM, kBN, kChunks>;
+  constexpr int kBK = Shared::kBK, kVec = MmaElem<T>::kVec, kK = MmaElem<T>::kK, kPer = MmaElem<T>::kPer;
+  constexpr bool kWhole = kChunks == kWideChunks;  // launched only when C is a multiple of the slice
+  constexpr int kRowThreads = kMmaThreads / kBM;  // threads sharing one A row's kChunks copies of 16 bytes
+  constexpr int kRowChunks = kChunks / kRowThreads;
+  auto& sh = block_shared<Shared>();
   const ConvGeom& g = p.g;
   const int M = g.N * g.OH * g.OW;
   const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN;
@@ -76,11 +96,11 @@ __global__ void __launch_bounds__(kMmaThreads, sizeof(T) == 2 ? 4 : 0) conv_forw
 
   const int steps = g.KH * g.KW * ceil_div(g.C, kBK);
 
-  // The B rows this thread copies (output channels n0 + tid / 4 + 32 j, chunk tid % 4 of the slice) are
+  // The B rows this thread copies (output channels n0 + tid / kChunks + kBRows j, chunk tid % kChunks) are
   // fixed for the whole tile: one base pointer (rows past K clamped to a real row, their copies
   // zero-filled) and the step's offset into the [K][KH][KW][C] weight, the same for every row.
-  constexpr int kBRows = kMmaThreads / 4, kBCopies = kBN / kBRows;
-  const int b_row = tid / 4, b_chunk = tid % 4;
+  constexpr int kBRows = kMmaThreads / kChunks, kBCopies = kBN / kBRows;
+  const int b_row = tid / kChunks, b_chunk = tid % kChunks;
   const int64_t w_krow = static_cast<int64_t>(g.KH) * g.KW * g.C;  // elements per output channel
   const T* w_thread = w + static_cast<int64_t>(min(n0 + b_row, g.K - 1)) * w_krow + kVec * b_chunk;
   unsigned kout_ok = 0;
@@ -101,13 +121,21 @@ __global__ void __launch_bounds__(kMmaThreads, sizeof(T) == 2 ? 4 : 0) conv_forw
     // The row's pixel (pixel 0 of the image when the tap is in padding: some valid address either way); a
     // chunk past C reads nothing and points at the pixel's last chunk, so every address stays inside x.
     const T* a_pix = x_img + x_tap;
+    if constexpr (kWhole) {
+      // one address for the row's chunks, the rest at constant offsets from it
+      const T* a_src = a_pix + (c0 + kVec * c_first);
 #pragma unroll
-    for (int q = 0; q < kRowChunks; ++q) {
-      const int k = c0 + kVec * (c_first + q);
-      cp_async_16(&sh.ring.a[st][arow][kVec * (c_first + q)], a_pix + min(k, g.C - kVec), tap_ok && k < g.C);
+      for (int q = 0; q < kRowChunks; ++q)
+        cp_async_16(&sh.ring.a[st][arow][kVec * (c_first + q)], a_src + kVec * q, tap_ok);
+    } else {
+#pragma unroll
+      for (int q = 0; q < kRowChunks; ++q) {
+        const int k = c0 + kVec * (c_first + q);
+        cp_async_16(&sh.ring.a[st][arow][kVec * (c_first + q)], a_pix + min(k, g.C - kVec), tap_ok && k < g.C);
+      }
     }
     if (c_first == 0) sh.valid[st][arow] = tap_ok;
-    const bool cok = c0 + kVec * b_chunk < g.C;
+    const bool cok = kWhole || c0 + kVec * b_chunk < g.C;
     const T* wsrc = w_thread + (cok ? w_tap + c0 : 0);
 #pragma unroll
     for (int j = 0; j < kBCopies; ++j)
@@ -117,7 +145,10 @@ __global__ void __launch_bounds__(kMmaThreads, sizeof(T) == 2 ? 4 : 0) conv_forw
       const int arr = tid / (kBK / 4), part = tid % (kBK / 4), c = c0 + 4 * part;
       const float* src = arr == 0 ? mean : arr == 1 ? scale : beta;
       // past C: zero-filled (so is the activation), the address kept inside the array
-      cp_async_16(&sh.affine[st][arr][4 * part], src + min(c, g.C - 4), c < g.C);
+      if constexpr (kWhole)
+        cp_async_16(&sh.affine[st][arr][4 * part], src + c, true);
+      else
+        cp_async_16(&sh.affine[st][arr][4 * part], src + min(c, g.C - 4), c < g.C);
     }
     c0 += kBK;
     if (c0 >= g.C) {  // next tap
@@ -184,7 +215,7 @@ __global__ void __launch_bounds__(kMmaThreads, sizeof(T) == 2 ? 4 : 0) conv_forw
     sh.epi.ow[tid] = mm % g.OW;
   }
   __syncthreads();
-  forward_epilogue<T, kBM, kBN, FwdMmaShared<T, kBM, kBN>::kLdC>(
+  forward_epilogue<T, kBM, kBN, Shared::kLdC>(
       p, sh.epi.c, m0, n0, M, [&](int row, int& nb_, int& oh_, int& ow_) {
         nb_ = sh.epi.n[row];
         oh_ = sh.epi.oh[row];
@@ -210,8 +241,14 @@ int conv_forward_mma_tile_rows(const ConvForwardParams& p) { return p.g.K <= 64 
 template <int kBM, int kBN>
 cudaError_t launch_mma_forward(const ConvForwardParams& p, cudaStream_t stream) {
   const dim3 grid(ceil_div(static_cast<int64_t>(p.g.N) * p.g.OH * p.g.OW, kBM), ceil_div(p.g.K, kBN));
+  const bool wide = p.g.C % (kWideChunks * mma_vec(p.dtype)) == 0;
   return dispatch_mma_dtype(p.dtype, [&](auto tag) {
-    return launch(conv_forward_mma_kernel<decltype(tag), kBM, kBN>, grid, dim3(kMmaThreads), stream, p);
+    using T = decltype(tag);
+    if (wide)
+      return launch_shared<FwdMmaShared<T, kBM, kBN, kWideChunks>>(
+          conv_forward_mma_kernel<T, kBM, kBN, kWideChunks>, grid, dim3(kMmaThreads), stream, p);
+    return launch_shared<FwdMmaShared<T, kBM, kBN, kNarrowChunks>>(
+        conv_forward_mma_kernel<T, kBM, kBN, kNarrowChunks>, grid, dim3(kMmaThreads), stream, p);
   });
 }
 

@@ -35,7 +35,31 @@ __device__ __forceinline__ void forward_epilogue(const ConvForwardParams& p, acc
     y[oy] = out;
     c[row][col] = to_acc(out);  // statistics of y as stored: what the next BN reads
   };
-  if (dense) {
+  // 16 bytes of y (and of the residual) per access -- kV consecutive output channels of one pixel -- where
+  // the rows of y allow it: one store per kV elements instead of one each, and no per-element addressing.
+  // Without a conv bias (a pre-activation ResNet's convs have none): with the bias in this loop, ptxas
+  // scheduled the main loop above worse (up to +0.7 instructions per HMMA, benchmarks/NOTES.md).
+  constexpr int kV = Vec16<T>::kN;
+  // (Not for fp64: 2 elements per access gain little there, and its general kernel would spill on sm_80.)
+  const bool vec = sizeof(T) < 8 && dense && bias == nullptr && g.K % kV == 0 && aligned16(y) &&
+                   (res == nullptr || aligned16(res));
+  if (vec) {
+    for (int idx = threadIdx.x; idx < BM * BN / kV; idx += blockDim.x) {
+      const int row = idx / (BN / kV), col = idx % (BN / kV) * kV, kout = n0 + col;
+      if (kout >= g.K || m0 + row >= M) continue;  // K % kV == 0: a vector is wholly inside or outside
+      const int64_t o = static_cast<int64_t>(m0 + row) * g.K + kout;
+      Vec16<T> r{}, out;
+      if (res) r = load16(res + o);
+#pragma unroll
+      for (int e = 0; e < kV; ++e) {
+        Acc v = c[row][col + e];
+        if (res) v += to_acc(r.v[e]);
+        out.v[e] = Cvt<T>::from(v);
+        c[row][col + e] = to_acc(out.v[e]);  // statistics of y as stored
+      }
+      store16(y + o, out);
+    }
+  } else if (dense) {
     for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
       const int row = idx / BN, col = idx % BN, kout = n0 + col;
       if (kout >= g.K || m0 + row >= M) continue;

@@ -5,11 +5,14 @@
 // so both slices are stored [pixel][channel] and reach the mma through the transposing ldmatrix (32-bit
 // loads for float); the raw bytes go HBM -> shared by 16-byte cp.async.
 //
-// 128 / kBK threads copy one pixel of the kBK-pixel slice (32 pixels of 16-bit elements, 16 of float);
+// 128 / kBK threads copy one pixel of the kBK-pixel slice (32 pixels of 16-bit elements, 16 of float; twice
+// that in the "wide" kernels, kWide below);
 // each keeps its pixel's (n, oh, ow) and advances it by kBK pixels per step with precomputed carries (no
 // division in the loop). A pixel past the split, or whose
 // tap falls into padding, has its activation forced to 0 (the conv pads the activation, not x).
 // Output: the split's slab in dW's layout (conv_wgrad.cu's contract; column_sums adds the slabs).
+#include <algorithm>
+
 #include "mma_tile.cuh"
 
 namespace fused_resnet {
@@ -18,9 +21,27 @@ namespace {
 
 constexpr int kStages = kMmaStages;
 
-template <class T, int kBM, int kBN>
+// Pixels per step: MmaElem's slice (kWide 1) for 128x64, twice it (kWide 2) for the tiles 64 output
+// channels tall or less, whose warps get only 16 or 32 HMMAs per narrow step against the step's fixed cost
+// (the pixel walk, the copies' addresses and predicates, wait and barrier): the wide step halves that cost
+// per HMMA, for shared memory past 48 KB (dynamic) -- 4 CTAs per SM for 64x64, 2 for 64x128.
+template <int kBM>
+constexpr int wgrad_wide() {
+  return kBM == 128 ? 1 : 2;
+}
+
+// Warp groups that divide each step's pixels among them (their sums added at the end): 1 for the 128x64 and
+// 64x128 tiles (4 warps side by side along the columns), 2 for 64x64 (1x2 warps per group), 4 for the small tiles
+// 32x32 and 16x16 (each warp the whole tile on a quarter of the pixels), so no two warps transform the same
+// B columns and no MMA falls on a masked row or column of a small layer (CIFAR's 16 and 32 channels).
+template <int kBM, int kBN>
+__host__ __device__ constexpr int wgrad_pixel_groups() {
+  return kBM * kBN == 64 * 64 ? 2 : kBM <= 32 ? 4 : 1;
+}
+
+template <class T, int kBM, int kBN, int kWide = wgrad_wide<kBM>()>
 struct WgradMmaShared {
-  static constexpr int kBK = MmaElem<T>::kBK;
+  static constexpr int kBK = kWide * MmaElem<T>::kBK;
   static constexpr int kLdA = kBM + 8, kLdB = kBN + 8, kLdC = kBN + 4;
   union {
     struct {
@@ -29,26 +50,38 @@ struct WgradMmaShared {
     } ring;
     float c[kBM][kLdC];  // dW tile, once the ring is drained
   };
-  unsigned char valid[kStages][kBK];  // per stage: the pixel counts and its tap lands inside x
+  // Per stage and pixel: all ones where the pixel counts and its tap lands inside x, else 0, one element's
+  // width each -- a fragment register's elements are consecutive pixels, so one 32-bit load is its mask.
+  ElemMask<T> valid[kStages][kBK];
 };
-static_assert(sizeof(WgradMmaShared<__half, 128, 64>) <= 48 * 1024, "static shared memory");
-static_assert(sizeof(WgradMmaShared<__half, 64, 128>) <= 48 * 1024, "static shared memory");
-static_assert(sizeof(WgradMmaShared<__half, 64, 64>) <= 48 * 1024, "static shared memory");
-static_assert(sizeof(WgradMmaShared<float, 128, 64>) <= 48 * 1024, "static shared memory");
-static_assert(sizeof(WgradMmaShared<float, 64, 128>) <= 48 * 1024, "static shared memory");
+static_assert(sizeof(WgradMmaShared<__half, 128, 64>) <= kStaticSharedBytes, "narrow ring");
+static_assert(sizeof(WgradMmaShared<float, 128, 64>) <= kStaticSharedBytes, "narrow ring");
+// A split's chunk of pixels is a multiple of every step (the launcher's kWgradChunk).
+static_assert(kWgradChunk % WgradMmaShared<__half, 64, 64>::kBK == 0, "chunk");
+
+// Registers for 4 CTAs per SM where shared memory allows 4 (the narrow 128x64 ring, 41 KB; the wide 64x64,
+// 55 KB): left to itself ptxas gives the 128x64 kernel 167 registers (3 CTAs) for 7.0 instructions per HMMA
+// instead of 7.8 -- the occupancy of before kept until a GPU says which is faster. The wide 64x128 (80 KB,
+// 2 CTAs per SM by shared memory): ptxas's choice.
+template <int kBM, int kBN>
+constexpr int wgrad_min_ctas() {
+  return kBN == 128 ? 0 : 4;
+}
 
 template <class T, int kBM, int kBN>
-__global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvWgradParams p) {
-  // Warps side by side along the columns (1x4: warp tiles 128x16 or 64x32; in 64x64, 1x2 warps for each
-  // half of the kBK-pixel slice, the halves' sums added at the end), so no two warps transform the same B
-  // columns and each transformed fragment feeds every row block of the tile.
-  constexpr int kHalves = kBM * kBN == 64 * 64 ? 2 : 1, kTileWarps = 4 / kHalves;
+__global__ void __launch_bounds__(kMmaThreads, wgrad_min_ctas<kBM, kBN>()) conv_wgrad_mma_kernel(const ConvWgradParams p) {
+  // Warps side by side along the columns (1x4: warp tiles 128x16 or 64x32; 1x2 in 64x64, 1x1 in 32x32 and
+  // 16x16, per group of the step's pixels -- wgrad_pixel_groups), so each transformed fragment feeds every row
+  // block of the tile.
+  constexpr int kGroups = wgrad_pixel_groups<kBM, kBN>(), kTileWarps = 4 / kGroups;
   constexpr int kWarpsM = 1, kWarpsN = kTileWarps;
   constexpr int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN, kMI = kWM / 16, kNJ = kWN / 8;
-  constexpr int kBK = MmaElem<T>::kBK, kVec = MmaElem<T>::kVec, kK = MmaElem<T>::kK, kPer = MmaElem<T>::kPer;
+  using Shared = WgradMmaShared<T, kBM, kBN>;
+  constexpr int kBK = Shared::kBK, kVec = MmaElem<T>::kVec, kK = MmaElem<T>::kK, kPer = MmaElem<T>::kPer;
   constexpr int kPixThreads = kMmaThreads / kBK;  // threads copying one pixel
   constexpr int kChunksA = kBM / kVec / kPixThreads, kChunksB = kBN / kVec / kPixThreads;
-  auto& sh = block_shared<WgradMmaShared<T, kBM, kBN>>();
+  static_assert(kChunksA >= 1 && kChunksB >= 1 && kBK / kK % kGroups == 0, "a tile too small for its step");
+  auto& sh = block_shared<Shared>();
   const ConvGeom& g = p.g;
   const int P = g.N * g.OH * g.OW;
   // Taps fastest in the grid: the blocks of one split (the same pixels, every tap) launch together and
@@ -57,7 +90,7 @@ __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvW
   const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN;
   const int p_begin = sp * p.chunk, p_end = min(p_begin + p.chunk, P);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32 % kTileWarps;
-  const int half = kHalves == 2 ? tid / 32 / kTileWarps : 0;  // a constant where there are no halves
+  const int group = kGroups > 1 ? tid / 32 / kTileWarps : 0;  // this warp's group (a constant 0 without)
   const int wm = warp / kWarpsN, wn = warp % kWarpsN;
   const int gq = lane / 4, tq = lane % 4;
   const T* gy = static_cast<const T*>(p.gy);
@@ -96,23 +129,39 @@ __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvW
   int64_t x_off = (nb * HW + (oh * g.stride_h + ih_t) * static_cast<int64_t>(g.W) + ow * g.stride_w + iw_t) * g.C;
   const int steps = ceil_div(p_end - p_begin, kBK);
 
+  // The channels this thread copies are the same every step: their offsets within a pixel (clamped to the
+  // pixel's last chunk past K or C, so every address stays inside the tensor) and which of them exist, once.
+  int a_chan[kChunksA], b_chan[kChunksB];
+  unsigned a_ok = 0, b_ok = 0;
+#pragma unroll
+  for (int u = 0; u < kChunksA; ++u) {
+    const int k = m0 + kVec * (part_id + kPixThreads * u);
+    a_chan[u] = min(k, g.K - kVec);
+    a_ok |= (k < g.K ? 1u : 0u) << u;
+  }
+#pragma unroll
+  for (int u = 0; u < kChunksB; ++u) {
+    const int c = n0 + kVec * (part_id + kPixThreads * u);
+    b_chan[u] = min(c, g.C - kVec);
+    b_ok |= (c < g.C ? 1u : 0u) << u;
+  }
+
   auto issue = [&](int st) {
     const bool in = q < p_end;
     const int ih = oh * g.stride_h + ih_t, iw = ow * g.stride_w + iw_t;
     const bool tap_in = in && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
+    // the pixel's first element (gy's / x's first pixel when it is past the split or in padding)
+    const T* g_pix = gy + (in ? g_off : 0);
+    const T* x_pix = x + (tap_in ? x_off : 0);
 #pragma unroll
-    for (int u = 0; u < kChunksA; ++u) {
-      const int ch = part_id + kPixThreads * u, k = m0 + kVec * ch;
-      const bool ok = in && k < g.K;
-      cp_async_16(&sh.ring.a[st][prow][kVec * ch], gy + (ok ? g_off + k : 0), ok);
-    }
+    for (int u = 0; u < kChunksA; ++u)
+      cp_async_16(&sh.ring.a[st][prow][kVec * (part_id + kPixThreads * u)], g_pix + a_chan[u],
+                  in && ((a_ok >> u) & 1u));
 #pragma unroll
-    for (int u = 0; u < kChunksB; ++u) {
-      const int ch = part_id + kPixThreads * u, c = n0 + kVec * ch;
-      const bool ok = tap_in && c < g.C;
-      cp_async_16(&sh.ring.b[st][prow][kVec * ch], x + (ok ? x_off + c : 0), ok);
-    }
-    if (part_id == 0) sh.valid[st][prow] = tap_in;
+    for (int u = 0; u < kChunksB; ++u)
+      cp_async_16(&sh.ring.b[st][prow][kVec * (part_id + kPixThreads * u)], x_pix + b_chan[u],
+                  tap_in && ((b_ok >> u) & 1u));
+    if (part_id == 0) sh.valid[st][prow] = tap_in ? ElemMask<T>(~0u) : ElemMask<T>(0);
     q += kBK;
     g_off += static_cast<int64_t>(kBK) * g.K;
     x_off += x_step;
@@ -130,12 +179,11 @@ __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvW
   acc.zero();
   run_ring(steps, issue, [&](int st) {
 #pragma unroll
-    for (int kq = 0; kq < kBK / kK / kHalves; ++kq) {
-      const int kk = kK * (kq * kHalves + half);
+    for (int kq = 0; kq < kBK / kK / kGroups; ++kq) {
+      const int kk = kK * (kq * kGroups + group);
       // This lane's pixels of the kK: those of B fragment registers 0 and 1 (frag_k).
-      const auto* v = sh.valid[st] + kk;
-      const uint32_t k0 = keep_mask<T>(v[frag_k<T>(tq, 0, 0)], v[frag_k<T>(tq, 0, kPer - 1)]);
-      const uint32_t k1 = keep_mask<T>(v[frag_k<T>(tq, 1, 0)], v[frag_k<T>(tq, 1, kPer - 1)]);
+      const uint32_t k0 = keep_bits<T>(&sh.valid[st][kk + frag_k<T>(tq, 0, 0)]);
+      const uint32_t k1 = keep_bits<T>(&sh.valid[st][kk + frag_k<T>(tq, 1, 0)]);
       uint32_t fa[kMI][4], fb[kNJ][2];
 #pragma unroll
       for (int i = 0; i < kMI; ++i) {
@@ -159,10 +207,11 @@ __global__ void __launch_bounds__(kMmaThreads) conv_wgrad_mma_kernel(const ConvW
       acc.template mma<T>(fa, fb);
     }
   });
-  if (half == 0) acc.store(sh.c, wm * kWM, wn * kWN);
+  if (group == 0) acc.store(sh.c, wm * kWM, wn * kWN);
   __syncthreads();
-  if (kHalves == 2) {
-    if (half == 1) acc.add_to(sh.c, wm * kWM, wn * kWN);
+#pragma unroll
+  for (int q = 1; q < kGroups; ++q) {  // the other groups' sums, one at a time
+    if (group == q) acc.add_to(sh.c, wm * kWM, wn * kWN);
     __syncthreads();
   }
   float* part = static_cast<float*>(p.part) + static_cast<int64_t>(sp) * g.K * g.C * g.KH * g.KW;
@@ -179,7 +228,9 @@ template <int kBM, int kBN>
 cudaError_t launch_mma_wgrad(const ConvWgradParams& p, cudaStream_t stream) {
   const dim3 grid(ceil_div(p.g.K, kBM), ceil_div(p.g.C, kBN), p.g.KH * p.g.KW * p.split);
   return dispatch_mma_dtype(p.dtype, [&](auto tag) {
-    return launch(conv_wgrad_mma_kernel<decltype(tag), kBM, kBN>, grid, dim3(kMmaThreads), stream, p);
+    using T = decltype(tag);
+    return launch_shared<WgradMmaShared<T, kBM, kBN>>(conv_wgrad_mma_kernel<T, kBM, kBN>, grid, dim3(kMmaThreads),
+                                                      stream, p);
   });
 }
 
@@ -193,11 +244,14 @@ bool conv_wgrad_mma_applies(const ConvWgradParams& p) {
          g.C % vec == 0;
 }
 
-// 128 output channels x 64 input channels when K > 64, 64 x 128 when C > 64 >= K, 64 x 64 when both fit
-// (no half of the MMAs on masked rows or columns).
+// 128 output channels x 64 input channels when K > 64, 64 x 128 when C > 64 >= K, else the smallest square
+// tile both fit in -- 16, 32 or 64 (no half of the MMAs on masked rows or columns).
 cudaError_t conv_wgrad_mma(const ConvWgradParams& p, cudaStream_t stream) {
+  const int kc = std::max(p.g.K, p.g.C);
   if (p.g.K > 64) return launch_mma_wgrad<128, 64>(p, stream);
-  return p.g.C > 64 ? launch_mma_wgrad<64, 128>(p, stream) : launch_mma_wgrad<64, 64>(p, stream);
+  if (p.g.C > 64) return launch_mma_wgrad<64, 128>(p, stream);
+  if (kc <= 16) return launch_mma_wgrad<16, 16>(p, stream);
+  return kc <= 32 ? launch_mma_wgrad<32, 32>(p, stream) : launch_mma_wgrad<64, 64>(p, stream);
 }
 
 }  // namespace detail

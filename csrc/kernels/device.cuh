@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #ifdef FUSED_RESNET_EMULATED
@@ -114,16 +115,44 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   return out;
 }
 
+// 16 bytes of global memory at a 16-byte aligned address, read or written as one access (LDG/STG.128),
+// holding 16 / sizeof(T) elements.
+template <class T>
+struct alignas(16) Vec16 {
+  static constexpr int kN = 16 / sizeof(T);
+  T v[kN];
+};
+template <class T>
+__device__ __forceinline__ Vec16<T> load16(const T* src) {
+  return *reinterpret_cast<const Vec16<T>*>(src);
+}
+template <class T>
+__device__ __forceinline__ void store16(T* dst, const Vec16<T>& val) {
+  *reinterpret_cast<Vec16<T>*>(dst) = val;
+}
+
+// Shared memory a static declaration may hold; past it, the object lives in dynamic shared memory, which
+// the launch reserves (launch_shared). The ceiling is the least per-block limit of the GPUs the build
+// targets (sm_86/sm_89: 99 KB; sm_80 163 KB, sm_90 227 KB).
+constexpr size_t kStaticSharedBytes = 48 * 1024, kMaxSharedBytes = 99 * 1024;
+
 // The block's one object of type S in shared memory, the same for all its threads. Kernels declare their
 // shared memory through this rather than with __shared__ in their own bodies, so that the emulated build
 // can give each block a fresh copy filled with 0xFF bytes (a read before any write shows as NaN / -1).
+// An S past 48 KB is placed in dynamic shared memory: launch such a kernel with launch_shared<S>.
 template <class S>
 __device__ __forceinline__ S& block_shared() {
+  static_assert(sizeof(S) <= kMaxSharedBytes, "shared memory past what every sm_80+ GPU gives one block");
 #ifdef FUSED_RESNET_EMULATED
   return fused_resnet_emu::block_shared<S>();
 #else
-  __shared__ S storage;
-  return storage;
+  if constexpr (sizeof(S) <= kStaticSharedBytes) {
+    __shared__ S storage;
+    return storage;
+  } else {
+    extern __shared__ __align__(16) unsigned char dynamic_shared[];
+    return *reinterpret_cast<S*>(dynamic_shared);
+  }
 #endif
 }
 
@@ -136,6 +165,26 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
 #else
   kernel<<<grid, block, 0, stream>>>(args...);
   return cudaGetLastError();
+#endif
+}
+
+// launch() for a kernel whose block_shared<S>() is past 48 KB: the launch reserves sizeof(S) bytes of
+// dynamic shared memory, after raising the kernel's limit for it (per call, as the attribute is per device;
+// a host-side attribute write, no device work).
+template <class S, class... Params, class... Args>
+cudaError_t launch_shared(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, const Args&... args) {
+#ifdef FUSED_RESNET_EMULATED
+  return launch(kernel, grid, block, stream, args...);
+#else
+  if constexpr (sizeof(S) <= kStaticSharedBytes) {
+    return launch(kernel, grid, block, stream, args...);
+  } else {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(sizeof(S)));
+    if (err != cudaSuccess) return err;
+    kernel<<<grid, block, sizeof(S), stream>>>(args...);
+    return cudaGetLastError();
+  }
 #endif
 }
 

@@ -19,7 +19,7 @@ __host__ __device__ __forceinline__ bool nchw_dense(const int64_t (&s)[4], int64
   return (w == 1 || s[3] == 1) && (h == 1 || s[2] == w) && (c == 1 || s[1] == h * w) && (n == 1 || s[0] == c * h * w);
 }
 
-__host__ __forceinline__ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+__host__ __device__ __forceinline__ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 }  // namespace detail
 }  // namespace fused_resnet

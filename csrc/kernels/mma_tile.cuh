@@ -219,13 +219,15 @@ __device__ __forceinline__ uint32_t bn_relu_reg(uint32_t raw, uint32_t keep, con
   }
 }
 
-// The keep mask of bn_relu_reg for the register's elements (hi ignored for float's one element).
+// A per-element keep flag stored in shared memory as the element's width of all ones or zeros: a fragment
+// register's consecutive elements then read their keep mask (for bn_relu_reg) with one 32-bit load.
 template <class T>
-__device__ __forceinline__ uint32_t keep_mask(bool lo, bool hi) {
-  if constexpr (sizeof(T) == 2)
-    return (lo ? 0xffffu : 0u) | (hi ? 0xffff0000u : 0u);
-  else
-    return lo ? ~0u : 0u;
+using ElemMask = std::conditional_t<sizeof(T) == 2, uint16_t, uint32_t>;
+template <class T>
+__device__ __forceinline__ uint32_t keep_bits(const ElemMask<T>* first) {
+  uint32_t bits;
+  memcpy(&bits, first, 4);
+  return bits;
 }
 
 // The dtypes the mma kernels take: fp16, bf16, and fp32 when TF32 is allowed (torch.backends.cudnn.allow_tf32).

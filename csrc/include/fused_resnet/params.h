@@ -25,6 +25,9 @@ enum class DType : int { kF16 = 0, kBF16 = 1, kF32 = 2, kF64 = 3 };
 constexpr int kTileM = 64;
 constexpr int kTileN = 64;
 constexpr int kTileK = 32;
+// Split-K wgrad: each split's chunk of output pixels is a multiple of this, which every wgrad kernel's
+// pixel step divides (kTileK; the tensor-core kernels' 32- and 64-pixel steps).
+constexpr int kWgradChunk = 64;
 // Rows (pixels) reduced by one block of the batch-statistics kernel.
 constexpr int kStatsRows = 512;
 
@@ -93,7 +96,7 @@ struct ConvWgradParams {
   const void* x; int64_t sx[4];
   const void* mean; const void* scale; const void* beta;  // acc [C]
   void* part; int64_t sd[4];
-  int chunk;  // output pixels per split (a multiple of kTileK)
+  int chunk;  // output pixels per split (a multiple of kWgradChunk where the launcher picks it)
   int split;
   bool tf32;  // as in ConvForwardParams
 };
