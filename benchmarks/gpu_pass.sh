@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU pass in one call (run it through the device tool):
 #   bash benchmarks/gpu_pass.sh OUT [STAGES]
-# STAGES (default "build tests sanitize kernels train bench tune"): any subset, in that order, so a pass that does
+# STAGES (default "build tests sanitize kernels profile train bench tune"): any subset, in that order, so a pass that does
 # not fit one 10-minute call can be split over several (the build stays in the work tree between calls).
 #   build     pip install --no-build-isolation -e . : builds fused_resnet._C in place, so the tests and
 #             every command run from here import the tree with its extension (no copying by hand)
@@ -9,6 +9,9 @@
 #   sanitize  compute-sanitizer memcheck + racecheck on a small case of every kernel, both backends
 #   kernels   the static kernel report with this machine's Triton (registers, spills, MMA kind, sm_90)
 #             and the H100 time predictions per case: OUT/kernels.json, OUT/kernels.md
+#   profile   per-kernel device time of a training step of the ResNet-50 and CIFAR layer cases (bf16,
+#             channels_last): eager_cl (cuDNN), triton, cuda, against the copy bandwidth and matmul rate
+#             measured in the same run: OUT/profile/profile.json, profile.md (the table for NOTES.md)
 #   train     fused-resnet train --compare (digits), with the fused kernels
 #   bench     fused-resnet bench --full --graphs (bf16 first, within a time budget): every provider also
 #             as CUDA-graph replay; results JSON + RESULTS.md + chart
@@ -19,7 +22,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: gpu_pass.sh OUT [STAGES]}
-STAGES=${2:-build tests sanitize kernels train bench tune}
+STAGES=${2:-build tests sanitize kernels profile train bench tune}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 SUMMARY="$OUT/summary.txt"
@@ -60,6 +63,9 @@ fi
 if has kernels; then
   step kernels 300 python -m fused_resnet kernels --arch 90 --quiet --check --json "$OUT/kernels.json" \
     --markdown "$OUT/kernels.md"
+fi
+if has profile; then
+  step profile 540 python -m fused_resnet.bench.profile --out "$OUT/profile"
 fi
 if has train; then
   step train 300 python -m fused_resnet train --compare --out "$OUT/train"
