@@ -6,8 +6,9 @@ Batch statistics, forward (with and without residual, bias and output statistics
 BN-backward sums and the dx finish, and split-K wgrad; in fp32, bf16 (tensor-core path), fp16 and fp64;
 NCHW and channels_last; stride 1 and 2; channel counts that are not a multiple of any tile, and for
 channels_last fp16/bf16/fp32 also 24 -> 16 channels (the CUDA backend's mma.sync forward, phase-split dgrad
-and wgrad: cp.async rings; fp32 through TF32, PyTorch's default torch.backends.cudnn.allow_tf32) and 64 -> 16
-(the forward's wide slices in dynamic shared memory); the pair op
+and wgrad: cp.async rings; fp32 through TF32, PyTorch's default torch.backends.cudnn.allow_tf32), 64 -> 16
+(the forward's wide slices in dynamic shared memory) and 16 -> 24 (the forward's 32-byte half slices, the
+128x16 and 128x32 tiles of forward and dgrad); the pair op
 of a projection block (raw dgrad, dgrad with an addend, written in place). Checks
 the result against the reference too, so a kernel that reads out of bounds silently still fails here.
 """
@@ -77,8 +78,9 @@ def main():
         for channels_last in (False, True):
             mma = channels_last and dtype != torch.float64
             for stride, residual, pair in ((1, True, False), (2, False, False), (2, False, True)):
-                # 64 -> 16: the CUDA forward's wide 128-byte slices (dynamic shared memory; fp32 from 32 channels)
-                for c, k in ((19, 21), (24, 16), (64, 16)) if mma else ((19, 21),):
+                # 64 -> 16: the CUDA forward's wide 128-byte slices (dynamic shared memory; fp32 from 32 channels);
+                # 16 -> 24: its 32-byte half slices (16-bit; fp32's are at 8 channels)
+                for c, k in ((19, 21), (24, 16), (64, 16), (16, 24)) if mma else ((19, 21),):
                     why = one(args.backend, dtype, channels_last, stride, residual, c=c, k=k, pair=pair)
                     tag = (f"{args.backend} {str(dtype)[6:]} {'channels_last' if channels_last else 'nchw'} "
                            f"s{stride} C={c} K={k}{' pair (conv1 + 1x1 shortcut)' if pair else ''}")

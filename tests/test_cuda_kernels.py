@@ -64,11 +64,24 @@ def _maker(g, dtype, device):
 def test_dgrad_mma_by_phase(ext, geometry, dtype):
     """gm = conv_transpose(gy, W) rounded to the dtype (as eager's conv backward returns it) and masked by
     the recomputed ReLU (batch statistics), and the per-tile sums S1 = sum gm: every stride phase, with
-    its own taps, against float64."""
-    C, device = ext
+    its own taps, against float64. 16 -> 24 channels: the 128x16 tile, K ending mid-slice."""
+    _check_dgrad(*ext, geometry, dtype, c=16, k=24)
+
+
+@pytest.mark.parametrize("channels", [(16, 16), (24, 16), (40, 8), (72, 16), (48, 72)],
+                         ids=["k16-half-tile128x16", "k16-half-tile128x32", "k8-tile128x64",
+                              "k16-half-tile64x128", "k72-tile128x64"])
+def test_dgrad_mma_tiles(ext, channels):
+    """The other CTA tiles (C = input channels: 128x16, 128x32, 128x64 and 64x128, partial column tiles) and
+    the half slices (32 bytes of K per step where K is exactly that: 16 channels)."""
+    c, k = channels
+    _check_dgrad(*ext, (2, 1, 1, 3), torch.bfloat16, c=c, k=k)
+
+
+def _check_dgrad(C, device, geometry, dtype, c, k):
     stride, dil, pad, ks = geometry
-    g = torch.Generator().manual_seed(hash(geometry) % 2 ** 31)
-    n, c, k, h, w = 2, 16, 24, 7, 6
+    g = torch.Generator().manual_seed(hash((geometry, c, k)) % 2 ** 31)
+    n, h, w = 2, 7, 6
     oh, ow = _out_size(h, w, (stride, dil, pad, ks))
     rnd = _maker(g, dtype, device)
 
@@ -77,7 +90,8 @@ def test_dgrad_mma_by_phase(ext, geometry, dtype):
     zero, one = torch.zeros(c, device=device), torch.ones(c, device=device)
     out = torch.empty_like(x)
     part = C.conv_dgrad(gy, wt, x, zero, one, beta, one, out, True, True, [stride] * 2, [pad] * 2, [dil] * 2, False, None, False)
-    assert part.shape[0] == -(-n * -(-h // stride) * -(-w // stride) // 128) * stride * stride  # phase split ran
+    rows = 128 if c <= 64 else 64  # the mma path's tiles
+    assert part.shape[0] == -(-n * -(-h // stride) * -(-w // stride) // rows) * stride * stride  # phase split ran
 
     def ga(t):
         return torch.nn.grad.conv2d_input(x.shape, wt.to(t), gy.to(t), stride=stride, padding=pad, dilation=dil)
@@ -142,13 +156,22 @@ def _check_wgrad(C, device, geometry, dtype, size, c, k):
     _check(got, dweight(torch.float64), dweight(torch.float32))
 
 
-FORWARD_CASES = [  # (dtype, C, K, geometry): C a multiple of the wide 128-byte slice (64 16-bit / 32 fp32 channels)
-    (torch.bfloat16, 64, 24, (1, 1, 1, 3)),  # 128x64 tile, one slice per tap
-    (torch.bfloat16, 64, 24, (2, 1, 1, 3)),
+FORWARD_CASES = [  # (dtype, C, K, geometry): every slice width and CTA tile of the forward (conv_forward_mma.cu)
+    # the wide 128-byte slice (C a multiple of 64 16-bit / 32 fp32 channels)
+    (torch.bfloat16, 64, 24, (1, 1, 1, 3)),  # 128x32 tile, one slice per tap
+    (torch.bfloat16, 64, 40, (2, 1, 1, 3)),  # 128x64
+    (torch.bfloat16, 64, 16, (2, 1, 0, 1)),  # 128x16
     (torch.bfloat16, 128, 72, (1, 2, 2, 3)),  # 64x128 tile, two slices per tap, a partial column tile
     (torch.float16, 128, 24, (2, 1, 0, 1)),
     (torch.float32, 32, 72, (1, 1, 1, 3)),  # TF32
-    (torch.bfloat16, 40, 24, (1, 1, 1, 3)),  # the narrow slice: 40 channels end mid-slice
+    # the narrow 64-byte slice
+    (torch.bfloat16, 40, 24, (1, 1, 1, 3)),  # 40 channels end mid-slice
+    (torch.float16, 32, 8, (1, 1, 0, 1)),  # narrow, 128x16 with 8 of its 16 columns
+    # the half slice (32 bytes: C is exactly one mma's reduction, CIFAR's 16 channels)
+    (torch.bfloat16, 16, 16, (1, 1, 1, 3)),  # 128x16
+    (torch.bfloat16, 16, 24, (2, 1, 1, 3)),  # 128x32, a partial column tile
+    (torch.bfloat16, 16, 72, (1, 2, 2, 3)),  # 64x128
+    (torch.float32, 8, 12, (1, 1, 1, 3)),  # TF32, 128x16
 ]
 
 

@@ -30,7 +30,8 @@ def test_sanitize_case_passes_on_the_interpreter(dtype, channels_last, stride, r
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU pass runs it for real")
 def test_sanitize_case_passes_on_the_emulated_cuda_build():
     """The CUDA backend's sanitizer cases that take the mma.sync kernels (bf16 channels_last, 24 -> 16, and
-    64 -> 16 for the forward's wide slices); the other cases' shapes are covered by the parity matrix."""
+    64 -> 16 for the forward's wide slices, 16 -> 24 for its half slices); the other cases' shapes are covered by
+    the parity matrix."""
     import fused_resnet
 
     report = fused_resnet.available_backends()
@@ -39,6 +40,7 @@ def test_sanitize_case_passes_on_the_emulated_cuda_build():
     assert _sanitize_case().one("cuda", torch.bfloat16, True, 1, True, device="cpu", c=24, k=16) is None
     assert _sanitize_case().one("cuda", torch.bfloat16, True, 2, False, device="cpu", c=24, k=16, pair=True) is None
     assert _sanitize_case().one("cuda", torch.bfloat16, True, 1, True, device="cpu", c=64, k=16) is None  # wide slices
+    assert _sanitize_case().one("cuda", torch.bfloat16, True, 2, False, device="cpu", c=16, k=24) is None  # half slices
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")

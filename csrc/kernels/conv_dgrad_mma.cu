@@ -11,7 +11,9 @@
 // Within a phase the valid r form an arithmetic progression (step stride_h / gcd(stride_h, dil_h)).
 //
 // GEMM per phase: rows = the phase's input pixels, columns = input channels, reduction = (valid tap,
-// 64-byte slice of K). The epilogue is conv_dgrad.cu's (conv_dgrad.cuh).
+// 64-byte slice of K; 32 bytes where K is exactly that, CIFAR's 16 channels, so no MMA runs on zero-filled
+// output channels). CTA tile 64x128 when C > 64, else 128 rows by the smallest of 16, 32, 64 columns that
+// holds C. The epilogue is conv_dgrad.cu's (conv_dgrad.cuh).
 #include "conv_dgrad.cuh"
 
 namespace fused_resnet {
@@ -20,9 +22,13 @@ namespace {
 
 constexpr int kStages = kMmaStages;
 
-template <class T, int kBM, int kBN>
+// 16-byte copies per gy row and step: 4 (MmaElem's 64-byte slice), or 2 (one mma's 32 bytes of the
+// reduction) where K is exactly that.
+constexpr int kHalfChunks = 2, kNarrowChunks = 4;
+
+template <class T, int kBM, int kBN, int kChunks = kNarrowChunks>
 struct DgradMmaShared {
-  static constexpr int kBK = MmaElem<T>::kBK, kLd = MmaElem<T>::kLd;
+  static constexpr int kBK = kChunks * MmaElem<T>::kVec, kLd = kBK + MmaElem<T>::kVec;
   // [k][col] rows: 16-byte aligned, rows of an ldmatrix on distinct bank groups; for float, whose B
   // fragments are 32-bit loads of 4 rows x 8 columns, a pitch of 8 banks mod 32 keeps those conflict-free.
   static constexpr int kLdB = kBN + 8;
@@ -72,18 +78,23 @@ __host__ __device__ __forceinline__ int phase_extent(int size, int ph, int strid
   return size > ph ? (size - ph + stride - 1) / stride : 0;
 }
 
-template <class T, int kBM, int kBN>
+template <class T, int kBM, int kBN, int kChunks>
 __global__ void __launch_bounds__(kMmaThreads) conv_dgrad_mma_kernel(const ConvDgradParams p) {
-  constexpr int kWM = kBM / 2, kWN = kBN / 2, kMI = kWM / 16, kNJ = kWN / 8;
-  constexpr int kBK = MmaElem<T>::kBK, kVec = MmaElem<T>::kVec, kK = MmaElem<T>::kK;
-  constexpr int kRowThreads = kMmaThreads / kBM, kRowChunks = 4 / kRowThreads;
-  auto& sh = block_shared<DgradMmaShared<T, kBM, kBN>>();
+  // 2x2 warps; 4x1 in the tiles narrower than 64 columns (a warp's 16 or 32 columns: whole B fragment pairs)
+  constexpr int kWarpsM = kBN >= 64 ? 2 : 4, kWarpsN = 4 / kWarpsM;
+  constexpr int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN, kMI = kWM / 16, kNJ = kWN / 8;
+  using Shared = DgradMmaShared<T, kBM, kBN, kChunks>;
+  constexpr int kBK = Shared::kBK, kVec = MmaElem<T>::kVec, kK = MmaElem<T>::kK;
+  constexpr int kRowThreads = kMmaThreads / kBM, kRowChunks = kChunks / kRowThreads;
+  // W copies per step (16 bytes each): fewer than the block's threads in the small tiles
+  constexpr int kBCopies = kBK * kBN / kVec, kBPasses = (kBCopies + kMmaThreads - 1) / kMmaThreads;
+  auto& sh = block_shared<Shared>();
   const ConvGeom& g = p.g;
   const int ph = blockIdx.z / g.stride_w, pw = blockIdx.z % g.stride_w;
   const int Hp = phase_extent(g.H, ph, g.stride_h), Wp = phase_extent(g.W, pw, g.stride_w);
   const int M = g.N * Hp * Wp;  // this phase's pixels
   const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN;
-  const int tid = threadIdx.x, warp = tid / 32, wm = warp / 2, wn = warp % 2;
+  const int tid = threadIdx.x, warp = tid / 32, wm = warp / kWarpsN, wn = warp % kWarpsN;
   const T* gy = static_cast<const T*>(p.gy);
   const T* w = static_cast<const T*>(p.w);
   const PhaseTaps th(ph, g.stride_h, g.pad_h, g.dil_h, g.KH), tw(pw, g.stride_w, g.pad_w, g.dil_w, g.KW);
@@ -114,8 +125,9 @@ __global__ void __launch_bounds__(kMmaThreads) conv_dgrad_mma_kernel(const ConvD
       cp_async_16(&sh.ring.a[st][arow][kVec * ch], src + kVec * ch, ok && k0 + kVec * ch < g.K);
     }
 #pragma unroll
-    for (int j = 0; j < kBK * kBN / kVec / kMmaThreads; ++j) {
+    for (int j = 0; j < kBPasses; ++j) {
       const int i = tid + j * kMmaThreads, row = i / (kBN / kVec), ch = i % (kBN / kVec);
+      if (kBCopies % kMmaThreads != 0 && i >= kBCopies) break;
       const int kout = k0 + row, c = n0 + kVec * ch;
       const bool wok = kout < g.K && c < g.C;
       const T* wsrc = w + ((static_cast<int64_t>(wok ? kout : 0) * g.KH + r) * g.KW + s) * g.C + (wok ? c : 0);
@@ -157,7 +169,7 @@ __global__ void __launch_bounds__(kMmaThreads) conv_dgrad_mma_kernel(const ConvD
   });
   acc.store(sh.c, wm * kWM, wn * kWN);
   __syncthreads();
-  dgrad_epilogue<T, kBM, kBN, DgradMmaShared<T, kBM, kBN>::kLdC>(
+  dgrad_epilogue<T, kBM, kBN, Shared::kLdC>(
       p, sh.c, min(M - m0, kBM), n0, blockIdx.z * gridDim.x + blockIdx.x, sh.row_n, sh.row_h, sh.row_w);
 }
 
@@ -173,8 +185,11 @@ int phase0_tiles(const ConvDgradParams& p, int rows) {
 template <int kBM, int kBN>
 cudaError_t launch_mma_dgrad(const ConvDgradParams& p, cudaStream_t stream) {
   const dim3 grid(phase0_tiles(p, kBM), ceil_div(p.g.C, kBN), p.g.stride_h * p.g.stride_w);
+  const bool half = p.g.K == kHalfChunks * mma_vec(p.dtype);
   return dispatch_mma_dtype(p.dtype, [&](auto tag) {
-    return launch(conv_dgrad_mma_kernel<decltype(tag), kBM, kBN>, grid, dim3(kMmaThreads), stream, p);
+    using T = decltype(tag);
+    if (half) return launch(conv_dgrad_mma_kernel<T, kBM, kBN, kHalfChunks>, grid, dim3(kMmaThreads), stream, p);
+    return launch(conv_dgrad_mma_kernel<T, kBM, kBN, kNarrowChunks>, grid, dim3(kMmaThreads), stream, p);
   });
 }
 
@@ -193,7 +208,9 @@ int conv_dgrad_mma_tiles(const ConvDgradParams& p) {
 }
 
 cudaError_t conv_dgrad_mma(const ConvDgradParams& p, cudaStream_t stream) {
-  return rows_per_tile(p) == 128 ? launch_mma_dgrad<128, 64>(p, stream) : launch_mma_dgrad<64, 128>(p, stream);
+  if (rows_per_tile(p) == 64) return launch_mma_dgrad<64, 128>(p, stream);
+  if (p.g.C > 32) return launch_mma_dgrad<128, 64>(p, stream);
+  return p.g.C > 16 ? launch_mma_dgrad<128, 32>(p, stream) : launch_mma_dgrad<128, 16>(p, stream);
 }
 
 }  // namespace detail

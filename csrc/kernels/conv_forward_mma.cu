@@ -6,8 +6,8 @@
 //
 // GEMM view as in conv_forward.cu: rows = output pixels, columns = output channels, reduction =
 // (tap, input channel), walked as one flattened loop of (tap, channel slice) steps -- 128-byte slices when C
-// is a multiple of them, else 64-byte ones (kChunks below). CTA tile
-// 128x64 or 64x128 (FwdMmaShared says which when), 4 warps. Each thread copies (part of) one tile row of A: its
+// is a multiple of them, 32-byte ones when C is exactly that, else 64-byte ones (kChunks below). CTA tile
+// 64x128, or 128 rows by 16, 32 or 64 columns (FwdMmaShared says which when), 4 warps. Each thread copies (part of) one tile row of A: its
 // pixel's (n, oh, ow) is decomposed once per tile and every step only adds the tap's offset (no division
 // in the main loop). A row whose tap falls into padding is flagged invalid for the step and its activation
 // forced to 0 after the transform (the conv pads the activation, not x).
@@ -24,12 +24,14 @@ constexpr int kStages = kMmaStages;
 
 // A step's reduction slice is kChunks 16-byte copies per row: 4 (64 bytes, MmaElem's slice) in general, 8
 // (128 bytes) when C is a multiple of that wider slice ("whole" slices: none runs past C, so no copy needs
-// a channel predicate or a clamped address). The wide step spreads its fixed cost -- copy issue, tap walk,
-// wait and barrier -- over twice the MMAs, and takes 85 KB of shared memory (dynamic: 2 CTAs per SM, where
-// the narrow ring's 48 KB allow 4).
-constexpr int kNarrowChunks = 4, kWideChunks = 8;
+// a channel predicate or a clamped address), 2 (32 bytes: one mma's reduction) when C is exactly that
+// (CIFAR's 16 channels), where a 64-byte slice would run half its MMAs on zero-filled channels. The wide
+// step spreads its fixed cost -- copy issue, tap walk, wait and barrier -- over twice the MMAs, and takes
+// 85 KB of shared memory (dynamic: 2 CTAs per SM, where the narrow ring's 48 KB allow 4).
+constexpr int kHalfChunks = 2, kNarrowChunks = 4, kWideChunks = 8;
 
-// CTA tile 64x128 when K > 64, 128x64 when K <= 64 (so no column half is masked).
+// CTA tile 64x128 when K > 64, else 128 rows by the smallest of 16, 32, 64 columns that holds K (so no
+// MMA falls on a column block past K: CIFAR's 16- and 32-channel layers).
 template <class T, int kBM, int kBN, int kChunks>
 struct FwdMmaShared {
   static constexpr int kBK = kChunks * MmaElem<T>::kVec, kLdC = kBN + 4;
@@ -65,7 +67,7 @@ constexpr int fwd_min_ctas() {
 
 template <class T, int kBM, int kBN, int kChunks>
 __global__ void __launch_bounds__(kMmaThreads, fwd_min_ctas<T, kChunks>()) conv_forward_mma_kernel(const ConvForwardParams p) {
-  // Warps stacked along the rows (4x1: warp tiles 32x64 or 16x128), so no two warps transform the same A
+  // Warps stacked along the rows (4x1: warp tiles 32 x kBN or 16x128), so no two warps transform the same A
   // rows and each transformed fragment feeds every column block of the tile: 16 (128x64) or 8 (64x128)
   // transformed values per thread per 16 MMAs.
   constexpr int kWarpsN = 1, kWarpsM = 4;
@@ -99,8 +101,10 @@ __global__ void __launch_bounds__(kMmaThreads, fwd_min_ctas<T, kChunks>()) conv_
   // The B rows this thread copies (output channels n0 + tid / kChunks + kBRows j, chunk tid % kChunks) are
   // fixed for the whole tile: one base pointer (rows past K clamped to a real row, their copies
   // zero-filled) and the step's offset into the [K][KH][KW][C] weight, the same for every row.
-  constexpr int kBRows = kMmaThreads / kChunks, kBCopies = kBN / kBRows;
+  // A tile narrower than a pass of the block (16 or 32 columns) leaves the threads past its rows idle.
+  constexpr int kBRows = kMmaThreads / kChunks, kBCopies = kBN >= kBRows ? kBN / kBRows : 1;
   const int b_row = tid / kChunks, b_chunk = tid % kChunks;
+  const bool b_copies = kBN >= kBRows || b_row < kBN;
   const int64_t w_krow = static_cast<int64_t>(g.KH) * g.KW * g.C;  // elements per output channel
   const T* w_thread = w + static_cast<int64_t>(min(n0 + b_row, g.K - 1)) * w_krow + kVec * b_chunk;
   unsigned kout_ok = 0;
@@ -137,10 +141,12 @@ __global__ void __launch_bounds__(kMmaThreads, fwd_min_ctas<T, kChunks>()) conv_
     if (c_first == 0) sh.valid[st][arow] = tap_ok;
     const bool cok = kWhole || c0 + kVec * b_chunk < g.C;
     const T* wsrc = w_thread + (cok ? w_tap + c0 : 0);
+    if (b_copies) {
 #pragma unroll
-    for (int j = 0; j < kBCopies; ++j)
-      cp_async_16(&sh.ring.b[st][b_row + kBRows * j][kVec * b_chunk],
-                  wsrc + (((kout_ok >> j) & 1u) ? j * kBRows * w_krow : 0), cok && ((kout_ok >> j) & 1u));
+      for (int j = 0; j < kBCopies; ++j)
+        cp_async_16(&sh.ring.b[st][b_row + kBRows * j][kVec * b_chunk],
+                    wsrc + (((kout_ok >> j) & 1u) ? j * kBRows * w_krow : 0), cok && ((kout_ok >> j) & 1u));
+    }
     if (tid < 3 * kBK / 4) {  // the slice's mean, scale, beta: 16-byte copies too (no register round trip)
       const int arr = tid / (kBK / 4), part = tid % (kBK / 4), c = c0 + 4 * part;
       const float* src = arr == 0 ? mean : arr == 1 ? scale : beta;
@@ -238,23 +244,28 @@ bool conv_forward_mma_applies(const ConvForwardParams& p) {
 
 int conv_forward_mma_tile_rows(const ConvForwardParams& p) { return p.g.K <= 64 ? 128 : 64; }
 
-template <int kBM, int kBN>
+template <int kBM, int kBN, int kChunks>
 cudaError_t launch_mma_forward(const ConvForwardParams& p, cudaStream_t stream) {
   const dim3 grid(ceil_div(static_cast<int64_t>(p.g.N) * p.g.OH * p.g.OW, kBM), ceil_div(p.g.K, kBN));
-  const bool wide = p.g.C % (kWideChunks * mma_vec(p.dtype)) == 0;
   return dispatch_mma_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (wide)
-      return launch_shared<FwdMmaShared<T, kBM, kBN, kWideChunks>>(
-          conv_forward_mma_kernel<T, kBM, kBN, kWideChunks>, grid, dim3(kMmaThreads), stream, p);
-    return launch_shared<FwdMmaShared<T, kBM, kBN, kNarrowChunks>>(
-        conv_forward_mma_kernel<T, kBM, kBN, kNarrowChunks>, grid, dim3(kMmaThreads), stream, p);
+    return launch_shared<FwdMmaShared<T, kBM, kBN, kChunks>>(conv_forward_mma_kernel<T, kBM, kBN, kChunks>, grid,
+                                                            dim3(kMmaThreads), stream, p);
   });
 }
 
+template <int kBM, int kBN>
+cudaError_t launch_mma_forward(const ConvForwardParams& p, cudaStream_t stream) {
+  const int vec = mma_vec(p.dtype);
+  if (p.g.C % (kWideChunks * vec) == 0) return launch_mma_forward<kBM, kBN, kWideChunks>(p, stream);
+  if (p.g.C == kHalfChunks * vec) return launch_mma_forward<kBM, kBN, kHalfChunks>(p, stream);
+  return launch_mma_forward<kBM, kBN, kNarrowChunks>(p, stream);
+}
+
 cudaError_t conv_forward_mma(const ConvForwardParams& p, cudaStream_t stream) {
-  return conv_forward_mma_tile_rows(p) == 128 ? launch_mma_forward<128, 64>(p, stream)
-                                              : launch_mma_forward<64, 128>(p, stream);
+  if (p.g.K > 64) return launch_mma_forward<64, 128>(p, stream);
+  if (p.g.K > 32) return launch_mma_forward<128, 64>(p, stream);
+  return p.g.K > 16 ? launch_mma_forward<128, 32>(p, stream) : launch_mma_forward<128, 16>(p, stream);
 }
 
 }  // namespace detail
