@@ -88,6 +88,8 @@ __global__ void __launch_bounds__(kMmaThreads) conv_dgrad_mma_kernel(const ConvD
   constexpr int kRowThreads = kMmaThreads / kBM, kRowChunks = kChunks / kRowThreads;
   // W copies per step (16 bytes each): fewer than the block's threads in the small tiles
   constexpr int kBCopies = kBK * kBN / kVec, kBPasses = (kBCopies + kMmaThreads - 1) / kMmaThreads;
+  // Half slices are launched only when K is exactly one: every step is a tap of its own, no copy past K.
+  constexpr bool kOneSlice = kChunks == kHalfChunks;
   auto& sh = block_shared<Shared>();
   const ConvGeom& g = p.g;
   const int ph = blockIdx.z / g.stride_w, pw = blockIdx.z % g.stride_w;
@@ -122,7 +124,7 @@ __global__ void __launch_bounds__(kMmaThreads) conv_dgrad_mma_kernel(const ConvD
 #pragma unroll
     for (int q = 0; q < kRowChunks; ++q) {
       const int ch = c_first + q;
-      cp_async_16(&sh.ring.a[st][arow][kVec * ch], src + kVec * ch, ok && k0 + kVec * ch < g.K);
+      cp_async_16(&sh.ring.a[st][arow][kVec * ch], src + kVec * ch, ok && (kOneSlice || k0 + kVec * ch < g.K));
     }
 #pragma unroll
     for (int j = 0; j < kBPasses; ++j) {
@@ -134,7 +136,7 @@ __global__ void __launch_bounds__(kMmaThreads) conv_dgrad_mma_kernel(const ConvD
       cp_async_16(&sh.ring.b[st][row][kVec * ch], wsrc, wok);
     }
     k0 += kBK;
-    if (k0 >= g.K) {
+    if (kOneSlice || k0 >= g.K) {
       k0 = 0;
       s += tw.step;
       ow_off -= tw.off_step;

@@ -74,7 +74,12 @@ __global__ void __launch_bounds__(kMmaThreads, fwd_min_ctas<T, kChunks>()) conv_
   constexpr int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN, kMI = kWM / 16, kNJ = kWN / 8;
   using Shared = FwdMmaShared<T, kBM, kBN, kChunks>;
   constexpr int kBK = Shared::kBK, kVec = MmaElem<T>::kVec, kK = MmaElem<T>::kK, kPer = MmaElem<T>::kPer;
-  constexpr bool kWhole = kChunks == kWideChunks;  // launched only when C is a multiple of the slice
+  // Half slices are launched only when C is exactly one: every step is a tap of its own with the same
+  // channels, whose affine stays in registers for the whole tile instead of a copy and shared-memory loads
+  // per step.
+  constexpr bool kOneSlice = kChunks == kHalfChunks;
+  // launched only when C is a multiple of the slice: no copy runs past C
+  constexpr bool kWhole = kChunks == kWideChunks || kOneSlice;
   constexpr int kRowThreads = kMmaThreads / kBM;  // threads sharing one A row's kChunks copies of 16 bytes
   constexpr int kRowChunks = kChunks / kRowThreads;
   auto& sh = block_shared<Shared>();
@@ -147,7 +152,7 @@ __global__ void __launch_bounds__(kMmaThreads, fwd_min_ctas<T, kChunks>()) conv_
         cp_async_16(&sh.ring.b[st][b_row + kBRows * j][kVec * b_chunk],
                     wsrc + (((kout_ok >> j) & 1u) ? j * kBRows * w_krow : 0), cok && ((kout_ok >> j) & 1u));
     }
-    if (tid < 3 * kBK / 4) {  // the slice's mean, scale, beta: 16-byte copies too (no register round trip)
+    if (!kOneSlice && tid < 3 * kBK / 4) {  // the slice's mean, scale, beta: 16-byte copies too (no register round trip)
       const int arr = tid / (kBK / 4), part = tid % (kBK / 4), c = c0 + 4 * part;
       const float* src = arr == 0 ? mean : arr == 1 ? scale : beta;
       // past C: zero-filled (so is the activation), the address kept inside the array
@@ -157,7 +162,7 @@ __global__ void __launch_bounds__(kMmaThreads, fwd_min_ctas<T, kChunks>()) conv_
         cp_async_16(&sh.affine[st][arr][4 * part], src + min(c, g.C - 4), c < g.C);
     }
     c0 += kBK;
-    if (c0 >= g.C) {  // next tap
+    if (kOneSlice || c0 >= g.C) {  // next tap
       c0 = 0;
       w_tap += g.C;
       if (++s == g.KW) {
@@ -175,6 +180,18 @@ __global__ void __launch_bounds__(kMmaThreads, fwd_min_ctas<T, kChunks>()) conv_
   acc.zero();
 
   const int gq = lane / 4, tq = lane % 4;
+  float mu1[2][kPer], sc1[2][kPer], be1[2][kPer];  // kOneSlice: this lane's channels' affine, for the tile
+  if constexpr (kOneSlice) {
+#pragma unroll
+    for (int hi = 0; hi < 2; ++hi)
+#pragma unroll
+      for (int h = 0; h < kPer; ++h) {
+        const int ch = frag_k<T>(tq, hi, h);
+        mu1[hi][h] = mean[ch];
+        sc1[hi][h] = scale[ch];
+        be1[hi][h] = beta[ch];
+      }
+  }
   run_ring(steps, issue, [&](int st) {
 #pragma unroll
     for (int kk = 0; kk < kBK; kk += kK) {
@@ -185,9 +202,9 @@ __global__ void __launch_bounds__(kMmaThreads, fwd_min_ctas<T, kChunks>()) conv_
 #pragma unroll
         for (int h = 0; h < kPer; ++h) {
           const int ch = kk + frag_k<T>(tq, hi, h);
-          mu[hi][h] = sh.affine[st][0][ch];
-          sc[hi][h] = sh.affine[st][1][ch];
-          be[hi][h] = sh.affine[st][2][ch];
+          mu[hi][h] = kOneSlice ? mu1[hi][h] : sh.affine[st][0][ch];
+          sc[hi][h] = kOneSlice ? sc1[hi][h] : sh.affine[st][1][ch];
+          be[hi][h] = kOneSlice ? be1[hi][h] : sh.affine[st][2][ch];
         }
       // One A fragment at a time (transformed, then multiplied with every B fragment): one alive, not kMI;
       // the B fragments are loaded after the first is transformed.
