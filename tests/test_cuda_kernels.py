@@ -158,15 +158,16 @@ def _check_wgrad(C, device, geometry, dtype, size, c, k):
 
 FORWARD_CASES = [  # (dtype, C, K, geometry): every slice width and CTA tile of the forward (conv_forward_mma.cu)
     # the wide 128-byte slice (C a multiple of 64 16-bit / 32 fp32 channels)
-    (torch.bfloat16, 64, 24, (1, 1, 1, 3)),  # 128x32 tile, one slice per tap
+    (torch.bfloat16, 64, 24, (1, 1, 1, 3)),  # 128x32 tile, C exactly one slice (its affine held in registers)
     (torch.bfloat16, 64, 40, (2, 1, 1, 3)),  # 128x64
     (torch.bfloat16, 64, 16, (2, 1, 0, 1)),  # 128x16
     (torch.bfloat16, 128, 72, (1, 2, 2, 3)),  # 64x128 tile, two slices per tap, a partial column tile
     (torch.float16, 128, 24, (2, 1, 0, 1)),
-    (torch.float32, 32, 72, (1, 1, 1, 3)),  # TF32
+    (torch.float32, 32, 72, (1, 1, 1, 3)),  # TF32, C exactly one slice (its affine held in registers)
+    (torch.float32, 64, 24, (1, 1, 0, 1)),  # TF32, two slices per tap
     # the narrow 64-byte slice
     (torch.bfloat16, 40, 24, (1, 1, 1, 3)),  # 40 channels end mid-slice
-    (torch.float16, 32, 8, (1, 1, 0, 1)),  # narrow, 128x16 with 8 of its 16 columns
+    (torch.float16, 32, 8, (1, 1, 0, 1)),  # 128x16 with 8 of its 16 columns
     # the half slice (32 bytes: C is exactly one mma's reduction, CIFAR's 16 channels)
     (torch.bfloat16, 16, 16, (1, 1, 1, 3)),  # 128x16
     (torch.bfloat16, 16, 24, (2, 1, 1, 3)),  # 128x32, a partial column tile

@@ -65,8 +65,15 @@ constexpr int fwd_min_ctas() {
   return sizeof(T) != 2 ? 0 : kChunks == kWideChunks ? 2 : 4;
 }
 
-template <class T, int kBM, int kBN, int kChunks>
+// kOneSlice: launched only when C is exactly one slice (always so for the half slice; the wide one at C = 64
+// 16-bit channels, ResNet-50's first stage): every step is a tap of its own with the same channels, whose
+// affine stays in registers for the whole tile instead of a copy and shared-memory loads per step, and no
+// copy runs past C. Not for the narrow slice (C = 32, CIFAR's second stage): capped at 128 registers for 4
+// CTAs per SM, it spilled on sm_80 with the affine in registers and on sm_90 with it in shared memory
+// written once.
+template <class T, int kBM, int kBN, int kChunks, bool kOneSlice>
 __global__ void __launch_bounds__(kMmaThreads, fwd_min_ctas<T, kChunks>()) conv_forward_mma_kernel(const ConvForwardParams p) {
+  static_assert(kOneSlice || kChunks != kHalfChunks, "half slices are launched at C == slice only");
   // Warps stacked along the rows (4x1: warp tiles 32 x kBN or 16x128), so no two warps transform the same A
   // rows and each transformed fragment feeds every column block of the tile: 16 (128x64) or 8 (64x128)
   // transformed values per thread per 16 MMAs.
@@ -74,10 +81,6 @@ __global__ void __launch_bounds__(kMmaThreads, fwd_min_ctas<T, kChunks>()) conv_
   constexpr int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN, kMI = kWM / 16, kNJ = kWN / 8;
   using Shared = FwdMmaShared<T, kBM, kBN, kChunks>;
   constexpr int kBK = Shared::kBK, kVec = MmaElem<T>::kVec, kK = MmaElem<T>::kK, kPer = MmaElem<T>::kPer;
-  // Half slices are launched only when C is exactly one: every step is a tap of its own with the same
-  // channels, whose affine stays in registers for the whole tile instead of a copy and shared-memory loads
-  // per step.
-  constexpr bool kOneSlice = kChunks == kHalfChunks;
   // launched only when C is a multiple of the slice: no copy runs past C
   constexpr bool kWhole = kChunks == kWideChunks || kOneSlice;
   constexpr int kRowThreads = kMmaThreads / kBM;  // threads sharing one A row's kChunks copies of 16 bytes
@@ -180,17 +183,21 @@ __global__ void __launch_bounds__(kMmaThreads, fwd_min_ctas<T, kChunks>()) conv_
   acc.zero();
 
   const int gq = lane / 4, tq = lane % 4;
-  float mu1[2][kPer], sc1[2][kPer], be1[2][kPer];  // kOneSlice: this lane's channels' affine, for the tile
+  // kOneSlice: this lane's channels' affine, for the tile
+  constexpr int kKs = kBK / kK;
+  float mu1[kKs][2][kPer], sc1[kKs][2][kPer], be1[kKs][2][kPer];
   if constexpr (kOneSlice) {
 #pragma unroll
-    for (int hi = 0; hi < 2; ++hi)
+    for (int q = 0; q < kKs; ++q)
 #pragma unroll
-      for (int h = 0; h < kPer; ++h) {
-        const int ch = frag_k<T>(tq, hi, h);
-        mu1[hi][h] = mean[ch];
-        sc1[hi][h] = scale[ch];
-        be1[hi][h] = beta[ch];
-      }
+      for (int hi = 0; hi < 2; ++hi)
+#pragma unroll
+        for (int h = 0; h < kPer; ++h) {
+          const int ch = q * kK + frag_k<T>(tq, hi, h);
+          mu1[q][hi][h] = mean[ch];
+          sc1[q][hi][h] = scale[ch];
+          be1[q][hi][h] = beta[ch];
+        }
   }
   run_ring(steps, issue, [&](int st) {
 #pragma unroll
@@ -202,9 +209,9 @@ __global__ void __launch_bounds__(kMmaThreads, fwd_min_ctas<T, kChunks>()) conv_
 #pragma unroll
         for (int h = 0; h < kPer; ++h) {
           const int ch = kk + frag_k<T>(tq, hi, h);
-          mu[hi][h] = kOneSlice ? mu1[hi][h] : sh.affine[st][0][ch];
-          sc[hi][h] = kOneSlice ? sc1[hi][h] : sh.affine[st][1][ch];
-          be[hi][h] = kOneSlice ? be1[hi][h] : sh.affine[st][2][ch];
+          mu[hi][h] = kOneSlice ? mu1[kk / kK][hi][h] : sh.affine[st][0][ch];
+          sc[hi][h] = kOneSlice ? sc1[kk / kK][hi][h] : sh.affine[st][1][ch];
+          be[hi][h] = kOneSlice ? be1[kk / kK][hi][h] : sh.affine[st][2][ch];
         }
       // One A fragment at a time (transformed, then multiplied with every B fragment): one alive, not kMI;
       // the B fragments are loaded after the first is transformed.
@@ -261,22 +268,23 @@ bool conv_forward_mma_applies(const ConvForwardParams& p) {
 
 int conv_forward_mma_tile_rows(const ConvForwardParams& p) { return p.g.K <= 64 ? 128 : 64; }
 
-template <int kBM, int kBN, int kChunks>
+template <int kBM, int kBN, int kChunks, bool kOneSlice>
 cudaError_t launch_mma_forward(const ConvForwardParams& p, cudaStream_t stream) {
   const dim3 grid(ceil_div(static_cast<int64_t>(p.g.N) * p.g.OH * p.g.OW, kBM), ceil_div(p.g.K, kBN));
   return dispatch_mma_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    return launch_shared<FwdMmaShared<T, kBM, kBN, kChunks>>(conv_forward_mma_kernel<T, kBM, kBN, kChunks>, grid,
-                                                            dim3(kMmaThreads), stream, p);
+    return launch_shared<FwdMmaShared<T, kBM, kBN, kChunks>>(conv_forward_mma_kernel<T, kBM, kBN, kChunks, kOneSlice>,
+                                                            grid, dim3(kMmaThreads), stream, p);
   });
 }
 
 template <int kBM, int kBN>
 cudaError_t launch_mma_forward(const ConvForwardParams& p, cudaStream_t stream) {
   const int vec = mma_vec(p.dtype);
-  if (p.g.C % (kWideChunks * vec) == 0) return launch_mma_forward<kBM, kBN, kWideChunks>(p, stream);
-  if (p.g.C == kHalfChunks * vec) return launch_mma_forward<kBM, kBN, kHalfChunks>(p, stream);
-  return launch_mma_forward<kBM, kBN, kNarrowChunks>(p, stream);
+  if (p.g.C == kWideChunks * vec) return launch_mma_forward<kBM, kBN, kWideChunks, true>(p, stream);
+  if (p.g.C % (kWideChunks * vec) == 0) return launch_mma_forward<kBM, kBN, kWideChunks, false>(p, stream);
+  if (p.g.C == kHalfChunks * vec) return launch_mma_forward<kBM, kBN, kHalfChunks, true>(p, stream);
+  return launch_mma_forward<kBM, kBN, kNarrowChunks, false>(p, stream);
 }
 
 cudaError_t conv_forward_mma(const ConvForwardParams& p, cudaStream_t stream) {
