@@ -78,17 +78,45 @@ __device__ __forceinline__ void forward_epilogue(const ConvForwardParams& p, acc
   }
   if (p.part == nullptr) return;
   __syncthreads();
-  const int col = threadIdx.x, kout = n0 + col;
-  if (col < BN && kout < g.K) {
-    const int cnt = min(M - m0, BM);
+  // Every thread of the block on the statistics, not one per column: blockDim / BN threads share a column
+  // (8 in a 16-column tile, where one thread per column left warp 0 two passes over all 128 rows -- as long
+  // as the tile's main loop -- and the other warps idle), each two passes over its own run of rows; their
+  // (count, mean, M2) are merged by Chan's formula.
+  const int col = threadIdx.x % BN, share = threadIdx.x / BN, kout = n0 + col;
+  const int shares = max(static_cast<int>(blockDim.x) / BN, 1);
+  const int cnt = min(M - m0, BM), per = ceil_div(cnt, shares);
+  const int r0 = min(share * per, cnt), r1 = min(r0 + per, cnt);
+  Acc mean = 0, m2 = 0;
+  const bool mine = share < shares && kout < g.K;
+  if (mine && r1 > r0) {
     Acc sum = 0;
-    for (int row = 0; row < cnt; ++row) sum += c[row][col];
-    const Acc mean = sum / Acc(cnt);
-    Acc m2 = 0;
-    for (int row = 0; row < cnt; ++row) {
+    for (int row = r0; row < r1; ++row) sum += c[row][col];
+    mean = sum / Acc(r1 - r0);
+    for (int row = r0; row < r1; ++row) {
       const Acc d = c[row][col] - mean;
       m2 = fma(d, d, m2);
     }
+  }
+  if (shares > 1) {
+    __syncthreads();  // every thread is done reading c: its first rows take the shares' (mean, M2)
+    if (mine) {
+      c[share][col] = mean;
+      c[shares + share][col] = m2;
+    }
+    __syncthreads();
+    if (share == 0 && mine) {
+      Acc n = Acc(r1 - r0);  // share 0's rows
+      for (int j = 1; j < shares; ++j) {
+        const int b0 = min(j * per, cnt), nb = min(b0 + per, cnt) - b0;
+        if (nb <= 0) break;  // the shares past the tile's rows hold nothing
+        const Acc n_ab = n + Acc(nb), delta = c[j][col] - mean;
+        mean += delta * (Acc(nb) / n_ab);
+        m2 += c[shares + j][col] + delta * delta * (n * Acc(nb) / n_ab);
+        n = n_ab;
+      }
+    }
+  }
+  if (share == 0 && mine) {
     Acc* part = static_cast<Acc*>(p.part);
     part[static_cast<int64_t>(blockIdx.x) * g.K + kout] = mean;
     part[static_cast<int64_t>(gridDim.x + blockIdx.x) * g.K + kout] = m2;
