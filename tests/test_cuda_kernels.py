@@ -116,13 +116,26 @@ def test_wgrad_mma_splits(ext, geometry, dtype, size):
     _check_wgrad(*ext, geometry, dtype, size, c=24, k=16)
 
 
-@pytest.mark.parametrize("channels", [(40, 72), (72, 16), (48, 40), (16, 8)],
-                         ids=["k72-tile128x64", "c72-tile64x128", "c48-tile64x64", "c16-tile16x16"])
+@pytest.mark.parametrize("channels", [(40, 72), (72, 16), (48, 40), (16, 8), (64, 128), (128, 64), (64, 64), (32, 32),
+                                      (16, 16)],
+                         ids=["k72-tile128x64", "c72-tile64x128", "c48-tile64x64", "c16-tile16x16", "whole128x64",
+                              "whole64x128", "whole64x64", "whole32x32", "whole16x16"])
 def test_wgrad_mma_tiles(ext, channels):
     """The other CTA tiles, each with a partial tile of channels (64x64: warps split each step in halves;
-    16x16: in quarters)."""
+    16x16: in quarters), and every tile whole (K and C multiples of it: the kernel's one-address-per-pixel
+    copies)."""
     c, k = channels
     _check_wgrad(*ext, (2, 1, 1, 3), torch.bfloat16, (7, 6), c=c, k=k)
+
+
+@pytest.mark.parametrize("geometry", [(2, 1, 1, 3), (3, 2, 1, 3)], ids=["s2d1p1k3", "s3d2p1k3"])
+@pytest.mark.parametrize("channels", [(64, 64), (24, 16)], ids=["whole64x64", "partial32x32"])
+def test_wgrad_mma_pixel_walk(ext, geometry, channels):
+    """Splits of several 64-pixel steps at strides 2 and 3: each thread's pixel walks on by a step's
+    pixels with carries out of the output row (into the next row: x moves by stride rows) and out of the
+    image, taps in padding on both sides. The other wgrad cases fit a split in one step at these strides."""
+    c, k = channels
+    _check_wgrad(*ext, geometry, torch.bfloat16, (31, 23), c=c, k=k)
 
 
 def _check_wgrad(C, device, geometry, dtype, size, c, k):
