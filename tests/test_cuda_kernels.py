@@ -180,7 +180,10 @@ FORWARD_CASES = [  # (dtype, C, K, geometry): every slice width and CTA tile of 
     (torch.float32, 64, 24, (1, 1, 0, 1)),  # TF32, two slices per tap
     # the narrow 64-byte slice
     (torch.bfloat16, 40, 24, (1, 1, 1, 3)),  # 40 channels end mid-slice
-    (torch.float16, 32, 8, (1, 1, 0, 1)),  # 128x16 with 8 of its 16 columns
+    (torch.float16, 32, 8, (1, 1, 0, 1)),  # 128x16 with 8 of its 16 columns, C exactly one slice
+    (torch.bfloat16, 32, 32, (1, 1, 1, 3)),  # 128x32, C exactly one slice (its affine held in registers)
+    (torch.bfloat16, 32, 40, (2, 1, 1, 3)),  # 128x64 at C = one slice: its affine per step, from shared memory
+    (torch.float32, 16, 24, (2, 1, 1, 3)),  # TF32, 128x32, C exactly one slice
     # the half slice (32 bytes: C is exactly one mma's reduction, CIFAR's 16 channels)
     (torch.bfloat16, 16, 16, (1, 1, 1, 3)),  # 128x16
     (torch.bfloat16, 16, 24, (2, 1, 1, 3)),  # 128x32, a partial column tile

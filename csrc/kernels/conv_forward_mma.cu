@@ -66,11 +66,12 @@ constexpr int fwd_min_ctas() {
 }
 
 // kOneSlice: launched only when C is exactly one slice (always so for the half slice; the wide one at C = 64
-// 16-bit channels, ResNet-50's first stage): every step is a tap of its own with the same channels, whose
-// affine stays in registers for the whole tile instead of a copy and shared-memory loads per step, and no
-// copy runs past C. Not for the narrow slice (C = 32, CIFAR's second stage): capped at 128 registers for 4
-// CTAs per SM, it spilled on sm_80 with the affine in registers and on sm_90 with it in shared memory
-// written once.
+// 16-bit channels, ResNet-50's first stage; the narrow one at C = 32, CIFAR's second stage, in the tiles 32
+// columns wide or less): every step is a tap of its own with the same channels, whose affine stays in
+// registers for the whole tile instead of a copy and shared-memory loads per step, and no copy runs past C.
+// Not the narrow slice in the 64-column tiles: capped at 128 registers for 4 CTAs per SM, the 128x64 tile
+// spilled on sm_80 with the affine in registers and the 64x128 on sm_90 with it in shared memory written
+// once (the 128x32 / 128x16 tiles hold half the accumulators: 125 / 111 registers, no spill).
 template <class T, int kBM, int kBN, int kChunks, bool kOneSlice>
 __global__ void __launch_bounds__(kMmaThreads, fwd_min_ctas<T, kChunks>()) conv_forward_mma_kernel(const ConvForwardParams p) {
   static_assert(kOneSlice || kChunks != kHalfChunks, "half slices are launched at C == slice only");
@@ -284,6 +285,9 @@ cudaError_t launch_mma_forward(const ConvForwardParams& p, cudaStream_t stream) 
   if (p.g.C == kWideChunks * vec) return launch_mma_forward<kBM, kBN, kWideChunks, true>(p, stream);
   if (p.g.C % (kWideChunks * vec) == 0) return launch_mma_forward<kBM, kBN, kWideChunks, false>(p, stream);
   if (p.g.C == kHalfChunks * vec) return launch_mma_forward<kBM, kBN, kHalfChunks, true>(p, stream);
+  if constexpr (kBN <= 32) {
+    if (p.g.C == kNarrowChunks * vec) return launch_mma_forward<kBM, kBN, kNarrowChunks, true>(p, stream);
+  }
   return launch_mma_forward<kBM, kBN, kNarrowChunks, false>(p, stream);
 }
 
