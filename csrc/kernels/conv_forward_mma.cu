@@ -200,7 +200,12 @@ __global__ void __launch_bounds__(kMmaThreads, fwd_min_ctas<T, kChunks>()) conv_
           be1[q][hi][h] = beta[ch];
         }
   }
+  // This lane's A fragment addresses: the stage's first element plus one offset plus constants (not in the
+  // narrow ring's 64-column tiles, capped at 128 registers).
+  constexpr bool kNarrowRing = kChunks == kNarrowChunks && !kOneSlice;
+  const int a_lane = kNarrowRing ? 0 : wm * kWM * Shared::kLd + a_mk_lane_offset<T, Shared::kLd>();
   run_ring(steps, issue, [&](int st) {
+    const T* a_st = &sh.ring.a[st][0][0] + a_lane;
 #pragma unroll
     for (int kk = 0; kk < kBK; kk += kK) {
       // This lane's channels of the slice (registers 0-1, then 2-3): their affine once, for all its rows.
@@ -221,7 +226,10 @@ __global__ void __launch_bounds__(kMmaThreads, fwd_min_ctas<T, kChunks>()) conv_
       for (int i = 0; i < kMI; ++i) {
         const int row = wm * kWM + i * 16;
         uint32_t fa[4];
-        load_a_mk(fa, sh.ring.a[st], row, kk);
+        if constexpr (kNarrowRing)  // at 128 registers, a_lane held across the loop spilled (sm_90, 24 bytes)
+          load_a_mk(fa, sh.ring.a[st], row, kk);
+        else
+          ldmatrix_x4(fa, a_st + i * 16 * Shared::kLd + kk);  // load_a_mk(fa, sh.ring.a[st], row, kk)
         const uint32_t k0 = sh.valid[st][row + gq] ? ~0u : 0u, k1 = sh.valid[st][row + gq + 8] ? ~0u : 0u;
         fa[0] = bn_relu_reg<T>(fa[0], k0, mu[0], sc[0], be[0]);
         fa[1] = bn_relu_reg<T>(fa[1], k1, mu[0], sc[0], be[0]);

@@ -203,7 +203,12 @@ __global__ void __launch_bounds__(kMmaThreads, wgrad_min_ctas<kBM, kBN>()) conv_
 
   WarpAcc<kMI, kNJ> acc;
   acc.zero();
+  // This lane's fragment addresses: the stage's first element plus one offset per operand plus constants.
+  const int a_lane = wm * kWM + a_km_lane_offset<T, Shared::kLdA>();
+  const int b_lane = wn * kWN + b_kn_lane_offset<T, Shared::kLdB>();
   run_ring(steps, issue, [&](int st) {
+    const T* a_st = &sh.ring.a[st][0][0] + a_lane;
+    const T* b_st = &sh.ring.b[st][0][0] + b_lane;
 #pragma unroll
     for (int kq = 0; kq < kBK / kK / kGroups; ++kq) {
       const int kk = kK * (kq * kGroups + group);
@@ -213,11 +218,12 @@ __global__ void __launch_bounds__(kMmaThreads, wgrad_min_ctas<kBM, kBN>()) conv_
       uint32_t fa[kMI][4], fb[kNJ][2];
 #pragma unroll
       for (int i = 0; i < kMI; ++i) {
-        load_a_km(fa[i], sh.ring.a[st], wm * kWM + i * 16, kk);
+        load_a_km_at<T, Shared::kLdA>(fa[i], a_st + kk * Shared::kLdA + i * 16);
         raw_operands<T>(fa[i]);
       }
 #pragma unroll
-      for (int jp = 0; jp < kNJ / 2; ++jp) load_b_kn(fb[2 * jp], fb[2 * jp + 1], sh.ring.b[st], wn * kWN + jp * 16, kk);
+      for (int jp = 0; jp < kNJ / 2; ++jp)
+        load_b_kn_at<T, Shared::kLdB>(fb[2 * jp], fb[2 * jp + 1], b_st + kk * Shared::kLdB + jp * 16);
 #pragma unroll
       for (int j = 0; j < kNJ; ++j) {
         float m2[kPer], s2[kPer], b2[kPer];
