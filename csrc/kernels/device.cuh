@@ -98,12 +98,6 @@ __device__ __forceinline__ int64_t keep_computed(int64_t v) {
 #endif
   return v;
 }
-__device__ __forceinline__ int keep_computed(int v) {
-#ifndef FUSED_RESNET_EMULATED
-  asm volatile("" : "+r"(v));
-#endif
-  return v;
-}
 
 // Two floats rounded to nearest-even in T and packed, lo in the low 16 bits: one F2FP.PACK_AB on sm_80+
 // (converting one at a time costs a conversion each and a PRMT to pack).

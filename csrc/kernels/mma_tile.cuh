@@ -162,9 +162,9 @@ __device__ __forceinline__ uint32_t bits32(const T& v) {
 }
 
 // The same fragment from a tile stored [k][row] (rows fastest): the transposing ldmatrix for 16-bit
-// elements; for float (which ldmatrix cannot transpose) one 32-bit load per register. Split as a_km_lane_offset
-// (this lane's first element, from &a[kk][row0]) and load_a_km_at (the loads from there), so that a kernel can
-// keep the offset across its main loop as the forward keeps a_mk_lane_offset.
+// elements; for float (which ldmatrix cannot transpose) one 32-bit load per register. As a_km_lane_offset
+// (this lane's first element, from &a[kk][row0]) and load_a_km_at (the loads from there), so that a kernel
+// keeps the offset across its main loop as the forward keeps a_mk_lane_offset.
 template <class T, int Ld>
 __device__ __forceinline__ int a_km_lane_offset() {
   const int lane = threadIdx.x % 32;
@@ -184,10 +184,6 @@ __device__ __forceinline__ void load_a_km_at(uint32_t (&f)[4], const T* at) {
     f[3] = bits32(at[4 * Ld + 8]);
   }
 }
-template <class T, int Ld>
-__device__ __forceinline__ void load_a_km(uint32_t (&f)[4], const T (*a)[Ld], int row0, int kk) {
-  load_a_km_at<T, Ld>(f, &a[kk][row0] + a_km_lane_offset<T, Ld>());
-}
 
 // Two B fragments (columns col0.. col0+15, kK of the reduction, raw bits) from a tile stored [col][k].
 template <class T, int Ld>
@@ -199,7 +195,8 @@ __device__ __forceinline__ void load_b_nk(uint32_t (&f0)[2], uint32_t (&f1)[2], 
 }
 
 // The same two fragments from a tile stored [k][col] (columns fastest): the transposing ldmatrix for
-// 16-bit elements, one 32-bit load per register for float; split as load_a_km is (offset from &b[kk][col0]).
+// 16-bit elements, one 32-bit load per register for float; split in two as the [k][row] A fragment is
+// (b_kn_lane_offset from &b[kk][col0], load_b_kn_at), load_b_kn putting them together.
 template <class T, int Ld>
 __device__ __forceinline__ int b_kn_lane_offset() {
   const int lane = threadIdx.x % 32;
