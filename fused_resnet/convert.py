@@ -1,23 +1,34 @@
-"""convert(): fuse every BN -> ReLU -> Conv2d chain in any model that it can prove safe.
+"""convert(): fuse every BN -> ReLU -> conv chain in any model that it can prove safe.
 
-Found with torch.fx: a BatchNorm2d module whose only user is a ReLU (nn.ReLU, F.relu, torch.relu, in
-place or not) whose users are all Conv2d modules -- or a norm+activation module (a BatchNorm2d
-subclass that applies ReLU itself, as timm's BatchNormAct2d does; checked numerically, not by class
-name) whose users are all Conv2d modules. nn.Identity placeholders in between (timm's drop_block, aa)
-do not break a chain. Each conv becomes a FusedBNReLUConv2d sharing the BN and conv modules (no
-copies); when a conv's only user is an addition, the other operand becomes the fused epilogue's
-residual. A BN feeding exactly two convs (a pre-activation block's conv1 and projection shortcut) becomes
-one FusedBNReLUConv2dPair: one op, so the BN's backward runs once on the summed gradient. With more convs
-on one BN, only the first updates the running stats.
+Found with torch.fx. A chain starts at a batch norm that provably computes plain batch norm:
+- a module whose forward *is* BatchNorm's own (nn.BatchNorm2d, nn.SyncBatchNorm, our SyncBatchNorm2d),
+  or timm's BatchNormAct2d (BatchNorm's forward copied, then its `drop` and `act`: fused when those are
+  Identity / ReLU);
+- a BatchNorm subclass with a forward of its own is never fused on the strength of its class: fx traces
+  into that forward, where `super().forward(x)` is recorded as a call of BatchNorm's own forward on the
+  module (`_batch_norm_module`) and anything else it does (a scale, a shift, an activation) stays as
+  graph nodes that must themselves fit the chain; a forward fx cannot trace leaves the module alone;
+- a functional `F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)`, with
+  whatever tensors the graph passes it.
+Then a ReLU (nn.ReLU, F.relu, torch.relu, in place or not, a `.relu()` method), and the ReLU output's
+users, which must all be convolutions: nn.Conv2d modules or `F.conv2d` / `torch.conv2d` calls with the
+weight (and bias) the graph computes (masked, binarized or standardized weights). nn.Identity
+placeholders in between (timm's drop_block, aa) do not break a chain.
 
-What a conversion must never do: change what the model computes in either mode, or touch the model it
-was given. So BatchNorm modules are fx leaves (tracing into them would run their buffer updates and
-freeze `training` into the graph), so are mode-dependent modules with no BatchNorm inside (drop-path,
-drop-block), every buffer is restored after tracing, and a module is traced in both modes: if its
-forward differs between train() and eval() (torchvision's dense layer calls F.dropout(training=
-self.training)), both traces are fused and a ByMode module runs the one of the current mode. A module
-that fx cannot trace is searched child by child too. The report names every BatchNorm of the model
-once: fused (with which conv) or skipped (why, in words).
+What a conversion must never do: change what the model computes in either mode, its state_dict keys,
+parameter names or module paths, or touch the model it was given (inplace=False). So:
+- the rewritten graph calls module-level functions (`_fused_bn_act_conv`, `_fused_bn_act_conv_pair`)
+  that take the model's own BN and conv modules (or the graph's tensors); no module is added, moved or
+  removed, and the converted module keeps the original's children, parameters and buffers under their
+  names, a module registered under several names included;
+- those functions fall back to the eager composition, op for op, where the fused op cannot take the
+  inputs (not 4-D, a residual that broadcasts), so a converted model runs wherever the original runs;
+- BatchNorm modules and mode-dependent modules with no BatchNorm inside (drop-path, drop-block) are fx
+  leaves, every buffer is restored after tracing, and a module is traced in both modes: if its forward
+  differs between train() and eval(), both traces are fused and a ByMode module runs the one of the
+  current mode; if the chains differ between the modes, or fx cannot trace a module, its children are
+  converted one by one.
+The report names every BatchNorm of the model once: fused (with which conv) or skipped (why, in words).
 """
 from __future__ import annotations
 
@@ -26,20 +37,32 @@ import functools
 import inspect
 import logging
 import operator
+from collections import OrderedDict
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ._trace_guards import autograd_function_apply, guarded
 from ._validate import output_size
-from .nn import FusedBNReLUConv2d, FusedBNReLUConv2dPair, PreActBlock, _check_pair
+from .functional import bn_relu_conv2d_pair_with_stats, bn_relu_conv2d_with_stats
+from .nn import FusedBNReLUConv2d, FusedBNReLUConv2dPair, PreActBlock, _bn_arguments, _count_batch
+from .sync_bn import SyncBatchNorm2d
 
 log = logging.getLogger("fused_resnet.convert")
 
 _RELUS_F = (F.relu, torch.relu, torch.relu_, F.relu_)
 _BN = nn.modules.batchnorm._BatchNorm
 _ADDS = (operator.add, operator.iadd, torch.add)
+_CONVS_F = (F.conv2d, torch.conv2d)
+_BN_FORWARD = _BN.forward  # BatchNorm's own forward, saved before tracing patches the class
+# Forwards whose semantics the fused op implements exactly: BatchNorm's own, and the synchronized ones.
+_PLAIN_BN_FORWARDS = (_BN_FORWARD, nn.SyncBatchNorm.forward, SyncBatchNorm2d.forward)
+_CONV_SIG = inspect.signature(lambda input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1: None)
+_BN_SIG = inspect.signature(lambda input, running_mean, running_var, weight=None, bias=None, training=False,
+                            momentum=0.1, eps=1e-5: None)
 
 
 @dataclass
@@ -52,6 +75,54 @@ class Entry:
         return f"{'fused  ' if self.fused else 'skipped'}  {self.where}: {self.why}"
 
 
+# ----------------------------------------------------------------------------------------------------
+# Which batch norms compute plain batch norm
+
+
+def _timm_norm_act_class(m):
+    """timm's BatchNormAct2d among type(m)'s bases, when type(m) keeps its forward; else None."""
+    for klass in type(m).__mro__:
+        if klass.__name__ == "BatchNormAct2d" and klass.__module__.startswith("timm."):
+            return klass if type(m).forward is klass.forward else None
+    return None
+
+
+def _norm_act(m):
+    """For timm's BatchNormAct2d: ("relu" | "identity", None) for the activation it applies after the
+    batch norm, or (None, why) when it does more than that. (None, None) for any other module."""
+    if _timm_norm_act_class(m) is None:
+        return None, None
+    drop, act = getattr(m, "drop", None), getattr(m, "act", None)
+    if drop is not None and not isinstance(drop, nn.Identity):
+        return None, f"{type(m).__name__} applies {type(drop).__name__} after the batch norm"
+    if act is None or isinstance(act, nn.Identity):
+        return "identity", None
+    if type(act) is nn.ReLU:
+        return "relu", None
+    return None, f"{type(m).__name__} applies {type(act).__name__} after the batch norm, not ReLU: only BN -> ReLU is fused"
+
+
+def _plain_bn(m) -> bool:
+    """m computes exactly nn.BatchNorm2d's forward (its own class's code, not a subclass's)."""
+    forward = type(m).forward
+    forward = _BN_FORWARD if forward is _patched_bn_forward else forward  # while tracing
+    return isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) and forward in _PLAIN_BN_FORWARDS
+
+
+def _hooks(m) -> bool:
+    """m has forward hooks or pre-hooks (a fused call never runs the module, so they would not run)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _batch_norm_module(bn, x):
+    """BatchNorm's own forward on bn: what `super().forward(x)` runs inside a subclass's forward."""
+    return _BN_FORWARD(bn, x)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tracing
+
+
 @functools.lru_cache(maxsize=None)
 def _reads_training(cls) -> bool:
     """Whether cls.forward's source reads `.training` (its result depends on train()/eval())."""
@@ -61,26 +132,79 @@ def _reads_training(cls) -> bool:
         return True  # no source to read: assume it may
 
 
+class _OpaqueModule(Exception):
+    def __init__(self, module, cause):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.module, self.cause = module, cause
+
+
 class _Tracer(fx.Tracer):
-    """Leaves: BatchNorms (tracing into one runs its buffer updates and freezes `training`), our fused
-    modules, and mode-dependent modules with no BatchNorm inside (drop-path, drop-block, custom
-    dropout): kept as modules, they follow train()/eval() after conversion and hide no chain."""
+    """Leaves: plain BatchNorms and timm's norm+act (tracing into one runs its buffer updates and
+    freezes `training`), our fused modules, mode-dependent modules with no BatchNorm inside (drop-path,
+    drop-block, custom dropout), and BatchNorm subclasses whose own forward fx cannot trace (`opaque`).
+    Other BatchNorm subclasses are traced into; their `super().forward(x)` becomes one
+    `_batch_norm_module(bn, x)` node (see _patched_bn_forward)."""
+
+    def __init__(self, opaque=None):
+        # The fused calls stay single nodes when fx traces a converted graph again (unpickling does).
+        super().__init__(autowrap_functions=(_fused_bn_act_conv, _fused_bn_act_conv_pair, _batch_norm_module,
+                                             autograd_function_apply))
+        self.opaque = {} if opaque is None else opaque
 
     def is_leaf_module(self, m, qualname):
-        if isinstance(m, (FusedBNReLUConv2d, PreActBlock, _BN)):
-            return True
+        if isinstance(m, (FusedBNReLUConv2d, FusedBNReLUConv2dPair, PreActBlock)) or id(m) in self.opaque \
+                or _hooks(m):
+            return True  # (fx would drop the hooks of a module it traces through)
+        if isinstance(m, _BN):
+            return _plain_bn(m) or _timm_norm_act_class(m) is not None or not isinstance(m, nn.BatchNorm2d)
         if (not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and _reads_training(type(m))
                 and not any(isinstance(d, _BN) for d in m.modules())):
             return True
         return super().is_leaf_module(m, qualname)
 
+    def call_module(self, m, forward, args, kwargs):
+        if isinstance(m, _BN) and not self.is_leaf_module(m, ""):
+            try:
+                return super().call_module(m, forward, args, kwargs)
+            except _OpaqueModule:
+                raise
+            except Exception as e:  # noqa: BLE001 - retried with m as a leaf
+                raise _OpaqueModule(m, e) from e
+        return super().call_module(m, forward, args, kwargs)
 
-def _trace(module: nn.Module) -> fx.Graph:
+
+_ACTIVE_TRACERS: list = []
+
+
+def _patched_bn_forward(self, x):
+    """BatchNorm's forward while convert() traces: called on a Proxy (a subclass's `super().forward(x)`),
+    it records one `_batch_norm_module(self, x)` node; otherwise it is BatchNorm's own forward."""
+    if _ACTIVE_TRACERS and isinstance(x, fx.Proxy):
+        tracer = _ACTIVE_TRACERS[-1]
+        module = tracer.create_proxy("get_attr", tracer.path_of_module(self), (), {})
+        return tracer.create_proxy("call_function", _batch_norm_module, (module, x), {})
+    return _BN_FORWARD(self, x)
+
+
+def _trace(module: nn.Module, opaque: dict) -> fx.Graph:
     """fx graph of module in its current mode, leaving every buffer as it was (a forward that updates
-    a buffer, like a counter, runs for real while fx traces it)."""
+    a buffer, like a counter, runs for real while fx traces it). BatchNorm subclasses whose forward
+    cannot be traced are added to `opaque` (id -> why) and the trace retried with them as leaves."""
     saved = {name: b.detach().clone() for name, b in module.named_buffers()}
     try:
-        return _Tracer().trace(module)
+        for _ in range(1 + sum(isinstance(m, _BN) for m in module.modules())):
+            tracer = _Tracer(opaque)
+            _ACTIVE_TRACERS.append(tracer)
+            _BN.forward = _patched_bn_forward
+            try:
+                with guarded(tracer):
+                    return tracer.trace(module)
+            except _OpaqueModule as e:
+                opaque[id(e.module)] = f"{type(e.cause).__name__}: {str(e.cause).splitlines()[0][:100]}"
+            finally:
+                _BN.forward = _BN_FORWARD
+                _ACTIVE_TRACERS.pop()
+        raise RuntimeError("tracing did not settle")  # pragma: no cover - each retry adds a leaf
     finally:
         with torch.no_grad():
             for name, b in module.named_buffers():
@@ -88,78 +212,180 @@ def _trace(module: nn.Module) -> fx.Graph:
                     b.copy_(saved[name])
 
 
-def _trace_both_modes(module: nn.Module):
+def _trace_both_modes(module: nn.Module, opaque: dict):
     """{True: train-mode graph, False: eval-mode graph}; the module's mode is restored."""
     mode = module.training
     try:
         graphs = {}
         for training in (True, False):
             module.train(training)
-            graphs[training] = _trace(module)
+            graphs[training] = _trace(module, opaque)
     finally:
         module.train(mode)
     return graphs
 
 
-class ByMode(nn.Module):
-    """A converted module whose forward differed between train() and eval() (dropout or another
-    mode-dependent branch that tracing would freeze): one fused graph per mode, run by self.training.
-    Both graphs hold the same BatchNorm and conv modules, so parameters, buffers, .to() and mode are
-    shared; only the train graph is a registered child, and state_dict keys are the original module's."""
-
-    def __init__(self, train_graph: nn.Module, eval_graph: nn.Module):
-        super().__init__()
-        self.train_graph = train_graph
-        object.__setattr__(self, "_eval_graph", eval_graph)  # not a child: its state is the train graph's
-        self.register_state_dict_post_hook(_drop_train_graph_prefix)
-        self.register_load_state_dict_pre_hook(_add_train_graph_prefix)
-
-    def forward(self, *args, **kwargs):
-        return (self.train_graph if self.training else self._eval_graph)(*args, **kwargs)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self._eval_graph.train(mode)
-        return self
+# ----------------------------------------------------------------------------------------------------
+# What the rewritten graph calls
 
 
-def _drop_train_graph_prefix(module, state_dict, prefix, local_metadata):
-    head = f"{prefix}train_graph."
-    for key in [k for k in state_dict if k.startswith(head)]:
-        state_dict[prefix + key[len(head):]] = state_dict.pop(key)
+def _conv_of(conv):
+    """conv as (weight, bias, stride, padding, dilation, groups): an nn.Conv2d or such a tuple."""
+    if isinstance(conv, nn.Module):
+        return SimpleNamespace(weight=conv.weight, bias=conv.bias, stride=conv.stride, padding=conv.padding,
+                               dilation=conv.dilation, groups=conv.groups, module=conv)
+    w, b, s, p, d, g = conv
+    return SimpleNamespace(weight=w, bias=b, stride=s, padding=p, dilation=d, groups=g, module=None)
 
 
-def _add_train_graph_prefix(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                            error_msgs):
-    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "train_graph.")]:
-        state_dict[f"{prefix}train_graph.{key[len(prefix):]}"] = state_dict.pop(key)
+def _bn_call(bn, update_running_stats):
+    """(the fused op's BN keyword arguments, the module whose num_batches_tracked this call counts or None)
+    for a BN module (its forward's semantics) or an F.batch_norm argument tuple (F.batch_norm's)."""
+    if isinstance(bn, nn.Module):
+        kw, tracking = _bn_arguments(bn, update_running_stats, None, False)
+        return kw, (bn if tracking else None)
+    rm, rv, w, b, training, momentum, eps = bn
+    keep = update_running_stats or not training  # a second consumer in training must not update them
+    return dict(bn_weight=w, bn_bias=b, running_mean=rm if keep else None, running_var=rv if keep else None,
+                training=bool(training), momentum=momentum, eps=eps), None
 
 
-def _bn_kind(bn: nn.Module):
-    """"bn" for a plain batch norm, "bn+relu" for a norm+activation module that applies ReLU after it,
-    or (None, why). Decided by running the module once in eval mode on a copy (no side effects) and
-    comparing with F.batch_norm and relu(F.batch_norm): general, not a list of class names."""
-    if type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) or not list(bn.children()):
-        return "bn", None
-    probe = copy.deepcopy(bn).eval().float()
-    c = probe.num_features
-    x = torch.randn(2, c, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float32) * 2
-    x = x.to(next((t.device for t in probe.parameters()), torch.device("cpu")))
-    with torch.no_grad():
+def _fusable_at_run_time(x, bn, convs, residual):
+    """Whether the fused op takes these inputs exactly as eager does; otherwise the eager composition
+    runs (a converted model runs wherever the original runs)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        return False
+    if not isinstance(bn, nn.Module):
+        rm, rv, _, _, training, momentum, _ = bn
+        if isinstance(momentum, torch.Tensor) or momentum is None or (not training and (rm is None or rv is None)):
+            return False
+    for c in convs:
+        if not isinstance(c.weight, torch.Tensor) or c.weight.dim() != 4:
+            return False
+    if residual is not None:
+        c = convs[0]
+        if not (isinstance(residual, torch.Tensor) and residual.dtype == x.dtype and residual.dim() == 4
+                and residual.device == x.device):
+            return False
+        padding = (0, 0) if c.padding == "valid" else c.padding
+        pad = (padding, padding) if isinstance(padding, int) else padding
+        pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+        out = output_size(x.shape[2:], tuple(c.weight.shape[2:]), pair(c.stride), pad, pair(c.dilation))
+        if tuple(residual.shape) != (x.shape[0], c.weight.shape[0], *out):
+            return False
+    return True
+
+
+def _eager_bn_act(x, bn, activation):
+    """The original graph's BN and activation, op for op."""
+    if isinstance(bn, nn.Module):
+        if _timm_norm_act_class(bn) is not None:
+            return bn(x)  # its own activation included
+        # A plain BN's own forward (synchronized ones included), or BatchNorm's under a subclass's forward
+        a = (type(bn).forward if type(bn).forward in _PLAIN_BN_FORWARDS else _BN_FORWARD)(bn, x)
+    else:
+        rm, rv, w, b, training, momentum, eps = bn
+        a = F.batch_norm(x, rm, rv, w, b, training, momentum, eps)
+    return torch.relu(a) if activation == "relu" else a
+
+
+def _eager_conv(a, c):
+    if c.module is not None:
+        return c.module(a)
+    return F.conv2d(a, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+
+
+def _fused_bn_act_conv(x, bn, conv, residual=None, *, activation="relu", update_running_stats=True,
+                       backend="auto"):
+    """conv(act(bn(x))) (+ residual): bn an nn.BatchNorm2d-like module or F.batch_norm's arguments
+    (running_mean, running_var, weight, bias, training, momentum, eps); conv an nn.Conv2d or F.conv2d's
+    (weight, bias, stride, padding, dilation, groups); activation "relu" (applied after bn, or by bn
+    itself for timm's norm+act: "module")."""
+    c = _conv_of(conv)
+    if not _fusable_at_run_time(x, bn, [c], residual):
+        y = _eager_conv(_eager_bn_act(x, bn, activation), c)
+        return y if residual is None else y + residual
+    kw, counted = _bn_call(bn, update_running_stats)
+    y, _, _ = bn_relu_conv2d_with_stats(x, c.weight, c.bias, stride=c.stride, padding=c.padding,
+                                        dilation=c.dilation, groups=c.groups, residual=residual, backend=backend,
+                                        **kw)
+    if counted is not None:
+        _count_batch(counted, True)
+    return y
+
+
+def _fused_bn_act_conv_pair(x, bn, conv, conv2, *, activation="relu", backend="auto"):
+    """(conv(a), conv2(a)) for a = act(bn(x)), one op: the BN's backward runs once on the summed gradient
+    and its buffers are updated once, as eager's does. Arguments as _fused_bn_act_conv's."""
+    c, c2 = _conv_of(conv), _conv_of(conv2)
+    if not _fusable_at_run_time(x, bn, [c, c2], None):
+        a = _eager_bn_act(x, bn, activation)
+        return _eager_conv(a, c), _eager_conv(a, c2)
+    kw, counted = _bn_call(bn, True)
+    kw.pop("input_stats", None), kw.pop("out_stats", None)
+    y, y2, _, _ = bn_relu_conv2d_pair_with_stats(
+        x, c.weight, c2.weight, c.bias, c2.bias, stride=c.stride, padding=c.padding, dilation=c.dilation,
+        stride2=c2.stride, padding2=c2.padding, dilation2=c2.dilation, backend=backend, **kw)
+    if counted is not None:
+        _count_batch(counted, True)
+    return y, y2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Finding and rewriting chains
+
+
+@dataclass
+class _Site:
+    """One batch-norm call in a graph: its node, input node, and what the fused call takes for it."""
+    node: fx.Node
+    x: fx.Node
+    name: str                 # the module's path, for the report
+    bn: object                # the BN module (runtime) or None for F.batch_norm
+    bn_arg: object            # what the fused call gets: a get_attr node of the module, or the F.batch_norm tuple
+    act_in_module: str | None  # timm's norm+act: the activation it applies itself
+
+
+def _site(gm, node, prefix):
+    """The _Site of node if it is a batch-norm call, (None, None) if not, (None, why) if it is one that
+    cannot be fused (the report's reason)."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if not isinstance(m, _BN):
+            return None, None
+        if not isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+            return None, f"{type(m).__name__} is not a 2-d batch norm"
+        act, why = _norm_act(m)
+        if why:
+            return None, why
+        if not _plain_bn(m) and act is None:
+            return None, (f"{type(m).__name__}.forward is not BatchNorm's own and fx cannot trace into it, so what "
+                          "it computes is unknown: left as it is")
+        if not node.args or node.kwargs or len(node.args) != 1:
+            return None, f"{type(m).__name__} is called with extra arguments"
+        return _Site(node, node.args[0], f"{prefix}{node.target}", m, None, act), None
+    if node.op == "call_function" and node.target is _batch_norm_module:
+        holder, x = node.args
+        m = gm.get_submodule(holder.target)
+        if not isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+            return None, None
+        return _Site(node, x, f"{prefix}{holder.target}", m, holder, None), None
+    if node.op == "call_function" and node.target is F.batch_norm:
         try:
-            y = probe(x)
-        except Exception as e:  # noqa: BLE001 - a module we cannot run alone is not one we can fuse
-            return None, f"{type(bn).__name__} could not be run on its own ({type(e).__name__})"
-        use_batch = probe.running_mean is None
-        plain = F.batch_norm(x, probe.running_mean, probe.running_var, probe.weight, probe.bias, use_batch, 0.0,
-                             probe.eps)
-    if y.shape == plain.shape and torch.allclose(y, torch.relu(plain), rtol=1e-5, atol=1e-6):
-        return "bn+relu", None
-    if y.shape == plain.shape and torch.allclose(y, plain, rtol=1e-5, atol=1e-6):
-        return "bn", None
-    acts = [type(m).__name__ for m in bn.children() if not isinstance(m, nn.Identity)]
-    return None, (f"{type(bn).__name__} applies {', '.join(acts) or 'something'} after the batch norm, not ReLU: "
-                  "only BN -> ReLU is fused")
+            b = _BN_SIG.bind(*node.args, **node.kwargs)
+        except TypeError:
+            return None, None
+        b.apply_defaults()
+        a = b.arguments
+        if any(isinstance(a[k], fx.Node) for k in ("training", "momentum", "eps")):
+            return None, ("F.batch_norm() is called with a training flag, momentum or eps computed at run time; "
+                          "left as it is")
+        rm = a["running_mean"]
+        name = (rm.target.rsplit(".", 1)[0] if isinstance(rm, fx.Node) and rm.op == "get_attr" and "." in rm.target
+                else "F.batch_norm()")
+        tup = (a["running_mean"], a["running_var"], a["weight"], a["bias"], a["training"], a["momentum"], a["eps"])
+        return _Site(node, a["input"], f"{prefix}{name}" if name != "F.batch_norm()" else name, None, tup, None), None
+    return None, None
 
 
 def _skip_identity(gm, node):
@@ -179,18 +405,43 @@ def _skip_identity(gm, node):
 
 
 def _is_relu(gm, node):
+    """A plain ReLU call (in place or not; no threshold or other arguments)."""
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), nn.ReLU)
+        return type(gm.get_submodule(node.target)) is nn.ReLU
     if node.op == "call_function" and node.target in _RELUS_F:
-        return True
-    return node.op == "call_method" and node.target in ("relu", "relu_")
+        return len(node.args) == 1 and set(node.kwargs) <= {"inplace"} or \
+            (len(node.args) == 2 and isinstance(node.args[1], bool))
+    return node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1 and not node.kwargs
 
 
-def _module(gm, node, cls):
-    if node.op != "call_module":
-        return None
-    m = gm.get_submodule(node.target)
-    return m if isinstance(m, cls) else None
+def _conv_user(gm, node, feeds, prefix):
+    """(the conv's argument for the fused call, its name, its module or None) when node is a convolution
+    reading one of `feeds`; (None, why, None) when it is a conv that cannot be fused; None otherwise."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if not isinstance(m, nn.Conv2d) or len(node.args) != 1 or node.kwargs or node.args[0] not in feeds:
+            return None
+        return ("module", f"{prefix}{node.target}", m)
+    if node.op == "call_function" and node.target in _CONVS_F:
+        try:
+            b = _CONV_SIG.bind(*node.args, **node.kwargs)
+        except TypeError:
+            return None
+        b.apply_defaults()
+        a = b.arguments
+        if a["input"] not in feeds:
+            return None
+        if any(isinstance(a[k], fx.Node) for k in ("stride", "padding", "dilation", "groups")):
+            return (None, "conv2d() is called with a stride, padding, dilation or groups computed at run time", None)
+        return ((a["weight"], a["bias"], a["stride"], a["padding"], a["dilation"], a["groups"]),
+                f"conv2d() of {_describe_value(gm, a['weight'], prefix)}", None)
+    return None
+
+
+def _describe_value(gm, node, prefix):
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        return f"{prefix}{node.target}"
+    return "a weight computed in forward"
 
 
 def _residual_add(conv_node):
@@ -198,56 +449,13 @@ def _residual_add(conv_node):
     if len(conv_node.users) != 1:
         return None, None
     add = next(iter(conv_node.users))
-    if add.op != "call_function" or add.target not in _ADDS or add.kwargs:
-        return None, None
-    if len(add.args) != 2:
+    if add.op != "call_function" or add.target not in _ADDS or add.kwargs or len(add.args) != 2:
         return None, None
     a, b = add.args
     other = b if a is conv_node else a
     if other is conv_node or not isinstance(other, fx.Node):
         return None, None
     return add, other
-
-
-def _fused_residual_call(module, x, residual):
-    """Residual into the epilogue when shapes agree exactly; otherwise the plain (broadcasting) add."""
-    if (isinstance(residual, torch.Tensor) and residual.dtype == x.dtype and residual.dim() == 4
-            and residual.device == x.device):
-        conv = module.conv
-        padding = (0, 0) if conv.padding == "valid" else conv.padding
-        out = output_size(x.shape[2:], conv.kernel_size, conv.stride, padding, conv.dilation)
-        if tuple(residual.shape) == (x.shape[0], conv.out_channels, *out):
-            return module(x, residual)
-    return module(x) + residual
-
-
-fx.wrap("_fused_residual_call")
-
-
-# Checkpoint keys: a fused layer "fused_<conv>" holds the original BN and conv modules as .bn / .conv, and
-# fx drops the original names from the traced module. These hooks keep the original model's keys in
-# state_dict() and accept them in load_state_dict(), so checkpoints move between the original, the
-# converted, and our fused/unfused models. Module-level functions: a converted model still pickles
-# and deep-copies.
-
-def _aliases_to_original(module, state_dict, prefix, local_metadata, *, aliases):
-    for alias, orig in aliases.items():
-        head = f"{prefix}{alias}."
-        for key in [k for k in state_dict if k.startswith(head)]:
-            value = state_dict.pop(key)
-            state_dict.setdefault(f"{prefix}{orig}.{key[len(head):]}", value)  # a shared BN: saved once
-
-
-def _original_to_aliases(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                         error_msgs, *, aliases):
-    used = set()
-    for alias, orig in aliases.items():
-        head = f"{prefix}{orig}."
-        for key in [k for k in state_dict if k.startswith(head)]:
-            state_dict[f"{prefix}{alias}.{key[len(head):]}"] = state_dict[key]
-            used.add(key)
-    for key in used:  # after every alias is filled: a BN shared by several fused convs feeds them all
-        del state_dict[key]
 
 
 def _describe(gm, node, prefix) -> str:
@@ -268,208 +476,309 @@ def _users(gm, nodes, prefix) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def _unfusable(bn, conv, backend):
+def _unfusable(bn, conv, groups):
     """Why this (BN, conv) pair is left to eager even though it is a BN -> ReLU -> conv chain, or None.
     A converted model must run wherever the original runs and compute the same thing."""
-    if type(conv).forward is not nn.Conv2d.forward:
-        return (f"{type(conv).__name__} overrides Conv2d.forward (weight standardization, dynamic 'same' "
-                "padding, ...): the fused op computes a plain convolution, so it stays with eager")
-    if conv.groups != 1:
-        return (f"{type(conv).__name__} has groups={conv.groups}: no fused kernel for grouped convolutions, "
-                "so it stays with eager (same result, no speed lost)")
-    if bn.eps < 0:
+    if conv is not None:
+        if type(conv).forward is not nn.Conv2d.forward:
+            return (f"{type(conv).__name__} overrides Conv2d.forward and fx cannot trace into it, so the fused op "
+                    "(a plain convolution) might not compute what it does: it stays with eager")
+        if conv.padding_mode != "zeros":
+            return f"only padding_mode='zeros' convolutions can be fused, got {conv.padding_mode!r}"
+        if bn is not None and bn.num_features != conv.in_channels:
+            return f"the batch norm has {bn.num_features} features but the conv expects {conv.in_channels} channels"
+    if groups != 1:
+        return (f"the conv has groups={groups}: no fused kernel for grouped convolutions, so it stays with eager "
+                "(same result, no speed lost)")
+    if bn is not None and bn.eps < 0:
         return f"BatchNorm2d eps={bn.eps} is negative: the fused op refuses it, eager does not"
     return None
 
 
-def _fuse_pair(gm, bn_node, relu_node, convs, prefix, backend, aliases, report) -> int:
-    """A BN whose ReLU feeds exactly two convs (a pre-activation block's conv1 and projection shortcut): one
-    FusedBNReLUConv2dPair, so the backward runs the BN's once on the summed gradient, as eager does (two
-    fused layers would run it twice). The pair has no residual epilogue: an add after one of its convs
-    stays in the graph, where the conv on its other side (the block's last, fused later) takes it into
-    its own epilogue. Returns the number of convs fused."""
-    bn = gm.get_submodule(bn_node.target)
-    mods = [gm.get_submodule(c.target) for c in convs]
-    name = "fused_" + "_and_".join(str(c.target).replace(".", "_") for c in convs)
-    gm.add_submodule(name, FusedBNReLUConv2dPair(bn, *mods, backend=backend))
-    aliases[f"{name}.bn"] = str(bn_node.target)
-    aliases[f"{name}.conv"], aliases[f"{name}.conv2"] = (str(c.target) for c in convs)
-    with gm.graph.inserting_after(relu_node):
-        call = gm.graph.call_module(name, (bn_node.args[0],))
-    with gm.graph.inserting_after(call):
-        first = gm.graph.call_function(operator.getitem, (call, 0))
-    with gm.graph.inserting_after(first):
-        second = gm.graph.call_function(operator.getitem, (call, 1))
-    for conv_node, out, other in ((convs[0], first, convs[1]), (convs[1], second, convs[0])):
-        conv_node.replace_all_uses_with(out)
-        gm.graph.erase_node(conv_node)
-        report.append(Entry(f"{prefix}{bn_node.target} -> {prefix}{conv_node.target}", True,
-                            f"one op with {prefix}{other.target} (the BN shared by both: its backward runs "
-                            "once)"))
-    return 2
+def _holder(gm, site, before):
+    """The node the fused call takes for the BN: a get_attr of its module, or the F.batch_norm tuple."""
+    if site.bn is None or site.bn_arg is not None:
+        return site.bn_arg
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(site.node.target)
+
+
+def _conv_arg(gm, spec, conv_node, before):
+    if spec[0] == "module":
+        with gm.graph.inserting_before(before):
+            return gm.graph.get_attr(conv_node.target)
+    return spec[0]
 
 
 def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: list) -> int:
     count = 0
-    aliases = {}
     for bn_node in list(gm.graph.nodes):
-        bn = _module(gm, bn_node, (nn.BatchNorm2d, nn.SyncBatchNorm))
-        if bn is None:
+        if bn_node.graph is not gm.graph or bn_node not in gm.graph.nodes:
             continue
-        where = f"{prefix}{bn_node.target}"
-        kind, why = _bn_kind(bn)
-        if kind is None:
-            report.append(Entry(where, False, why))
+        site, why = _site(gm, bn_node, prefix)
+        if site is None:
+            if why:
+                report.append(Entry(_site_name(gm, bn_node, prefix), False, why))
             continue
-        if kind == "bn+relu":
-            relu_node, passed = bn_node, []  # the module applies the ReLU itself
+        where = site.name
+        passed = []
+        if site.act_in_module == "relu":
+            act_node, activation = bn_node, "relu"
+        elif site.act_in_module == "identity":
+            report.append(Entry(where, False, f"{type(site.bn).__name__} applies no activation: BN -> conv with "
+                                              "no ReLU between is not fused yet"))
+            continue
         else:
-            relu_node, passed = _skip_identity(gm, bn_node)
-            if relu_node is None or not _is_relu(gm, relu_node):
-                report.append(Entry(where, False, f"its output goes to {_users(gm, list(bn_node.users), prefix) or 'nothing'}; "
-                                                  "fusion needs it to feed exactly one ReLU (post-activation "
-                                                  "BN -> add -> ReLU, or BN -> conv, cannot be fused)"))
+            act_node, passed = _skip_identity(gm, bn_node)
+            if act_node is None or not _is_relu(gm, act_node):
+                users = _users(gm, list(bn_node.users), prefix) or "nothing"
+                report.append(Entry(where, False, f"its output goes to {users}; fusion needs it to feed exactly one "
+                                                  "ReLU (post-activation BN -> add -> ReLU, and BN -> conv with no "
+                                                  "ReLU between, are not fused yet)"))
                 continue
-            if relu_node.args[1:]:
-                report.append(Entry(where, False, "its ReLU is called with extra arguments (a threshold or "
-                                                  "similar), which the fused op does not compute"))
-                continue
-        # The ReLU output's users, each followed through Identity placeholders.
-        convs, between = [], []
-        for u in list(relu_node.users):
+            activation = "relu"
+        # The activation's users, each followed through Identity placeholders.
+        users, between = [], []
+        for u in list(act_node.users):
             node, ids = u, []
             while node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Identity) \
                     and len(node.users) == 1:
                 ids.append(node)
                 node = next(iter(node.users))
-            convs.append(node)
+            users.append(node)
             between += ids
-        src_of = {c: (c.args[0] if c.args else None) for c in convs}
-        feeds = set([relu_node] + between)  # a conv reads the ReLU output, maybe through Identity nodes
-        bad = [u for u in convs if _module(gm, u, nn.Conv2d) is None or src_of[u] not in feeds]
-        if bad:
-            also = " besides the conv(s)" if len(bad) < len(convs) else ""
-            report.append(Entry(where, False, f"its ReLU output is needed by {_users(gm, bad, prefix)}{also}; "
-                                              "the fused op never materializes relu(bn(x)), so every user "
-                                              "must be a Conv2d"))
+        feeds = set([act_node] + between)
+        convs = [(u, _conv_user(gm, u, feeds, prefix)) for u in users]
+        bad = [u for u, spec in convs if spec is None]
+        if bad or not convs:
+            also = " besides the conv(s)" if convs and len(bad) < len(convs) else ""
+            report.append(Entry(where, False, f"its ReLU output is needed by {_users(gm, bad, prefix) or 'nothing'}"
+                                              f"{also}; the fused op never materializes relu(bn(x)), so every user "
+                                              "must be a convolution"))
             continue
-        try:
-            for u in convs:
-                _check_pair(bn, gm.get_submodule(u.target))
-        except (TypeError, ValueError) as e:
-            report.append(Entry(where, False, str(e)))
+        hooked = [n for n in [bn_node, act_node, *passed, *between, *(c for c, _ in convs)]
+                  if n.op == "call_module" and _hooks(gm.get_submodule(n.target))]
+        if hooked:
+            report.append(Entry(where, False, f"{_users(gm, hooked, prefix)} has forward hooks, which a fused call "
+                                              "would not run"))
             continue
-        why = next((w for w in (_unfusable(bn, gm.get_submodule(u.target), backend) for u in convs) if w), None)
+        why = next((spec[1] for _, spec in convs if spec[0] is None), None)
+        why = why or next((w for w in (_unfusable(site.bn, spec[2], spec[0][5] if spec[0] != "module" else
+                                                  spec[2].groups) for _, spec in convs) if w), None)
         if why:
             report.append(Entry(where, False, why))
             continue
-        if len(convs) == 2:
-            count += _fuse_pair(gm, bn_node, relu_node, convs, prefix, backend, aliases, report)
-            convs = []
-        for i, conv_node in enumerate(convs):
-            conv = gm.get_submodule(conv_node.target)
-            fused = FusedBNReLUConv2d.from_modules(bn, conv, backend=backend)
-            fused.update_running_stats = i == 0
-            name = f"fused_{str(conv_node.target).replace('.', '_')}"
-            gm.add_submodule(name, fused)
-            aliases[f"{name}.bn"], aliases[f"{name}.conv"] = str(bn_node.target), str(conv_node.target)
-            add, other = _residual_add(conv_node)
-            if add is not None:
-                # After the add: both the conv's input and the other operand are defined by then.
-                with gm.graph.inserting_after(add):
-                    mod_node = gm.graph.get_attr(name)
-                with gm.graph.inserting_after(mod_node):
-                    new = gm.graph.call_function(_fused_residual_call, (mod_node, bn_node.args[0], other))
-                add.replace_all_uses_with(new)
-                gm.graph.erase_node(add)
-                how = "with the residual add in the epilogue"
-            else:
-                with gm.graph.inserting_after(conv_node):
-                    new = gm.graph.call_module(name, (bn_node.args[0],))
-                conv_node.replace_all_uses_with(new)
-                how = "no residual"
-            gm.graph.erase_node(conv_node)
-            shared = f", shares the BN with {len(convs) - 1} other conv(s)" if len(convs) > 1 else ""
-            report.append(Entry(f"{prefix}{bn_node.target} -> {prefix}{conv_node.target}", True, how + shared))
-            count += 1
-        # Now unused, users before their inputs: Identity nodes after the ReLU, the ReLU, the Identity
-        # nodes between BN and ReLU, the BN.
+        at = _pair_point(gm, convs) if len(convs) == 2 else None
+        if at is not None:
+            count += _fuse_pair(gm, site, activation, convs, at, backend, report)
+        else:
+            count += _fuse_each(gm, site, activation, convs, backend, report)
+        # Now unused, users before their inputs: Identity nodes after the activation, the activation, the
+        # Identity nodes between BN and activation, the BN.
         for node in reversed(between):
             gm.graph.erase_node(node)
-        if relu_node is not bn_node:
-            gm.graph.erase_node(relu_node)
+        if act_node is not bn_node:
+            gm.graph.erase_node(act_node)
         for node in reversed(passed):
             gm.graph.erase_node(node)
         gm.graph.erase_node(bn_node)
     if count:
         gm.graph.lint()
-        gm.delete_all_unused_submodules()
         gm.recompile()
-        # The aliases travel inside the hooks (partials of module-level functions): a GraphModule's
-        # deepcopy keeps its hooks but not extra attributes, and pickling needs no closures.
-        gm.register_state_dict_post_hook(functools.partial(_aliases_to_original, aliases=aliases))
-        gm.register_load_state_dict_pre_hook(functools.partial(_original_to_aliases, aliases=aliases))
     return count
 
 
-def _convert_module(module: nn.Module, prefix: str, backend: str, report: list) -> nn.Module:
+def _site_name(gm, node, prefix):
+    if node.op == "call_module":
+        return f"{prefix}{node.target}"
+    return _describe(gm, node, prefix)
+
+
+def _fuse_each(gm, site, activation, convs, backend, report) -> int:
+    for i, (conv_node, spec) in enumerate(convs):
+        add, other = _residual_add(conv_node)
+        at = add if add is not None else conv_node  # every input of the fused call is defined by then
+        bn_arg = _holder(gm, site, at)
+        conv_arg = _conv_arg(gm, spec, conv_node, at)
+        kwargs = dict(activation=activation, update_running_stats=i == 0, backend=backend)
+        with gm.graph.inserting_before(at):
+            new = gm.graph.call_function(_fused_bn_act_conv,
+                                         (site.x, bn_arg, conv_arg, other if add is not None else None), kwargs)
+        at.replace_all_uses_with(new)
+        gm.graph.erase_node(at)
+        if add is not None:
+            gm.graph.erase_node(conv_node)
+        how = "with the residual add in the epilogue" if add is not None else "no residual"
+        shared = f", shares the BN with {len(convs) - 1} other conv(s)" if len(convs) > 1 else ""
+        report.append(Entry(f"{site.name} -> {spec[1]}", True, how + shared))
+    return len(convs)
+
+
+def _pair_point(gm, convs):
+    """Where one call can replace both convs: before the first of them, when the other's weight and bias
+    are computed by then (they always are for conv modules); else None."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    at = min((c for c, _ in convs), key=order.__getitem__)
+    for _, spec in convs:
+        if spec[0] != "module" and any(isinstance(t, fx.Node) and order[t] >= order[at] for t in spec[0][:2]):
+            return None
+    return at
+
+
+def _fuse_pair(gm, site, activation, convs, at, backend, report) -> int:
+    """A BN whose ReLU feeds exactly two convs (a pre-activation block's conv1 and projection shortcut): one
+    fused pair call, so the backward runs the BN's once on the summed gradient, as eager does (two
+    fused calls would run it twice). The pair has no residual epilogue: an add after one of its convs
+    stays in the graph."""
+    bn_arg = _holder(gm, site, at)
+    args = [_conv_arg(gm, spec, node, at) for node, spec in convs]
+    with gm.graph.inserting_before(at):
+        call = gm.graph.call_function(_fused_bn_act_conv_pair, (site.x, bn_arg, *args),
+                                      dict(activation=activation, backend=backend))
+        outs = [gm.graph.call_function(operator.getitem, (call, i)) for i in range(2)]
+    for (conv_node, spec), out, (_, other) in zip(convs, outs, reversed(convs)):
+        conv_node.replace_all_uses_with(out)
+        gm.graph.erase_node(conv_node)
+        report.append(Entry(f"{site.name} -> {spec[1]}", True,
+                            f"one op with {other[1]} (the BN shared by both: its backward runs once)"))
+    return 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Modules
+
+
+def _keep_state(new: nn.Module, old: nn.Module):
+    """new gets old's children, parameters and buffers, in old's order and under old's names (a module
+    registered under several names keeps them all), its plain attributes and its mode flag (not its
+    children's: those are shared and keep theirs)."""
+    new._modules = OrderedDict(old._modules)
+    new._parameters = OrderedDict(old._parameters)
+    new._buffers = OrderedDict(old._buffers)
+    new._non_persistent_buffers_set = set(old._non_persistent_buffers_set)
+    for k, v in old.__dict__.items():
+        if not k.startswith("_") and k not in new.__dict__ and not callable(v):
+            new.__dict__[k] = v
+    new.training = old.training
+
+
+class Converted(nn.Module):
+    """What convert() returns for a module it rewrote: the original module's children, parameters,
+    buffers and plain attributes under their names (so state_dict keys, named_parameters() and module
+    paths are the original's), and the fused fx graph(s) that run it -- one per mode when the forward
+    differed between train() and eval() (dropout or another mode-dependent branch that tracing would
+    freeze), picked by self.training. The graphs hold the same objects (kept in step by _apply) and are
+    not children, so they add no names; deepcopy and pickle keep the sharing."""
+
+    def __init__(self, module: nn.Module, train_graph: fx.GraphModule, eval_graph: fx.GraphModule):
+        super().__init__()
+        _keep_state(self, module)
+        object.__setattr__(self, "_graphs", {True: train_graph, False: eval_graph})
+        object.__setattr__(self, "_original_class", type(module).__qualname__)
+
+    def forward(self, *args, **kwargs):
+        return self._graphs[self.training](*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        for g in self._graphs.values():  # .to()/.half() replace this module's own buffers: share them again
+            g._parameters.update(self._parameters)
+            g._buffers.update(self._buffers)
+        return out
+
+    def _get_name(self):
+        return f"{self._original_class}Fused"
+
+    @property
+    def code(self) -> str:
+        """The fused forward's Python code (train mode, then eval mode where it differs)."""
+        t, e = self._graphs[True], self._graphs[False]
+        return t.code if t is e else f"# train()\n{t.code}\n# eval()\n{e.code}"
+
+
+# Kept for code that named the mode-dependent case.
+ByMode = Converted
+
+
+def _graph_module(module, graph, cls):
+    gm = fx.GraphModule(module, graph, class_name=cls)
+    _keep_state(gm, module)
+    return gm
+
+
+def _convert_children(module, prefix, backend, report, opaque, why):
+    report.append(Entry(prefix.rstrip(".") or "<model>", False, f"{why}; converting its children"))
+    for name, child in list(module.named_children()):
+        new = _convert_module(child, f"{prefix}{name}.", backend, report, opaque)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+def _convert_module(module: nn.Module, prefix: str, backend: str, report: list, opaque: dict) -> nn.Module:
     if isinstance(module, (FusedBNReLUConv2d, FusedBNReLUConv2dPair, PreActBlock)):
         report.append(Entry(prefix.rstrip(".") or "<model>", False, "already fused"))
         return module
-    if isinstance(module, _BN):  # a leaf of every trace: nothing inside it to fuse
+    if isinstance(module, _BN):  # a leaf, or traced into by its parent: nothing to fuse inside it alone
         return module
-    has_bn = any(isinstance(m, _BN) for m in module.modules())
-    if not has_bn:
+    if not any(isinstance(m, _BN) for m in module.modules()) and not _calls_batch_norm(module):
         return module
     try:
-        graphs = _trace_both_modes(module)
+        graphs = _trace_both_modes(module, opaque)
     except Exception as e:  # fx cannot trace data-dependent control flow; search the children
-        why = f"not traceable as a whole ({type(e).__name__}: {str(e).splitlines()[0][:100]})"
-        report.append(Entry(prefix.rstrip(".") or "<model>", False, f"{why}; converting its children"))
-        for name, child in list(module.named_children()):
-            new = _convert_module(child, f"{prefix}{name}.", backend, report)
-            if new is not child:
-                setattr(module, name, new)
-        return module
+        why = f"not traceable as a whole ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})"
+        return _convert_children(module, prefix, backend, report, opaque, why)
     same = graphs[True].python_code("self").src == graphs[False].python_code("self").src
     cls = type(module).__name__ + "Fused"
     if same:
-        gm = fx.GraphModule(module, graphs[module.training], class_name=cls)
+        gm = _graph_module(module, graphs[module.training], cls)
         if _fuse_graph(gm, prefix, backend, report) == 0:
             return module
-        gm.training = module.training
-        return gm
+        return Converted(module, gm, gm)
     # The forward depends on the mode: fuse both traces (the same chains, the same modules) and pick
     # by mode at run time, so dropout and the like keep following train()/eval().
     fused = {}
     for training in (True, False):
         entries = []
-        gm = fx.GraphModule(module, graphs[training], class_name=cls)
+        gm = _graph_module(module, graphs[training], cls)
         fused[training] = (gm, _fuse_graph(gm, prefix, backend, entries), entries)
     (gt, nt, et), (ge, _, ee) = fused[True], fused[False]
     if [str(e) for e in et] != [str(e) for e in ee]:
-        report.append(Entry(prefix.rstrip(".") or "<model>", False,
-                            "its forward differs between train() and eval() in a way that changes which chains "
-                            "exist; left as it is"))
-        return module
+        return _convert_children(module, prefix, backend, report, opaque,
+                                 "its forward differs between train() and eval() in which chains exist")
     report.extend(et)
     if nt == 0:
         return module
-    out = ByMode(gt, ge)
-    out.train(module.training)
-    return out
+    return Converted(module, gt, ge)
 
 
-def _complete(report: list, bns):
+def _calls_batch_norm(module) -> bool:
+    """A module with no BatchNorm inside may still call F.batch_norm on tensors of its own."""
+    return any(_forward_mentions_batch_norm(type(m)) for m in module.modules())
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_mentions_batch_norm(cls) -> bool:
+    try:
+        return "batch_norm" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def _complete(report: list, bns, opaque):
     """One entry for every BatchNorm of the model: those no traced graph reached get one saying where
     they sit (inside a module kept as it is: already fused, or one whose children were searched)."""
     named = {e.where.split(" -> ")[0] for e in report}
-    for name, kind in bns:
+    for name, m in bns:
         if name in named:
             continue
         parents = sorted((e for e in report if not e.fused and name.startswith(e.where + ".")),
                          key=lambda e: len(e.where))
-        if any(e.why == "already fused" for e in parents):
+        kind = type(m).__name__
+        if id(m) in opaque:
+            why = (f"{kind}.forward is not BatchNorm's own and fx cannot trace into it ({opaque[id(m)]}), so what "
+                   "it computes is unknown: left as it is")
+        elif any(e.why == "already fused" for e in parents):
             why = "inside an already fused module"
         elif parents:
             why = f"inside {parents[-1].where}, which is left as it is ({parents[-1].why})"
@@ -479,12 +788,20 @@ def _complete(report: list, bns):
         report.append(Entry(name, False, why))
 
 
+def fused_calls(model: nn.Module) -> int:
+    """How many fused calls a converted model's graphs make (a pair counts once)."""
+    graphs = [m._graphs[True].graph for m in model.modules() if isinstance(m, Converted)]
+    return sum(n.op == "call_function" and n.target in (_fused_bn_act_conv, _fused_bn_act_conv_pair)
+               for g in graphs for n in g.nodes)
+
+
 def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.Module:
-    """Return a model computing the same function with its safe BN->ReLU->Conv2d chains fused.
+    """Return a model computing the same function with its safe BN->ReLU->conv chains fused.
 
     inplace=False works on a deep copy; inplace=True converts the given model's children in place and
     shares its parameters (the returned module is the one to use either way: a traced top level comes
-    back as a new fx.GraphModule). The returned module has `fusion_report`, a list of entries saying
+    back as a new fx.GraphModule holding the original's children). State_dict keys, parameter names and
+    module paths are the original's. The returned module has `fusion_report`, a list of entries saying
     what was fused and what was skipped and why; the same table is logged at INFO level.
     """
     from .backends import CHOICES
@@ -496,9 +813,10 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
     if not inplace:
         model = copy.deepcopy(model)
     report: list = []
-    bns = [(name, type(m).__name__) for name, m in model.named_modules() if isinstance(m, _BN)]
-    out = _convert_module(model, "", backend, report)
-    _complete(report, bns)
+    opaque: dict = {}
+    bns = [(name, m) for name, m in model.named_modules() if isinstance(m, _BN)]
+    out = _convert_module(model, "", backend, report, opaque)
+    _complete(report, bns, opaque)
     out.fusion_report = report
     log.info("fused_resnet.convert: %d fused, %d skipped\n%s", sum(e.fused for e in report),
              sum(not e.fused for e in report), "\n".join(str(e) for e in report))

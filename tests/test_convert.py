@@ -7,6 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_resnet
+from fused_resnet.convert import _fused_bn_act_conv_pair, fused_calls
+
+
+def _pair_calls(model):
+    """The fused pair calls in a converted model's graphs (one BN feeding two convs)."""
+    return sum(n.target is _fused_bn_act_conv_pair for m in model.modules() if hasattr(m, "_graphs")
+               for n in m._graphs[True].graph.nodes)
 
 
 class HandWrittenPreAct(nn.Module):
@@ -61,8 +68,8 @@ def test_convert_fuses_and_reports(backend, device):
     assert len(fused) == 6, "\n".join(map(str, conv.fusion_report))
     assert sum("residual add in the epilogue" in e.why for e in fused) == 2
     # block2's bn1 feeds conv1 and the shortcut: one pair op, so its backward runs once (as eager's)
-    pairs = [m for m in conv.modules() if isinstance(m, fused_resnet.FusedBNReLUConv2dPair)]
-    assert len(pairs) == 1
+    assert _pair_calls(conv) == 1
+    assert fused_calls(conv) == 5
     assert sum("one op with" in e.why for e in fused) == 2
     assert any("head.3" in e.where for e in skipped)  # the BN followed by pooling stays as it is
     x = torch.randn(2, 3, 6, 6, device=device)
@@ -112,7 +119,8 @@ def test_converted_model_matches_original(backend, device):
 def test_convert_inplace_and_bad_input():
     model = Net()
     out = fused_resnet.convert(model, inplace=True)
-    assert any(isinstance(m, fused_resnet.FusedBNReLUConv2d) for m in out.modules())
+    assert fused_calls(out) == 5
+    assert out.block1 is model.block1 and out.head is model.head  # the same modules, converted in place
     with pytest.raises(TypeError, match="nn.Module"):
         fused_resnet.convert(lambda x: x)
     with pytest.raises(ValueError, match="unknown backend"):
@@ -186,11 +194,11 @@ def test_converted_model_runs_wherever_the_original_runs(backend, device):
     for m in (model, conv):
         with pytest.raises(ValueError, match="eps must be positive during training"):
             m.train()(x)
-    model.bn0.eps = conv.fused_conv0.bn.eps = 1e-5
+    model.bn0.eps = conv.bn0.eps = 1e-5
     for training in (True, False):
         model.train(training), conv.train(training)
         torch.testing.assert_close(conv(x), model(x), rtol=1e-4, atol=1e-5)
-    model.bn0.eps = conv.fused_conv0.bn.eps = 0.0
+    model.bn0.eps = conv.bn0.eps = 0.0
     model.eval(), conv.eval()
     torch.testing.assert_close(conv(x), model(x), rtol=1e-4, atol=1e-5)
     got, want = conv.state_dict(), model.state_dict()

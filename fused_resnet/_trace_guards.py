@@ -1,0 +1,106 @@
+"""What fx would silently get wrong while convert() traces a model, turned into errors (the module then
+counts as untraceable, and convert() works on its children) or into nodes that run at every call.
+
+fx runs the Python of a forward once, on Proxies. Whatever that Python does with something that is not
+a Proxy happens once, at trace time, and is frozen into the graph:
+- random draws with no tensor argument (Python's `random`, numpy's, `torch.rand(1)`, `torch.bernoulli`
+  of a constant): stochastic depth, shake-drop and drop-path written that way would keep one draw;
+- grad-mode and autocast context managers (`torch.no_grad()`, `torch.autocast`): fx records no context,
+  so the graph would compute gradients or dtypes the original does not;
+- a custom `torch.autograd.Function.apply`: fx inlines its forward and loses its backward (a
+  straight-through estimator's gradient becomes sign()'s zero). Here it becomes one node that calls
+  `Cls.apply` at run time, the class found again by its import path.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import random
+
+import torch
+from torch import fx
+from torch.overrides import TorchFunctionMode
+
+_RANDOM_TORCH = {
+    torch.rand, torch.randn, torch.randint, torch.randperm, torch.bernoulli, torch.normal, torch.poisson,
+    torch.multinomial, torch.rand_like, torch.randn_like, torch.randint_like,
+    torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.bernoulli_, torch.Tensor.exponential_,
+    torch.Tensor.random_, torch.Tensor.geometric_, torch.Tensor.cauchy_, torch.Tensor.log_normal_,
+    torch.Tensor.bernoulli, torch.Tensor.multinomial,
+}
+_RANDOM_PY = ("random", "uniform", "randint", "randrange", "choice", "choices", "sample", "shuffle", "gauss",
+              "normalvariate", "betavariate", "expovariate", "getrandbits", "triangular")
+_RANDOM_NP = ("rand", "randn", "random", "random_sample", "uniform", "randint", "binomial", "choice", "beta",
+              "normal", "shuffle", "permutation")
+_CONTEXTS = (torch.no_grad, torch.enable_grad, torch.set_grad_enabled, torch.inference_mode, torch.autocast)
+
+
+class FrozenAtTrace(fx.proxy.TraceError):
+    """Something in a forward that a traced graph would run once, at trace time, instead of every call."""
+
+
+def _has_proxy(tree) -> bool:
+    leaves = torch.utils._pytree.tree_leaves(tree)
+    return any(isinstance(leaf, fx.Proxy) for leaf in leaves)
+
+
+class _RandomGuard(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _RANDOM_TORCH and not _has_proxy((args, kwargs)):
+            raise FrozenAtTrace(f"{getattr(func, '__name__', func)}() draws random numbers from no traced tensor: "
+                                "a graph would keep one draw")
+        return func(*args, **kwargs)
+
+
+def _refuse(what):
+    def refuse(*args, **kwargs):
+        raise FrozenAtTrace(f"{what} in forward: a traced graph would run it once, at trace time")
+    return refuse
+
+
+def autograd_function_apply(path: str, *args, **kwargs):
+    """Cls.apply(*args) for the torch.autograd.Function at `path` ("module:Qual.Name")."""
+    module, qual = path.split(":")
+    cls = importlib.import_module(module)
+    for part in qual.split("."):
+        cls = getattr(cls, part)
+    return cls.apply(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def guarded(tracer: fx.Tracer):
+    """While tracing with `tracer`: the refusals and the autograd.Function node described above."""
+    saved = []
+
+    def patch(obj, name, value):
+        saved.append((obj, name, obj.__dict__[name] if isinstance(obj, type) else getattr(obj, name)))
+        setattr(obj, name, value)
+
+    original_apply = torch.autograd.Function.__dict__["apply"].__func__
+
+    def apply(cls, *args, **kwargs):
+        if not _has_proxy((args, kwargs)):
+            return original_apply(cls, *args, **kwargs)
+        if "<locals>" in cls.__qualname__:
+            raise FrozenAtTrace(f"autograd Function {cls.__qualname__} is defined inside a function: a traced graph "
+                                "could not name it")
+        return tracer.create_proxy("call_function", autograd_function_apply,
+                                   (f"{cls.__module__}:{cls.__qualname__}", *args), kwargs)
+
+    try:
+        patch(torch.autograd.Function, "apply", classmethod(apply))
+        for name in _RANDOM_PY:
+            patch(random, name, _refuse(f"random.{name}()"))
+        with contextlib.suppress(ImportError):
+            import numpy.random
+            for name in _RANDOM_NP:
+                if hasattr(numpy.random, name):
+                    patch(numpy.random, name, _refuse(f"numpy.random.{name}()"))
+        for ctx in _CONTEXTS:
+            patch(ctx, "__enter__", _refuse(f"a {ctx.__name__} context"))
+        with _RandomGuard():
+            yield
+    finally:
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)
