@@ -380,11 +380,13 @@ def _site(gm, node, prefix):
         if any(isinstance(a[k], fx.Node) for k in ("training", "momentum", "eps")):
             return None, ("F.batch_norm() is called with a training flag, momentum or eps computed at run time; "
                           "left as it is")
-        rm = a["running_mean"]
-        name = (rm.target.rsplit(".", 1)[0] if isinstance(rm, fx.Node) and rm.op == "get_attr" and "." in rm.target
-                else "F.batch_norm()")
+        # Named by the module whose running_mean (else weight) it reads, as the report names modules
+        held = next((t for t in (a["running_mean"], a["weight"]) if isinstance(t, fx.Node) and t.op == "get_attr"),
+                    None)
+        name = (f"{prefix}{held.target.rsplit('.', 1)[0]}" if held is not None and "." in held.target
+                else f"F.batch_norm({prefix}{held.target})" if held is not None else "F.batch_norm()")
         tup = (a["running_mean"], a["running_var"], a["weight"], a["bias"], a["training"], a["momentum"], a["eps"])
-        return _Site(node, a["input"], f"{prefix}{name}" if name != "F.batch_norm()" else name, None, tup, None), None
+        return _Site(node, a["input"], name, None, tup, None), None
     return None, None
 
 

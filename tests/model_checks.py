@@ -44,8 +44,9 @@ class _Follow(TorchFunctionMode):
         if func is F.batch_norm:
             b = args[1] if len(args) > 1 else kwargs.get("running_mean")
             w = args[3] if len(args) > 3 else kwargs.get("weight")
-            name = self.names.get(id(b)) or self.names.get(id(w)) or "F.batch_norm()"
-            self.pre[self.key(out)] = name.rsplit(".", 1)[0]
+            name = self.names.get(id(b)) or self.names.get(id(w))
+            self.pre[self.key(out)] = (name.rsplit(".", 1)[0] if name and "." in name
+                                       else f"F.batch_norm({name})" if name else "F.batch_norm()")
             return out
         for k in in_keys:
             if k in self.pre:
