@@ -59,13 +59,23 @@ def _refuse(what):
     return refuse
 
 
+_FUNCTIONS: dict = {}  # path -> class, filled when a node is made (torch.compile then reads a dict, not importlib)
+
+
+def _function_class(path: str):
+    cls = _FUNCTIONS.get(path)
+    if cls is None:  # a graph unpickled in a new process
+        module, qual = path.split(":")
+        cls = importlib.import_module(module)
+        for part in qual.split("."):
+            cls = getattr(cls, part)
+        _FUNCTIONS[path] = cls
+    return cls
+
+
 def autograd_function_apply(path: str, *args, **kwargs):
     """Cls.apply(*args) for the torch.autograd.Function at `path` ("module:Qual.Name")."""
-    module, qual = path.split(":")
-    cls = importlib.import_module(module)
-    for part in qual.split("."):
-        cls = getattr(cls, part)
-    return cls.apply(*args, **kwargs)
+    return _function_class(path).apply(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -85,8 +95,9 @@ def guarded(tracer: fx.Tracer):
         if "<locals>" in cls.__qualname__:
             raise FrozenAtTrace(f"autograd Function {cls.__qualname__} is defined inside a function: a traced graph "
                                 "could not name it")
-        return tracer.create_proxy("call_function", autograd_function_apply,
-                                   (f"{cls.__module__}:{cls.__qualname__}", *args), kwargs)
+        path = f"{cls.__module__}:{cls.__qualname__}"
+        _FUNCTIONS[path] = cls
+        return tracer.create_proxy("call_function", autograd_function_apply, (path, *args), kwargs)
 
     try:
         patch(torch.autograd.Function, "apply", classmethod(apply))

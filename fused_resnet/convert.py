@@ -39,7 +39,7 @@ import logging
 import operator
 from collections import OrderedDict
 from dataclasses import dataclass
-from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -229,13 +229,21 @@ def _trace_both_modes(module: nn.Module, opaque: dict):
 # What the rewritten graph calls
 
 
-def _conv_of(conv):
-    """conv as (weight, bias, stride, padding, dilation, groups): an nn.Conv2d or such a tuple."""
+class _Conv(NamedTuple):
+    weight: torch.Tensor
+    bias: object
+    stride: object
+    padding: object
+    dilation: object
+    groups: int
+    module: object
+
+
+def _conv_of(conv) -> _Conv:
+    """conv (an nn.Conv2d, or F.conv2d's (weight, bias, stride, padding, dilation, groups)) as one shape."""
     if isinstance(conv, nn.Module):
-        return SimpleNamespace(weight=conv.weight, bias=conv.bias, stride=conv.stride, padding=conv.padding,
-                               dilation=conv.dilation, groups=conv.groups, module=conv)
-    w, b, s, p, d, g = conv
-    return SimpleNamespace(weight=w, bias=b, stride=s, padding=p, dilation=d, groups=g, module=None)
+        return _Conv(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, conv)
+    return _Conv(*conv, None)
 
 
 def _bn_call(bn, update_running_stats):

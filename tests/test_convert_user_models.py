@@ -251,3 +251,24 @@ def test_convert_refuses_bad_backend_before_anything(bad):
         fused_resnet.convert(model, backend=bad, inplace=True)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert isinstance(model.bn, nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_converted_model_compiles_fullgraph(training):
+    """torch.compile(fullgraph=True) of a converted model (module convs, a pair, functional weights):
+    no graph break, the same outputs, gradients and running statistics as the eager original."""
+    from test_convert import Net
+
+    torch._dynamo.reset()
+    for model in (Net(), MaskedConvNet()):
+        model.train(training)
+        conv = fused_resnet.convert(model, backend="reference")
+        compiled = torch.compile(conv, fullgraph=True, backend="aot_eager")
+        x = torch.randn(2, 4 if isinstance(model, MaskedConvNet) else 3, 6, 6, requires_grad=True)
+        y1, y2 = model(x), compiled(x)
+        torch.testing.assert_close(y2, y1, rtol=1e-5, atol=1e-5)
+        g1, = torch.autograd.grad(y1.square().sum(), x)
+        g2, = torch.autograd.grad(y2.square().sum(), x)
+        torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-5)
+        for (k, a), b in zip(model.state_dict().items(), conv.state_dict().values()):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=k)
