@@ -172,7 +172,7 @@ std::tuple<at::Tensor, int64_t> conv_forward(const at::Tensor& x, const at::Tens
                         const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& beta,
                         const std::optional<at::Tensor>& residual,
                         at::Tensor& y, std::vector<int64_t> stride, std::vector<int64_t> padding,
-                        std::vector<int64_t> dilation, bool out_stats, bool tf32) {
+                        std::vector<int64_t> dilation, bool out_stats, bool tf32, bool relu) {
   check_4d(x, "x"); check_4d(w, "weight"); check_4d(y, "y");
   check_same_dtype(w, x, "weight"); check_same_dtype(y, x, "y");
   const auto acc = acc_of(x);
@@ -196,6 +196,7 @@ std::tuple<at::Tensor, int64_t> conv_forward(const at::Tensor& x, const at::Tens
   fr::ConvForwardParams p{};
   p.dtype = dtype_of(x);
   p.tf32 = tf32;
+  p.act_floor = relu ? 0.0f : -std::numeric_limits<float>::infinity();
   p.g = geom(x, k, w.size(2), w.size(3), y.size(2), y.size(3), stride, padding, dilation);
   p.x = x.data_ptr(); strides_of(x, p.sx);
   p.w = w.data_ptr(); strides_of(w, p.sw);
@@ -225,7 +226,8 @@ std::tuple<at::Tensor, int64_t> conv_forward(const at::Tensor& x, const at::Tens
 at::Tensor conv_dgrad(const at::Tensor& gy, const at::Tensor& w, const at::Tensor& x, const at::Tensor& mean,
                       const at::Tensor& scale, const at::Tensor& beta, const at::Tensor& invstd, at::Tensor& out,
                       bool batch_stats, bool need_sums, std::vector<int64_t> stride, std::vector<int64_t> padding,
-                      std::vector<int64_t> dilation, bool tf32, const std::optional<at::Tensor>& addend, bool raw) {
+                      std::vector<int64_t> dilation, bool tf32, const std::optional<at::Tensor>& addend, bool raw,
+                      bool relu) {
   check_4d(gy, "grad_y"); check_4d(w, "weight"); check_4d(x, "x"); check_4d(out, "out");
   check_same_dtype(gy, x, "grad_y"); check_same_dtype(w, x, "weight");
   const auto acc = acc_of(x);
@@ -269,6 +271,7 @@ at::Tensor conv_dgrad(const at::Tensor& gy, const at::Tensor& w, const at::Tenso
   p.mean = mean.data_ptr(); p.scale = scale.data_ptr(); p.beta = beta.data_ptr(); p.invstd = invstd.data_ptr();
   if (addend.has_value()) p.addend = addend->data_ptr();
   p.raw = raw;
+  p.identity = !relu;
   p.batch_stats = batch_stats;
   const bool sums = need_sums || batch_stats;
   const int tiles = fr::conv_dgrad_tiles(p);
@@ -317,7 +320,7 @@ void bn_backward_finish(const at::Tensor& gm, const at::Tensor& x, at::Tensor& d
 // weight's shape; only its strides are read here); column_sums adds them up into dw.
 at::Tensor conv_wgrad(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& dw, const at::Tensor& mean,
                       const at::Tensor& scale, const at::Tensor& beta, std::vector<int64_t> stride, std::vector<int64_t> padding,
-                      std::vector<int64_t> dilation, int64_t chunk, int64_t split, bool tf32) {
+                      std::vector<int64_t> dilation, int64_t chunk, int64_t split, bool tf32, bool relu) {
   check_4d(gy, "grad_y"); check_4d(x, "x"); check_4d(dw, "dw"); check_same_dtype(gy, x, "grad_y");
   const int64_t k = dw.size(0), kh = dw.size(2), kw = dw.size(3);
   check_filter(kh, kw);  // before anything divides by kh*kw
@@ -339,6 +342,7 @@ at::Tensor conv_wgrad(const at::Tensor& gy, const at::Tensor& x, const at::Tenso
   fr::ConvWgradParams p{};
   p.dtype = dtype_of(x);
   p.tf32 = tf32;
+  p.act_floor = relu ? 0.0f : -std::numeric_limits<float>::infinity();
   p.g = geom(x, k, kh, kw, gy.size(2), gy.size(3), stride, padding, dilation);
   p.gy = gy.data_ptr(); strides_of(gy, p.sg);
   p.x = x.data_ptr(); strides_of(x, p.sx);

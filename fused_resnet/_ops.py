@@ -3,7 +3,8 @@
 The ops, one name family:
   fused_resnet::batch_stats                 per-channel (mean, biased var) of x
   fused_resnet::bn_finalize                 [5, C] BN finalize (+ running-buffer update) for the kernels
-  fused_resnet::bn_relu_conv2d              y = conv(relu(x*scale+shift)) + bias + residual [+ stats of y]
+  fused_resnet::bn_relu_conv2d              y = conv(act(x*scale+shift)) + bias + residual [+ stats of y];
+                                            act is ReLU, or the identity with relu=False (BN -> conv)
   fused_resnet::bn_relu_conv2d_pair         (y, y2): two convs of one relu(bn(x)) (a projection block's
                                             conv1 and shortcut), one autograd node
   fused_resnet::bn_relu_conv2d_backward     (dx, dW, dgamma, dbeta[, dW2]) from dL/dy (and dL/dy2),
@@ -61,16 +62,16 @@ def _ref_conv(a, weight, stride, padding, dilation, out_size, groups):
     return F.conv2d(a, weight, None, stride, 0, dilation, groups)
 
 
-def _ref_preact(x, mean, invstd, gamma, beta):
+def _ref_preact(x, mean, invstd, gamma, beta, relu=True):
     c = x.shape[1]
     scale, shift = _affine(mean, invstd, gamma, beta)
-    a = torch.relu(x.to(scale.dtype) * scale.view(1, c, 1, 1) + shift.view(1, c, 1, 1))
-    return a.to(x.dtype)
+    a = x.to(scale.dtype) * scale.view(1, c, 1, 1) + shift.view(1, c, 1, 1)
+    return (torch.relu(a) if relu else a).to(x.dtype)
 
 
 def _ref_forward(x, weight, bias, gamma, beta, mean, invstd, residual, stride, padding, dilation,
-                 out_size, groups):
-    y = _ref_conv(_ref_preact(x, mean, invstd, gamma, beta), weight, stride, padding, dilation,
+                 out_size, groups, relu=True):
+    y = _ref_conv(_ref_preact(x, mean, invstd, gamma, beta, relu), weight, stride, padding, dilation,
                   out_size, groups)
     if bias is not None:
         y = y + bias.view(1, -1, 1, 1)
@@ -91,7 +92,7 @@ def _ref_conv_grads(grad_y, a, weight, stride, padding, dilation, groups, need_g
 
 
 def _ref_backward(grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, eps, stride, padding,
-                  dilation, groups, needs, sync=None, others=()):
+                  dilation, groups, needs, sync=None, others=(), relu=True):
     """The DESIGN.md backward formulas in PyTorch ops, recomputing a from x (a is never stored).
 
     Autograd is off inside a custom op's implementation, so this spells the math out: conv backward
@@ -106,7 +107,7 @@ def _ref_backward(grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, eps
     scale, shift = _affine(mean, invstd, gamma, beta)
     xf = x.to(acc)
     pre = xf * scale.view(1, c, 1, 1) + shift.view(1, c, 1, 1)
-    a = torch.relu(pre).to(x.dtype)
+    a = (torch.relu(pre) if relu else pre).to(x.dtype)
     need_ga = need_dx or need_dg or need_db
     ga, dw = _ref_conv_grads(grad_y, a, weight, stride, padding, dilation, groups, need_ga, need_dw)
     other_dws = []
@@ -116,7 +117,7 @@ def _ref_backward(grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, eps
         other_dws.append(dw2)
     dx = dgamma = dbeta = None
     if need_ga:
-        gm = ga.to(acc) * (pre > 0)
+        gm = ga.to(acc) * (pre > 0) if relu else ga.to(acc)
         xhat = (xf - mean.view(1, c, 1, 1)) * invstd.view(1, c, 1, 1)
         s1 = gm.sum((0, 2, 3))
         s2 = (gm * xhat).sum((0, 2, 3))
@@ -157,22 +158,22 @@ def _bn_prologue(mean, invstd, gamma, beta):
 
 
 def _kernel_forward(kb, x, weight, bias, gamma, beta, mean, invstd, residual, stride, padding, dilation,
-                    out_size, out_stats, prologue=None):
+                    out_size, out_stats, prologue=None, relu=True):
     scale, beta = (prologue[0], prologue[1]) if prologue is not None else _bn_prologue(mean, invstd, gamma, beta)
     y = torch.empty((x.shape[0], weight.shape[0], *out_size), dtype=x.dtype, device=x.device,
                     memory_format=memory_format_of(x))
     stats = kb.conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, padding, dilation,
-                            out_stats=out_stats)
+                            out_stats=out_stats, relu=relu)
     return y, stats
 
 
 def _kernel_backward(kb, grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, stride, padding,
-                     dilation, needs, sync=None, prologue=None, others=()):
+                     dilation, needs, sync=None, prologue=None, others=(), relu=True):
     scale, beta = (prologue[0], prologue[1]) if prologue is not None else _bn_prologue(mean, invstd, gamma, beta)
     # Every reduction finishes in the backend's kernels: four launches at most (plus three per other
     # consumer: raw dgrad, wgrad, its column sums), no ATen tail.
     return kb.conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_stats, needs,
-                            stride, padding, dilation, sync=sync, others=others)
+                            stride, padding, dilation, sync=sync, others=others, relu=relu)
 
 
 # ---------------------------------------------------------------- the registered ops
@@ -230,17 +231,17 @@ def _conv_impl(
     bn_bias: Optional[Tensor], mean: Tensor, invstd: Tensor, residual: Optional[Tensor],
     batch_stats: bool, eps: float, stride: List[int], padding: List[int], dilation: List[int],
     out_size: List[int], groups: int, out_stats: bool, backend: str, sync_group: int = 0,
-    prologue: Optional[Tensor] = None,
+    prologue: Optional[Tensor] = None, relu: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (y, mean_y, var_y); the last two are per-channel statistics of y when out_stats,
     else empty. They are for the next BN's forward and carry no gradient. prologue: [2, C] (scale,
     beta) of the BN affine when already computed (bn_finalize), else derived from the arguments."""
     if backend in ("triton", "cuda"):
         y, stats = _kernel_forward(_kernels(backend), x, weight, bias, bn_weight, bn_bias, mean, invstd, residual,
-                                   stride, padding, dilation, out_size, out_stats, prologue)
+                                   stride, padding, dilation, out_size, out_stats, prologue, relu)
     else:
         y = _ref_forward(x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, stride,
-                         padding, dilation, out_size, groups)
+                         padding, dilation, out_size, groups, relu)
         y = y.contiguous(memory_format=memory_format_of(x))
         stats = None
         if out_stats:
@@ -256,7 +257,7 @@ bn_relu_conv2d_op = torch.library.custom_op("fused_resnet::bn_relu_conv2d", _con
 
 @bn_relu_conv2d_op.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, batch_stats, eps, stride, padding,
-      dilation, out_size, groups, out_stats, backend, sync_group=0, prologue=None):
+      dilation, out_size, groups, out_stats, backend, sync_group=0, prologue=None, relu=True):
     y = torch.empty((x.shape[0], weight.shape[0], *out_size), dtype=x.dtype, device=x.device,
                     memory_format=memory_format_of(x))
     k = weight.shape[0] if out_stats else 0
@@ -269,6 +270,7 @@ def _conv_backward_impl(
     dilation: List[int], groups: int, needs: List[bool], backend: str, sync_group: int = 0,
     prologue: Optional[Tensor] = None, grad_y2: Optional[Tensor] = None, weight2: Optional[Tensor] = None,
     stride2: Optional[List[int]] = None, padding2: Optional[List[int]] = None, dilation2: Optional[List[int]] = None,
+    relu: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dW, dgamma, dbeta, dW2); an entry whose `needs` flag (the first four; a fifth for dW2) is False
     comes back empty. sync_group (an id from _sync.group_id): dx uses the process group's BN-backward sums.
@@ -282,10 +284,10 @@ def _conv_backward_impl(
     others = () if weight2 is None else ((grad_y2, weight2, stride2, padding2, dilation2, needs[4]),)
     if backend in ("triton", "cuda"):
         grads = _kernel_backward(_kernels(backend), grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats,
-                                 stride, padding, dilation, needs[:4], sync, prologue, others)
+                                 stride, padding, dilation, needs[:4], sync, prologue, others, relu)
     else:
         grads = _ref_backward(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps,
-                              stride, padding, dilation, groups, needs[:4], sync, others)
+                              stride, padding, dilation, groups, needs[:4], sync, others, relu)
     grads = grads[:4] + ((grads[4][0] if others else None),)
     like = (x, weight, bn_weight, bn_bias, weight2)
     out = []
@@ -305,7 +307,7 @@ bn_relu_conv2d_backward_op = torch.library.custom_op("fused_resnet::bn_relu_conv
 @bn_relu_conv2d_backward_op.register_fake
 def _(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps, stride, padding, dilation,
       groups, needs, backend, sync_group=0, prologue=None, grad_y2=None, weight2=None, stride2=None, padding2=None,
-      dilation2=None):
+      dilation2=None, relu=True):
     def like(t, need):
         if not need or t is None:
             return x.new_empty((0,))
@@ -321,15 +323,16 @@ def _pair_impl(
     bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], mean: Tensor, invstd: Tensor, batch_stats: bool,
     eps: float, stride: List[int], padding: List[int], dilation: List[int], out_size: List[int],
     stride2: List[int], padding2: List[int], dilation2: List[int], out_size2: List[int], out_stats: bool,
-    backend: str, sync_group: int = 0, prologue: Optional[Tensor] = None,
+    backend: str, sync_group: int = 0, prologue: Optional[Tensor] = None, relu: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Two convs (groups 1, no residual) of one relu(bn(x)): (y, y2, mean_y, var_y), the statistics of y
     as bn_relu_conv2d's. A projection block's conv1 and shortcut: one autograd node, so the backward sums
     the two convs' gradients before the ReLU mask and runs the BN backward once, as eager does."""
     y, mean_y, var_y = _conv_impl(x, weight, bias, bn_weight, bn_bias, mean, invstd, None, batch_stats, eps,
-                                  stride, padding, dilation, out_size, 1, out_stats, backend, sync_group, prologue)
+                                  stride, padding, dilation, out_size, 1, out_stats, backend, sync_group, prologue,
+                                  relu)
     y2, _, _ = _conv_impl(x, weight2, bias2, bn_weight, bn_bias, mean, invstd, None, batch_stats, eps, stride2,
-                          padding2, dilation2, out_size2, 1, False, backend, sync_group, prologue)
+                          padding2, dilation2, out_size2, 1, False, backend, sync_group, prologue, relu)
     return y, y2, mean_y, var_y
 
 
@@ -338,7 +341,8 @@ bn_relu_conv2d_pair_op = torch.library.custom_op("fused_resnet::bn_relu_conv2d_p
 
 @bn_relu_conv2d_pair_op.register_fake
 def _(x, weight, bias, weight2, bias2, bn_weight, bn_bias, mean, invstd, batch_stats, eps, stride, padding,
-      dilation, out_size, stride2, padding2, dilation2, out_size2, out_stats, backend, sync_group=0, prologue=None):
+      dilation, out_size, stride2, padding2, dilation2, out_size2, out_stats, backend, sync_group=0, prologue=None,
+      relu=True):
     fmt = memory_format_of(x)
     y = torch.empty((x.shape[0], weight.shape[0], *out_size), dtype=x.dtype, device=x.device, memory_format=fmt)
     y2 = torch.empty((x.shape[0], weight2.shape[0], *out_size2), dtype=x.dtype, device=x.device, memory_format=fmt)
@@ -349,29 +353,29 @@ def _(x, weight, bias, weight2, bias2, bn_weight, bn_bias, mean, invstd, batch_s
 # ---------------------------------------------------------------- autograd
 
 def _setup_context(ctx, inputs, output):
-    inputs = tuple(inputs) + (0, None)[len(inputs) - 17:]  # trailing defaults, when a caller left them out
+    inputs = tuple(inputs) + (0, None, True)[len(inputs) - 17:]  # trailing defaults, when a caller left them out
     (x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, batch_stats, eps, stride, padding,
-     dilation, out_size, groups, out_stats, backend, sync_group, prologue) = inputs
+     dilation, out_size, groups, out_stats, backend, sync_group, prologue, relu) = inputs
     ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, invstd, prologue)
     ctx.set_materialize_grads(False)  # the statistics outputs get no gradient: no zeros to make for them
     ctx.has_bias = bias is not None
     ctx.has_residual = residual is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.conv = (batch_stats, eps, list(stride), list(padding), list(dilation), groups, backend, sync_group)
+    ctx.conv = (batch_stats, eps, list(stride), list(padding), list(dilation), groups, backend, sync_group, relu)
 
 
 def _backward(ctx, grad_y, grad_mean, grad_var, direct=False):
     if grad_y is None:  # only the (gradient-free) statistics outputs were used
-        return (None,) * 19
+        return (None,) * 20
     x, weight, bn_weight, bn_bias, mean, invstd, prologue = ctx.saved_tensors
-    batch_stats, eps, stride, padding, dilation, groups, backend, sync_group = ctx.conv
+    batch_stats, eps, stride, padding, dilation, groups, backend, sync_group, relu = ctx.conv
     ni = ctx.needs_input_grad
     needs = [bool(ni[0]), bool(ni[1]), bool(ni[3]), bool(ni[4])]
     dx = dw = dgamma = dbeta = None
     if any(needs):
         grads = (_conv_backward_impl if direct else bn_relu_conv2d_backward_op)(grad_y, x, weight, bn_weight, bn_bias, mean, invstd,
                                            batch_stats, eps, stride, padding, dilation, groups,
-                                           needs, backend, sync_group, prologue)
+                                           needs, backend, sync_group, prologue, relu=relu)
         dx, dw, dgamma, dbeta = (g if need else None for g, need in zip(grads, needs))
         if dgamma is not None and bn_weight is None:
             dgamma = None
@@ -379,7 +383,7 @@ def _backward(ctx, grad_y, grad_mean, grad_var, direct=False):
             dbeta = None
     dbias = _bias_grad(grad_y, ctx.bias_dtype) if (ctx.has_bias and ni[2]) else None
     dres = grad_y if (ctx.has_residual and ni[7]) else None
-    return (dx, dw, dbias, dgamma, dbeta, None, None, dres) + (None,) * 11
+    return (dx, dw, dbias, dgamma, dbeta, None, None, dres) + (None,) * 12
 
 
 def _bias_grad(grad_y, dtype):
@@ -388,18 +392,19 @@ def _bias_grad(grad_y, dtype):
 
 torch.library.register_autograd("fused_resnet::bn_relu_conv2d", _backward, setup_context=_setup_context)
 
-_PAIR_ARGS = 23
+_PAIR_ARGS = 24
 
 
 def _pair_setup_context(ctx, inputs, output):
-    inputs = tuple(inputs) + (0, None)[len(inputs) - (_PAIR_ARGS - 2):]  # trailing defaults left out
+    inputs = tuple(inputs) + (0, None, True)[len(inputs) - (_PAIR_ARGS - 3):]  # trailing defaults left out
     (x, weight, bias, weight2, bias2, bn_weight, bn_bias, mean, invstd, batch_stats, eps, stride, padding,
-     dilation, out_size, stride2, padding2, dilation2, out_size2, out_stats, backend, sync_group, prologue) = inputs
+     dilation, out_size, stride2, padding2, dilation2, out_size2, out_stats, backend, sync_group, prologue,
+     relu) = inputs
     ctx.save_for_backward(x, weight, weight2, bn_weight, bn_bias, mean, invstd, prologue)
     ctx.set_materialize_grads(False)
     ctx.bias_dtypes = (bias.dtype if bias is not None else None, bias2.dtype if bias2 is not None else None)
     ctx.conv = (batch_stats, eps, list(stride), list(padding), list(dilation), list(stride2), list(padding2),
-                list(dilation2), backend, sync_group)
+                list(dilation2), backend, sync_group, relu)
     ctx.out_sizes = (list(out_size), list(out_size2))
 
 
@@ -408,7 +413,7 @@ def _pair_backward(ctx, grad_y, grad_y2, grad_mean, grad_var, direct=False):
     if grad_y is None and grad_y2 is None:
         return (None,) * _PAIR_ARGS
     x, weight, weight2, bn_weight, bn_bias, mean, invstd, prologue = ctx.saved_tensors
-    batch_stats, eps, stride, padding, dilation, stride2, padding2, dilation2, backend, sync_group = ctx.conv
+    batch_stats, eps, stride, padding, dilation, stride2, padding2, dilation2, backend, sync_group, relu = ctx.conv
     # An unused output's gradient is zero: made here, as autograd would have (materialize_grads is off for
     # the statistics outputs).
     grad_y, grad_y2 = (g if g is not None else
@@ -420,7 +425,7 @@ def _pair_backward(ctx, grad_y, grad_y2, grad_mean, grad_var, direct=False):
     if any(needs):
         grads = (_conv_backward_impl if direct else bn_relu_conv2d_backward_op)(
             grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps, stride, padding, dilation, 1,
-            needs, backend, sync_group, prologue, grad_y2, weight2, stride2, padding2, dilation2)
+            needs, backend, sync_group, prologue, grad_y2, weight2, stride2, padding2, dilation2, relu)
         dx, dw, dgamma, dbeta, dw2 = (g if need else None for g, need in zip(grads, needs))
         if bn_weight is None:
             dgamma = None

@@ -307,8 +307,8 @@ def _fused_bn_act_conv(x, bn, conv, residual=None, *, activation="relu", update_
                        backend="auto"):
     """conv(act(bn(x))) (+ residual): bn an nn.BatchNorm2d-like module or F.batch_norm's arguments
     (running_mean, running_var, weight, bias, training, momentum, eps); conv an nn.Conv2d or F.conv2d's
-    (weight, bias, stride, padding, dilation, groups); activation "relu" (applied after bn, or by bn
-    itself for timm's norm+act: "module")."""
+    (weight, bias, stride, padding, dilation, groups); activation "relu" or "identity" (for timm's
+    norm+act, the one the module applies itself)."""
     c = _conv_of(conv)
     if not _fusable_at_run_time(x, bn, [c], residual):
         y = _eager_conv(_eager_bn_act(x, bn, activation), c)
@@ -316,7 +316,7 @@ def _fused_bn_act_conv(x, bn, conv, residual=None, *, activation="relu", update_
     kw, counted = _bn_call(bn, update_running_stats)
     y, _, _ = bn_relu_conv2d_with_stats(x, c.weight, c.bias, stride=c.stride, padding=c.padding,
                                         dilation=c.dilation, groups=c.groups, residual=residual, backend=backend,
-                                        **kw)
+                                        activation=activation, **kw)
     if counted is not None:
         _count_batch(counted, True)
     return y
@@ -333,7 +333,7 @@ def _fused_bn_act_conv_pair(x, bn, conv, conv2, *, activation="relu", backend="a
     kw.pop("input_stats", None), kw.pop("out_stats", None)
     y, y2, _, _ = bn_relu_conv2d_pair_with_stats(
         x, c.weight, c2.weight, c.bias, c2.bias, stride=c.stride, padding=c.padding, dilation=c.dilation,
-        stride2=c2.stride, padding2=c2.padding, dilation2=c2.dilation, backend=backend, **kw)
+        stride2=c2.stride, padding2=c2.padding, dilation2=c2.dilation, backend=backend, activation=activation, **kw)
     if counted is not None:
         _count_batch(counted, True)
     return y, y2
@@ -532,21 +532,14 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: list) -> 
             continue
         where = site.name
         passed = []
-        if site.act_in_module == "relu":
-            act_node, activation = bn_node, "relu"
-        elif site.act_in_module == "identity":
-            report.append(Entry(where, False, f"{type(site.bn).__name__} applies no activation: BN -> conv with "
-                                              "no ReLU between is not fused yet"))
-            continue
+        if site.act_in_module is not None:  # timm's norm+act: the module applies it (or none) itself
+            act_node, activation = bn_node, site.act_in_module
         else:
             act_node, passed = _skip_identity(gm, bn_node)
-            if act_node is None or not _is_relu(gm, act_node):
-                users = _users(gm, list(bn_node.users), prefix) or "nothing"
-                report.append(Entry(where, False, f"its output goes to {users}; fusion needs it to feed exactly one "
-                                                  "ReLU (post-activation BN -> add -> ReLU, and BN -> conv with no "
-                                                  "ReLU between, are not fused yet)"))
-                continue
-            activation = "relu"
+            if act_node is not None and _is_relu(gm, act_node):
+                activation = "relu"
+            else:  # BN -> conv with no ReLU between (PyramidNet's units), if its users are all convs
+                act_node, passed, activation = bn_node, [], "identity"
         # The activation's users, each followed through Identity placeholders.
         users, between = [], []
         for u in list(act_node.users):
@@ -562,9 +555,14 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: list) -> 
         bad = [u for u, spec in convs if spec is None]
         if bad or not convs:
             also = " besides the conv(s)" if convs and len(bad) < len(convs) else ""
-            report.append(Entry(where, False, f"its ReLU output is needed by {_users(gm, bad, prefix) or 'nothing'}"
-                                              f"{also}; the fused op never materializes relu(bn(x)), so every user "
-                                              "must be a convolution"))
+            if activation == "relu":
+                why = (f"its ReLU output is needed by {_users(gm, bad, prefix) or 'nothing'}{also}; the fused op "
+                       "never materializes relu(bn(x)), so every user must be a convolution")
+            else:
+                why = (f"its output goes to {_users(gm, bad, prefix) or 'nothing'}{also}; fusion needs it to feed "
+                       "one ReLU whose users are all convolutions, or convolutions only (post-activation "
+                       "BN -> add -> ReLU is not fused yet)")
+            report.append(Entry(where, False, why))
             continue
         hooked = [n for n in [bn_node, act_node, *passed, *between, *(c for c, _ in convs)]
                   if n.op == "call_module" and _hooks(gm.get_submodule(n.target))]

@@ -75,14 +75,16 @@ def channel_stats(x):
     return moments(stats_partials(x), _acc(x.dtype), x)
 
 
-def conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, padding, dilation, out_stats=False):
-    """y <- conv2d(relu((x - mean)*scale + beta), weight) + bias + residual, into the preallocated y.
+def conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, padding, dilation, out_stats=False,
+                 relu=True):
+    """y <- conv2d(relu((x - mean)*scale + beta), weight) + bias + residual, into the preallocated y
+    (without relu: the batch norm alone).
 
     Returns per-channel (mean, biased var) of y when out_stats, else None.
     """
     ext = _ext(x)
     part, tile_rows = ext.conv_forward(x, weight, bias, mean, scale, beta, residual, y, list(stride),
-                                       list(padding), list(dilation), out_stats, _tf32())
+                                       list(padding), list(dilation), out_stats, _tf32(), bool(relu))
     if not out_stats:
         return None
     return moments((part, tile_rows, y.shape[0] * y.shape[2] * y.shape[3]), _acc(x.dtype))
@@ -98,7 +100,7 @@ def _num_sms(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _wgrad_slabs(ext, grad_y, x, dw, mean, scale, beta, stride, padding, dilation):
+def _wgrad_slabs(ext, grad_y, x, dw, mean, scale, beta, stride, padding, dilation, relu=True):
     """Split-K slabs [split, numel(dW)] in dW's layout, summed by column_sums."""
     n, c, _, _ = x.shape
     k, _, kh, kw = dw.shape
@@ -111,11 +113,11 @@ def _wgrad_slabs(ext, grad_y, x, dw, mean, scale, beta, stride, padding, dilatio
     chunk = -(-p_tiles // split) * tile
     split = max(1, -(-pixels // chunk))
     return ext.conv_wgrad(grad_y, x, dw, mean, scale, beta, list(stride), list(padding), list(dilation), chunk,
-                          split, _tf32())
+                          split, _tf32(), bool(relu))
 
 
 def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_stats, needs, stride, padding,
-                  dilation, sync=None, others=()):
+                  dilation, sync=None, others=(), relu=True):
     """(dx, dW, dgamma, dbeta, [dW of each of `others`]), None where `needs` (dx, dW, dgamma, dbeta) says no;
     four launches at most for one consumer: dgrad (+ per-tile BN-backward sums), wgrad (split-K slabs), one
     column_sums for both, and with batch statistics the dx finish. dW in the weight's dtype and layout;
@@ -140,14 +142,14 @@ def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_sta
         addend = None
         for gy2, w2, stride2, padding2, dilation2, _ in others:
             ext.conv_dgrad(gy2, w2, x, mean, scale, beta, invstd, out, False, False, list(stride2),
-                           list(padding2), list(dilation2), _tf32(), addend, True)
+                           list(padding2), list(dilation2), _tf32(), addend, True, bool(relu))
             addend = out
         part = ext.conv_dgrad(grad_y, weight, x, mean, scale, beta, invstd, out, batch_stats, need_sums,
-                              list(stride), list(padding), list(dilation), _tf32(), addend, False)
+                              list(stride), list(padding), list(dilation), _tf32(), addend, False, bool(relu))
     dw = slabs = None
     if need_dw:
         dw = torch.empty_like(weight, memory_format=memory_format_of(weight))
-        slabs = _wgrad_slabs(ext, grad_y, x, dw, mean, scale, beta, stride, padding, dilation)
+        slabs = _wgrad_slabs(ext, grad_y, x, dw, mean, scale, beta, stride, padding, dilation, relu)
     s1 = s2 = None
     if need_sums:
         s1 = torch.empty(c, dtype=acc, device=x.device)
@@ -159,7 +161,8 @@ def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_sta
         if need_dw2:
             dw2 = torch.empty_like(w2, memory_format=memory_format_of(w2))
             ext.column_sums(None, None, None,
-                            _wgrad_slabs(ext, gy2, x, dw2, mean, scale, beta, stride2, padding2, dilation2), dw2)
+                            _wgrad_slabs(ext, gy2, x, dw2, mean, scale, beta, stride2, padding2, dilation2, relu),
+                            dw2)
         other_dws.append(dw2)
     if batch_stats:
         m = x.numel() // c

@@ -47,6 +47,7 @@ def bn_relu_conv2d(
     backend="auto",
     sync_stats=False,
     process_group=None,
+    activation="relu",
 ):
     """conv2d(relu(batch_norm(x)), weight, bias) (+ residual), fused.
 
@@ -55,20 +56,21 @@ def bn_relu_conv2d(
     including the in-place running-statistics update in training mode, without ever storing the
     activation relu(batch_norm(x)). sync_stats=True: training statistics over the process group
     (nn.SyncBatchNorm's semantics). Under torch.autocast, x/weight/bias/residual take the conv's
-    autocast dtype; BN parameters and statistics stay float32.
+    autocast dtype; BN parameters and statistics stay float32. activation="identity": no ReLU, the conv
+    reads batch_norm(x) itself (a unit that starts BN -> conv, as PyramidNet's do).
     """
     y, _, _ = bn_relu_conv2d_with_stats(
         x, weight, bias, bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean,
         running_var=running_var, training=training, momentum=momentum, eps=eps, stride=stride,
         padding=padding, dilation=dilation, groups=groups, residual=residual, backend=backend,
-        sync_stats=sync_stats, process_group=process_group)
+        sync_stats=sync_stats, process_group=process_group, activation=activation)
     return y
 
 
 def bn_relu_conv2d_pair(
     x, weight, weight2, bias=None, bias2=None, *, bn_weight=None, bn_bias=None, running_mean=None,
     running_var=None, training=False, momentum=0.1, eps=1e-5, stride=1, padding=0, dilation=1, stride2=1,
-    padding2=0, dilation2=1, backend="auto", sync_stats=False, process_group=None,
+    padding2=0, dilation2=1, backend="auto", sync_stats=False, process_group=None, activation="relu",
 ):
     """(conv2d(a, weight, bias, stride, padding, dilation), conv2d(a, weight2, bias2, stride2, padding2,
     dilation2)) for a = relu(batch_norm(x, ...)), fused, groups 1 -- a projection block's conv1 and
@@ -79,14 +81,14 @@ def bn_relu_conv2d_pair(
         x, weight, weight2, bias, bias2, bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean,
         running_var=running_var, training=training, momentum=momentum, eps=eps, stride=stride, padding=padding,
         dilation=dilation, stride2=stride2, padding2=padding2, dilation2=dilation2, backend=backend,
-        sync_stats=sync_stats, process_group=process_group)
+        sync_stats=sync_stats, process_group=process_group, activation=activation)
     return y, y2
 
 
 def bn_relu_conv2d_with_stats(
     x, weight, bias=None, *, bn_weight=None, bn_bias=None, running_mean=None, running_var=None,
     training=False, momentum=0.1, eps=1e-5, stride=1, padding=0, dilation=1, groups=1, residual=None,
-    backend="auto", input_stats=None, out_stats=False, sync_stats=False, process_group=None,
+    backend="auto", input_stats=None, out_stats=False, sync_stats=False, process_group=None, activation="relu",
 ):
     """The same op, for chaining fused layers.
 
@@ -103,7 +105,17 @@ def bn_relu_conv2d_with_stats(
     with amp_off:
         return _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
                            eps, stride, padding, dilation, groups, residual, backend, input_stats, out_stats,
-                           sync_stats, process_group)
+                           sync_stats, process_group, _relu(activation))
+
+
+ACTIVATIONS = ("relu", "identity")
+
+
+def _relu(activation) -> bool:
+    """Whether the fused op applies ReLU after the batch norm; checked before anything runs."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
+    return activation == "relu"
 
 
 def _autocast_inputs(x, *operands):
@@ -129,7 +141,7 @@ def bn_relu_conv2d_pair_with_stats(
     x, weight, weight2, bias=None, bias2=None, *, bn_weight=None, bn_bias=None, running_mean=None,
     running_var=None, training=False, momentum=0.1, eps=1e-5, stride=1, padding=0, dilation=1, stride2=1,
     padding2=0, dilation2=1, backend="auto", input_stats=None, out_stats=False, sync_stats=False,
-    process_group=None,
+    process_group=None, activation="relu",
 ):
     """Two convs of one relu(batch_norm(x)): (y, y2, mean_y, var_y) with
     y = conv2d(a, weight, bias, stride, padding, dilation) and y2 = conv2d(a, weight2, bias2, stride2,
@@ -138,6 +150,7 @@ def bn_relu_conv2d_pair_with_stats(
     runs the BN backward once (as eager does; two bn_relu_conv2d calls would run it twice). mean_y/var_y:
     y's statistics when out_stats (as bn_relu_conv2d_with_stats), else None. Both convs are validated
     before anything runs."""
+    relu = _relu(activation)
     (x, weight, bias, weight2, bias2), amp_off = _autocast_inputs(x, weight, bias, weight2, bias2)
     with amp_off:
         geo = validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
@@ -154,14 +167,14 @@ def bn_relu_conv2d_pair_with_stats(
             x, weight, bias, weight2, bias2, bn_weight, bn_bias, bn.mean, bn.invstd, training, float(eps),
             list(geo.stride), list(geo.padding), list(geo.dilation), list(geo.out_size), list(geo2.stride),
             list(geo2.padding), list(geo2.dilation), list(geo2.out_size), bool(out_stats), impl, bn.gid,
-            bn.prologue)
+            bn.prologue, relu)
         bn.update_running_stats()
     return (y, y2, mean_y, var_y) if out_stats else (y, y2, None, None)
 
 
 def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
                 stride, padding, dilation, groups, residual, backend, input_stats, out_stats, sync_stats,
-                process_group):
+                process_group, relu=True):
     geo = validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
                    eps, stride, padding, dilation, groups, residual, backend)
     impl = resolve(backend, x.device, geo.groups)
@@ -170,7 +183,7 @@ def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
     y, mean_y, var_y = _ops.bn_relu_conv2d(
         x, weight, bias, bn_weight, bn_bias, bn.mean, bn.invstd, residual, training, float(eps),
         list(geo.stride), list(geo.padding), list(geo.dilation), list(geo.out_size), geo.groups,
-        bool(out_stats), impl, bn.gid, bn.prologue)
+        bool(out_stats), impl, bn.gid, bn.prologue, relu)
     bn.update_running_stats()
     return (y, mean_y, var_y) if out_stats else (y, None, None)
 

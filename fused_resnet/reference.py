@@ -8,6 +8,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 
+def _act(a, activation):
+    return F.relu(a) if activation == "relu" else a
+
+
 def bn_relu_conv2d(
     x,
     weight,
@@ -25,8 +29,9 @@ def bn_relu_conv2d(
     dilation=1,
     groups=1,
     residual=None,
+    activation="relu",
 ):
-    a = F.relu(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps))
+    a = _act(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps), activation)
     y = F.conv2d(a, weight, bias, stride, padding, dilation, groups)
     return y if residual is None else y + residual
 
@@ -51,7 +56,8 @@ def bn_relu_conv2d_pair(
     stride2=1,
     padding2=0,
     dilation2=1,
+    activation="relu",
 ):
-    a = F.relu(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps))
+    a = _act(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps), activation)
     return (F.conv2d(a, weight, bias, stride, padding, dilation),
             F.conv2d(a, weight2, bias2, stride2, padding2, dilation2))

@@ -38,6 +38,7 @@ class Case:
     affine: bool = True
     noncontiguous: bool = False
     mean_shift: float = 0.0
+    activation: str = "relu"
 
     def out_size(self):
         def one(size, k, s, p, d):
@@ -106,7 +107,7 @@ def run(fn, t: dict, case: Case, **extra):
     y = fn(leaves["x"], leaves["weight"], leaves["bias"], bn_weight=leaves["bn_weight"],
            bn_bias=leaves["bn_bias"], running_mean=rm, running_var=rv, training=case.training,
            stride=case.stride, padding=case.padding, dilation=case.dilation,
-           residual=leaves["residual"], **extra)
+           residual=leaves["residual"], activation=case.activation, **extra)
     wants = [k for k in DIFFERENTIABLE if leaves[k] is not None]
     grads = torch.autograd.grad(y, [leaves[k] for k in wants], t["grad"])
     res = {"y": y.detach()}

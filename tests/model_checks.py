@@ -1,10 +1,11 @@
 """Checks that a converted model is the original model, for any model: the chains found independently
 of convert(), one training step compared in float64, and the names and checkpoints.
 
-chains(): which BN -> ReLU -> conv chains a model has, found by following tensors through a
+chains(): which BN -> (ReLU) -> conv chains a model has, found by following tensors through a
 TorchFunctionMode while the model runs (F.batch_norm -> a ReLU -> F.conv2d; nn.Module calls go through
 those functions too), not by reading fx graphs as convert() does. A chain counts where the batch norm's
-output is read only by one ReLU and that ReLU's output only by convolutions.
+output is read only by one ReLU and that ReLU's output only by convolutions, or where the batch norm's
+output is read only by convolutions (no activation between, as PyramidNet's units start).
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ class _Follow(TorchFunctionMode):
         super().__init__()
         self.names = names  # id(parameter or buffer) -> its state_dict name
         self.pre, self.act = {}, {}  # (id, version) of a BN output / of its ReLU output -> BN name
-        self.readers = {}  # BN name -> [(conv key or None for a non-conv reader)]
-        self.relu_of = Counter()  # BN name -> how many readers its output has
+        self.readers = {}  # BN name -> readers of its ReLU output: a conv's name, or None for anything else
+        self.pre_readers = {}  # BN name -> readers of its own output: "relu", a conv's name, or None
         self.keep = []
 
     @staticmethod
@@ -51,20 +52,25 @@ class _Follow(TorchFunctionMode):
         for k in in_keys:
             if k in self.pre:
                 bn = self.pre[k]
-                self.relu_of[bn] += 1
                 if func in _RELU:
                     self.act[self.key(out)] = bn
+                    self.pre_readers.setdefault(bn, []).append("relu")
+                elif func in _CONV and k == in_keys[0]:
+                    self.pre_readers.setdefault(bn, []).append(self._conv_name(args, kwargs))
                 else:
-                    self.relu_of[bn] += 1  # something other than a ReLU reads the BN output: no chain
+                    self.pre_readers.setdefault(bn, []).append(None)
             if k in self.act:
                 bn = self.act[k]
                 if func in _CONV and k == in_keys[0]:
-                    w = args[1] if len(args) > 1 else kwargs["weight"]
-                    name = self.names.get(id(w))
-                    self.readers.setdefault(bn, []).append(name.rsplit(".", 1)[0] if name else "computed")
+                    self.readers.setdefault(bn, []).append(self._conv_name(args, kwargs))
                 else:
                     self.readers.setdefault(bn, []).append(None)
         return out
+
+    def _conv_name(self, args, kwargs):
+        w = args[1] if len(args) > 1 else kwargs["weight"]
+        name = self.names.get(id(w))
+        return name.rsplit(".", 1)[0] if name else "computed"
 
 
 def chains(model: nn.Module, x) -> Counter:
@@ -74,9 +80,13 @@ def chains(model: nn.Module, x) -> Counter:
     with torch.no_grad(), follow:
         model.eval()(x)
     out = Counter()
-    for bn, readers in follow.readers.items():
-        if follow.relu_of[bn] == 1 and readers and None not in readers:
-            out.update((bn, r) for r in readers)
+    for bn, pre in follow.pre_readers.items():
+        if pre == ["relu"]:  # BN -> ReLU -> convs
+            readers = follow.readers.get(bn, [])
+            if readers and None not in readers:
+                out.update((bn, r) for r in readers)
+        elif pre and None not in pre and "relu" not in pre:  # BN -> convs, no activation between
+            out.update((bn, r) for r in pre)
     return out
 
 

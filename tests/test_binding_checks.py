@@ -40,7 +40,7 @@ def test_well_formed_call_is_refused_for_its_device_only():
     if C.EMULATED:
         x, w, y = x.to("meta"), w.to("meta"), y.to("meta")
     with pytest.raises(RuntimeError, match=WRONG_DEVICE):
-        C.conv_forward(x, w, None, vec, vec, vec, None, y, [1, 1], [1, 1], [1, 1], False, False)
+        C.conv_forward(x, w, None, vec, vec, vec, None, y, [1, 1], [1, 1], [1, 1], False, False, True)
 
 
 def test_strided_input_is_not_mistaken_for_an_aliased_output():
@@ -50,12 +50,12 @@ def test_strided_input_is_not_mistaken_for_an_aliased_output():
         pytest.skip("needs a device the kernels run on: the emulated build")
     x = torch.randn(2, 3, 10, 5)[:, :, ::2]
     w, y, vec = torch.randn(4, 3, 3, 3), torch.empty(2, 4, 5, 5), torch.ones(3)
-    C.conv_forward(x, w, None, vec, vec, vec, None, y, [1, 1], [1, 1], [1, 1], False, False)
+    C.conv_forward(x, w, None, vec, vec, vec, None, y, [1, 1], [1, 1], [1, 1], False, False, True)
     base = torch.randn(2, 3, 10, 5)  # and a dense y inside a strided x's span is still refused
     y_in_x = base.view(-1)[:150].view(2, 3, 5, 5)
     with pytest.raises(RuntimeError, match="y shares memory"):
         C.conv_forward(base[:, :, ::2], torch.randn(3, 3, 1, 1), None, vec, vec, vec, None, y_in_x, [1, 1], [0, 0],
-                       [1, 1], False, False)
+                       [1, 1], False, False, True)
 
 
 @pytest.mark.parametrize("case,match", [
@@ -88,7 +88,7 @@ def test_conv_forward_refuses(case, match):
     elif case == "residual shape":
         res = torch.randn(2, 4, 4, 5)
     with pytest.raises(RuntimeError, match=match):
-        C.conv_forward(x, w, None, vec, vec, vec, res, y, stride, [1, 1], dil, False, False)
+        C.conv_forward(x, w, None, vec, vec, vec, res, y, stride, [1, 1], dil, False, False, True)
 
 
 @pytest.mark.parametrize("case,match", [
@@ -132,7 +132,7 @@ def test_conv_dgrad_refuses(case, match):
         vec = torch.ones(4)
         out = gy
     with pytest.raises(RuntimeError, match=match):
-        C.conv_dgrad(gy, w, x, vec, vec, vec, vec, out, False, need_sums, [1, 1], [1, 1], [1, 1], False, addend, raw)
+        C.conv_dgrad(gy, w, x, vec, vec, vec, vec, out, False, need_sums, [1, 1], [1, 1], [1, 1], False, addend, raw, True)
 
 
 @pytest.mark.parametrize("case,match", [
@@ -154,7 +154,7 @@ def test_conv_wgrad_refuses(case, match):
         k = 5
     stride = [0, 1] if case == "stride 0" else [1, 1]
     with pytest.raises(RuntimeError, match=match):
-        C.conv_wgrad(gy, x, torch.empty(k, 3, kh, kw), vec, vec, vec, stride, [1, 1], [1, 1], chunk, split, False)
+        C.conv_wgrad(gy, x, torch.empty(k, 3, kh, kw), vec, vec, vec, stride, [1, 1], [1, 1], chunk, split, False, True)
 
 
 def test_finish_refuses_aliased_output():
@@ -182,7 +182,7 @@ def test_forward_path_choice(dtype, channels_last, c, rows, tf32):
     w = torch.randn(8, c, 3, 3).to(dtype).contiguous(memory_format=fmt)
     y = torch.empty(2, 8, 5, 5, dtype=dtype).contiguous(memory_format=fmt)
     vec = torch.ones(c, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    part, tile_rows = C.conv_forward(x, w, None, vec * 0, vec, vec * 0, None, y, [1, 1], [1, 1], [1, 1], True, tf32)
+    part, tile_rows = C.conv_forward(x, w, None, vec * 0, vec, vec * 0, None, y, [1, 1], [1, 1], [1, 1], True, tf32, True)
     assert tile_rows == rows and part.shape == (2, 1, 8)
 
 
@@ -203,7 +203,7 @@ def test_forward_with_misaligned_affine_takes_the_general_kernel():
             buf[shift:shift + 16] = v
             views.append(buf[shift:shift + 16])
         y = torch.empty(2, 8, 5, 5, dtype=torch.bfloat16).contiguous(memory_format=fmt)
-        _, tile_rows = C.conv_forward(x, w, None, *views, None, y, [1, 1], [1, 1], [1, 1], True, False)
+        _, tile_rows = C.conv_forward(x, w, None, *views, None, y, [1, 1], [1, 1], [1, 1], True, False, True)
         outs.append((tile_rows, y.float()))
     assert outs[0][0] == 128 and outs[1][0] == 64  # mma.sync, then the general kernel
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-2, atol=1e-2)
@@ -229,7 +229,7 @@ def test_dgrad_path_choice(dtype, channels_last, c, k, tiles, tf32):
     gy = torch.randn(2, k, 3, 3).to(dtype).contiguous(memory_format=fmt)
     out = torch.empty_like(x)
     vec = torch.ones(c)
-    part = C.conv_dgrad(gy, w, x, vec * 0, vec, vec * 0, vec, out, True, True, [2, 2], [1, 1], [1, 1], tf32, None, False)
+    part = C.conv_dgrad(gy, w, x, vec * 0, vec, vec * 0, vec, out, True, True, [2, 2], [1, 1], [1, 1], tf32, None, False, True)
     assert part.shape == (tiles, 2, c)
 
 

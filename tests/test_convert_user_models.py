@@ -218,9 +218,9 @@ class BNThenConv(nn.Module):
         return self.conv(self.bn(x))
 
 
-def test_bn_then_conv_is_reported():
-    conv, report = _check(BNThenConv(), fused=0)
-    assert "no ReLU between" in report["bn"].why
+def test_bn_then_conv_is_fused_with_no_activation():
+    conv, report = _check(BNThenConv(), fused=1)
+    assert report["bn -> conv"].fused
 
 
 def test_names_and_paths_after_convert():

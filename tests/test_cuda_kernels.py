@@ -89,7 +89,7 @@ def _check_dgrad(C, device, geometry, dtype, c, k):
     beta = torch.randn(c, generator=g).to(device)  # mean 0, scale 1: the ReLU passes where x + beta > 0
     zero, one = torch.zeros(c, device=device), torch.ones(c, device=device)
     out = torch.empty_like(x)
-    part = C.conv_dgrad(gy, wt, x, zero, one, beta, one, out, True, True, [stride] * 2, [pad] * 2, [dil] * 2, False, None, False)
+    part = C.conv_dgrad(gy, wt, x, zero, one, beta, one, out, True, True, [stride] * 2, [pad] * 2, [dil] * 2, False, None, False, True)
     rows = 128 if c <= 64 else 64  # the mma path's tiles
     assert part.shape[0] == -(-n * -(-h // stride) * -(-w // stride) // rows) * stride * stride  # phase split ran
 
@@ -159,7 +159,7 @@ def _check_wgrad(C, device, geometry, dtype, size, c, k):
     # twice that where there are pixels enough for two steps per split
     chunk = C.WGRAD_CHUNK * (2 if pixels > 2 * C.WGRAD_CHUNK else 1)
     split = -(-pixels // chunk)
-    slabs = C.conv_wgrad(gy, x, dw, zero, one, beta, [stride] * 2, [pad] * 2, [dil] * 2, chunk, split, False)
+    slabs = C.conv_wgrad(gy, x, dw, zero, one, beta, [stride] * 2, [pad] * 2, [dil] * 2, chunk, split, False, True)
     got = slabs.sum(0).as_strided(dw.shape, dw.stride())
     a = (x.float() + beta.view(1, -1, 1, 1)).relu().to(dtype)
 
@@ -216,7 +216,7 @@ def test_forward_mma_slices(ext, case):
     y = torch.empty(n, k, oh, ow, dtype=dtype, device=device).contiguous(memory_format=cl)
     tf32 = dtype == torch.float32
     _, rows = C.conv_forward(x, wt, None, mean, scale, beta, res, y, [stride] * 2, [pad] * 2, [dil] * 2, False,
-                             tf32)
+                             tf32, True)
     assert rows == (128 if k <= 64 else 64)  # the mma path's tiles
 
     def view(t):
@@ -265,7 +265,7 @@ def test_tf32_forward_dgrad_wgrad(ext, geometry):
     a = (x + beta.view(1, -1, 1, 1)).relu()  # the activation in float32, as the kernels form it
 
     y = torch.empty(n, k, oh, ow, device=device).contiguous(memory_format=cl)
-    _, rows = C.conv_forward(x, wt, None, zero, one, beta, None, y, [stride] * 2, [pad] * 2, [dil] * 2, False, True)
+    _, rows = C.conv_forward(x, wt, None, zero, one, beta, None, y, [stride] * 2, [pad] * 2, [dil] * 2, False, True, True)
     assert rows == 128  # the mma path (K <= 64); the general kernel's tiles have 64 rows
 
     def fwd(t):
@@ -274,7 +274,7 @@ def test_tf32_forward_dgrad_wgrad(ext, geometry):
     _check(y, fwd(torch.float64), fwd(torch.float32))
 
     out = torch.empty_like(x)
-    part = C.conv_dgrad(gy, wt, x, zero, one, beta, one, out, True, True, [stride] * 2, [pad] * 2, [dil] * 2, True, None, False)
+    part = C.conv_dgrad(gy, wt, x, zero, one, beta, one, out, True, True, [stride] * 2, [pad] * 2, [dil] * 2, True, None, False, True)
     assert part.shape[0] == -(-n * -(-h // stride) * -(-w // stride) // 128) * stride * stride  # phase split ran
     mask = (x.double() + beta.double().view(1, -1, 1, 1)) > 0
 
@@ -285,7 +285,7 @@ def test_tf32_forward_dgrad_wgrad(ext, geometry):
 
     dw = torch.empty(k, c, ks, ks, device=device).contiguous(memory_format=cl)
     slabs = C.conv_wgrad(gy, x, dw, zero, one, beta, [stride] * 2, [pad] * 2, [dil] * 2, C.WGRAD_CHUNK,
-                         -(-n * oh * ow // C.WGRAD_CHUNK), True)
+                         -(-n * oh * ow // C.WGRAD_CHUNK), True, True)
     got = slabs.sum(0).as_strided(dw.shape, dw.stride())
 
     def dweight(t):

@@ -23,16 +23,22 @@ def _pair(c, k, training, device, seed):
     return bn, conv
 
 
-def _run(bn, conv, x, backend):
+def _run(bn, conv, x, backend, activation="relu"):
     """(y, dx, dW, dgamma, running_mean, running_var) of eager (backend None) or the fused layer."""
     import copy
 
     bn, conv = copy.deepcopy(bn), copy.deepcopy(conv)
     x = x.detach().clone().requires_grad_(True)
     if backend is None:
-        y = conv(torch.relu(bn(x)))
-    else:
+        a = bn(x)
+        y = conv(torch.relu(a) if activation == "relu" else a)
+    elif activation == "relu":
         y = fused_resnet.FusedBNReLUConv2d.from_modules(bn, conv, backend=backend)(x)
+    else:
+        y = fused_resnet.bn_relu_conv2d(
+            x, conv.weight, bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean,
+            running_var=bn.running_var, training=bn.training, momentum=bn.momentum, eps=bn.eps, padding=1,
+            backend=backend, activation=activation)
     g = torch.ones_like(y)
     dx, dw, dg = torch.autograd.grad(y, (x, conv.weight, bn.weight), g)
     return y, dx, dw, dg, bn.running_mean, bn.running_var
@@ -45,12 +51,13 @@ def _same_nonfinite(a, b, what):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_nonfinite_input_matches_eager(backend, device, value, training):
+@pytest.mark.parametrize("activation", ["relu", "identity"])
+def test_nonfinite_input_matches_eager(backend, device, value, training, activation):
     bn, conv = _pair(3, 4, training, device, seed=1)
     x = torch.randn(2, 3, 5, 5, device=device)
     x[1, 0, 2, 3] = value
-    want = _run(bn, conv, x, None)
-    got = _run(bn, conv, x, backend)
+    want = _run(bn, conv, x, None, activation)
+    got = _run(bn, conv, x, backend, activation)
     for name, a, b in zip(("y", "dx", "dW", "dgamma", "running_mean", "running_var"), got, want):
         _same_nonfinite(a.float(), b.float(), name)
 

@@ -36,6 +36,17 @@ def test_matrix_float32(backend, device, geometry, training, extras):
     check_against_oracle(case, torch.float32, backend, device, seed=hash((geometry, training, extras)) % 2**31)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("geometry", [((3, 3), 1, 1, 1, True), ((1, 1), 2, 0, 1, False)], ids=["3x3-cl", "1x1s2-nchw"])
+def test_identity_activation(backend, device, dtype, training, geometry):
+    """activation="identity" (BN -> conv, no ReLU): forward, every gradient and the running statistics."""
+    kernel, stride, padding, dilation, channels_last = geometry
+    case = Case(n=2, c=5, h=7, w=6, k=6, kernel=kernel, stride=stride, padding=padding, dilation=dilation,
+                residual=True, training=training, channels_last=channels_last, activation="identity")
+    check_against_oracle(case, dtype, backend, device, seed=23 + training + 2 * channels_last)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])

@@ -33,7 +33,7 @@ struct ForwardProblem {
     const int iw = row_ow[row] * p.g.stride_w - p.g.pad_w + s * p.g.dil_w;
     if (ih < 0 || ih >= p.g.H || iw < 0 || iw >= p.g.W) return zero<T>();
     const Acc v = to_acc(x[offset4(p.sx, nb, c, ih, iw)]);
-    return Cvt<T>::from(relu_nan(bn_affine(v, mean[c], scale[c], beta[c])));
+    return Cvt<T>::from(act_nan(bn_affine(v, mean[c], scale[c], beta[c]), p.act_floor));
   }
   __device__ T b(int k, int col) const {
     const int c = c0 + k, kout = n0 + col;

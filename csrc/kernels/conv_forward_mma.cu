@@ -231,10 +231,10 @@ __global__ void __launch_bounds__(kMmaThreads, fwd_min_ctas<T, kChunks>()) conv_
         else
           ldmatrix_x4(fa, a_st + i * 16 * Shared::kLd + kk);  // load_a_mk(fa, sh.ring.a[st], row, kk)
         const uint32_t k0 = sh.valid[st][row + gq] ? ~0u : 0u, k1 = sh.valid[st][row + gq + 8] ? ~0u : 0u;
-        fa[0] = bn_relu_reg<T>(fa[0], k0, mu[0], sc[0], be[0]);
-        fa[1] = bn_relu_reg<T>(fa[1], k1, mu[0], sc[0], be[0]);
-        fa[2] = bn_relu_reg<T>(fa[2], k0, mu[1], sc[1], be[1]);
-        fa[3] = bn_relu_reg<T>(fa[3], k1, mu[1], sc[1], be[1]);
+        fa[0] = bn_relu_reg<T>(fa[0], k0, mu[0], sc[0], be[0], p.act_floor);
+        fa[1] = bn_relu_reg<T>(fa[1], k1, mu[0], sc[0], be[0], p.act_floor);
+        fa[2] = bn_relu_reg<T>(fa[2], k0, mu[1], sc[1], be[1], p.act_floor);
+        fa[3] = bn_relu_reg<T>(fa[3], k1, mu[1], sc[1], be[1], p.act_floor);
         if (i == 0) {
 #pragma unroll
           for (int jp = 0; jp < kNJ / 2; ++jp)

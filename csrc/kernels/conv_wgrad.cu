@@ -41,7 +41,8 @@ struct WgradProblem {
     const int ih = pix_oh[k] * p.g.stride_h - p.g.pad_h + r * p.g.dil_h;
     const int iw = pix_ow[k] * p.g.stride_w - p.g.pad_w + s * p.g.dil_w;
     if (ih < 0 || ih >= p.g.H || iw < 0 || iw >= p.g.W) return zero<T>();
-    return Cvt<T>::from(relu_nan(bn_affine(to_acc(x[offset4(p.sx, nb, c, ih, iw)]), mean[c], scale[c], beta[c])));
+    return Cvt<T>::from(act_nan(bn_affine(to_acc(x[offset4(p.sx, nb, c, ih, iw)]), mean[c], scale[c], beta[c]),
+                                p.act_floor));
   }
 };
 

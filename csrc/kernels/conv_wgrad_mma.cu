@@ -233,8 +233,8 @@ __global__ void __launch_bounds__(kMmaThreads, wgrad_min_ctas<kBM, kBN>()) conv_
           s2[h] = sc[j];
           b2[h] = be[j];
         }
-        fb[j][0] = bn_relu_reg<T>(fb[j][0], k0, m2, s2, b2);
-        fb[j][1] = bn_relu_reg<T>(fb[j][1], k1, m2, s2, b2);
+        fb[j][0] = bn_relu_reg<T>(fb[j][0], k0, m2, s2, b2, p.act_floor);
+        fb[j][1] = bn_relu_reg<T>(fb[j][1], k1, m2, s2, b2, p.act_floor);
       }
       acc.template mma<T>(fa, fb);
     }

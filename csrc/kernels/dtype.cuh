@@ -41,6 +41,12 @@ __device__ __forceinline__ double bn_affine(double x, double m, double s, double
 
 // torch.relu: NaN propagates (a > 0 ? a : 0 would map it to 0).
 template <class A> __device__ __forceinline__ A relu_nan(A a) { return (a > A(0) || a != a) ? a : A(0); }
+// The activation after the BN affine, as max(a, lo) NaN-propagating: lo = 0 is relu_nan (ReLU), lo = -inf
+// the identity (every a, -inf included, passes): ConvForwardParams/ConvWgradParams::act_floor. A kernel
+// parameter, so the compare reads it from the constant bank: no register, no instruction over relu_nan.
+template <class A> __device__ __forceinline__ A act_nan(A a, float lo) {
+  return (a > A(lo) || a != a) ? a : A(lo);
+}
 
 // threshold_backward's rule: the gradient passes where NOT (pre <= 0) -- NaN included, as in eager.
 template <class A> __device__ __forceinline__ bool relu_passes(A pre) { return !(pre <= A(0)); }

@@ -12,13 +12,13 @@ from .wgrad import conv_wgrad_partial
 
 
 def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_stats, needs, stride, padding,
-                  dilation, sync=None, others=()):
+                  dilation, sync=None, others=(), relu=True):
     """(dx, dW, dgamma, dbeta, [dW of each of `others`]), None where `needs` (dx, dW, dgamma, dbeta) says
     no. dW comes in the weight's dtype and layout; dgamma/dbeta in the accumulation dtype. sync(s1, s2,
     count) -> (s1, s2, count) makes dx use process-group-wide sums (dgamma/dbeta stay local).
     others: more consumers of the same activation, (grad_y, weight, stride, padding, dilation, need_dW)
     each: same contract as fused_resnet.cuda.conv_backward (their ga summed in before the mask, one BN
-    backward)."""
+    backward). relu=False: the identity activation (no mask, the activation is the batch norm)."""
     need_dx, need_dw, need_dg, need_db = needs
     batch_stats = batch_stats and need_dx
     need_sums = need_dg or need_db or batch_stats
@@ -30,11 +30,11 @@ def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_sta
             addend, _ = conv_dgrad(gy2, x, w2, mean, scale, beta, invstd, False, False, stride2, padding2,
                                    dilation2, addend=addend, raw=True)
         out, part = conv_dgrad(grad_y, x, weight, mean, scale, beta, invstd, batch_stats, need_sums,
-                               stride, padding, dilation, addend=addend)
+                               stride, padding, dilation, addend=addend, relu=relu)
     dw = slabs = None
     if need_dw:
         dw = torch.empty_like(weight)
-        slabs = conv_wgrad_partial(grad_y, x, dw, mean, scale, beta, stride, padding, dilation)
+        slabs = conv_wgrad_partial(grad_y, x, dw, mean, scale, beta, stride, padding, dilation, relu)
     s1 = s2 = None
     if need_sums:
         s1 = torch.empty(c, dtype=acc_dtype(x.dtype), device=x.device)
@@ -46,7 +46,7 @@ def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_sta
         dw2 = None
         if need_dw2:
             dw2 = torch.empty_like(w2)
-            column_sums(b=conv_wgrad_partial(gy2, x, dw2, mean, scale, beta, stride2, padding2, dilation2),
+            column_sums(b=conv_wgrad_partial(gy2, x, dw2, mean, scale, beta, stride2, padding2, dilation2, relu),
                         b_out=dw2)
         other_dws.append(dw2)
     dx = None

@@ -53,6 +53,7 @@ def _conv_dgrad_kernel(
     BATCH_STATS: tl.constexpr, NEED_SUMS: tl.constexpr, ADDEND: tl.constexpr, RAW: tl.constexpr,
     IN_DTYPE: tl.constexpr, ACC: tl.constexpr, DOT_MODE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    RELU: tl.constexpr,
 ):
     # Programs: [phase][row tile x column tile]; every phase gets the tiles of the largest one.
     tiles_m = tl.cdiv(N * tl.cdiv(H, stride_h) * tl.cdiv(W, stride_w), BLOCK_M)
@@ -113,7 +114,10 @@ def _conv_dgrad_kernel(
     sc = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
     be = tl.load(beta_ptr + offs_c, mask=mask_c, other=0.0)
     pre = (xt - mu[None, :]) * sc[None, :] + be[None, :]
-    gm = tl.where(emask & ~(pre <= 0), ga, 0.0)
+    if RELU:
+        gm = tl.where(emask & ~(pre <= 0), ga, 0.0)
+    else:  # activation="identity": no mask
+        gm = tl.where(emask, ga, 0.0)
     if NEED_SUMS:
         istd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0)
         xhat = (xt - mu[None, :]) * istd[None, :]
@@ -164,7 +168,7 @@ def _bn_backward_finish_kernel(
 
 
 def conv_dgrad(grad_y, x, weight, mean, scale, beta, invstd, batch_stats, need_sums, stride, padding,
-               dilation, addend=None, raw=False):
+               dilation, addend=None, raw=False, relu=True):
     """(out, part): out is dx (running statistics) or ga*m in x's dtype for bn_backward_finish (batch
     statistics); part [rows, 2, C] the per-tile BN-backward partials (S1, S2) when need_sums, else None.
     addend: the other consumers' ga (x's dtype, x's layout), added to this conv's ga first; it is also
@@ -192,7 +196,7 @@ def conv_dgrad(grad_y, x, weight, mean, scale, beta, invstd, batch_stats, need_s
         stride[0] // math.gcd(stride[0], dilation[0]), stride[1] // math.gcd(stride[1], dilation[1]),
         BATCH_STATS=batch_stats, NEED_SUMS=need_sums, ADDEND=addend is not None, RAW=raw,
         IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc_dtype(x.dtype)), DOT_MODE=dot_mode(x.dtype),
-        PRECISION=fp32_precision(), **cfg,
+        PRECISION=fp32_precision(), RELU=bool(relu), **cfg,
     )
     return out, part
 

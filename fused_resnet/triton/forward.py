@@ -28,10 +28,13 @@ from .stats import _tile_mean_m2
 
 
 @triton.jit
-def bn_relu(xt, mu, sc, be, ACC: tl.constexpr):
-    """relu((x - mean) * scale + beta) per channel (columns), NaN-propagating like torch.relu."""
+def bn_act(xt, mu, sc, be, ACC: tl.constexpr, RELU: tl.constexpr):
+    """relu((x - mean) * scale + beta) per channel (columns), NaN-propagating like torch.relu; without
+    RELU the batch norm alone (activation="identity")."""
     pre = (xt.to(ACC) - mu[None, :]) * sc[None, :] + be[None, :]
-    return tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    if RELU:
+        pre = tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    return pre
 
 
 @triton.jit
@@ -43,7 +46,7 @@ def _conv_fwd_kernel(
     srn, src, srh, srw,
     syn, syc, syh, syw,
     KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, OUT_STATS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, OUT_STATS: tl.constexpr, RELU: tl.constexpr,
     IN_DTYPE: tl.constexpr, ACC: tl.constexpr, DOT_MODE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -82,7 +85,7 @@ def _conv_fwd_kernel(
         mu = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
         sc = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
         be = tl.load(beta_ptr + offs_c, mask=mask_c, other=0.0)
-        a = tl.where(amask, bn_relu(xt, mu, sc, be, ACC), 0.0)
+        a = tl.where(amask, bn_act(xt, mu, sc, be, ACC, RELU), 0.0)
         acc = mma(acc, a, wt, IN_DTYPE, DOT_MODE, PRECISION)
 
     omask = mask_m[:, None] & mask_n[None, :]
@@ -106,8 +109,10 @@ def _conv_fwd_kernel(
         tl.store(part_ptr + (num_m + pid_m) * K + offs_n, m2, mask=mask_n)
 
 
-def conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, padding, dilation, out_stats=False):
-    """y <- conv2d(relu((x - mean)*scale + beta), weight) + bias + residual, into the preallocated y.
+def conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, padding, dilation, out_stats=False,
+                 relu=True):
+    """y <- conv2d(relu((x - mean)*scale + beta), weight) + bias + residual, into the preallocated y
+    (without relu: the batch norm alone).
 
     Returns per-channel (mean, biased var) of y when out_stats, else None.
     """
@@ -127,7 +132,7 @@ def conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, paddin
         n, c, h, w, k, oh, ow,
         *x.stride(), *weight.stride(), *res.stride(), *y.stride(),
         kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, OUT_STATS=out_stats,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, OUT_STATS=out_stats, RELU=bool(relu),
         IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc), DOT_MODE=dot_mode(x.dtype),
         PRECISION=fp32_precision(), **cfg,
     )

@@ -29,6 +29,7 @@ def _conv_wgrad_kernel(
     KH, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     IN_DTYPE: tl.constexpr, ACC: tl.constexpr, DOT_MODE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    RELU: tl.constexpr,
 ):
     tiles_c = tl.cdiv(C, BLOCK_M)
     tiles = tiles_c * tl.cdiv(K, BLOCK_N)
@@ -71,7 +72,9 @@ def _conv_wgrad_kernel(
                                                        + (ow * stride_w - pad_w) * sxw + tap_off)[None, :],
                      mask=amask, other=0.0)
         pre = (xt.to(ACC) - mu[:, None]) * sc[:, None] + be[:, None]
-        a = tl.where(amask, tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL), 0.0)
+        if RELU:
+            pre = tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        a = tl.where(amask, pre, 0.0)
         acc = mma(acc, a, gt, IN_DTYPE, DOT_MODE, PRECISION)
 
     # part: SPLIT slabs, each laid out like dW (strides sd*); with one split, dW itself. acc is [c, k].
@@ -79,7 +82,7 @@ def _conv_wgrad_kernel(
     tl.store(part_ptr + off, acc.to(part_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_k[None, :])
 
 
-def conv_wgrad_partial(grad_y, x, dw, mean, scale, beta, stride, padding, dilation):
+def conv_wgrad_partial(grad_y, x, dw, mean, scale, beta, stride, padding, dilation, relu=True):
     """Fills dw (its dtype and layout) directly when one split suffices and returns None; else
     returns the float32 slabs [split, dw.numel()] (each in dw's storage order) to be summed into dw."""
     n, c, h, w = x.shape
@@ -104,6 +107,6 @@ def conv_wgrad_partial(grad_y, x, dw, mean, scale, beta, stride, padding, dilati
         *grad_y.stride(), *x.stride(), *dw.stride(),
         kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc), DOT_MODE=dot_mode(x.dtype),
-        PRECISION=fp32_precision(), **cfg,
+        PRECISION=fp32_precision(), RELU=bool(relu), **cfg,
     )
     return part if split > 1 else None

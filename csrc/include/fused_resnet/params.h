@@ -38,7 +38,9 @@ struct ConvGeom {
   int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;  // pad = rows/cols of zero activation before index 0
 };
 
-// y = conv(relu((x - mean)*scale + beta), w) + bias + residual; optional per-tile (mean, M2) of y as stored.
+// y = conv(act((x - mean)*scale + beta), w) + bias + residual; optional per-tile (mean, M2) of y as stored.
+// act(a) = max(a, act_floor), NaN propagating: act_floor 0 is ReLU (the zero-initialized default), -inf the
+// identity (activation="identity": BN -> conv).
 struct ConvForwardParams {
   DType dtype;
   ConvGeom g;
@@ -50,6 +52,7 @@ struct ConvForwardParams {
   const void* bias;   // acc [K], may be null
   void* part;         // acc [2, tiles_m, K]: tile mean, tile M2; null = no statistics
   bool tf32;          // fp32: multiply in TF32 on the tensor cores (torch.backends.cudnn.allow_tf32)
+  float act_floor;    // 0: ReLU; -inf: identity
 };
 
 // ga = conv_transpose(gy, w) rounded to dtype; gm = ga where NOT ((x - mean)*scale + beta <= 0); per-tile
@@ -70,6 +73,7 @@ struct ConvDgradParams {
   // itself: each element is read before the same thread writes it.
   const void* addend;
   bool raw;  // store ga (+ addend) itself: no ReLU mask, no BN backward, no sums (a first consumer's share)
+  bool identity;  // activation="identity": no ReLU mask (false, the zero-initialized default: ReLU)
   bool batch_stats;
   bool tf32;  // as in ConvForwardParams
 };
@@ -99,6 +103,7 @@ struct ConvWgradParams {
   int chunk;  // output pixels per split (a multiple of kWgradChunk where the launcher picks it)
   int split;
   bool tf32;  // as in ConvForwardParams
+  float act_floor;  // as in ConvForwardParams
 };
 
 // Per-tile (mean relative to the pivot x[0, c, 0, 0], M2) of x per channel: part acc [2, tiles, C], tiles
