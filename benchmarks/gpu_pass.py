@@ -100,8 +100,9 @@ def _child_env(ctx, extra=None):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
-    if ctx.dry:
+    if ctx.dry:  # the CPU: Triton's interpreter, and the CUDA kernels' host build for the smoke script's tiny run
         env.setdefault("TRITON_INTERPRET", "1")
+        env.setdefault("FUSED_RESNET_CUDA_EMULATED", "1")
     env.update(extra or {})
     return env
 
@@ -579,7 +580,7 @@ def summary_markdown(res) -> str:
     sn = st.get("sanitize") or {}
     if sn.get("steps"):
         lines.append("- sanitize: " + ", ".join(
-            f"{s['step']} {'cut' if s['cut'] else 'clean' if s['rc'] == 0 else 'ERRORS (rc %d)' % s['rc']}"
+            f"{s['step']} {'cut' if s['cut'] else ('dry-ok' if res.get('dry_run') else 'clean') if s['rc'] == 0 else 'ERRORS (rc %d)' % s['rc']}"
             for s in sn["steps"]))
     ts = (st.get("tests") or {}).get("figures") or {}
     if ts.get("pytest"):
