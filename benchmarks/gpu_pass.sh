@@ -7,4 +7,4 @@
 # The runbook (the device call, what to carry, what to commit): benchmarks/NOTES.md and docs/gpu-pass.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-exec "${PYTHON:-python}" benchmarks/gpu_pass.py "$@"
+exec "${PYTHON:-$(command -v python || command -v python3)}" benchmarks/gpu_pass.py "$@"
