@@ -9,10 +9,15 @@ instructions of that loop, or for a kernel without HMMA its largest innermost lo
 kernels, the per-element cost times the compiler's unrolling).
 cuobjdump comes from Triton's wheel when the CUDA toolkit lacks it (ENVIRONMENT.md).
 
-    python benchmarks/cuda_static_report.py [--arch 80 90] [--check] [--markdown] [--loops]
+    python benchmarks/cuda_static_report.py [--arch 80 90] [--check] [--markdown] [--loops] [--objects BUILD]
 
 --loops adds, per kernel, the sizes of all its innermost loops in address order (main loop, epilogue and
 statistics loops: what one thread executes per iteration of each).
+
+--objects BUILD reads the kernels from a CMake build's object files (`cuobjdump -arch sm_XX` on
+BUILD/**/<source>.o; CMakeLists.txt compiles for sm_80 and sm_90) instead of compiling each source again:
+.ci/check_cuda.sh shares its CMake build with the report this way. The device code is the same: CMake adds
+-O3 (host code) and -lineinfo (no effect on SASS) to the same nvcc, standard and includes.
 
 --check exits 1 on any spill. Figures before/after a change go into benchmarks/NOTES.md.
 """
@@ -119,21 +124,38 @@ def _sass_per_mma(sass_text):
     return result
 
 
-def report(archs):
+def _object_for(objects: Path, src: Path) -> Path:
+    """The CMake object file of a source under a build folder (BUILD/CMakeFiles/<target>.dir/csrc/.../x.cu.o)."""
+    rel = src.relative_to(ROOT).as_posix() + ".o"
+    found = [p for p in Path(objects).rglob(src.name + ".o") if p.as_posix().endswith(rel)]
+    if len(found) != 1:
+        raise SystemExit(f"cuda_static_report: {len(found)} object files for {rel} under {objects} (expected 1: "
+                         f"build with CMakeLists.txt first)")
+    return found[0]
+
+
+def report(archs, objects=None):
     cuobjdump = _tool("cuobjdump")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch in archs:
             for src in _sources():
-                cubin = Path(tmp) / f"{src.stem}.sm{arch}.cubin"
-                cmd = ["nvcc", "-std=c++17", f"-arch=sm_{arch}", "-cubin", "-I", str(CSRC / "kernels"), "-I",
-                       str(CSRC / "include"), "-o", str(cubin), str(src)]
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                if out.returncode != 0:
-                    raise SystemExit(f"nvcc failed on {src.name}:\n{out.stderr[-3000:]}")
-                usage = subprocess.run([cuobjdump, "--dump-resource-usage", str(cubin)], capture_output=True,
+                if objects is not None:
+                    cubin = _object_for(objects, src)
+                    pick = ["-arch", f"sm_{arch}"]
+                else:
+                    cubin = Path(tmp) / f"{src.stem}.sm{arch}.cubin"
+                    pick = []
+                    cmd = ["nvcc", "-std=c++17", f"-arch=sm_{arch}", "-cubin", "-I", str(CSRC / "kernels"), "-I",
+                           str(CSRC / "include"), "-o", str(cubin), str(src)]
+                    out = subprocess.run(cmd, capture_output=True, text=True)
+                    if out.returncode != 0:
+                        raise SystemExit(f"nvcc failed on {src.name}:\n{out.stderr[-3000:]}")
+                usage = subprocess.run([cuobjdump, *pick, "--dump-resource-usage", str(cubin)], capture_output=True,
                                        text=True).stdout
-                listing = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True).stdout
+                listing = subprocess.run([cuobjdump, *pick, "-sass", str(cubin)], capture_output=True, text=True).stdout
+                if objects is not None and "Function" not in usage:
+                    raise SystemExit(f"cuda_static_report: no sm_{arch} code in {cubin}")
                 sass, loops = _sass_per_mma(listing), loop_sizes(listing)
                 current = None
                 for line in usage.splitlines():
@@ -158,8 +180,9 @@ def main(argv=None):
     ap.add_argument("--check", action="store_true", help="exit 1 on any spill (stack > 0)")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--loops", action="store_true", help="also every innermost loop's size, in address order")
+    ap.add_argument("--objects", metavar="BUILD", help="read a CMake build's object files instead of compiling")
     args = ap.parse_args(argv)
-    rows = report(args.arch)
+    rows = report(args.arch, args.objects)
     sep = " | " if args.markdown else "  "
     head = ["arch", "kernel", "regs", "stack", "shared B", "loop", "HMMA", "SASS/HMMA"] + (["loops"] if args.loops else [])
     lines = [sep.join(head)]

@@ -69,10 +69,17 @@ def one(backend, dtype, channels_last, stride, residual, device="cuda", c=19, k=
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backend", choices=["triton", "cuda"], required=True)
+    p.add_argument("--quick", action="store_true",
+                   help="one small case: bf16 channels_last 24 -> 16, stride 1 with residual (the tensor-core "
+                        "kernels of the CUDA backend), the GPU pass's memcheck/racecheck case")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.quick:
+        why = one(args.backend, torch.bfloat16, True, 1, True, c=24, k=16)
+        print(f"{args.backend} bfloat16 channels_last s1 C=24 K=16: {'ok' if why is None else 'FAIL ' + why}")
+        return 0 if why is None else 1
     bad = 0
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for channels_last in (False, True):

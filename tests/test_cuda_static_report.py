@@ -3,6 +3,8 @@ the main loop of a tensor-core kernel, and the largest innermost loop of one wit
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,3 +32,18 @@ def test_main_loop_and_innermost_loops():
     got = _report()._sass_per_mma(mma + plain)
     assert got["k_mma"] == (2, 5)  # LDSM .. BRA: 5 instructions for 2 HMMA
     assert got["k_plain"] == (0, 4)
+
+
+def test_objects_are_found_per_source_in_a_cmake_build(tmp_path):
+    """--objects (check_cuda.sh shares its CMake build with the report): each source's object file, by its path
+    under csrc, and a clear stop where the build lacks one."""
+    mod = _report()
+    src = mod.ROOT / "csrc" / "kernels" / "conv_forward.cu"
+    obj = tmp_path / "CMakeFiles" / "fused_resnet_kernels.dir" / "csrc" / "kernels" / "conv_forward.cu.o"
+    obj.parent.mkdir(parents=True)
+    obj.write_bytes(b"")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "conv_forward.cu.o").write_bytes(b"")  # same name, not csrc/kernels/: not taken
+    assert mod._object_for(tmp_path, src) == obj
+    with pytest.raises(SystemExit, match="0 object files for csrc/kernels/conv_dgrad.cu.o"):
+        mod._object_for(tmp_path, mod.ROOT / "csrc" / "kernels" / "conv_dgrad.cu")

@@ -160,8 +160,15 @@ def main(argv=None, prog="fused-resnet bench"):
     bar = tqdm(total=total, desc="bench") if sys.stderr.isatty() else LineProgress(total)
     with bar:
         deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
+        partial = None
+        if gpu:  # the results file is rewritten after every measurement: a run killed midway keeps what it measured
+            def partial(records, peaks):
+                meta = {"peaks": peaks, "preset": "full" if full else "quick", "reps": reps, "warmup": warmup,
+                        "gpu": gpu, "cuda_graphs": args.graphs, "not_run": [], "partial": True}
+                report.write_results(os.path.join(results_dir, report.results_name(env)), env, records, meta)
         records, peaks, not_run = run(cases, providers, args.modes, dtypes, device, warmup, reps,
-                                      progress=bar, log=bar.write, deadline=deadline, graphs=args.graphs)
+                                      progress=bar, log=bar.write, deadline=deadline, graphs=args.graphs,
+                                      on_record=partial)
     print(_table(records, gpu))
     if not_run:
         print(f"time budget of {args.time_budget:g}s spent: {len(not_run)} of {total} measurements not run "

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections import defaultdict
 
 import torch
@@ -142,9 +143,14 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--tiny", action="store_true", help="interpreter-sized cases (what a CPU run needs)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="start no new (case, provider) after this long; the rest are listed in not_run. "
+                        "profile.json / profile.md are rewritten after every one, so a run cut short keeps them")
     args = p.parse_args(argv)
     if args.reps < 1 or args.warmup < 0:
         p.error("--reps must be at least 1 and --warmup at least 0")
+    if args.time_budget is not None and args.time_budget <= 0:
+        p.error("--time-budget must be positive")
     try:
         cases = [_case(c) for c in args.cases.split(",")]
     except ValueError as e:
@@ -169,22 +175,33 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     doc = {"environment": environment(device), "gpu": gpu, "dtype": args.dtype, "warmup": args.warmup,
-           "reps": args.reps, "peaks": peaks, "skipped": skipped, "cases": []}
+           "reps": args.reps, "peaks": peaks, "skipped": skipped, "cases": [], "not_run": []}
     jobs = [(c, pr) for c in cases for pr in providers]
     by_case = {}
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.monotonic()
+
+    def write():
+        doc["cases"] = list(by_case.values())
+        with open(os.path.join(args.out, "profile.json"), "w") as f:
+            json.dump(doc, f, indent=1)
+        text = markdown(doc)
+        with open(os.path.join(args.out, "profile.md"), "w") as f:
+            f.write(text)
+        return text
+
     for case, provider in tqdm(jobs, desc="profile", disable=None):
+        if args.time_budget is not None and time.monotonic() - t0 > args.time_budget:
+            doc["not_run"].append(f"{case.name} {provider}")
+            continue
         rows = profile_one(case, provider, dtype, device, args.warmup, args.reps)
         entry = by_case.setdefault(case.name, {"case": case.name, "providers": {}})
         entry["providers"][provider] = {"kernels": rows,
                                         "summary": summarize(case, rows, torch.finfo(dtype).bits // 8, peaks)}
-    doc["cases"] = list(by_case.values())
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "profile.json"), "w") as f:
-        json.dump(doc, f, indent=1)
-    text = markdown(doc)
-    with open(os.path.join(args.out, "profile.md"), "w") as f:
-        f.write(text)
-    print(text)
+        write()
+    print(write())
+    if doc["not_run"]:
+        print(f"time budget of {args.time_budget:g}s spent: not run: {', '.join(doc['not_run'])}")
     return 0
 
 

@@ -68,10 +68,11 @@ def provider_status(providers, device):
 
 
 def run(cases, providers, modes, dtypes, device, warmup, reps, progress=None, log=print, deadline=None,
-        graphs=False):
+        graphs=False, on_record=None):
     """Returns (records, peaks, not_run). A provider that fails on a case is logged and left out, not
     guessed; once time.monotonic() passes `deadline`, the remaining measurements are listed in not_run.
-    graphs: every provider is also timed as CUDA-graph replay (provider name "<provider>+graph")."""
+    graphs: every provider is also timed as CUDA-graph replay (provider name "<provider>+graph").
+    on_record(records, peaks): called after each new record (the GPU pass writes partial results with it)."""
     peaks = {d: device_peaks(device, DTYPES[d]) for d in dtypes}
     records, not_run = [], []
     jobs = [(c, m, d) for d in dtypes for c in cases for m in modes]  # dtype-major: a spent budget cuts the last dtype
@@ -93,6 +94,8 @@ def run(cases, providers, modes, dtypes, device, warmup, reps, progress=None, lo
                 rec = None
             if rec is not None:
                 records.append(rec)
+                if on_record is not None:
+                    on_record(records, peaks)
             if progress is not None:
                 progress.update(1)
             gc.collect()
