@@ -226,8 +226,7 @@ std::tuple<at::Tensor, int64_t> conv_forward(const at::Tensor& x, const at::Tens
 at::Tensor conv_dgrad(const at::Tensor& gy, const at::Tensor& w, const at::Tensor& x, const at::Tensor& mean,
                       const at::Tensor& scale, const at::Tensor& beta, const at::Tensor& invstd, at::Tensor& out,
                       bool batch_stats, bool need_sums, std::vector<int64_t> stride, std::vector<int64_t> padding,
-                      std::vector<int64_t> dilation, bool tf32, const std::optional<at::Tensor>& addend, bool raw,
-                      bool relu) {
+                      std::vector<int64_t> dilation, bool tf32, const std::optional<at::Tensor>& addend, bool raw) {
   check_4d(gy, "grad_y"); check_4d(w, "weight"); check_4d(x, "x"); check_4d(out, "out");
   check_same_dtype(gy, x, "grad_y"); check_same_dtype(w, x, "weight");
   const auto acc = acc_of(x);
@@ -271,7 +270,6 @@ at::Tensor conv_dgrad(const at::Tensor& gy, const at::Tensor& w, const at::Tenso
   p.mean = mean.data_ptr(); p.scale = scale.data_ptr(); p.beta = beta.data_ptr(); p.invstd = invstd.data_ptr();
   if (addend.has_value()) p.addend = addend->data_ptr();
   p.raw = raw;
-  p.identity = !relu;
   p.batch_stats = batch_stats;
   const bool sums = need_sums || batch_stats;
   const int tiles = fr::conv_dgrad_tiles(p);

@@ -142,10 +142,12 @@ def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_sta
         addend = None
         for gy2, w2, stride2, padding2, dilation2, _ in others:
             ext.conv_dgrad(gy2, w2, x, mean, scale, beta, invstd, out, False, False, list(stride2),
-                           list(padding2), list(dilation2), _tf32(), addend, True, bool(relu))
+                           list(padding2), list(dilation2), _tf32(), addend, True)
             addend = out
-        part = ext.conv_dgrad(grad_y, weight, x, mean, scale, beta, invstd, out, batch_stats, need_sums,
-                              list(stride), list(padding), list(dilation), _tf32(), addend, False, bool(relu))
+        # The dgrad reads beta for the ReLU mask only: +inf passes every element (identity activation)
+        mask_beta = beta if relu else torch.full_like(beta, float("inf"))
+        part = ext.conv_dgrad(grad_y, weight, x, mean, scale, mask_beta, invstd, out, batch_stats, need_sums,
+                              list(stride), list(padding), list(dilation), _tf32(), addend, False)
     dw = slabs = None
     if need_dw:
         dw = torch.empty_like(weight, memory_format=memory_format_of(weight))

@@ -132,7 +132,7 @@ def test_conv_dgrad_refuses(case, match):
         vec = torch.ones(4)
         out = gy
     with pytest.raises(RuntimeError, match=match):
-        C.conv_dgrad(gy, w, x, vec, vec, vec, vec, out, False, need_sums, [1, 1], [1, 1], [1, 1], False, addend, raw, True)
+        C.conv_dgrad(gy, w, x, vec, vec, vec, vec, out, False, need_sums, [1, 1], [1, 1], [1, 1], False, addend, raw)
 
 
 @pytest.mark.parametrize("case,match", [
@@ -229,7 +229,7 @@ def test_dgrad_path_choice(dtype, channels_last, c, k, tiles, tf32):
     gy = torch.randn(2, k, 3, 3).to(dtype).contiguous(memory_format=fmt)
     out = torch.empty_like(x)
     vec = torch.ones(c)
-    part = C.conv_dgrad(gy, w, x, vec * 0, vec, vec * 0, vec, out, True, True, [2, 2], [1, 1], [1, 1], tf32, None, False, True)
+    part = C.conv_dgrad(gy, w, x, vec * 0, vec, vec * 0, vec, out, True, True, [2, 2], [1, 1], [1, 1], tf32, None, False)
     assert part.shape == (tiles, 2, c)
 
 

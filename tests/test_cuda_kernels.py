@@ -89,7 +89,7 @@ def _check_dgrad(C, device, geometry, dtype, c, k):
     beta = torch.randn(c, generator=g).to(device)  # mean 0, scale 1: the ReLU passes where x + beta > 0
     zero, one = torch.zeros(c, device=device), torch.ones(c, device=device)
     out = torch.empty_like(x)
-    part = C.conv_dgrad(gy, wt, x, zero, one, beta, one, out, True, True, [stride] * 2, [pad] * 2, [dil] * 2, False, None, False, True)
+    part = C.conv_dgrad(gy, wt, x, zero, one, beta, one, out, True, True, [stride] * 2, [pad] * 2, [dil] * 2, False, None, False)
     rows = 128 if c <= 64 else 64  # the mma path's tiles
     assert part.shape[0] == -(-n * -(-h // stride) * -(-w // stride) // rows) * stride * stride  # phase split ran
 
@@ -274,7 +274,7 @@ def test_tf32_forward_dgrad_wgrad(ext, geometry):
     _check(y, fwd(torch.float64), fwd(torch.float32))
 
     out = torch.empty_like(x)
-    part = C.conv_dgrad(gy, wt, x, zero, one, beta, one, out, True, True, [stride] * 2, [pad] * 2, [dil] * 2, True, None, False, True)
+    part = C.conv_dgrad(gy, wt, x, zero, one, beta, one, out, True, True, [stride] * 2, [pad] * 2, [dil] * 2, True, None, False)
     assert part.shape[0] == -(-n * -(-h // stride) * -(-w // stride) // 128) * stride * stride  # phase split ran
     mask = (x.double() + beta.double().view(1, -1, 1, 1)) > 0
 

@@ -49,7 +49,7 @@ __device__ __forceinline__ void dgrad_epilogue(const ConvDgradParams& p, acc_t<T
       return;
     }
     const Acc xv = to_acc(x[ox]);
-    const Acc gm = (p.identity || relu_passes(bn_affine(xv, mean[ch], scale[ch], beta[ch]))) ? ga : Acc(0);
+    const Acc gm = relu_passes(bn_affine(xv, mean[ch], scale[ch], beta[ch])) ? ga : Acc(0);
     if (own_col) {
       s1 += gm;  // no skip of gm == 0: eager's 0 * inf (xhat of an inf x) is NaN
       s2 = fma(gm, (xv - mean[ch]) * invstd[ch], s2);
@@ -93,7 +93,7 @@ __device__ __forceinline__ void dgrad_epilogue(const ConvDgradParams& p, acc_t<T
           continue;
         }
         const Acc xe = to_acc(xv.v[e]);
-        const Acc gm = (p.identity || relu_passes(bn_affine(xe, mu[e], sc[e], be[e]))) ? ga : Acc(0);
+        const Acc gm = relu_passes(bn_affine(xe, mu[e], sc[e], be[e])) ? ga : Acc(0);
         v1[e] += gm;  // no skip of gm == 0: eager's 0 * inf (xhat of an inf x) is NaN
         v2[e] = fma(gm, (xe - mu[e]) * is[e], v2[e]);
         ov.v[e] = Cvt<T>::from(p.batch_stats ? gm : gm * sc[e]);

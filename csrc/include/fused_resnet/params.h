@@ -56,7 +56,8 @@ struct ConvForwardParams {
 };
 
 // ga = conv_transpose(gy, w) rounded to dtype; gm = ga where NOT ((x - mean)*scale + beta <= 0); per-tile
-// S1 = sum gm, S2 = sum gm*xhat.
+// S1 = sum gm, S2 = sum gm*xhat. beta is read for that mask only: the identity activation (no mask) passes
+// beta = +inf, so every element passes (+inf, or NaN where (x - mean)*scale is -inf or NaN) at no cost here.
 // batch_stats: out (dtype) receives gm, finished into dx by bn_backward_finish.
 // otherwise:   out (dtype) receives dx = gm * scale directly.
 struct ConvDgradParams {
@@ -73,7 +74,6 @@ struct ConvDgradParams {
   // itself: each element is read before the same thread writes it.
   const void* addend;
   bool raw;  // store ga (+ addend) itself: no ReLU mask, no BN backward, no sums (a first consumer's share)
-  bool identity;  // activation="identity": no ReLU mask (false, the zero-initialized default: ReLU)
   bool batch_stats;
   bool tf32;  // as in ConvForwardParams
 };
