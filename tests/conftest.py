@@ -4,6 +4,7 @@ marker, backend params.
 TRITON_INTERPRET must be set before triton is first imported, so it is set here, at collection.
 """
 import os
+import sys
 
 import torch
 
@@ -27,6 +28,18 @@ ALL_BACKENDS = ("reference", "triton", "cuda")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
+    # The emulated CUDA build (first use: a minute or more, often during collection) announces itself on
+    # the terminal, past pytest's capture.
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if capman is not None:
+        from fused_resnet import _emulated
+
+        def announce(message):
+            with capman.global_and_fixture_disabled():
+                sys.stderr.write(message + "\n")
+                sys.stderr.flush()
+
+        _emulated.announce = announce
 
 
 def pytest_terminal_summary(terminalreporter):
