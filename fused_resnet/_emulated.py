@@ -15,6 +15,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ENV = "FUSED_RESNET_CUDA_EMULATED"
@@ -26,6 +27,15 @@ CSRC = ROOT / "csrc"
 _FLAGS = ["-std=c++20", "-O2", "-ffp-contract=off", "-DFUSED_RESNET_EMULATED", "-pthread",
           "-Wall", "-Wno-unknown-pragmas", "-Wno-missing-field-initializers", "-Wno-sign-compare"]
 _TSAN_FLAGS = ["-fsanitize=thread", "-g", "-O1"]
+
+
+def _to_stderr(message: str):
+    print(message, file=sys.stderr, flush=True)
+
+
+# How the build announces itself (a minute or more of silence otherwise); tests/conftest.py points it past
+# pytest's output capture, so even `pytest --collect-only` says what it is doing.
+announce = _to_stderr
 
 
 def requested() -> bool:
@@ -83,15 +93,19 @@ def load(tsan: bool = False, verbose: bool = False):
         if not wrapper.exists() or wrapper.read_text() != text:
             wrapper.write_text(text)
         wrappers.append(str(wrapper))
-    if not any(out.glob("fused_resnet_emulated_*.so")):
-        print(f"fused_resnet: building the emulated CUDA kernels{' (ThreadSanitizer)' if tsan else ''} "
-              f"into {out} (once; about a minute)", file=sys.stderr, flush=True)
+    fresh = not any(out.glob("fused_resnet_emulated_*.so"))
+    if fresh:
+        announce(f"fused_resnet: building the emulated CUDA kernels{' (ThreadSanitizer)' if tsan else ''} "
+                 f"into {out} (once per source state; 1-3 minutes on 2 cores)")
+    t0 = time.monotonic()
     module = cpp_extension.load(
         name=f"fused_resnet_emulated_{out.name.replace('-', '_')}",
         sources=[str(CSRC / "binding.cpp"), str(CSRC / "emu" / "checks.cpp")] + wrappers,
         extra_cflags=flags, extra_ldflags=["-pthread"] + (["-fsanitize=thread"] if tsan else []),
         extra_include_paths=[str(CSRC / "emu"), str(CSRC / "include")],
         build_directory=str(out), verbose=verbose)
+    if fresh:
+        announce(f"fused_resnet: emulated CUDA kernels built in {time.monotonic() - t0:.0f} s")
     return module
 
 

@@ -73,7 +73,8 @@ def validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, tra
     if cg * groups != c:
         raise ValueError(f"x has {c} channels but weight expects {cg * groups} "
                          f"(weight shape {tuple(weight.shape)}, groups={groups})")
-    if min(n, c, h, w, k, kh, kw) == 0:
+    # An empty batch (n = 0) is legal, as in eager: the result is empty (functional.py runs it eagerly).
+    if min(c, h, w, k, kh, kw) == 0:
         raise ValueError(f"empty tensors are not supported: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     if bias is not None:
         _check_tensor("bias", bias, device=dev, dtype=(dt,))
@@ -85,6 +86,12 @@ def validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, tra
                     ("running_mean", running_mean), ("running_var", running_var)):
         if t is not None:
             _check_tensor(name, t, numel=c, device=dev, dtype=bn_dtypes)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        # Eager's rule and error type (native_batch_norm "is not differentiable with respect to argument
+        # 'running_mean'"): running statistics are buffers; under no_grad eager accepts them, and so do we.
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(f"{name} requires grad, but running statistics are not differentiable (eager "
+                               f"batch_norm refuses this too): pass a buffer, or {name}.detach()")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (or both None)")
     if not isinstance(training, bool):
@@ -92,7 +99,7 @@ def validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, tra
     if not training and running_mean is None:
         raise ValueError("training=False (eval mode) needs running_mean and running_var; "
                          "pass them, or use training=True for batch statistics")
-    if training and n * h * w < 2:
+    if training and n * h * w == 1:  # eager's rule: n = 0 is an empty batch, not one value
         raise ValueError(f"training mode needs more than 1 value per channel for batch statistics, "
                          f"got x of shape {tuple(x.shape)}")
     if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):

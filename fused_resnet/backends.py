@@ -118,6 +118,10 @@ _warned_groups = False
 def resolve(backend: str, device: torch.device, groups: int) -> str:
     """The concrete backend for this call, or an error saying why the requested one cannot run it."""
     global _warned_groups
+    if device.type == "meta":
+        # A shape-only run (eager runs on meta tensors too): no kernel can run on tensors without data, so
+        # every backend takes the reference path, whose ops propagate shapes and dtypes (and layouts).
+        return "reference"
     if backend == "auto":
         if device.type != "cuda":
             return "reference"

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _ops, _sync
+from . import _ops, _sync, reference
 from ._validate import validate
 from .backends import resolve
 
@@ -125,7 +125,8 @@ def _autocast_inputs(x, *operands):
     around the op, so the reference path's inner ops are not cast a second time. float64 tensors are never
     cast, as autocast does."""
     dev = x.device.type if isinstance(x, torch.Tensor) else "cpu"
-    if not (isinstance(x, torch.Tensor) and torch.is_autocast_enabled(dev)):
+    # Autocast has no state for some device types (meta: shape-only runs); those are never autocast.
+    if not (isinstance(x, torch.Tensor) and torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
         return (x, *operands), contextlib.nullcontext()
     dt = torch.get_autocast_dtype(dev)
 
@@ -161,6 +162,13 @@ def bn_relu_conv2d_pair_with_stats(
         except (TypeError, ValueError) as e:  # validate names the first conv's arguments
             raise type(e)(f"the second conv (weight2, bias2, stride2, padding2, dilation2): {e}") from None
         impl = resolve(backend, x.device, 1)
+        if x.shape[0] == 0:
+            y, y2 = _empty_batch(reference.bn_relu_conv2d_pair, x, weight, weight2, bias, bias2, bn_weight=bn_weight,
+                                 bn_bias=bn_bias, running_mean=running_mean, running_var=running_var,
+                                 training=training, momentum=momentum, eps=eps, stride=stride, padding=padding,
+                                 dilation=dilation, stride2=stride2, padding2=padding2, dilation2=dilation2,
+                                 sync=sync_stats, process_group=process_group)
+            return (y, y2, *_empty_stats(y)) if out_stats else (y, y2, None, None)
         bn = _bn_inputs(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, impl,
                         input_stats, sync_stats, process_group)
         y, y2, mean_y, var_y = _ops.bn_relu_conv2d_pair(
@@ -178,6 +186,12 @@ def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
     geo = validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
                    eps, stride, padding, dilation, groups, residual, backend)
     impl = resolve(backend, x.device, geo.groups)
+    if x.shape[0] == 0:
+        y = _empty_batch(reference.bn_relu_conv2d, x, weight, bias, bn_weight=bn_weight, bn_bias=bn_bias,
+                         running_mean=running_mean, running_var=running_var, training=training, momentum=momentum,
+                         eps=eps, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                         residual=residual, sync=sync_stats, process_group=process_group)
+        return (y, *_empty_stats(y)) if out_stats else (y, None, None)
     bn = _bn_inputs(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, impl, input_stats,
                     sync_stats, process_group)
     y, mean_y, var_y = _ops.bn_relu_conv2d(
@@ -186,6 +200,24 @@ def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
         bool(out_stats), impl, bn.gid, bn.prologue, relu)
     bn.update_running_stats()
     return (y, mean_y, var_y) if out_stats else (y, None, None)
+
+
+def _empty_batch(eager_op, *args, sync, process_group, **kw):
+    """An empty batch (N = 0) as eager runs it: an empty result (with autograd: empty dx and residual
+    gradient, zero gradients for the weights and BN affine), running buffers unchanged (eager's batch_norm
+    leaves them as they were; nn.py still counts num_batches_tracked, as nn.BatchNorm2d does). No kernel
+    runs, so this is the plain-PyTorch composition. With synchronized statistics the other processes would
+    wait for this one's count, which the fused path does not send for an empty batch: refused."""
+    if sync and kw["training"] and _sync.group_id(process_group):
+        raise ValueError("an empty batch (N = 0) with sync_stats=True over a process group is not supported")
+    return eager_op(*args, **kw)
+
+
+def _empty_stats(y):
+    """The output statistics of an empty batch: undefined, NaN (as torch.mean of nothing is)."""
+    nan = torch.full((y.shape[1],), float("nan"), device=y.device,
+                     dtype=torch.float64 if y.dtype == torch.float64 else torch.float32)
+    return nan, nan.clone()
 
 
 class _BNInputs(NamedTuple):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import PreActBlock, PreActBottleneck
+from .nn import PreActBlock, PreActBottleneck, _check_backend
 from .sync_bn import convert_sync_batchnorm
 
 
@@ -20,7 +20,7 @@ class PreActResNet(nn.Module):
     def __init__(self, block, num_blocks, planes, stem, num_classes, fused=True, backend="auto", in_channels=3,
                  sync_stats=False):
         super().__init__()
-        self.fused, self.backend = fused, backend
+        self.fused, self.backend = fused, _check_backend(backend)
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_channels, planes[0], 7, 2, 3, bias=False)
             self.maxpool = nn.MaxPool2d(3, 2, 1)

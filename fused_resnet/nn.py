@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from .backends import CHOICES
 from .functional import bn_relu_conv2d_pair_with_stats, bn_relu_conv2d_with_stats
 from .sync_bn import SyncBatchNorm2d
 
@@ -21,6 +22,13 @@ def _check_pair(bn, conv):
     if bn.num_features != conv.in_channels:
         raise ValueError(f"BatchNorm2d has {bn.num_features} features but the conv expects "
                          f"{conv.in_channels} input channels")
+
+
+def _check_backend(backend):
+    """At construction, so a typo fails where it is made, not at the first forward."""
+    if not isinstance(backend, str) or backend not in CHOICES:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(CHOICES)}")
+    return backend
 
 
 def _momentum(bn, update_running_stats):
@@ -93,6 +101,7 @@ class FusedBNReLUConv2d(nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=False, eps=1e-5, momentum=0.1, backend="auto"):
         super().__init__()
+        _check_backend(backend)
         self.bn = nn.BatchNorm2d(in_channels, eps=eps, momentum=momentum)
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         self.backend = backend
@@ -102,6 +111,7 @@ class FusedBNReLUConv2d(nn.Module):
     def from_modules(cls, bn: nn.BatchNorm2d, conv: nn.Conv2d, backend="auto"):
         """Wrap existing modules; their parameters and buffers are reused, not copied."""
         _check_pair(bn, conv)
+        _check_backend(backend)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.bn, self.conv, self.backend = bn, conv, backend
@@ -123,6 +133,7 @@ class FusedBNReLUConv2dPair(nn.Module):
 
     def __init__(self, bn: nn.BatchNorm2d, conv: nn.Conv2d, conv2: nn.Conv2d, backend="auto"):
         super().__init__()
+        _check_backend(backend)
         for c in (conv, conv2):
             _check_pair(bn, c)
         self.bn, self.conv, self.conv2, self.backend = bn, conv, conv2, backend
@@ -146,6 +157,7 @@ class PreActBlock(nn.Module):
 
     def __init__(self, in_planes, planes, stride=1, backend="auto", fused=True):
         super().__init__()
+        _check_backend(backend)
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -197,6 +209,7 @@ class PreActBottleneck(PreActBlock):
 
     def __init__(self, in_planes, planes, stride=1, backend="auto", fused=True):
         nn.Module.__init__(self)
+        _check_backend(backend)
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)

@@ -5,9 +5,11 @@ handwritten digits, shipped inside scikit-learn: no download).
   fused-resnet train --compare             # fused and unfused side by side, same weights, seed and batches
   torchrun --nproc_per_node 2 -m fused_resnet train --compare   # DDP, synchronized BN statistics
 
-Prints a per-epoch table, shows a progress bar per epoch, and writes OUT/train.png (loss and accuracy
-curves) and OUT/train.json (every figure of the table plus the environment). On a GPU the fused model
-runs the fused kernels (bf16 autocast by default); on the CPU it runs the fused op's reference path.
+Prints a per-epoch table, shows a progress bar per epoch (when the output is not a terminal: progress lines
+on stderr, at least one per epoch), and writes OUT/train.png (loss and accuracy curves) and OUT/train.json
+(every figure of the table plus the environment). On a GPU the fused model runs the fused kernels (bf16
+autocast by default); on the CPU it runs the fused op's reference path (--backend triton: the Triton
+interpreter, slow). Errors are one line with exit code 2 (--debug adds the traceback).
 """
 from __future__ import annotations
 
@@ -20,17 +22,15 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
-
-from . import models
-from .backends import available_backends, resolve
+from . import _cli, models
+from .backends import available_backends
 
 MODELS = ("preact_resnet20", "preact_resnet32", "preact_resnet56", "preact_resnet110")
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="fused-resnet train", description=__doc__,
+    p = _cli.ArgumentParser(prog="fused-resnet train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=MODELS, default="preact_resnet20")
     p.add_argument("--epochs", type=int, default=15)
@@ -39,7 +39,8 @@ def build_parser():
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto", choices=("auto", "reference", "triton", "cuda"),
-                   help="fused model's backend (auto: the fused kernels on a GPU, the reference path on the CPU)")
+                   help="fused model's backend (auto: the fused kernels on a GPU, the reference path on the CPU; "
+                        "triton on the CPU runs in the Triton interpreter: slow)")
     p.add_argument("--amp", choices=tuple(AMP), help="autocast dtype (default: bf16 on a GPU, none on the CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--compare", action="store_true", help="also train the unfused model from the same weights")
@@ -57,10 +58,6 @@ def _check(args):
         errors.append("--lr must be a positive number")
     if args.weight_decay < 0:
         errors.append("--weight-decay must be >= 0")
-    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
-        errors.append(f"--device must be auto, cpu or cuda[:N], got {args.device!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        errors.append("--device cuda: no CUDA GPU is visible")
     return errors
 
 
@@ -198,14 +195,15 @@ def plot(history, path, title):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     errors = _check(args)
+    try:
+        # The same device/backend resolution as every subcommand; a backend that cannot run here is a
+        # one-line error before any data is loaded.
+        device = _cli.resolve_device(args.device)
+        args.backend = _cli.resolve_backend(args.backend, device)
+    except _cli.UsageError as e:
+        errors.append(str(e))
     if errors:
-        print("fused-resnet train: " + "; ".join(errors), file=sys.stderr)
-        return 2
-    gpu = torch.cuda.is_available() and args.device != "cpu"
-    if args.device == "auto":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if gpu else torch.device("cpu")
-    else:
-        device = torch.device(args.device)
+        return _cli.fail("fused-resnet train", "; ".join(errors))
     if args.amp is None:
         args.amp = "bf16" if device.type == "cuda" else "none"
     if device.type == "cuda":
@@ -221,8 +219,7 @@ def _run(args, device, dist):
     lead = dist.rank == 0
     say = print if lead else (lambda *a, **k: None)
     x_tr, y_tr, x_te, y_te = (t.to(device) for t in load_digits(args.seed))
-    # The backend the fused layers will use (also raises here, before training, if it cannot run).
-    backend = resolve(args.backend, device, 1)
+    backend = args.backend  # resolved in main()
     factory = getattr(models, args.model)
     torch.manual_seed(args.seed)
     unfused = factory(num_classes=10, in_channels=1, fused=False, sync_stats=dist.on).to(device)
@@ -232,9 +229,8 @@ def _run(args, device, dist):
         fused, unfused = (m.to(memory_format=torch.channels_last) for m in (fused, unfused))
     steps = len(_epoch_batches(x_tr, y_tr, args.batch_size, 0, args.seed, dist))
     if steps == 0:
-        say(f"fused-resnet train: --batch-size {args.batch_size} is larger than this process's "
-            f"{len(y_tr) // dist.world} training images", file=sys.stderr)
-        return 2
+        return _cli.fail("fused-resnet train", f"--batch-size {args.batch_size} is larger than this process's "
+                         f"{len(y_tr) // dist.world} training images")
     names = {"fused": fused, "unfused": unfused} if args.compare else {"fused": fused}
     trainers = {n: Trainer(n, m, args, steps, device, dist) for n, m in names.items()}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -255,8 +251,8 @@ def _run(args, device, dist):
     for epoch in range(1, args.epochs + 1):
         batches = _epoch_batches(x_tr, y_tr, args.batch_size, epoch, args.seed, dist)
         row = [str(epoch)]
-        with tqdm(total=len(batches) * len(trainers), desc=f"epoch {epoch}/{args.epochs}", leave=False,
-                  disable=None if lead else True) as bar:
+        with _cli.progress(total=len(batches) * len(trainers), desc=f"epoch {epoch}/{args.epochs}", leave=False,
+                           disable=not lead) as bar:
             for n, tr in trainers.items():
                 tr_loss, tr_acc, secs, ips = tr.train_epoch(batches, bar)
                 te_loss, te_acc = tr.evaluate(x_te, y_te, 256)

@@ -4,13 +4,14 @@ marker, backend params.
 TRITON_INTERPRET must be set before triton is first imported, so it is set here, at collection.
 """
 import os
+import sys
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     # backend="cuda" on CPU tensors through the host build of the CUDA kernels (fused_resnet/_emulated.py;
-    # built on first use, about a minute). Set it to 0 to skip the CUDA backend's tests instead.
+    # built on first use, 1-3 minutes on 2 cores, announced). Set it to 0 to skip the CUDA backend's tests instead.
     os.environ.setdefault("FUSED_RESNET_CUDA_EMULATED", "1")
 
 # The shared matrix checks fp32 at IEEE float32: the CPU reference has no TF32 (and on a GPU, eager and both
@@ -27,6 +28,18 @@ ALL_BACKENDS = ("reference", "triton", "cuda")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
+    # The emulated CUDA build (first use: a minute or more, often during collection) announces itself on
+    # the terminal, past pytest's capture.
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if capman is not None:
+        from fused_resnet import _emulated
+
+        def announce(message):
+            with capman.global_and_fixture_disabled():
+                sys.stderr.write(message + "\n")
+                sys.stderr.flush()
+
+        _emulated.announce = announce
 
 
 def pytest_terminal_summary(terminalreporter):

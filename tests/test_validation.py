@@ -94,3 +94,20 @@ def test_unavailable_backend_says_why():
         with pytest.raises(RuntimeError, match=f"backend='{name}'"):
             _call(kw)
     assert "reference" in repr(report)
+
+
+@pytest.mark.parametrize("build", [
+    lambda b: fused_resnet.FusedBNReLUConv2d(3, 4, 3, backend=b),
+    lambda b: fused_resnet.FusedBNReLUConv2d.from_modules(torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 4, 3), backend=b),
+    lambda b: fused_resnet.FusedBNReLUConv2dPair(torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 4, 3),
+                                                 torch.nn.Conv2d(3, 4, 1), backend=b),
+    lambda b: fused_resnet.PreActBlock(3, 4, 2, backend=b),
+    lambda b: fused_resnet.PreActBottleneck(8, 2, backend=b),
+    lambda b: fused_resnet.models.preact_resnet20(backend=b),
+], ids=["layer", "from_modules", "pair", "block", "bottleneck", "model"])
+def test_unknown_backend_fails_at_construction(build):
+    """A typo in backend= fails where the module is built, not at its first forward."""
+    for bad in ("bogus", None):
+        with pytest.raises(ValueError, match=f"unknown backend {bad!r}; expected one of auto, reference, triton, cuda"):
+            build(bad)
+    build("reference")  # a known name builds

@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from .. import _cli
+
 
 def _csv(choices):
     def parse(s):
@@ -29,7 +31,7 @@ def build_parser(prog="fused-resnet bench"):
     from .providers import PROVIDERS
     from .run import DTYPES, MODES
 
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _cli.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="a subset of cases, fewer repetitions, no compile_max (default)")
     g.add_argument("--full", action="store_true", help="every case and provider (compile_max autotunes: slow)")
@@ -105,9 +107,8 @@ class LineProgress:
 
 def main(argv=None, prog="fused-resnet bench"):
     args = build_parser(prog).parse_args(argv)
-    gpu = torch.cuda.is_available()
-    if not gpu:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    # The same resolution as every subcommand (on the CPU: the Triton interpreter on, before triton loads).
+    gpu = _cli.resolve_device("auto").type == "cuda"
     from . import cases as C
     from . import report
     from .run import environment, provider_status, run
@@ -118,14 +119,11 @@ def main(argv=None, prog="fused-resnet bench"):
         print(f"wrote {report.regenerate(results_dir, results_md)}")
         return 0
     if args.reps is not None and args.reps < 1:
-        print("--reps must be at least 1", file=sys.stderr)
-        return 2
+        return _cli.fail(prog, "--reps must be at least 1")
     if args.time_budget is not None and args.time_budget <= 0:
-        print("--time-budget must be positive", file=sys.stderr)
-        return 2
+        return _cli.fail(prog, "--time-budget must be positive")
     if args.graphs and not gpu:
-        print("--graphs needs a CUDA GPU (CUDA graphs capture GPU work); none is visible", file=sys.stderr)
-        return 2
+        return _cli.fail(prog, "--graphs needs a CUDA GPU (CUDA graphs capture GPU work); none is visible")
     from tqdm import tqdm
 
     full = args.full
@@ -169,6 +167,8 @@ def main(argv=None, prog="fused-resnet bench"):
         records, peaks, not_run = run(cases, providers, args.modes, dtypes, device, warmup, reps,
                                       progress=bar, log=bar.write, deadline=deadline, graphs=args.graphs,
                                       on_record=partial)
+    if not gpu:  # said again where the figures are, not only at the top of a long run
+        print("CPU figures at interpreter-sized shapes (Triton in its interpreter): NOT GPU figures.")
     print(_table(records, gpu))
     if not_run:
         print(f"time budget of {args.time_budget:g}s spent: {len(not_run)} of {total} measurements not run "
@@ -181,11 +181,11 @@ def main(argv=None, prog="fused-resnet bench"):
         print(f"wrote {report.regenerate(results_dir, results_md)}")
     if args.json:
         if not gpu and os.path.abspath(args.json).startswith(os.path.abspath(results_dir) + os.sep):
-            print(f"refusing to write a CPU run into {results_dir}", file=sys.stderr)
-            return 2
+            return _cli.fail(prog, f"refusing to write a CPU run into {results_dir}")
         print(f"wrote {report.write_results(args.json, env, records, meta)}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m fused_resnet.bench"))
+    sys.exit(_cli.run_command(lambda argv: main(argv, prog="python -m fused_resnet.bench"), sys.argv[1:],
+                              "python -m fused_resnet.bench"))

@@ -305,9 +305,9 @@ def _tune(p, args) -> int:
 
 
 def main(argv=None) -> int:
-    import argparse
+    from .._cli import ArgumentParser
 
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="fused-resnet kernels",
         description="Compile every Triton launch of a training step at the benchmark layer shapes for a GPU "
                     "target (no GPU needed) and report registers, spills, shared memory, MMA kind, bytes, FLOPs.")
