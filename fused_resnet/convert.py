@@ -392,10 +392,23 @@ def _site(gm, node, prefix):
         held = next((t for t in (a["running_mean"], a["weight"]) if isinstance(t, fx.Node) and t.op == "get_attr"),
                     None)
         name = (f"{prefix}{held.target.rsplit('.', 1)[0]}" if held is not None and "." in held.target
-                else f"F.batch_norm({prefix}{held.target})" if held is not None else "F.batch_norm()")
+                else f"F.batch_norm({prefix}{held.target})" if held is not None
+                else f"F.batch_norm() of {_origin(a['input'], prefix)}")
         tup = (a["running_mean"], a["running_var"], a["weight"], a["bias"], a["training"], a["momentum"], a["eps"])
         return _Site(node, a["input"], name, None, tup, None), None
     return None, None
+
+
+def _origin(node, prefix, steps=4):
+    """What a tensor node is made from, for the report: the parameter or buffer it comes from (through a
+    few reshapes or other ops on its first argument), else 'a tensor computed in forward'."""
+    for _ in range(steps):
+        if not isinstance(node, fx.Node):
+            break
+        if node.op == "get_attr":
+            return f"{prefix}{node.target}"
+        node = node.args[0] if node.args else None
+    return "a tensor computed in forward"
 
 
 def _skip_identity(gm, node):
@@ -751,7 +764,8 @@ def _convert_module(module: nn.Module, prefix: str, backend: str, report: list, 
         gm = _graph_module(module, graphs[training], cls)
         fused[training] = (gm, _fuse_graph(gm, prefix, backend, entries), entries)
     (gt, nt, et), (ge, _, ee) = fused[True], fused[False]
-    if [str(e) for e in et] != [str(e) for e in ee]:
+    # The same chains in both modes (what is skipped, and why, may differ: dropout in one, a scale in the other)
+    if [str(e) for e in et if e.fused] != [str(e) for e in ee if e.fused]:
         return _convert_children(module, prefix, backend, report, opaque,
                                  "its forward differs between train() and eval() in which chains exist")
     report.extend(et)

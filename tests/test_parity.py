@@ -47,6 +47,15 @@ def test_identity_activation(backend, device, dtype, training, geometry):
     check_against_oracle(case, dtype, backend, device, seed=23 + training + 2 * channels_last)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_identity_activation_at_tensor_core_shapes(backend, device, training):
+    """Where a ReLU layer would take the CUDA backend's mma.sync kernels (channels_last bf16, C and K
+    multiples of 8), the identity activation takes the WMMA kernels (csrc/kernels/mma_tile.cuh says why)."""
+    case = Case(n=2, c=16, h=5, w=5, k=16, residual=True, training=training, channels_last=True,
+                activation="identity")
+    check_against_oracle(case, torch.bfloat16, backend, device, seed=29 + training)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])

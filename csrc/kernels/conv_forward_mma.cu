@@ -231,10 +231,10 @@ __global__ void __launch_bounds__(kMmaThreads, fwd_min_ctas<T, kChunks>()) conv_
         else
           ldmatrix_x4(fa, a_st + i * 16 * Shared::kLd + kk);  // load_a_mk(fa, sh.ring.a[st], row, kk)
         const uint32_t k0 = sh.valid[st][row + gq] ? ~0u : 0u, k1 = sh.valid[st][row + gq + 8] ? ~0u : 0u;
-        fa[0] = bn_relu_reg<T>(fa[0], k0, mu[0], sc[0], be[0], p.act_floor);
-        fa[1] = bn_relu_reg<T>(fa[1], k1, mu[0], sc[0], be[0], p.act_floor);
-        fa[2] = bn_relu_reg<T>(fa[2], k0, mu[1], sc[1], be[1], p.act_floor);
-        fa[3] = bn_relu_reg<T>(fa[3], k1, mu[1], sc[1], be[1], p.act_floor);
+        fa[0] = bn_relu_reg<T>(fa[0], k0, mu[0], sc[0], be[0]);
+        fa[1] = bn_relu_reg<T>(fa[1], k1, mu[0], sc[0], be[0]);
+        fa[2] = bn_relu_reg<T>(fa[2], k0, mu[1], sc[1], be[1]);
+        fa[3] = bn_relu_reg<T>(fa[3], k1, mu[1], sc[1], be[1]);
         if (i == 0) {
 #pragma unroll
           for (int jp = 0; jp < kNJ / 2; ++jp)
@@ -272,7 +272,9 @@ bool conv_forward_mma_applies(const ConvForwardParams& p) {
   // mean/scale/beta too: the slice's affine is copied 16 bytes at a time (C % 4 == 0 below)
   const bool aligned = aligned16(p.x) && aligned16(p.w) && aligned16(p.mean) && aligned16(p.scale) &&
                        aligned16(p.beta);
-  return mma_dtype(p.dtype, p.tf32) && x_nhwc && w_nhwc && aligned && C % mma_vec(p.dtype) == 0;
+  // ReLU only (bn_relu_reg, mma_tile.cuh): the identity activation runs on the WMMA/FMA kernel
+  return p.act_floor == 0.0f && mma_dtype(p.dtype, p.tf32) && x_nhwc && w_nhwc && aligned &&
+         C % mma_vec(p.dtype) == 0;
 }
 
 int conv_forward_mma_tile_rows(const ConvForwardParams& p) { return p.g.K <= 64 ? 128 : 64; }

@@ -233,8 +233,8 @@ __global__ void __launch_bounds__(kMmaThreads, wgrad_min_ctas<kBM, kBN>()) conv_
           s2[h] = sc[j];
           b2[h] = be[j];
         }
-        fb[j][0] = bn_relu_reg<T>(fb[j][0], k0, m2, s2, b2, p.act_floor);
-        fb[j][1] = bn_relu_reg<T>(fb[j][1], k1, m2, s2, b2, p.act_floor);
+        fb[j][0] = bn_relu_reg<T>(fb[j][0], k0, m2, s2, b2);
+        fb[j][1] = bn_relu_reg<T>(fb[j][1], k1, m2, s2, b2);
       }
       acc.template mma<T>(fa, fb);
     }
@@ -272,7 +272,7 @@ cudaError_t launch_mma_wgrad(const ConvWgradParams& p, cudaStream_t stream) {
 bool conv_wgrad_mma_applies(const ConvWgradParams& p) {
   const ConvGeom& g = p.g;
   const int vec = mma_vec(p.dtype);
-  return mma_dtype(p.dtype, p.tf32) && nhwc_dense(p.sg, g.N, g.K, g.OH, g.OW) &&
+  return p.act_floor == 0.0f && mma_dtype(p.dtype, p.tf32) && nhwc_dense(p.sg, g.N, g.K, g.OH, g.OW) &&  // ReLU only
          nhwc_dense(p.sx, g.N, g.C, g.H, g.W) && aligned16(p.gy) && aligned16(p.x) && g.K % vec == 0 &&
          g.C % vec == 0;
 }

@@ -42,8 +42,8 @@ __device__ __forceinline__ double bn_affine(double x, double m, double s, double
 // torch.relu: NaN propagates (a > 0 ? a : 0 would map it to 0).
 template <class A> __device__ __forceinline__ A relu_nan(A a) { return (a > A(0) || a != a) ? a : A(0); }
 // The activation after the BN affine, as max(a, lo) NaN-propagating: lo = 0 is relu_nan (ReLU), lo = -inf
-// the identity (every a, -inf included, passes): ConvForwardParams/ConvWgradParams::act_floor. A kernel
-// parameter, so the compare reads it from the constant bank: no register, no instruction over relu_nan.
+// the identity (every a, -inf included, passes): ConvForwardParams/ConvWgradParams::act_floor, in the
+// WMMA/FMA kernels (the mma.sync ones keep relu_nan: mma_tile.cuh's bn_relu_reg says why).
 template <class A> __device__ __forceinline__ A act_nan(A a, float lo) {
   return (a > A(lo) || a != a) ? a : A(lo);
 }

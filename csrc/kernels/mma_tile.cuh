@@ -223,29 +223,29 @@ __device__ __forceinline__ void load_b_kn(uint32_t (&f0)[2], uint32_t (&f1)[2], 
   load_b_kn_at<T, Ld>(f0, f1, &b[kk][col0] + b_kn_lane_offset<T, Ld>());
 }
 
-// The values of one fragment register (two 16-bit ones, or one float): the BN affine + activation (ReLU at
-// lo = 0, identity at lo = -inf: act_nan), rounded to T (the activation eager stores) and packed -- for
-// float, then to TF32 as the mma takes it -- and ANDed with `keep` (all ones per element that is not
-// padding). Element h has channel affine (m[h], s[h], b[h]).
+// The values of one fragment register (two 16-bit ones, or one float): the BN affine + ReLU, rounded to T
+// (the activation eager stores) and packed -- for float, then to TF32 as the mma takes it -- and ANDed
+// with `keep` (all ones per element that is not padding). Element h has channel affine (m[h], s[h], b[h]).
+// ReLU only: with the activation's floor as a kernel parameter (act_nan) ptxas no longer folds it into a
+// max, and the loops grew by 1-3 SASS per HMMA (bf16 sm_90 wgrad 64x64 258 -> 354 per step), so the
+// identity activation takes the WMMA/FMA kernels instead (conv_forward_mma_applies / conv_wgrad_mma_applies).
 template <class T>
 __device__ __forceinline__ uint32_t bn_relu_reg(uint32_t raw, uint32_t keep, const float (&m)[MmaElem<T>::kPer],
-                                                const float (&s)[MmaElem<T>::kPer], const float (&b)[MmaElem<T>::kPer],
-                                                float lo) {
+                                                const float (&s)[MmaElem<T>::kPer], const float (&b)[MmaElem<T>::kPer]) {
   T v[MmaElem<T>::kPer];
   memcpy(v, &raw, 4);
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     // A bf16 is a float's upper half: the pair widens with a shift and a mask (no byte permute per value).
     const uint32_t lo_bits = raw << 16, hi_bits = raw & 0xffff0000u;
-    float lo_v, hi_v;
-    memcpy(&lo_v, &lo_bits, 4);
-    memcpy(&hi_v, &hi_bits, 4);
-    return pack2<T>(act_nan(bn_affine(lo_v, m[0], s[0], b[0]), lo), act_nan(bn_affine(hi_v, m[1], s[1], b[1]), lo)) &
-           keep;
+    float lo, hi;
+    memcpy(&lo, &lo_bits, 4);
+    memcpy(&hi, &hi_bits, 4);
+    return pack2<T>(relu_nan(bn_affine(lo, m[0], s[0], b[0])), relu_nan(bn_affine(hi, m[1], s[1], b[1]))) & keep;
   } else if constexpr (sizeof(T) == 2) {
-    return pack2<T>(act_nan(bn_affine(to_acc(v[0]), m[0], s[0], b[0]), lo),
-                    act_nan(bn_affine(to_acc(v[1]), m[1], s[1], b[1]), lo)) & keep;
+    return pack2<T>(relu_nan(bn_affine(to_acc(v[0]), m[0], s[0], b[0])),
+                    relu_nan(bn_affine(to_acc(v[1]), m[1], s[1], b[1]))) & keep;
   } else {
-    return cvt_tf32(act_nan(bn_affine(v[0], m[0], s[0], b[0]), lo)) & keep;
+    return cvt_tf32(relu_nan(bn_affine(v[0], m[0], s[0], b[0]))) & keep;
   }
 }
 
