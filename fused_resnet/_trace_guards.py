@@ -7,9 +7,10 @@ a Proxy happens once, at trace time, and is frozen into the graph:
   of a constant): stochastic depth, shake-drop and drop-path written that way would keep one draw;
 - grad-mode and autocast context managers (`torch.no_grad()`, `torch.autocast`): fx records no context,
   so the graph would compute gradients or dtypes the original does not;
-- a custom `torch.autograd.Function.apply`: fx inlines its forward and loses its backward (a
-  straight-through estimator's gradient becomes sign()'s zero). Here it becomes one node that calls
-  `Cls.apply` at run time, the class found again by its import path.
+- a custom `torch.autograd.Function`: fx runs its forward on the Proxies and loses its backward (a
+  straight-through estimator's gradient becomes sign()'s zero; shake-drop's random backward disappears).
+  Here its forward, called with Proxies, records one node that calls `Cls.apply` at run time, the class
+  found again by its import path.
 """
 from __future__ import annotations
 
@@ -78,6 +79,22 @@ def autograd_function_apply(path: str, *args, **kwargs):
     return _function_class(path).apply(*args, **kwargs)
 
 
+def _functions():
+    """Every torch.autograd.Function subclass with a forward of its own (the custom ones, and torch's)."""
+    seen, todo = [], [torch.autograd.Function]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in seen:
+                seen.append(sub)
+                todo.append(sub)
+    return [c for c in seen if "forward" in c.__dict__]
+
+
+def _setup_context_defined(cls) -> bool:
+    """A Function with a separate setup_context: its forward takes no ctx."""
+    return cls.setup_context is not torch.autograd.Function.setup_context
+
+
 @contextlib.contextmanager
 def guarded(tracer: fx.Tracer):
     """While tracing with `tracer`: the refusals and the autograd.Function node described above."""
@@ -87,20 +104,27 @@ def guarded(tracer: fx.Tracer):
         saved.append((obj, name, obj.__dict__[name] if isinstance(obj, type) else getattr(obj, name)))
         setattr(obj, name, value)
 
-    original_apply = torch.autograd.Function.__dict__["apply"].__func__
-
-    def apply(cls, *args, **kwargs):
-        if not _has_proxy((args, kwargs)):
-            return original_apply(cls, *args, **kwargs)
-        if "<locals>" in cls.__qualname__:
-            raise FrozenAtTrace(f"autograd Function {cls.__qualname__} is defined inside a function: a traced graph "
-                                "could not name it")
-        path = f"{cls.__module__}:{cls.__qualname__}"
-        _FUNCTIONS[path] = cls
-        return tracer.create_proxy("call_function", autograd_function_apply, (path, *args), kwargs)
+    def recorded(cls, forward, has_ctx):
+        def traced_forward(*args, **kwargs):
+            inputs = args[1:] if has_ctx else args
+            if not _has_proxy((inputs, kwargs)):
+                return forward(*args, **kwargs)
+            if "<locals>" in cls.__qualname__:
+                raise FrozenAtTrace(f"autograd Function {cls.__qualname__} is defined inside a function: a traced "
+                                    "graph could not name it")
+            path = f"{cls.__module__}:{cls.__qualname__}"
+            _FUNCTIONS[path] = cls
+            return tracer.create_proxy("call_function", autograd_function_apply, (path, *inputs), kwargs)
+        return traced_forward
 
     try:
-        patch(torch.autograd.Function, "apply", classmethod(apply))
+        # Every autograd.Function's forward, not its apply: `self.f = Cls.apply` bound in __init__ (as
+        # pytorchcv's shake-drop units do) keeps the apply it was bound with; the C++ apply then calls
+        # Cls.forward with Proxies, which records the node instead of tracing into forward.
+        for cls in _functions():
+            forward = cls.__dict__["forward"]
+            fn = forward.__func__ if isinstance(forward, staticmethod) else forward
+            patch(cls, "forward", staticmethod(recorded(cls, fn, not _setup_context_defined(cls))))
         for name in _RANDOM_PY:
             patch(random, name, _refuse(f"random.{name}()"))
         with contextlib.suppress(ImportError):

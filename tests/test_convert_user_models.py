@@ -102,12 +102,13 @@ class MaskedConvNet(nn.Module):
         self.w2 = nn.Parameter(torch.randn(4, 4, 1, 1))
         self.w3 = nn.Parameter(torch.randn(4, 4, 3, 3))
         self.b3 = nn.Parameter(torch.randn(4))
+        self.sign = SignSTE.apply  # bound before convert() traces (pytorchcv's shake-drop units do this)
 
     def forward(self, x):
         x = F.conv2d(F.relu(self.bn1(x)), self.w1 * self.mask, padding=1) + x
         w2 = (self.w2 - self.w2.mean((1, 2, 3), keepdim=True)) / (self.w2.std((1, 2, 3), keepdim=True) + 1e-5)
         x = F.conv2d(torch.relu(self.bn2(x)), w2)
-        return F.conv2d(self.bn3(x).relu(), SignSTE.apply(self.w3), self.b3, 1, 1)
+        return F.conv2d(self.bn3(x).relu(), self.sign(self.w3), self.b3, 1, 1) + SignSTE.apply(x)
 
 
 class SignSTE(torch.autograd.Function):

@@ -14,25 +14,15 @@ which the CPU wheel needs shimmed (tests/test_third_party.py's docstring says wh
 FUSED_RESNET_REQUIRE_THIRD_PARTY=1 (set by CI) turns a missing zoo into a failure instead of a skip.
 """
 import copy
-import os
-import sys
-import types
 
 import pytest
 import torch
 from torch import nn
 
 import fused_resnet
-from model_checks import assert_converted_is_original, assert_same, chains, fused_chains
+from model_checks import assert_converted_is_original, assert_same, chains, fused_chains, import_third_party
 
-if "torchvision" not in sys.modules:
-    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
-try:
-    from pytorchcv.model_provider import get_model
-except ImportError as e:  # pragma: no cover - depends on the machine
-    if os.environ.get("FUSED_RESNET_REQUIRE_THIRD_PARTY") == "1":
-        raise
-    pytest.skip(f"pytorchcv not importable here ({e})", allow_module_level=True)
+(get_model,) = (m.get_model for m in import_third_party("pytorchcv.model_provider"))
 
 BN = nn.modules.batchnorm._BatchNorm
 

@@ -16,25 +16,15 @@ them (pinned there, with why); FUSED_RESNET_REQUIRE_THIRD_PARTY=1 (set by CI) tu
 a failure instead of a skip.
 """
 import copy
-import os
-import sys
-import types
 
 import pytest
 import torch
 from torch import nn
 
 import fused_resnet
+from model_checks import assert_same as _assert_same, import_third_party, step as _step
 
-if "torchvision" not in sys.modules:
-    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
-try:
-    import timm
-    import torchvision
-except ImportError as e:  # pragma: no cover - depends on the machine
-    if os.environ.get("FUSED_RESNET_REQUIRE_THIRD_PARTY") == "1":
-        raise
-    pytest.skip(f"timm/torchvision not importable here ({e})", allow_module_level=True)
+timm, torchvision = import_third_party("timm", "torchvision")
 
 from timm.layers import BatchNormAct2d, create_conv2d  # noqa: E402
 from timm.models.resnetv2 import ResNetV2  # noqa: E402
@@ -110,36 +100,6 @@ def _chains(model, x):
     pairs = {(bn, r) for bn, rs in readers.items() for r, is_conv in rs if is_conv}
     shared = {bn for bn, rs in readers.items() if not all(is_conv for _, is_conv in rs)} | broken
     return pairs, shared
-
-
-def _step(model, x, seed):
-    """Outputs, input gradient, parameter gradients and, after one SGD step, the buffers."""
-    x = x.clone().requires_grad_(True)
-    torch.manual_seed(seed)  # dropout / drop-path draw the same masks in both models
-    y = model(x)
-    loss = (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum()
-    loss.backward()
-    # by state_dict key: the converted model's keys are the original's (its alias hooks map them)
-    grads = {k: v.grad.clone() for k, v in model.state_dict(keep_vars=True).items()
-             if isinstance(v, nn.Parameter) and v.grad is not None}
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.grad is not None:
-                p -= 0.1 * p.grad
-                p.grad = None
-    return y.detach(), x.grad, grads, {n: b.clone() for n, b in model.state_dict().items()}
-
-
-def _assert_same(a, b, what, tol=1e-9):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), what
-        for k in a:
-            _assert_same(a[k], b[k], f"{what}[{k}]", tol)
-        return
-    if a.dtype in (torch.int64, torch.long):
-        assert torch.equal(a, b), what
-        return
-    torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=what)
 
 
 @pytest.mark.parametrize("name", list(_models()))
