@@ -171,7 +171,7 @@ def bn_relu_conv2d_pair_with_stats(
                                  bn_bias=bn_bias, running_mean=running_mean, running_var=running_var,
                                  training=training, momentum=momentum, eps=eps, stride=stride, padding=padding,
                                  dilation=dilation, stride2=stride2, padding2=padding2, dilation2=dilation2,
-                                 sync=sync_stats, process_group=process_group)
+                                 activation=activation, sync=sync_stats, process_group=process_group)
             return (y, y2, *_empty_stats(y)) if out_stats else (y, y2, None, None)
         bn = _bn_inputs(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, impl,
                         input_stats, sync_stats, process_group)
@@ -194,7 +194,8 @@ def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
         y = _empty_batch(reference.bn_relu_conv2d, x, weight, bias, bn_weight=bn_weight, bn_bias=bn_bias,
                          running_mean=running_mean, running_var=running_var, training=training, momentum=momentum,
                          eps=eps, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                         residual=residual, sync=sync_stats, process_group=process_group)
+                         residual=residual, activation="relu" if relu else "identity", sync=sync_stats,
+                         process_group=process_group)
         return (y, *_empty_stats(y)) if out_stats else (y, None, None)
     bn = _bn_inputs(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, impl, input_stats,
                     sync_stats, process_group)
