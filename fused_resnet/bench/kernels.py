@@ -336,7 +336,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     print(f"Compiling {len(cases) * len(dtypes) * len(archs) * len(args.layouts.split(','))} training steps "
-          f"(about 1 s each on 2 CPU cores; kernels shared between cases compile once)", flush=True)
+          f"(a second or two each on 2 CPU cores; kernels shared between cases compile once)", flush=True)
     rows = report(cases, dtypes, args.layouts.split(","), archs,
                   progress=lambda jobs: tqdm(jobs, desc="compiling", mininterval=5))
     if not args.quiet:
