@@ -176,8 +176,8 @@ def check_args(argv):
         return 0
     import runpy
 
-    class Parsed(Exception):
-        pass
+    class Parsed(BaseException):
+        """Not an Exception: the CLI convention (fused_resnet/_cli.py) turns every Exception into an error."""
 
     original = argparse.ArgumentParser.parse_args
 
