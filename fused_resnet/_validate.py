@@ -55,6 +55,42 @@ def output_size(in_hw, kernel, stride, padding, dilation):
                  for size, p, d, kk, s in zip(in_hw, padding, dilation, kernel, stride))
 
 
+def validate_bn(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, who=""):
+    """The batch norm's arguments for a checked 4-D x (every fused op that starts with a BN); `who` prefixes
+    the names in the messages (a second BN of one op)."""
+    dev, dt, c = x.device, x.dtype, x.shape[1]
+    # BN tensors may be float32 for a half/bfloat16 x, as nn.BatchNorm2d under autocast keeps them.
+    bn_dtypes = (dt, torch.float32) if dt in (torch.float16, torch.bfloat16) else (dt,)
+    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias),
+                    ("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None:
+            _check_tensor(who + name, t, numel=c, device=dev, dtype=bn_dtypes)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        # Eager's rule and error type (native_batch_norm "is not differentiable with respect to argument
+        # 'running_mean'"): running statistics are buffers; under no_grad eager accepts them, and so do we.
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(f"{who}{name} requires grad, but running statistics are not differentiable (eager "
+                               f"batch_norm refuses this too): pass a buffer, or {name}.detach()")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{who}running_mean and {who}running_var must be given together (or both None)")
+    if not isinstance(training, bool):
+        raise TypeError(f"{who}training must be a bool, got {type(training).__name__}")
+    if not training and running_mean is None:
+        raise ValueError(f"{who}training=False (eval mode) needs running_mean and running_var; "
+                         "pass them, or use training=True for batch statistics")
+    if training and x.numel() // c == 1:  # eager's rule: n = 0 is an empty batch, not one value
+        raise ValueError(f"training mode needs more than 1 value per channel for batch statistics, "
+                         f"got x of shape {tuple(x.shape)}")
+    if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
+        raise TypeError(f"{who}momentum must be a float, got {momentum!r}")
+    # eps = 0 is legal (eager accepts it: a constant channel then gives inf/NaN, as there); a negative
+    # or non-finite eps is refused rather than silently producing NaN.
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < float("inf"):
+        raise ValueError(f"{who}eps must be a finite float >= 0, got {eps!r}")
+    if training and eps == 0:  # eager's rule, with its words: batch statistics of a constant channel need eps
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps!r}")
+
+
 def validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
              stride, padding, dilation, groups, residual, backend) -> ConvGeometry:
     if not isinstance(backend, str) or backend not in CHOICES:
@@ -80,36 +116,7 @@ def validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, tra
         _check_tensor("bias", bias, device=dev, dtype=(dt,))
         if bias.dim() != 1 or bias.numel() != k:
             raise ValueError(f"bias must have shape ({k},) to match the {k} output channels, got {tuple(bias.shape)}")
-    # BN tensors may be float32 for a half/bfloat16 x, as nn.BatchNorm2d under autocast keeps them.
-    bn_dtypes = (dt, torch.float32) if dt in (torch.float16, torch.bfloat16) else (dt,)
-    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias),
-                    ("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None:
-            _check_tensor(name, t, numel=c, device=dev, dtype=bn_dtypes)
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        # Eager's rule and error type (native_batch_norm "is not differentiable with respect to argument
-        # 'running_mean'"): running statistics are buffers; under no_grad eager accepts them, and so do we.
-        if t is not None and t.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(f"{name} requires grad, but running statistics are not differentiable (eager "
-                               f"batch_norm refuses this too): pass a buffer, or {name}.detach()")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (or both None)")
-    if not isinstance(training, bool):
-        raise TypeError(f"training must be a bool, got {type(training).__name__}")
-    if not training and running_mean is None:
-        raise ValueError("training=False (eval mode) needs running_mean and running_var; "
-                         "pass them, or use training=True for batch statistics")
-    if training and n * h * w == 1:  # eager's rule: n = 0 is an empty batch, not one value
-        raise ValueError(f"training mode needs more than 1 value per channel for batch statistics, "
-                         f"got x of shape {tuple(x.shape)}")
-    if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
-        raise TypeError(f"momentum must be a float, got {momentum!r}")
-    # eps = 0 is legal (eager accepts it: a constant channel then gives inf/NaN, as there); a negative
-    # or non-finite eps is refused rather than silently producing NaN.
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < float("inf"):
-        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
-    if training and eps == 0:  # eager's rule, with its words: batch statistics of a constant channel need eps
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps!r}")
+    validate_bn(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
 
     st = _pair("stride", stride, 1)
     dil = _pair("dilation", dilation, 1)
@@ -134,3 +141,18 @@ def validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, tra
         if tuple(residual.shape) != (n, k, *out):
             raise ValueError(f"residual must have the output's shape {(n, k, *out)}, got {tuple(residual.shape)}")
     return ConvGeometry(st, pad, dil, out, groups)
+
+
+def validate_bn_add(x, shortcut, backend):
+    """x and the shortcut of act(bn(x) + shortcut): 4-D, the same shape, dtype and device (eager's add would
+    broadcast or promote; the fused op takes what a ResNet block has). The BNs are checked by validate_bn."""
+    if not isinstance(backend, str) or backend not in CHOICES:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(CHOICES)}")
+    _check_tensor("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if min(x.shape[1:]) == 0:
+        raise ValueError(f"empty tensors are not supported: x {tuple(x.shape)}")
+    _check_tensor("shortcut", shortcut, device=x.device, dtype=(x.dtype,))
+    if shortcut.shape != x.shape:
+        raise ValueError(f"shortcut must have x's shape {tuple(x.shape)}, got {tuple(shortcut.shape)}")

@@ -6,8 +6,8 @@ from typing import NamedTuple
 
 import torch
 
-from . import _ops, _sync, reference
-from ._validate import validate
+from . import _ops, _ops_postact, _sync, reference
+from ._validate import validate, validate_bn, validate_bn_add
 from .backends import resolve
 
 
@@ -202,6 +202,51 @@ def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
         bool(out_stats), impl, bn.gid, bn.prologue, relu)
     bn.update_running_stats()
     return (y, mean_y, var_y) if out_stats else (y, None, None)
+
+
+_SHORTCUT_BN_KEYS = ("bn_weight", "bn_bias", "running_mean", "running_var", "training", "momentum", "eps")
+
+
+def bn_add_relu(x, shortcut, *, bn_weight=None, bn_bias=None, running_mean=None, running_var=None, training=False,
+                momentum=0.1, eps=1e-5, shortcut_bn=None, backend="auto", activation="relu", input_stats=None,
+                shortcut_stats=None):
+    """relu(batch_norm(x, ...) + s) in one pass: the end of a post-activation ResNet block (torchvision's and
+    timm's `relu(bn3(conv3(out)) + identity)`), s = shortcut, or batch_norm(shortcut, **shortcut_bn) when
+    shortcut_bn is a dict with the BN keyword arguments (bn_weight, bn_bias, running_mean, running_var,
+    training, momentum, eps; missing ones take the defaults) -- the projection shortcut's BN (its
+    downsample conv's output). Same meaning as eager's composition, including each BN's in-place
+    running-statistics update in training; neither BN's output is ever stored, and backward keeps only x and
+    the shortcut. input_stats / shortcut_stats: (mean, biased var) of x / the shortcut, already known (from
+    a producer conv's epilogue), used in training instead of a statistics pass. activation="identity": no
+    ReLU after the add."""
+    relu = _relu(activation)
+    validate_bn_add(x, shortcut, backend)
+    validate_bn(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
+    sbn = None
+    if shortcut_bn is not None:
+        if not isinstance(shortcut_bn, dict) or set(shortcut_bn) - set(_SHORTCUT_BN_KEYS):
+            raise TypeError(f"shortcut_bn must be a dict with keys among {', '.join(_SHORTCUT_BN_KEYS)}, "
+                            f"got {shortcut_bn!r}")
+        sbn = dict(zip(_SHORTCUT_BN_KEYS, (None, None, None, None, False, 0.1, 1e-5)), **shortcut_bn)
+        validate_bn(shortcut, *(sbn[k] for k in _SHORTCUT_BN_KEYS), who="shortcut_bn ")
+    impl = resolve(backend, x.device, 1)
+    if x.shape[0] == 0:
+        return _empty_batch(reference.bn_add_relu, x, shortcut, bn_weight=bn_weight, bn_bias=bn_bias,
+                            running_mean=running_mean, running_var=running_var, training=training, momentum=momentum,
+                            eps=eps, shortcut_bn=shortcut_bn, activation=activation, sync=False, process_group=None)
+    bn = _bn_inputs(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, impl, input_stats,
+                    False, None)
+    s_args = (None, None, None, None, None, False)
+    if sbn is not None:
+        s = _bn_inputs(shortcut, sbn["bn_weight"], sbn["bn_bias"], sbn["running_mean"], sbn["running_var"],
+                       sbn["training"], sbn["momentum"], sbn["eps"], impl, shortcut_stats, False, None)
+        s_args = (s.mean, s.invstd, sbn["bn_weight"], sbn["bn_bias"], s.prologue, sbn["training"])
+    y = _ops_postact.bn_add_relu(x, shortcut, bn.mean, bn.invstd, bn_weight, bn_bias, bn.prologue, training, *s_args,
+                                 relu, impl)
+    bn.update_running_stats()
+    if sbn is not None:
+        s.update_running_stats()
+    return y
 
 
 def _empty_batch(eager_op, *args, sync, process_group, **kw):
