@@ -47,8 +47,9 @@ from torch import fx, nn
 
 from ._trace_guards import autograd_function_apply, guarded
 from ._validate import output_size
-from .functional import bn_relu_conv2d_pair_with_stats, bn_relu_conv2d_with_stats
+from .functional import bn_add_relu, bn_relu_conv2d_pair_with_stats, bn_relu_conv2d_with_stats
 from .nn import FusedBNReLUConv2d, FusedBNReLUConv2dPair, PreActBlock, _bn_arguments, _count_batch
+from .nn_postact import PostActBlock
 from .sync_bn import SyncBatchNorm2d
 
 log = logging.getLogger("fused_resnet.convert")
@@ -147,7 +148,7 @@ class _Tracer(fx.Tracer):
 
     def __init__(self, opaque=None):
         # The fused calls stay single nodes when fx traces a converted graph again (unpickling does).
-        super().__init__(autowrap_functions=(_fused_bn_act_conv, _fused_bn_act_conv_pair, _batch_norm_module,
+        super().__init__(autowrap_functions=(_fused_bn_act_conv, _fused_bn_act_conv_pair, _fused_bn_add_act, _batch_norm_module,
                                              autograd_function_apply))
         self.opaque = {} if opaque is None else opaque
 
@@ -337,6 +338,43 @@ def _fused_bn_act_conv_pair(x, bn, conv, conv2, *, activation="relu", backend="a
     if counted is not None:
         _count_batch(counted, True)
     return y, y2
+
+
+_BN_KEYS = ("bn_weight", "bn_bias", "running_mean", "running_var", "training", "momentum", "eps")
+
+
+def _add_fusable_at_run_time(z, bn, shortcut, shortcut_bn):
+    """Whether bn_add_relu takes these inputs exactly as eager's BN, add and ReLU do: 4-D tensors of one
+    shape, dtype and device (eager's add would broadcast or promote), BNs without process-group statistics."""
+    if not (isinstance(z, torch.Tensor) and isinstance(shortcut, torch.Tensor) and z.dim() == 4
+            and shortcut.shape == z.shape and shortcut.dtype == z.dtype and shortcut.device == z.device):
+        return False
+    for b in (bn, shortcut_bn):
+        if b is None:
+            continue
+        if isinstance(b, nn.Module):
+            if b.training and isinstance(b, (nn.SyncBatchNorm, SyncBatchNorm2d)):
+                return False
+        elif not _fusable_at_run_time(z, b, [], None):
+            return False
+    return True
+
+
+def _fused_bn_add_act(z, bn, shortcut, shortcut_bn=None, *, activation="relu", backend="auto"):
+    """act(bn(z) + t), t = shortcut or shortcut_bn(shortcut): a post-activation block's end (torchvision's
+    `relu(bn3(out) + identity)`) in one op. BNs as _fused_bn_act_conv takes them."""
+    if not _add_fusable_at_run_time(z, bn, shortcut, shortcut_bn):
+        t = _eager_bn_act(shortcut, shortcut_bn, "identity") if shortcut_bn is not None else shortcut
+        y = _eager_bn_act(z, bn, "identity") + t
+        return torch.relu(y) if activation == "relu" else y
+    kw, counted = _bn_call(bn, True)
+    s_kw, s_counted = _bn_call(shortcut_bn, True) if shortcut_bn is not None else (None, None)
+    y = bn_add_relu(z, shortcut, **{k: kw[k] for k in _BN_KEYS}, backend=backend, activation=activation,
+                    shortcut_bn={k: s_kw[k] for k in _BN_KEYS} if s_kw is not None else None)
+    for m in (counted, s_counted):
+        if m is not None:
+            _count_batch(m, True)
+    return y
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -566,6 +604,13 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: list) -> 
         feeds = set([act_node] + between)
         convs = [(u, _conv_user(gm, u, feeds, prefix)) for u in users]
         bad = [u for u, spec in convs if spec is None]
+        if (bad or not convs) and activation == "identity" and site.act_in_module is None:
+            post = _post_activation(gm, site, prefix)
+            if post is not None:
+                fused, why = _fuse_post_activation(gm, site, post, backend, report)
+                count += fused
+                if fused or why:
+                    continue
         if bad or not convs:
             also = " besides the conv(s)" if convs and len(bad) < len(convs) else ""
             if activation == "relu":
@@ -607,6 +652,72 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: list) -> 
         gm.graph.lint()
         gm.recompile()
     return count
+
+
+class _PostAct(NamedTuple):
+    add: fx.Node
+    relu: fx.Node
+    shortcut: fx.Node       # the add's other operand
+    shortcut_site: object   # its _Site when it is a batch norm used only by the add, else None
+    between: list           # Identity nodes passed after the BN and after the add
+
+
+def _post_activation(gm, site, prefix):
+    """The BN -> add -> ReLU of a post-activation block's end (torchvision's `out = bn3(out); out +=
+    identity; out = relu(out)`), Identity placeholders allowed between; None if site is not that."""
+    add, passed = _skip_identity(gm, site.node)
+    if add is None or add.op != "call_function" or add.target not in _ADDS or add.kwargs or len(add.args) != 2:
+        return None
+    mine = passed[-1] if passed else site.node
+    a, b = add.args
+    other = b if a is mine else a
+    if other is mine or not isinstance(other, fx.Node):
+        return None
+    relu, passed2 = _skip_identity(gm, add)
+    if relu is None or not _is_relu(gm, relu):
+        return None
+    other_site = None
+    if len(other.users) == 1:
+        candidate, _ = _site(gm, other, prefix)
+        if candidate is not None and candidate.act_in_module is None:
+            other_site = candidate
+    return _PostAct(add, relu, other, other_site, passed + passed2)
+
+
+def _fuse_post_activation(gm, site, post, backend, report):
+    """Replace BN (-> its shortcut's BN) -> add -> ReLU with one _fused_bn_add_act call. (fused count, why
+    not when it is a post-activation end that cannot be fused, else None)."""
+    sites = [site] + ([post.shortcut_site] if post.shortcut_site is not None else [])
+    nodes = [s.node for s in sites] + [post.add, post.relu] + post.between
+    hooked = [n for n in nodes if n.op == "call_module" and _hooks(gm.get_submodule(n.target))]
+    why = (f"{_users(gm, hooked, '')} has forward hooks, which a fused call would not run" if hooked else
+           next((w for w in (_unfusable(s.bn, None, 1) for s in sites) if w), None))
+    if why:
+        report.append(Entry(site.name, False, f"post-activation BN -> add -> ReLU, not fused: {why}"))
+        return 0, why
+    at = post.relu
+    args = [site.x, _holder(gm, site, at)]
+    if post.shortcut_site is not None:
+        args += [post.shortcut_site.x, _holder(gm, post.shortcut_site, at)]
+    else:
+        args += [post.shortcut, None]
+    with gm.graph.inserting_before(at):
+        new = gm.graph.call_function(_fused_bn_add_act, tuple(args), dict(activation="relu", backend=backend))
+    at.replace_all_uses_with(new)
+    pending = [post.relu, *post.between, post.add, *(s.node for s in sites)]
+    while pending:  # users before what they use
+        gone = [n for n in pending if not n.users]
+        for n in gone:
+            gm.graph.erase_node(n)
+        pending = [n for n in pending if n not in gone]
+        assert gone, "a post-activation node still in use after the rewrite"
+    report.append(Entry(f"{site.name} -> add -> ReLU", True, "post-activation block end, one pass" + (
+        f" with the shortcut's BN {post.shortcut_site.name}" if post.shortcut_site is not None else
+        " (identity shortcut)")))
+    if post.shortcut_site is not None:
+        report.append(Entry(f"{post.shortcut_site.name} -> add -> ReLU", True,
+                            f"the shortcut's BN, in {site.name}'s fused block end"))
+    return 1 + (post.shortcut_site is not None), None
 
 
 def _site_name(gm, node, prefix):
@@ -737,7 +848,7 @@ def _convert_children(module, prefix, backend, report, opaque, why):
 
 
 def _convert_module(module: nn.Module, prefix: str, backend: str, report: list, opaque: dict) -> nn.Module:
-    if isinstance(module, (FusedBNReLUConv2d, FusedBNReLUConv2dPair, PreActBlock)):
+    if isinstance(module, (FusedBNReLUConv2d, FusedBNReLUConv2dPair, PreActBlock, PostActBlock)):
         report.append(Entry(prefix.rstrip(".") or "<model>", False, "already fused"))
         return module
     if isinstance(module, _BN):  # a leaf, or traced into by its parent: nothing to fuse inside it alone
@@ -813,7 +924,7 @@ def _complete(report: list, bns, opaque):
 def fused_calls(model: nn.Module) -> int:
     """How many fused calls a converted model's graphs make (a pair counts once)."""
     graphs = [m._graphs[True].graph for m in model.modules() if isinstance(m, Converted)]
-    return sum(n.op == "call_function" and n.target in (_fused_bn_act_conv, _fused_bn_act_conv_pair)
+    return sum(n.op == "call_function" and n.target in (_fused_bn_act_conv, _fused_bn_act_conv_pair, _fused_bn_add_act)
                for g in graphs for n in g.nodes)
 
 
