@@ -656,15 +656,17 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: list) -> 
 
 class _PostAct(NamedTuple):
     add: fx.Node
-    relu: fx.Node
+    out: fx.Node            # the ReLU after the add, or the add itself (activation "identity")
+    activation: str
     shortcut: fx.Node       # the add's other operand
     shortcut_site: object   # its _Site when it is a batch norm used only by the add, else None
     between: list           # Identity nodes passed after the BN and after the add
 
 
 def _post_activation(gm, site, prefix):
-    """The BN -> add -> ReLU of a post-activation block's end (torchvision's `out = bn3(out); out +=
-    identity; out = relu(out)`), Identity placeholders allowed between; None if site is not that."""
+    """The BN -> add (-> ReLU) of a post-activation block's end (torchvision's `out = bn3(out); out +=
+    identity; out = relu(out)`; PyramidNet's units end without the ReLU), Identity placeholders allowed
+    between; None if site is not that."""
     add, passed = _skip_identity(gm, site.node)
     if add is None or add.op != "call_function" or add.target not in _ADDS or add.kwargs or len(add.args) != 2:
         return None
@@ -673,49 +675,53 @@ def _post_activation(gm, site, prefix):
     other = b if a is mine else a
     if other is mine or not isinstance(other, fx.Node):
         return None
+    if add.target is operator.iadd and a is other and len(other.users) > 1:
+        return None  # `shortcut += bn(z)` changes a tensor others read: the fused op would not
     relu, passed2 = _skip_identity(gm, add)
-    if relu is None or not _is_relu(gm, relu):
-        return None
+    out, activation = (relu, "relu") if relu is not None and _is_relu(gm, relu) else (add, "identity")
+    if activation == "identity":
+        passed2 = []
     other_site = None
     if len(other.users) == 1:
         candidate, _ = _site(gm, other, prefix)
         if candidate is not None and candidate.act_in_module is None:
             other_site = candidate
-    return _PostAct(add, relu, other, other_site, passed + passed2)
+    return _PostAct(add, out, activation, other, other_site, passed + passed2)
 
 
 def _fuse_post_activation(gm, site, post, backend, report):
     """Replace BN (-> its shortcut's BN) -> add -> ReLU with one _fused_bn_add_act call. (fused count, why
     not when it is a post-activation end that cannot be fused, else None)."""
     sites = [site] + ([post.shortcut_site] if post.shortcut_site is not None else [])
-    nodes = [s.node for s in sites] + [post.add, post.relu] + post.between
+    nodes = [s.node for s in sites] + [post.add, post.out] + post.between
     hooked = [n for n in nodes if n.op == "call_module" and _hooks(gm.get_submodule(n.target))]
     why = (f"{_users(gm, hooked, '')} has forward hooks, which a fused call would not run" if hooked else
            next((w for w in (_unfusable(s.bn, None, 1) for s in sites) if w), None))
     if why:
-        report.append(Entry(site.name, False, f"post-activation BN -> add -> ReLU, not fused: {why}"))
+        report.append(Entry(site.name, False, f"post-activation BN -> add, not fused: {why}"))
         return 0, why
-    at = post.relu
+    at = post.out
     args = [site.x, _holder(gm, site, at)]
     if post.shortcut_site is not None:
         args += [post.shortcut_site.x, _holder(gm, post.shortcut_site, at)]
     else:
         args += [post.shortcut, None]
     with gm.graph.inserting_before(at):
-        new = gm.graph.call_function(_fused_bn_add_act, tuple(args), dict(activation="relu", backend=backend))
+        new = gm.graph.call_function(_fused_bn_add_act, tuple(args), dict(activation=post.activation, backend=backend))
     at.replace_all_uses_with(new)
-    pending = [post.relu, *post.between, post.add, *(s.node for s in sites)]
+    pending = list(dict.fromkeys([post.out, *post.between, post.add, *(s.node for s in sites)]))
     while pending:  # users before what they use
         gone = [n for n in pending if not n.users]
         for n in gone:
             gm.graph.erase_node(n)
         pending = [n for n in pending if n not in gone]
         assert gone, "a post-activation node still in use after the rewrite"
-    report.append(Entry(f"{site.name} -> add -> ReLU", True, "post-activation block end, one pass" + (
+    ends = "add -> ReLU" if post.activation == "relu" else "add"
+    report.append(Entry(f"{site.name} -> {ends}", True, "post-activation block end, one pass" + (
         f" with the shortcut's BN {post.shortcut_site.name}" if post.shortcut_site is not None else
         " (identity shortcut)")))
     if post.shortcut_site is not None:
-        report.append(Entry(f"{post.shortcut_site.name} -> add -> ReLU", True,
+        report.append(Entry(f"{post.shortcut_site.name} -> {ends}", True,
                             f"the shortcut's BN, in {site.name}'s fused block end"))
     return 1 + (post.shortcut_site is not None), None
 

@@ -42,6 +42,8 @@ def import_third_party(*names):
 
 _RELU = {F.relu, torch.relu, torch.relu_, F.relu_, torch.Tensor.relu, torch.Tensor.relu_}
 _CONV = {F.conv2d, torch.conv2d}
+_ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__,
+        torch.Tensor.add_}
 
 
 class _Follow(TorchFunctionMode):
@@ -50,7 +52,9 @@ class _Follow(TorchFunctionMode):
         self.names = names  # id(parameter or buffer) -> its state_dict name
         self.pre, self.act = {}, {}  # (id, version) of a BN output / of its ReLU output -> BN name
         self.readers = {}  # BN name -> readers of its ReLU output: a conv's name, or None for anything else
-        self.pre_readers = {}  # BN name -> readers of its own output: "relu", a conv's name, or None
+        self.pre_readers = {}  # BN name -> readers of its own output: "relu", "add", a conv's name, or None
+        self.add_of = {}  # BN name -> (id, version) of the add its output goes into
+        self.add_readers = {}  # (id, version) of an add of a BN output -> its readers: "relu" or None
         self.keep = []
 
     @staticmethod
@@ -71,9 +75,15 @@ class _Follow(TorchFunctionMode):
                                        else f"F.batch_norm({name})" if name else "F.batch_norm()")
             return out
         for k in in_keys:
+            if k in self.add_readers:
+                self.add_readers[k].append("relu" if func in _RELU else None)
             if k in self.pre:
                 bn = self.pre[k]
-                if func in _RELU:
+                if func in _ADD and len(ins) == 2 and not kwargs:  # a post-activation block's end
+                    self.pre_readers.setdefault(bn, []).append("add")
+                    self.add_of[bn] = self.key(out)
+                    self.add_readers.setdefault(self.key(out), [])
+                elif func in _RELU:
                     self.act[self.key(out)] = bn
                     self.pre_readers.setdefault(bn, []).append("relu")
                 elif func in _CONV and k == in_keys[0]:
@@ -95,18 +105,26 @@ class _Follow(TorchFunctionMode):
 
 
 def chains(model: nn.Module, x) -> Counter:
-    """Counter of (BN name, conv name or 'computed') over the model's fusable chains, in eval mode."""
+    """Counter of (BN name, conv name or 'computed', or 'add' / 'add -> ReLU' for a post-activation end) over
+    the model's fusable chains: those found in both modes (convert() fuses a module whose forward differs
+    between the modes only where both have the chain: a shake-shake unit adds its branches in eval only)."""
+    return _chains_in(copy.deepcopy(model).train(), x) & _chains_in(copy.deepcopy(model).eval(), x)
+
+
+def _chains_in(model: nn.Module, x) -> Counter:
     names = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
     follow = _Follow(names)
     with torch.no_grad(), follow:
-        model.eval()(x)
+        model(x)
     out = Counter()
     for bn, pre in follow.pre_readers.items():
         if pre == ["relu"]:  # BN -> ReLU -> convs
             readers = follow.readers.get(bn, [])
             if readers and None not in readers:
                 out.update((bn, r) for r in readers)
-        elif pre and None not in pre and "relu" not in pre:  # BN -> convs, no activation between
+        elif pre == ["add"]:  # BN -> add (-> ReLU): a post-activation block's end (or its shortcut's BN)
+            out[(bn, "add -> ReLU" if follow.add_readers[follow.add_of[bn]] == ["relu"] else "add")] += 1
+        elif pre and None not in pre and "relu" not in pre and "add" not in pre:  # BN -> convs, no activation
             out.update((bn, r) for r in pre)
     return out
 
@@ -116,7 +134,7 @@ def fused_chains(report) -> Counter:
     out = Counter()
     for e in report:
         if e.fused:
-            bn, conv = e.where.split(" -> ")
+            bn, conv = e.where.split(" -> ", 1)
             if conv.startswith("conv2d() of "):
                 rest = conv[len("conv2d() of "):]
                 conv = rest.rsplit(".", 1)[0] if not rest.startswith("a weight") else "computed"

@@ -43,16 +43,23 @@ ZOO = {
     "sepreresnet20_cifar10": (None, 20),
     "diapreresnet20_cifar10": (None, 20),
     "pyramidnet20_a48": (_small("pyramidnet_cifar", "get_pyramidnet_cifar", blocks=20, alpha=48,
-                                bottleneck=False), 18),
+                                bottleneck=False), 27),
     "pyramidnet38_a48_bottleneck": (_small("pyramidnet_cifar", "get_pyramidnet_cifar", blocks=38, alpha=48,
-                                           bottleneck=True), 36),
+                                           bottleneck=True), 48),
     "wrn20_1_1bit": (_small("wrn1bit_cifar", "get_wrn1bit_cifar", blocks=20, width_factor=1), 19),
     "xdensenet40_2_k24_bc_cifar10": (None, 38),
-    "shakedropresnet20_cifar10": (None, 9),
+    "shakedropresnet20_cifar10": (None, 11),
     "shakeshakeresnet20_2x16d_cifar10": (None, 18),
     "resdropresnet20_cifar10": (None, 9),
-    "ror3_56_cifar10": (None, 24),
+    "ror3_56_cifar10": (None, 54),
 }
+
+
+# Post-activation ends the independent search finds and convert() leaves, with the reason: the unit's
+# forward differs between train() and eval() (a shake or a random drop in training only), so convert()
+# converts its children one by one, and the unit's own add -> ReLU is in none of them.
+MODE_DEPENDENT_UNIT_ENDS = {"shakeshakeresnet20_2x16d_cifar10": ".identity_branch.bn",
+                            "resdropresnet20_cifar10": ".identity_conv.bn"}
 
 
 @pytest.mark.parametrize("name", list(ZOO))
@@ -66,6 +73,9 @@ def test_zoo_model_converts_to_itself(name):
     assert_same(model.state_dict(), before, "original after convert()", tol=0)
 
     want = chains(copy.deepcopy(model), x)
+    if name in MODE_DEPENDENT_UNIT_ENDS:
+        for key in [k for k in want if k[0].endswith(MODE_DEPENDENT_UNIT_ENDS[name]) and k[1].startswith("add")]:
+            del want[key]
     got = fused_chains(conv.fusion_report)
     assert got == want, (sorted((want - got).elements()), sorted((got - want).elements()))
     assert sum(want.values()) == count
