@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import fused_resnet
-from model_checks import assert_same as _assert_same, import_third_party, step as _step
+from model_checks import assert_same as _assert_same, chains, fused_chains, import_third_party, step as _step
 
 timm, torchvision = import_third_party("timm", "torchvision")
 
@@ -51,57 +51,6 @@ def _models():
     }
 
 
-def _chains(model, x):
-    """(BN module name, conv module name) pairs where the conv reads relu(bn(.)) -- the BN's output
-    through an nn.ReLU module, or a norm+activation module's own output -- followed by tensor identity
-    (object and in-place version) through forward hooks; and the BN names whose activation another
-    module also reads, or whose output passes through anything but Identity on its way to the ReLU."""
-    names = {m: n for n, m in model.named_modules()}
-    act_of, pre_of = {}, {}  # (id, version) of an activation / a BN's pre-activation output -> BN name
-    readers, broken = {}, set()
-    keep = []  # every tensor alive until the end: no later tensor reuses an id recorded here
-
-    def key(t):
-        return (id(t), t._version)
-
-    entered = {}
-
-    def enter(m, inputs):  # keys as the module receives them: an in-place module changes them
-        entered[m] = [key(t) for t in inputs if isinstance(t, torch.Tensor)]
-
-    def hook(m, inputs, out):
-        keep.append(out)
-        name = names[m]
-        ins = entered.pop(m, [])
-        src = next((act_of[k] for k in ins if k in act_of), None)
-        pre = next((pre_of[k] for k in ins if k in pre_of), None)
-        if isinstance(m, BN):
-            if any(isinstance(c, nn.ReLU) for c in m.children()):  # norm + ReLU in one module
-                act_of[key(out)] = name
-            else:
-                pre_of[key(out)] = name
-        elif isinstance(m, nn.Identity):
-            return  # a placeholder returns its input: the same tensor
-        elif isinstance(m, nn.ReLU) and pre is not None:
-            act_of[key(out)] = pre
-        elif pre is not None and not list(m.children()):
-            broken.add(pre)  # dropout, drop-block, ... between the BN and its ReLU
-        elif src is not None and not list(m.children()):
-            readers.setdefault(src, []).append((name, isinstance(m, nn.Conv2d)))
-
-    hooks = [m.register_forward_hook(hook) for m in model.modules()]
-    hooks += [m.register_forward_pre_hook(enter) for m in model.modules()]
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    pairs = {(bn, r) for bn, rs in readers.items() for r, is_conv in rs if is_conv}
-    shared = {bn for bn, rs in readers.items() if not all(is_conv for _, is_conv in rs)} | broken
-    return pairs, shared
-
-
 @pytest.mark.parametrize("name", list(_models()))
 @pytest.mark.parametrize("converted_in", ["train", "eval"])
 def test_converted_third_party_model_matches_everywhere(name, converted_in):
@@ -120,12 +69,12 @@ def test_converted_third_party_model_matches_everywhere(name, converted_in):
     assert set(reported) >= bn_names
     skipped_bns = [e.where for e in conv.fusion_report if not e.fused and e.where in bn_names]
     assert len(skipped_bns) == len(set(skipped_bns)), "a BatchNorm reported twice"
-    pairs, shared = _chains(copy.deepcopy(model), x)
-    fused = {tuple(e.where.split(" -> ")) for e in conv.fusion_report if e.fused}
-    # Modules whose forward changes with the mode (torchvision's dense layer with drop_rate > 0 calls
+    # The chains found independently, by following tensors (model_checks.chains), in both modes: modules
+    # whose forward changes with the mode (torchvision's dense layer with drop_rate > 0 calls
     # F.dropout(training=self.training)) are fused once per mode (convert.ByMode): no exception here.
-    want = {(bn, c) for bn, c in pairs if bn not in shared}
-    assert fused == want, (sorted(want - fused), sorted(fused - want))
+    want = chains(copy.deepcopy(model), x)
+    got = fused_chains(conv.fusion_report)
+    assert got == want, (sorted((want - got).elements()), sorted((got - want).elements()))
     assert want, "the model has fusable chains"
 
     # the same function in both modes, whichever mode it was converted in, over a training step
