@@ -15,7 +15,7 @@ it goes, and the pass rewrites OUT's summary the moment a stage ends).
   profile    python -m fused_resnet.bench.profile: per-kernel device time against cuDNN (eager_cl), bf16,
              channels_last, the ResNet-50 and CIFAR layers, with the copy bandwidth / matmul rate measured there
   bench      fused-resnet bench --full --kinds model --graphs: preact_resnet50 (224 px), preact_resnet110
-             (32 px), bf16, training then inference, eager_cl / triton / cuda / compile, each also graphed
+             (32 px), resnet50 (torchvision's post-activation layout, 224 px), bf16, training then inference, eager_cl / triton / cuda / compile, each also graphed
   sanitize   compute-sanitizer memcheck of one small case per backend (racecheck if the share allows)
   tests      the test suite (-x), cut at its share
   bench_max  torch.compile max-autotune, merged into the bench results (only with time left over)
@@ -397,7 +397,7 @@ STAGES = [
           _smoke_steps, collect=_collect_smoke),
     Stage("profile", 80, "per-kernel device time vs cuDNN (bf16, channels_last, R50 + CIFAR layers)",
           _profile_steps, min_s=20, collect=_collect_profile),
-    Stage("bench", 170, "preact_resnet50/110 images/s + peak memory, bf16, fused vs eager_cl vs compile, +graphs",
+    Stage("bench", 170, "preact_resnet50/110 + resnet50 images/s + peak memory, bf16, fused vs eager_cl vs compile, +graphs",
           _bench_steps, min_s=30, collect=_collect_bench),
     Stage("sanitize", 40, "compute-sanitizer memcheck (racecheck if time) of one small case per backend",
           _sanitize_steps, min_s=15),

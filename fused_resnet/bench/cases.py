@@ -1,4 +1,5 @@
-"""Benchmark cases: pre-activation layers, blocks and whole models at the shapes the issue names.
+"""Benchmark cases: pre-activation layers, blocks and whole models at the shapes the issue names, and
+post-activation (torchvision-style) blocks and resnet50.
 
 Layer cases are BN -> ReLU -> Conv (+ residual when the block adds one there). `--quick` is a subset
 of `--full`; `tiny()` shrinks any preset to interpreter-sized shapes for CPU runs (never GPU figures).
@@ -19,7 +20,7 @@ class Case:
     kernel: int = 3
     stride: int = 1
     residual: bool = False
-    block: str = ""  # "basic" | "bottleneck" for blocks
+    block: str = ""  # "basic" | "bottleneck" (pre-activation) | "postact_basic" | "postact_bottleneck" for blocks
     model: str = ""  # a fused_resnet.models factory name for models
 
     @property
@@ -70,14 +71,23 @@ BLOCKS = [
     Case("r50-bottleneck-c1024-14px", "block", 128, 1024, 256, 14, block="bottleneck"),
     Case("r50-bottleneck-c2048-7px", "block", 128, 2048, 512, 7, block="bottleneck"),
     Case("r50-bottleneck-down-c256-56px", "block", 128, 256, 128, 56, stride=2, block="bottleneck"),
+    # Post-activation (torchvision's resnet18/50 blocks): conv -> BN -> ReLU inside, relu(bn(z) + shortcut) at
+    # the end; the "down" blocks take the downsample conv + BN shortcut.
+    Case("cifar-postact-block-c16-32px", "block", 256, 16, 16, 32, block="postact_basic"),
+    Case("cifar-postact-block-down-c16-32px", "block", 256, 16, 32, 32, stride=2, block="postact_basic"),
+    Case("r50-postact-bottleneck-c256-56px", "block", 128, 256, 64, 56, block="postact_bottleneck"),
+    Case("r50-postact-bottleneck-down-c256-56px", "block", 128, 256, 128, 56, stride=2, block="postact_bottleneck"),
 ]
 
 MODELS = [
     Case("preact_resnet50-224px", "model", 128, 3, 1000, 224, model="preact_resnet50"),
     Case("preact_resnet110-32px", "model", 256, 3, 10, 32, model="preact_resnet110"),
+    Case("resnet50-224px", "model", 128, 3, 1000, 224, model="resnet50"),
 ]
 
-QUICK = [CIFAR_LAYERS[0], R50_LAYERS[1], R50_LAYERS[8], BLOCKS[0], BLOCKS[6], MODELS[1]]
+_BY_NAME = {c.name: c for c in BLOCKS}
+QUICK = [CIFAR_LAYERS[0], R50_LAYERS[1], R50_LAYERS[8], BLOCKS[0], BLOCKS[6],
+         _BY_NAME["r50-postact-bottleneck-c256-56px"], MODELS[1]]
 FULL = CIFAR_LAYERS + R50_LAYERS + BLOCKS + MODELS
 
 
@@ -85,7 +95,8 @@ def tiny(case: Case) -> Case:
     """The same structure at interpreter size: batch 2, channels / 16 (min 2), 6 pixels; a model case
     becomes ResNet-20 at 8x8 (named so: a tiny figure never carries a real model's name)."""
     if case.kind == "model":
-        return replace(case, n=2, h=8, model="preact_resnet20", name="tiny-preact_resnet20-8px", k=10)
+        small = "preact_resnet20" if case.model.startswith("preact") else "resnet20"
+        return replace(case, n=2, h=8, model=small, name=f"tiny-{small}-8px", k=10)
     scale = lambda v: max(2, v // 16)  # noqa: E731
     return replace(case, n=2, c=scale(case.c), k=scale(case.k), h=6, name=f"tiny-{case.name}")
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .. import models
 from ..nn import FusedBNReLUConv2d, PreActBlock, PreActBottleneck
+from ..nn_postact import PostActBlock, PostActBottleneck
 from .cases import Case
 
 PROVIDERS = ("eager", "eager_cl", "compile", "compile_max", "triton", "cuda")
@@ -46,7 +47,8 @@ def _build(case: Case, fused: bool, backend: str):
             bn.bias.normal_(0, 0.3)
         return FusedBNReLUConv2d.from_modules(bn, conv, backend=backend) if fused else UnfusedLayer(bn, conv)
     if case.kind == "block":
-        cls = PreActBlock if case.block == "basic" else PreActBottleneck
+        cls = {"basic": PreActBlock, "bottleneck": PreActBottleneck, "postact_basic": PostActBlock,
+               "postact_bottleneck": PostActBottleneck}[case.block]
         return cls(case.c, case.k, case.stride, backend=backend, fused=fused)
     return getattr(models, case.model)(fused=fused, backend=backend)
 
