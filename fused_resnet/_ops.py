@@ -25,8 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _sync
+from . import _deferred, _sync
 from ._layout import memory_format_of
+
+# out_stats value of the eager path's chained layers: the statistics partials are handed to the next BN's
+# finalize instead of merged here (_deferred.py). Never reaches a registered op (functional.py decides).
+DEFER = "defer"
 
 
 def _acc(dtype):
@@ -162,8 +166,13 @@ def _kernel_forward(kb, x, weight, bias, gamma, beta, mean, invstd, residual, st
     scale, beta = (prologue[0], prologue[1]) if prologue is not None else _bn_prologue(mean, invstd, gamma, beta)
     y = torch.empty((x.shape[0], weight.shape[0], *out_size), dtype=x.dtype, device=x.device,
                     memory_format=memory_format_of(x))
+    defer = out_stats == DEFER
     stats = kb.conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, padding, dilation,
-                            out_stats=out_stats, relu=relu)
+                            out_stats="partials" if defer else out_stats, relu=relu)
+    if defer:  # the eager path's chains: the next BN's finalize merges them (_deferred.py)
+        m, v = (torch.empty(weight.shape[0], dtype=_acc(x.dtype), device=x.device) for _ in range(2))
+        _deferred.stash(m, stats)
+        stats = (m, v)
     return y, stats
 
 

@@ -84,10 +84,13 @@ def conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, paddin
     """
     ext = _ext(x)
     part, tile_rows = ext.conv_forward(x, weight, bias, mean, scale, beta, residual, y, list(stride),
-                                       list(padding), list(dilation), out_stats, _tf32(), bool(relu))
+                                       list(padding), list(dilation), bool(out_stats), _tf32(), bool(relu))
     if not out_stats:
         return None
-    return moments((part, tile_rows, y.shape[0] * y.shape[2] * y.shape[3]), _acc(x.dtype))
+    partials = (part, tile_rows, y.shape[0] * y.shape[2] * y.shape[3])
+    if out_stats == "partials":  # merged later, by the finalize of the BN that reads y (_deferred.py)
+        return partials
+    return moments(partials, _acc(x.dtype))
 
 
 # The emulated build's stand-in SM count: small, so that split-K takes several chunks at test sizes.

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _ops, _ops_postact, _sync, reference
+from . import _deferred, _ops, _ops_postact, _sync, reference
 from ._validate import validate, validate_bn, validate_bn_add
 from .backends import resolve
 
@@ -19,8 +19,16 @@ def _detached(t):
 
 
 def _finalize_training(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, input_stats, count, impl):
-    """The [5, C] bn_finalize of training: from x's own statistics, or from the given (mean, var);
-    running buffers (when given) updated in place."""
+    """The [5, C] bn_finalize of training: from x's own statistics, or from the given (mean, var) -- still
+    as the producer's partials when they are a PendingStats, merged here in the same launch (the eager
+    path only: _deferred.py); running buffers (when given) updated in place."""
+    claimed = input_stats.claim() if isinstance(input_stats, _deferred.PendingStats) else None
+    if claimed is not None:
+        partials, mean, var = claimed
+        return _ops._kernels(impl).bn_finalize(
+            x.shape[1], mean.dtype, partials=partials, mean=mean, var=var, gamma=_detached(bn_weight),
+            beta=_detached(bn_bias), running_mean=running_mean, running_var=running_var, momentum=float(momentum),
+            eps=float(eps), count=count)
     from_x = input_stats is None
     m_in, v_in = (None, None) if from_x else (s.detach() for s in input_stats)
     return _ops.bn_finalize(x.detach(), m_in, v_in, _detached(bn_weight), _detached(bn_bias), running_mean,
@@ -89,6 +97,7 @@ def bn_relu_conv2d_with_stats(
     x, weight, bias=None, *, bn_weight=None, bn_bias=None, running_mean=None, running_var=None,
     training=False, momentum=0.1, eps=1e-5, stride=1, padding=0, dilation=1, groups=1, residual=None,
     backend="auto", input_stats=None, out_stats=False, sync_stats=False, process_group=None, activation="relu",
+    _deferred=False,
 ):
     """The same op, for chaining fused layers.
 
@@ -100,12 +109,31 @@ def bn_relu_conv2d_with_stats(
     sync_stats: in training, use the batch statistics of the whole process group (default group, or
         process_group), with nn.SyncBatchNorm's semantics (see _sync.py). A no-op when torch.distributed
         is not initialized or the group has one process.
+    _deferred (the library's blocks): the output statistics may come back as one PendingStats in place of
+        (mean, var), None after it, whose merge the next fused layer's finalize does (_deferred.py).
     """
     (x, weight, bias, residual), amp_off = _autocast_inputs(x, weight, bias, residual)
     with amp_off:
         return _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
                            eps, stride, padding, dilation, groups, residual, backend, input_stats, out_stats,
-                           sync_stats, process_group, _relu(activation))
+                           sync_stats, process_group, _relu(activation), _deferred)
+
+
+def _out_stats_arg(out_stats, defer, impl, x):
+    """What the op gets for out_stats: DEFER on the eager path of a kernel backend when the caller passes
+    the statistics on to the next fused layer, else the flag."""
+    if out_stats and defer and impl in _KERNEL_BACKENDS and not _ops._traced(x):
+        return _ops.DEFER
+    return bool(out_stats)
+
+
+def _stats_out(impl, out_arg, mean_y, var_y):
+    """(mean, var) as the functional API returns them: a PendingStats and None when deferred."""
+    if out_arg == _ops.DEFER:
+        partials = _deferred.take(mean_y)
+        if partials is not None:
+            return _deferred.PendingStats(mean_y, var_y, partials, impl), None
+    return mean_y, var_y
 
 
 ACTIVATIONS = ("relu", "identity")
@@ -143,7 +171,7 @@ def bn_relu_conv2d_pair_with_stats(
     x, weight, weight2, bias=None, bias2=None, *, bn_weight=None, bn_bias=None, running_mean=None,
     running_var=None, training=False, momentum=0.1, eps=1e-5, stride=1, padding=0, dilation=1, stride2=1,
     padding2=0, dilation2=1, backend="auto", input_stats=None, out_stats=False, sync_stats=False,
-    process_group=None, activation="relu",
+    process_group=None, activation="relu", _deferred=False,
 ):
     """Two convs of one relu(batch_norm(x)): (y, y2, mean_y, var_y) with
     y = conv2d(a, weight, bias, stride, padding, dilation) and y2 = conv2d(a, weight2, bias2, stride2,
@@ -172,18 +200,19 @@ def bn_relu_conv2d_pair_with_stats(
             return (y, y2, *_empty_stats(y)) if out_stats else (y, y2, None, None)
         bn = _bn_inputs(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, impl,
                         input_stats, sync_stats, process_group)
+        out_arg = _out_stats_arg(out_stats, _deferred, impl, x)
         y, y2, mean_y, var_y = _ops.bn_relu_conv2d_pair(
             x, weight, bias, weight2, bias2, bn_weight, bn_bias, bn.mean, bn.invstd, training, float(eps),
             list(geo.stride), list(geo.padding), list(geo.dilation), list(geo.out_size), list(geo2.stride),
-            list(geo2.padding), list(geo2.dilation), list(geo2.out_size), bool(out_stats), impl, bn.gid,
+            list(geo2.padding), list(geo2.dilation), list(geo2.out_size), out_arg, impl, bn.gid,
             bn.prologue, relu)
         bn.update_running_stats()
-    return (y, y2, mean_y, var_y) if out_stats else (y, y2, None, None)
+    return (y, y2, *_stats_out(impl, out_arg, mean_y, var_y)) if out_stats else (y, y2, None, None)
 
 
 def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
                 stride, padding, dilation, groups, residual, backend, input_stats, out_stats, sync_stats,
-                process_group, relu=True):
+                process_group, relu=True, defer=False):
     geo = validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
                    eps, stride, padding, dilation, groups, residual, backend)
     impl = resolve(backend, x.device, geo.groups)
@@ -196,12 +225,13 @@ def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
         return (y, *_empty_stats(y)) if out_stats else (y, None, None)
     bn = _bn_inputs(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, impl, input_stats,
                     sync_stats, process_group)
+    out_arg = _out_stats_arg(out_stats, defer, impl, x)
     y, mean_y, var_y = _ops.bn_relu_conv2d(
         x, weight, bias, bn_weight, bn_bias, bn.mean, bn.invstd, residual, training, float(eps),
         list(geo.stride), list(geo.padding), list(geo.dilation), list(geo.out_size), geo.groups,
-        bool(out_stats), impl, bn.gid, bn.prologue, relu)
+        out_arg, impl, bn.gid, bn.prologue, relu)
     bn.update_running_stats()
-    return (y, mean_y, var_y) if out_stats else (y, None, None)
+    return (y, *_stats_out(impl, out_arg, mean_y, var_y)) if out_stats else (y, None, None)
 
 
 _SHORTCUT_BN_KEYS = ("bn_weight", "bn_bias", "running_mean", "running_var", "training", "momentum", "eps")

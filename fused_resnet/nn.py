@@ -72,9 +72,17 @@ def fused_bn_relu_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d, x, residual=None, *,
     kw, tracking = _bn_arguments(bn, update_running_stats, input_stats, out_stats)
     y, mean, var = bn_relu_conv2d_with_stats(
         x, conv.weight, conv.bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-        groups=conv.groups, residual=residual, backend=backend, **kw)
+        groups=conv.groups, residual=residual, backend=backend, _deferred=True, **kw)
     _count_batch(bn, tracking)
-    return y, ((mean, var) if mean is not None else None)
+    return y, _stats(mean, var)
+
+
+def _stats(mean, var):
+    """The statistics a fused call hands on: a PendingStats as it is (its merge left to the next BN's
+    finalize, or to whoever reads it), (mean, var), or None."""
+    if mean is None or var is None:
+        return mean
+    return mean, var
 
 
 def fused_bn_relu_conv_pair(bn: nn.BatchNorm2d, conv: nn.Conv2d, conv2: nn.Conv2d, x, *, backend="auto",
@@ -90,9 +98,9 @@ def fused_bn_relu_conv_pair(bn: nn.BatchNorm2d, conv: nn.Conv2d, conv2: nn.Conv2
     y, y2, mean, var = bn_relu_conv2d_pair_with_stats(
         x, conv.weight, conv2.weight, conv.bias, conv2.bias, stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, stride2=conv2.stride, padding2=conv2.padding, dilation2=conv2.dilation,
-        backend=backend, **kw)
+        backend=backend, _deferred=True, **kw)
     _count_batch(bn, tracking)
-    return y, y2, ((mean, var) if mean is not None else None)
+    return y, y2, _stats(mean, var)
 
 
 class FusedBNReLUConv2d(nn.Module):
