@@ -3,7 +3,8 @@
 Same functions and signatures as the Triton launchers (fused_resnet/triton/__init__.py), so the op
 layer treats the two backends alike: statistics partials and their merge in one finalize kernel, the
 conv, and a backward of four launches at most (dgrad, wgrad, one column-sum launch, the BN-backward
-finish) -- no ATen tails. Outputs are allocated here; the kernels fill them.
+finish) -- no ATen tails; the post-activation block end (bn_add_relu_forward: one launch;
+bn_add_relu_backward: two at most). Outputs are allocated here; the kernels fill them.
 """
 from __future__ import annotations
 
