@@ -338,3 +338,26 @@ def test_empty_batch(device):
     assert y.shape == z.shape
     dz, ds, sums = _backward(g, z, s, p, q, True, True, True, True, True, True)
     assert dz.shape == z.shape and ds.shape == s.shape and torch.equal(sums, torch.zeros_like(sums))
+
+
+def test_binding_refuses_malformed_calls(device):
+    """Shapes, dtypes and aliasing are checked before any kernel reads: a Python error, no crash."""
+    z, s, g, p, q = _problem(SHAPE, torch.float32, "cl", True, device, seed=11)
+    ext = kb._ext(z)
+    m, sc, b = p["mean"], p["scale"], p["beta"]
+    with pytest.raises(RuntimeError, match="must have z's shape"):
+        ext.bn_add_relu_forward(z, m, sc, b, s[:, :, :-1], None, None, None, torch.empty_like(z), True)
+    with pytest.raises(RuntimeError, match="must have z's shape"):
+        ext.bn_add_relu_forward(z, m, sc, b, s.double(), None, None, None, torch.empty_like(z), True)
+    with pytest.raises(RuntimeError, match="y shares memory"):
+        ext.bn_add_relu_forward(z, m, sc, b, s, None, None, None, z, True)
+    with pytest.raises(RuntimeError, match="come together"):
+        ext.bn_add_relu_forward(z, m, sc, b, s, q["mean"], None, None, torch.empty_like(z), True)
+    with pytest.raises(RuntimeError, match="contiguous vector of 37"):
+        ext.bn_add_relu_forward(z, m[:-1], sc, b, s, None, None, None, torch.empty_like(z), True)
+    with pytest.raises(RuntimeError, match="need the reduction"):
+        ext.bn_add_relu_backward(g, z, m, sc, b, p["invstd"], None, s, None, None, None, None, None,
+                                 torch.empty_like(z), True, None, False, None, False, True)
+    with pytest.raises(RuntimeError, match="dz shares memory"):
+        ext.bn_add_relu_backward(g, z, m, sc, b, p["invstd"], None, s, None, None, None, None, None,
+                                 g, False, None, False, None, False, True)
