@@ -478,7 +478,10 @@ void check_block_end(const at::Tensor& t, const at::Tensor& z, const char* name)
 }
 
 void fill_block_end(const at::Tensor& z, int* n, int* c, int* h, int* w, fr::DType* dtype) {
-  check_index_range(z.size(0) * z.size(2) * z.size(3), "N*H*W");
+  // 32-bit pixel indices, with room for one block's rows past the last (the kernels' loop bounds).
+  const int64_t pixels = z.size(0) * z.size(2) * z.size(3);
+  TORCH_CHECK(pixels <= std::numeric_limits<int>::max() - 4096, "fused_resnet._C: N*H*W (", pixels,
+              ") exceeds the kernels' 32-bit pixel index; split the batch");
   TORCH_CHECK(z.size(1) <= 65535, "fused_resnet._C: bn_add_relu takes at most 65535 channels, got ", z.size(1));
   *dtype = dtype_of(z);
   *n = static_cast<int>(z.size(0)); *c = static_cast<int>(z.size(1));
