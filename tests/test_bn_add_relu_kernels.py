@@ -361,3 +361,15 @@ def test_binding_refuses_malformed_calls(device):
     with pytest.raises(RuntimeError, match="dz shares memory"):
         ext.bn_add_relu_backward(g, z, m, sc, b, p["invstd"], None, s, None, None, None, None, None,
                                  g, False, None, False, None, False, True)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("shape", [(2, 1, 3, 1), (1, 40, 1, 1), (3, 5, 1, 7), (2, 3, 4, 1)],
+                         ids=["c1", "hw1", "h1", "w1"])
+def test_backward_degenerate_shapes_fp16(device, shape, layout):
+    """Size-1 dimensions (whose strides say nothing about the layout) in fp16, both shortcuts."""
+    for bn_shortcut, seed in ((False, 12), (True, 13)):
+        z, s, g, p, q = _problem(shape, torch.float16, layout, bn_shortcut, device, seed=seed)
+        assert torch.equal(_forward(z, s, p, q, True), _eager_forward(z, s, p, q, True))
+        got = _backward(g, z, s, p, q, True, False, True, True, True, True)
+        _check_backward(g, z, s, p, q, True, False, True, got)
