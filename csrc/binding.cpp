@@ -469,6 +469,128 @@ void column_sums(const std::optional<at::Tensor>& a, const std::optional<at::Ten
   check_launch(fr::column_sums(p, current_stream()), "column_sums");
 }
 
+// The post-activation block's end (kernels/bn_add_relu.cu). z, s and the output share one shape and dtype,
+// any strides; the affine vectors are acc [C]; s_mean/s_scale/s_beta absent: the identity shortcut.
+void check_block_end(const at::Tensor& t, const at::Tensor& z, const char* name) {
+  check_4d(t, name);
+  TORCH_CHECK(t.sizes() == z.sizes() && t.scalar_type() == z.scalar_type(), "fused_resnet._C: ", name, " ",
+              t.sizes(), " (", t.scalar_type(), ") must have z's shape ", z.sizes(), " and dtype ", z.scalar_type());
+}
+
+void fill_block_end(const at::Tensor& z, int* n, int* c, int* h, int* w, fr::DType* dtype) {
+  // 32-bit pixel indices, with room for one block's rows past the last (the kernels' loop bounds).
+  const int64_t pixels = z.size(0) * z.size(2) * z.size(3);
+  TORCH_CHECK(pixels <= std::numeric_limits<int>::max() - 4096, "fused_resnet._C: N*H*W (", pixels,
+              ") exceeds the kernels' 32-bit pixel index; split the batch");
+  TORCH_CHECK(z.size(1) <= 65535, "fused_resnet._C: bn_add_relu takes at most 65535 channels, got ", z.size(1));
+  *dtype = dtype_of(z);
+  *n = static_cast<int>(z.size(0)); *c = static_cast<int>(z.size(1));
+  *h = static_cast<int>(z.size(2)); *w = static_cast<int>(z.size(3));
+}
+
+void bn_add_relu_forward(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& beta,
+                         const at::Tensor& s, const std::optional<at::Tensor>& s_mean,
+                         const std::optional<at::Tensor>& s_scale, const std::optional<at::Tensor>& s_beta,
+                         at::Tensor& y, bool relu) {
+  check_4d(z, "z"); check_block_end(s, z, "s"); check_block_end(y, z, "y");
+  TORCH_CHECK(s_mean.has_value() == s_scale.has_value() && s_mean.has_value() == s_beta.has_value(),
+              "fused_resnet._C: s_mean, s_scale and s_beta come together");
+  check_output(y, "y", {&z, &s, &mean, &scale, &beta});
+  check_on(z, z, "z"); check_on(s, z, "s"); check_on(y, z, "y");
+  const DeviceGuard guard(z.device());
+  const auto acc = acc_of(z);
+  const int64_t c = z.size(1);
+  check_vec(mean, c, acc, z, "mean"); check_vec(scale, c, acc, z, "scale"); check_vec(beta, c, acc, z, "beta");
+  fr::BnAddReluForwardParams p{};
+  fill_block_end(z, &p.N, &p.C, &p.H, &p.W, &p.dtype);
+  p.z = z.data_ptr(); strides_of(z, p.sz);
+  p.s = s.data_ptr(); strides_of(s, p.ss);
+  p.y = y.data_ptr(); strides_of(y, p.sy);
+  p.mean = mean.data_ptr(); p.scale = scale.data_ptr(); p.beta = beta.data_ptr();
+  if (s_mean.has_value()) {
+    check_vec(*s_mean, c, acc, z, "s_mean"); check_vec(*s_scale, c, acc, z, "s_scale");
+    check_vec(*s_beta, c, acc, z, "s_beta");
+    p.s_mean = s_mean->data_ptr(); p.s_scale = s_scale->data_ptr(); p.s_beta = s_beta->data_ptr();
+  }
+  p.relu = relu;
+  if (z.numel() > 0) check_launch(fr::bn_add_relu_forward(p, current_stream()), "bn_add_relu_forward");
+}
+
+// Two launches at most: the reduction into per-row-group partials (when `reduce`: sums wanted, or dz/ds
+// with batch statistics), then the elementwise pass, which finishes the sums (into `sums` when given) and
+// writes dz / ds when given. count: the elements per channel behind the sums (N*H*W).
+void bn_add_relu_backward(const at::Tensor& g, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& scale,
+                          const at::Tensor& beta, const at::Tensor& invstd, const std::optional<at::Tensor>& gamma,
+                          const at::Tensor& s, const std::optional<at::Tensor>& s_mean,
+                          const std::optional<at::Tensor>& s_scale, const std::optional<at::Tensor>& s_beta,
+                          const std::optional<at::Tensor>& s_invstd, const std::optional<at::Tensor>& s_gamma,
+                          const std::optional<at::Tensor>& dz, bool dz_batch, const std::optional<at::Tensor>& ds,
+                          bool ds_batch, const std::optional<at::Tensor>& sums, bool reduce, bool relu) {
+  check_4d(z, "z"); check_block_end(g, z, "g"); check_block_end(s, z, "s");
+  if (dz.has_value()) check_block_end(*dz, z, "dz");
+  if (ds.has_value()) check_block_end(*ds, z, "ds");
+  const bool bn_s = s_mean.has_value();
+  TORCH_CHECK(bn_s == s_scale.has_value() && bn_s == s_beta.has_value() && bn_s == s_invstd.has_value() &&
+              (bn_s || !s_gamma.has_value()),
+              "fused_resnet._C: s_mean, s_scale, s_beta and s_invstd come together (s_gamma with them)");
+  TORCH_CHECK(reduce || (!(dz.has_value() && dz_batch) && !(ds.has_value() && bn_s && ds_batch) && !sums.has_value()),
+              "fused_resnet._C: batch-statistics gradients and sums need the reduction");
+  const auto acc = acc_of(z);
+  const int64_t c = z.size(1);
+  if (dz.has_value()) check_output(*dz, "dz", {&g, &z, &s, &mean, &scale, &beta, &invstd});
+  if (ds.has_value()) check_output(*ds, "ds", {&g, &z, &s, &mean, &scale, &beta, &invstd});
+  if (dz.has_value() && ds.has_value()) check_output(*ds, "ds", {&*dz});
+  if (sums.has_value()) {
+    TORCH_CHECK(sums->dim() == 2 && sums->size(0) == 3 && sums->size(1) == c && sums->is_contiguous() &&
+                sums->scalar_type() == acc, "fused_resnet._C: sums must be a contiguous [3, ", c, "] ", acc,
+                " array, got ", sums->sizes(), " ", sums->scalar_type());
+    check_output(*sums, "sums", {&g, &z, &s, &mean, &scale, &beta, &invstd});
+  }
+  check_on(g, z, "g"); check_on(z, z, "z"); check_on(s, z, "s");
+  if (dz.has_value()) check_on(*dz, z, "dz");
+  if (ds.has_value()) check_on(*ds, z, "ds");
+  if (sums.has_value()) check_on(*sums, z, "sums");
+  const DeviceGuard guard(z.device());
+  check_vec(mean, c, acc, z, "mean"); check_vec(scale, c, acc, z, "scale"); check_vec(beta, c, acc, z, "beta");
+  check_vec(invstd, c, acc, z, "invstd");
+  fr::BnAddReluBackwardParams p{};
+  fill_block_end(z, &p.N, &p.C, &p.H, &p.W, &p.dtype);
+  p.g = g.data_ptr(); strides_of(g, p.sg);
+  p.z = z.data_ptr(); strides_of(z, p.sz);
+  p.s = s.data_ptr(); strides_of(s, p.ss);
+  p.mean = mean.data_ptr(); p.scale = scale.data_ptr(); p.beta = beta.data_ptr(); p.invstd = invstd.data_ptr();
+  at::Tensor gamma_acc, s_gamma_acc;
+  if (gamma.has_value()) {
+    gamma_acc = gamma->to(acc).contiguous();  // no copy for the acc-typed contiguous vector the launcher passes
+    check_vec(gamma_acc, c, acc, z, "gamma");
+    p.gamma = gamma_acc.data_ptr();
+  }
+  if (bn_s) {
+    check_vec(*s_mean, c, acc, z, "s_mean"); check_vec(*s_scale, c, acc, z, "s_scale");
+    check_vec(*s_beta, c, acc, z, "s_beta"); check_vec(*s_invstd, c, acc, z, "s_invstd");
+    p.s_mean = s_mean->data_ptr(); p.s_scale = s_scale->data_ptr(); p.s_beta = s_beta->data_ptr();
+    p.s_invstd = s_invstd->data_ptr();
+    if (s_gamma.has_value()) {
+      s_gamma_acc = s_gamma->to(acc).contiguous();
+      check_vec(s_gamma_acc, c, acc, z, "s_gamma");
+      p.s_gamma = s_gamma_acc.data_ptr();
+    }
+  }
+  p.relu = relu;
+  if (dz.has_value()) { p.dz = dz->data_ptr(); strides_of(*dz, p.sdz); p.dz_batch = dz_batch; }
+  if (ds.has_value()) { p.ds = ds->data_ptr(); strides_of(*ds, p.sds); p.ds_batch = ds_batch; }
+  if (sums.has_value()) p.sums = sums->data_ptr();
+  const int64_t count = z.size(0) * z.size(2) * z.size(3);
+  p.inv_count = count > 0 ? 1.0 / static_cast<double>(count) : 0.0;
+  // The partials: at::empty is an allocation (the caching allocator's), no device work.
+  at::Tensor part;
+  if (reduce) {
+    part = at::empty({fr::bn_add_relu_groups(p), 3, c}, mean.options());
+    p.part = part.data_ptr();
+  }
+  if (z.numel() > 0) check_launch(fr::bn_add_relu_backward(p, current_stream()), "bn_add_relu_backward");
+}
+
 #ifdef FUSED_RESNET_EMULATED
 void register_emulation_checks(pybind11::module_& m);  // csrc/emu/checks.cpp
 #endif
@@ -493,4 +615,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_wgrad", &conv_wgrad);
   m.def("bn_finalize", &bn_finalize);
   m.def("column_sums", &column_sums);
+  m.def("bn_add_relu_forward", &bn_add_relu_forward);
+  m.def("bn_add_relu_backward", &bn_add_relu_backward);
 }

@@ -3,7 +3,8 @@
 Same functions and signatures as the Triton launchers (fused_resnet/triton/__init__.py), so the op
 layer treats the two backends alike: statistics partials and their merge in one finalize kernel, the
 conv, and a backward of four launches at most (dgrad, wgrad, one column-sum launch, the BN-backward
-finish) -- no ATen tails. Outputs are allocated here; the kernels fill them.
+finish) -- no ATen tails; the post-activation block end (bn_add_relu_forward: one launch;
+bn_add_relu_backward: two at most). Outputs are allocated here; the kernels fill them.
 """
 from __future__ import annotations
 
@@ -177,3 +178,53 @@ def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_sta
     elif not need_dx:
         dx = None
     return dx, dw, (s2 if need_dg else None), (s1 if need_db else None), other_dws
+
+
+def bn_add_relu_forward(z, mean, scale, beta, s, s_mean, s_scale, s_beta, y, relu=True):
+    """y <- act(rnd((z - mean)*scale + beta) + t), t = rnd((s - s_mean)*s_scale + s_beta) when s_mean is not
+    None, else t = s: the end of a post-activation block (relu(bn3(z) + shortcut)), one launch.
+
+    z, s, y: [N, C, H, W] of one shape and dtype, any strides (channels_last fastest), y preallocated.
+    mean/scale/beta/s_mean/s_scale/s_beta: [C] contiguous in the accumulation dtype (scale = invstd*gamma).
+    rnd() rounds to z's dtype (each BN's output is stored in it, as eager's is); the affine is computed as
+    written -- subtract, multiply, add, each rounded, no fused multiply-add -- so fp32/fp64 results are
+    bitwise torch's (z - mean)*scale + beta; the add in the accumulation dtype, rounded to the dtype; act is
+    torch.relu (NaN stays NaN) when relu, else the identity."""
+    if s_mean is None:
+        s_scale = s_beta = None
+    _ext(z).bn_add_relu_forward(z, mean, scale, beta, s, s_mean, s_scale, s_beta, y, bool(relu))
+
+
+def bn_add_relu_backward(g, z, mean, scale, beta, invstd, gamma, batch_stats,
+                         s, s_mean, s_scale, s_beta, s_invstd, s_gamma, s_batch_stats,
+                         need_dz, need_ds, need_sums, relu=True):
+    """(dz or None, ds or None, sums or None) for bn_add_relu_forward, two launches at most: a reduction into
+    per-row-group partials (only when sums are needed: need_sums, or dz/ds with batch statistics), then the
+    elementwise pass, which first finishes the sums for its channels in a fixed order (deterministic, no
+    atomics) and writes them, then dz / ds. No ATen op besides allocating the outputs.
+
+    pre = rnd(rnd(bn(z)) + t) recomputed as the forward forms it; gm = g where relu's backward passes it
+    (threshold_backward's rule, as eager: NOT pre <= 0, so NaN passes), 0 elsewhere; g itself without relu.
+    sums [3, C] (acc): S1 = sum gm, S2 = sum gm*(z - mean)*invstd, S2s = sum gm*(s - s_mean)*s_invstd (0 for
+    the identity shortcut) over N, H, W: dbeta = S1, dgamma = S2, s_dbeta = S1, s_dgamma = S2s.
+    dz: batch_stats: invstd*gamma*(gm - S1/M - xhat*S2/M) (gamma None -> 1), else gm*scale; in z's dtype and
+    memory format. ds: gm for the identity shortcut (s_mean None), else as dz with the s statistics and S2s
+    (s_batch_stats); in s's memory format."""
+    acc = _acc(z.dtype)
+    c = z.shape[1]
+    bn_s = s_mean is not None
+    if not bn_s:
+        s_scale = s_beta = s_invstd = s_gamma = None
+    dz_batch = bool(need_dz and batch_stats)
+    ds_batch = bool(need_ds and bn_s and s_batch_stats)
+    reduce = bool(need_sums or dz_batch or ds_batch)
+    dz = torch.empty_like(z, memory_format=memory_format_of(z)) if need_dz else None
+    ds = torch.empty_like(s, memory_format=memory_format_of(s)) if need_ds else None
+    sums = None
+    if need_sums:
+        # No rows: every sum is 0 (the kernels do not run on an empty tensor).
+        sums = (torch.zeros if z.numel() == 0 else torch.empty)((3, c), dtype=acc, device=z.device)
+    if dz is not None or ds is not None or sums is not None:
+        _ext(z).bn_add_relu_backward(g, z, mean, scale, beta, invstd, gamma, s, s_mean, s_scale, s_beta,
+                                     s_invstd, s_gamma, dz, dz_batch, ds, ds_batch, sums, reduce, bool(relu))
+    return dz, ds, sums

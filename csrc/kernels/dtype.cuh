@@ -39,6 +39,16 @@ __device__ __forceinline__ double bn_affine(double x, double m, double s, double
   return fma(__dsub_rn(x, m), s, b);
 }
 
+// The BN affine as written, (x - mean)*scale + beta with every operation rounded (no contraction): what
+// eager computes for a BN whose output is a stored tensor -- the post-activation block's end
+// (bn_add_relu.cu), where the rounded BN outputs are added; bitwise the same as torch's (x - m)*s + b.
+__device__ __forceinline__ float bn_affine_rn(float x, float m, float s, float b) {
+  return __fadd_rn(__fmul_rn(__fsub_rn(x, m), s), b);
+}
+__device__ __forceinline__ double bn_affine_rn(double x, double m, double s, double b) {
+  return __dadd_rn(__dmul_rn(__dsub_rn(x, m), s), b);
+}
+
 // torch.relu: NaN propagates (a > 0 ? a : 0 would map it to 0).
 template <class A> __device__ __forceinline__ A relu_nan(A a) { return (a > A(0) || a != a) ? a : A(0); }
 // The activation after the BN affine, as max(a, lo) NaN-propagating: lo = 0 is relu_nan (ReLU), lo = -inf

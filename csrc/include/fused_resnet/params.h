@@ -140,6 +140,46 @@ struct ColumnSumsParams {
   const void* b; int b_rows; int64_t b_len; void* b_out; DType b_dtype;
 };
 
+// The end of a post-activation block, forward: y = act(rnd(rnd((z - mean)*scale + beta) + t)) with
+// t = rnd((s - s_mean)*s_scale + s_beta) (a BN'd downsample shortcut) or t = s (s_mean null: identity
+// shortcut). rnd = round to dtype (eager stores each BN's output, then the sum); the affine is computed as
+// written, subtract, multiply, add, each rounded (no contraction); the add in acc; act = NaN-propagating
+// ReLU (relu) or the identity.
+struct BnAddReluForwardParams {
+  DType dtype;
+  int N, C, H, W;
+  const void* z; int64_t sz[4];
+  const void* s; int64_t ss[4];
+  void* y; int64_t sy[4];
+  const void* mean; const void* scale; const void* beta;        // acc [C]
+  const void* s_mean; const void* s_scale; const void* s_beta;  // acc [C]; s_mean null: identity shortcut
+  bool relu;
+};
+
+// Its backward, two launches at most: pre recomputed as the forward forms it, gm = g where relu passes it
+// (NOT pre <= 0, threshold_backward's rule: NaN passes) else 0, or g itself without relu.
+// Launch 1 (part non-null): per row group r < bn_add_relu_groups(p), part acc [groups, 3, C] =
+//   (sum gm, sum gm*(z - mean)*invstd, sum gm*(s - s_mean)*s_invstd (0 for the identity shortcut)).
+// Launch 2: every block first sums the groups' rows for its channels (fixed order: deterministic, no
+//   atomics; the blocks of row group 0 write sums acc [3, C] when non-null), then, elementwise:
+//   dz (non-null): dz_batch ? invstd*gamma*(gm - S1/M - xhat*S2/M) : gm*scale, in dtype;
+//   ds (non-null): identity shortcut: gm; else as dz with the s statistics and S2s (ds_batch).
+struct BnAddReluBackwardParams {
+  DType dtype;
+  int N, C, H, W;
+  const void* g; int64_t sg[4];
+  const void* z; int64_t sz[4];
+  const void* s; int64_t ss[4];
+  const void* mean; const void* scale; const void* beta; const void* invstd; const void* gamma;  // acc [C]; gamma may be null
+  const void* s_mean; const void* s_scale; const void* s_beta; const void* s_invstd; const void* s_gamma;  // s_mean null: identity
+  bool relu;
+  void* part;  // acc [groups, 3, C]; null: no sums are needed (launch 2 only)
+  void* sums;  // acc [3, C], may be null
+  void* dz; int64_t sdz[4]; bool dz_batch;  // dtype, may be null
+  void* ds; int64_t sds[4]; bool ds_batch;  // dtype, may be null
+  double inv_count;  // 1 / (N*H*W)
+};
+
 FUSED_RESNET_HD inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
 // Each returns the launch error (cudaSuccess when the kernel was queued on `stream`).
@@ -154,5 +194,9 @@ cudaError_t conv_wgrad(const ConvWgradParams& p, cudaStream_t stream);
 cudaError_t batch_stats(const BatchStatsParams& p, cudaStream_t stream);
 cudaError_t bn_finalize(const BnFinalizeParams& p, cudaStream_t stream);
 cudaError_t column_sums(const ColumnSumsParams& p, cudaStream_t stream);
+cudaError_t bn_add_relu_forward(const BnAddReluForwardParams& p, cudaStream_t stream);
+// Row groups of bn_add_relu_backward's partials (the rows of part) for these params.
+int bn_add_relu_groups(const BnAddReluBackwardParams& p);
+cudaError_t bn_add_relu_backward(const BnAddReluBackwardParams& p, cudaStream_t stream);
 
 }  // namespace fused_resnet
