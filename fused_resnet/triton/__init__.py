@@ -2,6 +2,7 @@
 from .backward import conv_backward
 from .finalize import bn_finalize
 from .forward import conv_forward
+from .pair import conv_forward_pair
 from .stats import channel_stats, stats_partials
 
-__all__ = ["bn_finalize", "channel_stats", "conv_backward", "conv_forward", "stats_partials"]
+__all__ = ["bn_finalize", "channel_stats", "conv_backward", "conv_forward", "conv_forward_pair", "stats_partials"]
