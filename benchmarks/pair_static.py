@@ -17,6 +17,7 @@ BLOCKS = {
     "cifar-down-c16-32px": (256, 16, 32, 32, 3, 2, 1, 32, 2),
     "r50-stage1-entry-c64-56px": (128, 64, 56, 64, 1, 1, 0, 256, 1),
     "r50-down-c256-56px": (128, 256, 56, 128, 1, 1, 0, 512, 2),
+    "r34-down-c128-28px": (128, 128, 28, 256, 3, 2, 1, 256, 2),
 }
 
 
@@ -36,7 +37,8 @@ def launches(blk, dtype):
     g2 = (s2, s2), (0, 0), (1, 1)
     yield "fwd two launches", lambda: (conv_forward(x, w1, None, v, v, v, None, y1, *g1, out_stats=True),
                                        conv_forward(x, w2, None, v, v, v, None, y2, *g2))
-    yield "fwd pair", lambda: conv_forward_pair(x, w1, w2, None, None, v, v, v, y1, y2, *g1, *g2, out_stats=True)
+    if o1 == o2:
+        yield "fwd pair", lambda: conv_forward_pair(x, w1, w2, None, None, v, v, v, y1, y2, *g1, *g2, out_stats=True)
     yield "dgrad two launches", lambda: (conv_dgrad(y2, x, w2, v, v, v, v, False, False, *g2, raw=True),
                                          conv_dgrad(y1, x, w1, v, v, v, v, True, True, *g1, addend=x))
     if s1 == s2:
@@ -47,11 +49,15 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--blocks", default="", help="comma-separated names of BLOCKS (default: all)")
     a = p.parse_args(argv)
     dtype = getattr(torch, a.dtype)
     print("| block | launches | kernel | grid | config | regs | spill B | mma |")
     print("|---|---|---|---|---|---|---|---|")
+    only = set(a.blocks.split(",")) if a.blocks else None
     for name, blk in BLOCKS.items():
+        if only and name not in only:
+            continue
         for what, fn in launches(blk, dtype):
             sink = []
             with capture(a.arch, sink):

@@ -241,16 +241,32 @@ def test_weights_only_gradients(backend, device):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
-# Issue 30: which launches a pair runs. The forward is one conv launch for every geometry (both convs' column
-# tiles in one grid); the dgrad is one kernel reducing over both convs where their strides agree, else the
-# raw dgrad of the shortcut plus conv1's dgrad with it as addend. Per backend: (forward conv kernels, dgrad
-# kernels) by geometry; the CUDA backend has no pair kernels yet (two of each).
+# Issue 30: which launches a pair runs. The forward is one conv launch where the two output grids coincide
+# (both convs' column tiles in one grid), else the two convs' own; the dgrad (Triton) is one kernel reducing over
+# both convs where their strides agree, else the raw dgrad of the shortcut plus conv1's dgrad with it as addend
+# (CUDA: always that, no pair dgrad yet). Per backend: (forward conv kernels, dgrad kernels) by geometry.
 PAIR_LAUNCHES = {
     "triton": {"3x3s2+1x1s2": ({"triton.conv_fwd_pair_kernel": 1}, {"triton.conv_dgrad_pair_kernel": 1}),
                "1x1+1x1": ({"triton.conv_fwd_pair_kernel": 1}, {"triton.conv_dgrad_pair_kernel": 1}),
                "5x5+3x3d2": ({"triton.conv_fwd_pair_kernel": 1}, {"triton.conv_dgrad_pair_kernel": 1}),
-               "1x1+1x1s2": ({"triton.conv_fwd_pair_kernel": 1}, {"triton.conv_dgrad_kernel": 2})},
+               "1x1+1x1s2": ({"triton.conv_fwd_kernel": 2}, {"triton.conv_dgrad_kernel": 2})},
+    "cuda": {"3x3s2+1x1s2": ({"cuda.conv_forward_pair": 1}, {"cuda.conv_dgrad": 2}),
+             "1x1+1x1": ({"cuda.conv_forward_pair": 1}, {"cuda.conv_dgrad": 2}),
+             "5x5+3x3d2": ({"cuda.conv_forward_pair": 1}, {"cuda.conv_dgrad": 2}),
+             "1x1+1x1s2": ({"cuda.conv_forward": 2}, {"cuda.conv_dgrad": 2})},
 }
+
+
+def test_pair_forward_separate_program_ranges(device, monkeypatch):
+    """Triton's one-launch forward for output grids that differ (off by default: pair.SEPARATE_RANGES), still
+    exact: the bottleneck's stride-1 conv1 beside its stride-2 shortcut, float32 and bf16 channels_last."""
+    if "triton" not in fused_resnet.available_backends():
+        pytest.skip("needs the Triton backend")
+    from fused_resnet.triton import pair
+
+    monkeypatch.setattr(pair, "SEPARATE_RANGES", True)
+    _check("triton", device, torch.float32, GEOMETRIES["1x1+1x1s2"], True, False, seed=21)
+    _check("triton", device, torch.bfloat16, GEOMETRIES["1x1+1x1s2"], True, True, seed=22)
 
 
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))

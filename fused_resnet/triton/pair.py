@@ -10,8 +10,9 @@ block's 3x3/s + 1x1/s; a bottleneck's stride-1 entry block) the row tiles are sh
 swizzled GROUP_M row tiles at a time across the column tiles of BOTH convs, so the programs that read one
 tile of x run together and x comes from HBM once for the two convs (the L2 serves the other reads, as it does
 for a single conv's column tiles). Where they differ (a bottleneck's stride-s shortcut beside its stride-1
-conv1) the launch holds conv1's programs, then the shortcut's: one launch, x's bytes as two launches' (the
-shortcut reads 1/s^2 of x). The statistics epilogue (the next BN's partials) runs in y's tiles only. Each
+conv1) the two convs keep their own launches (forward.py): one launch holding conv1's programs, then the
+shortcut's (SEPARATE_RANGES) would read x's bytes as two launches do (the shortcut reads 1/s^2 of x) and
+spilled on sm_80 at 128x128 tiles. The statistics epilogue (the next BN's partials) runs in y's tiles only. Each
 output element is computed exactly as the single-conv kernel (forward.py) computes it: same tap order,
 same BLOCK_K slices, same prologue and rounding.
 
@@ -33,11 +34,17 @@ import triton
 import triton.language as tl
 
 from .._layout import memory_format_of
+from . import configs
 from ._common import acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, mma, swizzle, tl_dtype
 from .dgrad import _first_tap
 from .finalize import moments
-from .forward import bn_act
+from .forward import bn_act, conv_forward
 from .stats import _tile_mean_m2
+
+
+# Output grids that differ take the two single-conv launches; True puts them into the pair kernel's second
+# program range instead (one launch, same bytes; kept compiled and tested, off for its sm_80 spill).
+SEPARATE_RANGES = False
 
 
 @triton.jit
@@ -160,7 +167,8 @@ def _conv_fwd_pair_kernel(
 def conv_forward_pair(x, weight, weight2, bias, bias2, mean, scale, beta, y, y2, stride, padding, dilation,
                       stride2, padding2, dilation2, out_stats=False, relu=True):
     """y <- conv2d(a, weight) + bias and y2 <- conv2d(a, weight2) + bias2 for a = relu((x - mean)*scale + beta),
-    in ONE launch (into the preallocated y, y2; any two geometries). Returns per-channel (mean, biased var) of
+    in ONE launch where the two output grids coincide (into the preallocated y, y2), else forward.py's two
+    launches (unless SEPARATE_RANGES). Returns per-channel (mean, biased var) of
     y when out_stats, else None."""
     n, c, h, w = x.shape
     k1, _, kh1, kw1 = weight.shape
@@ -168,9 +176,20 @@ def conv_forward_pair(x, weight, weight2, bias, bias2, mean, scale, beta, y, y2,
     oh1, ow1 = y.shape[2], y.shape[3]
     oh2, ow2 = y2.shape[2], y2.shape[3]
     m1, m2 = n * oh1 * ow1, n * oh2 * ow2
-    shared_m = m1 == m2
+    shared_m = (oh1, ow1) == (oh2, ow2)
+    if not shared_m and not SEPARATE_RANGES:
+        # Output grids differ (a bottleneck's stride-s shortcut beside its stride-1 conv1): the convs' own
+        # launches. One launch with the two program ranges (SHARED_M=False below) reads x's bytes as two
+        # launches do and spilled 56 B on sm_80 at 128x128 tiles (benchmarks/NOTES.md, issue 30).
+        conv_forward(x, weight2, bias2, mean, scale, beta, None, y2, stride2, padding2, dilation2, relu=relu)
+        return conv_forward(x, weight, bias, mean, scale, beta, None, y, stride, padding, dilation,
+                            out_stats=out_stats, relu=relu)
     # Columns tile at the narrower conv's width, so neither conv's tiles multiply absent channels.
     cfg = conv_config("fwd_pair", m1, min(k1, k2), c, kh1 * kw1, x)
+    if cfg["BLOCK_M"] * cfg["BLOCK_N"] >= 128 * 128 and not configs._forced:
+        # The per-program choice of conv keeps its geometry in registers: at 128x128 with 64-channel slices the
+        # pair spilled 96 B on sm_80 (ResNet-34's 128 -> 256 projection); 32-channel slices: 255 registers, none.
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 32)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     tiles_m1 = cdiv(m1, bm)
     if shared_m:
