@@ -239,7 +239,9 @@ std::tuple<at::Tensor, int64_t> conv_forward(const at::Tensor& x, const at::Tens
 }
 
 // Issue 30: a projection pair's two convs of one x in ONE launch (same output grid, no residual): writes y
-// and y2; returns y's per-tile (mean, M2) [2, tiles_m, K] (or an empty tensor) and the rows per tile.
+// and y2; returns y's per-tile (mean, M2) [2, tiles_m, K] (or an empty tensor) and the rows per tile -- or,
+// where the pair kernel does not apply (conv_forward_pair_applies: fp64), nothing launched and rows 0: the
+// caller runs the two convs' own launches.
 std::tuple<at::Tensor, int64_t> conv_forward_pair(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& w2, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bias2, const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& beta,
@@ -253,13 +255,12 @@ std::tuple<at::Tensor, int64_t> conv_forward_pair(
               "output grid, got y ", y.sizes(), " and y2 ", y2.sizes());
   check_output(y2, "y2", {&y});
   fr::ConvForwardPairParams pp{a.p, b.p};
+  if (!fr::conv_forward_pair_applies(pp)) return std::make_tuple(at::empty({0}, scale.options()), int64_t(0));
   const DeviceGuard guard(x.device());
   const int rows = fr::conv_forward_pair_tile_rows(pp);
   const int tiles = fr::ceil_div(x.size(0) * y.size(2) * y.size(3), rows);
   at::Tensor part = at::empty({out_stats ? 2 : 0, tiles, w.size(0)}, scale.options());
   if (out_stats) pp.a.part = part.data_ptr();
-  TORCH_CHECK(fr::conv_forward_pair_applies(pp), "fused_resnet._C: conv_forward_pair: the two convs differ in "
-              "what they must share");
   if (y.numel() > 0 || y2.numel() > 0) check_launch(fr::conv_forward_pair(pp, current_stream()), "conv_forward_pair");
   return std::make_tuple(part, rows);
 }

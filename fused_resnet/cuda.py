@@ -94,16 +94,19 @@ def conv_forward_pair(x, weight, weight2, bias, bias2, mean, scale, beta, y, y2,
                       padding2, dilation2, out_stats=False, relu=True):
     """y <- conv2d(a, weight) + bias and y2 <- conv2d(a, weight2) + bias2 for one a = relu((x - mean)*scale + beta)
     (a projection block's conv1 and shortcut): ONE launch where the two output grids coincide (the blocks of a
-    row tile, both convs' columns, read the same rows of x), else the two convs' own launches. Returns y's
-    per-channel (mean, biased var) when out_stats, else None."""
-    if tuple(y.shape[2:]) != tuple(y2.shape[2:]):
+    row tile, both convs' columns, read the same rows of x), else (and in fp64, which the pair kernel leaves out)
+    the two convs' own launches. Returns y's per-channel (mean, biased var) when out_stats, else None."""
+    ext = _ext(x)
+    if tuple(y.shape[2:]) == tuple(y2.shape[2:]):
+        part, tile_rows = ext.conv_forward_pair(x, weight, weight2, bias, bias2, mean, scale, beta, y, y2,
+                                                list(stride), list(padding), list(dilation), list(stride2),
+                                                list(padding2), list(dilation2), out_stats, _tf32(), bool(relu))
+    else:
+        tile_rows = 0
+    if tile_rows == 0:  # nothing launched
         conv_forward(x, weight2, bias2, mean, scale, beta, None, y2, stride2, padding2, dilation2, relu=relu)
         return conv_forward(x, weight, bias, mean, scale, beta, None, y, stride, padding, dilation,
                             out_stats=out_stats, relu=relu)
-    ext = _ext(x)
-    part, tile_rows = ext.conv_forward_pair(x, weight, weight2, bias, bias2, mean, scale, beta, y, y2, list(stride),
-                                            list(padding), list(dilation), list(stride2), list(padding2),
-                                            list(dilation2), out_stats, _tf32(), bool(relu))
     if not out_stats:
         return None
     return moments((part, tile_rows, y.shape[0] * y.shape[2] * y.shape[3]), _acc(x.dtype))

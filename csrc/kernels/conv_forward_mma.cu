@@ -343,8 +343,13 @@ cudaError_t launch_mma_forward_pair(const ConvForwardPairParams& pp, cudaStream_
   if (c == kHalfChunks * vec) return launch_mma_forward_pair<kBM, kBN, kHalfChunks, true>(pp, stream);
   if constexpr (kBN <= 32) {
     if (c == kNarrowChunks * vec) return launch_mma_forward_pair<kBM, kBN, kNarrowChunks, true>(pp, stream);
+    return launch_mma_forward_pair<kBM, kBN, kNarrowChunks, false>(pp, stream);
+  } else {
+    // 64-byte slices in the 64- and 128-column tiles: the pair instances spilled 8-16 B at the 128-register cap
+    // of 4 CTAs per SM (fp16/bf16, sm_80 and sm_90), so those pairs take 128x32 tiles (116-123 registers, no
+    // spill): CIFAR's 32 -> 64 projection, widths that are not multiples of 64 channels.
+    return launch_mma_forward_pair<128, 32>(pp, stream);
   }
-  return launch_mma_forward_pair<kBM, kBN, kNarrowChunks, false>(pp, stream);
 }
 
 // The pair's tile: conv_forward_mma's choice for the narrower conv's K, so neither conv's tiles run MMAs on
@@ -352,7 +357,9 @@ cudaError_t launch_mma_forward_pair(const ConvForwardPairParams& pp, cudaStream_
 int conv_forward_mma_pair_k(const ConvForwardPairParams& pp) { return min(pp.a.g.K, pp.b.g.K); }
 
 int conv_forward_mma_pair_tile_rows(const ConvForwardPairParams& pp) {
-  return conv_forward_mma_pair_k(pp) <= 64 ? 128 : 64;
+  const bool wide_or_half = pp.a.g.C % (kWideChunks * mma_vec(pp.a.dtype)) == 0 ||
+                            pp.a.g.C == kHalfChunks * mma_vec(pp.a.dtype);
+  return conv_forward_mma_pair_k(pp) <= 64 || !wide_or_half ? 128 : 64;  // narrow slices: 128x32 (above)
 }
 
 cudaError_t conv_forward_mma_pair(const ConvForwardPairParams& pp, cudaStream_t stream) {
