@@ -166,13 +166,17 @@ at::Tensor batch_stats(const at::Tensor& x) {
   return part;
 }
 
-// Writes y; returns the per-tile (mean, M2) of y, [2, tiles_m, K] (or an empty tensor), and the rows per
-// tile (the kernel path taken decides).
-std::tuple<at::Tensor, int64_t> conv_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                        const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& beta,
-                        const std::optional<at::Tensor>& residual,
-                        at::Tensor& y, std::vector<int64_t> stride, std::vector<int64_t> padding,
-                        std::vector<int64_t> dilation, bool out_stats, bool tf32, bool relu) {
+// The checked params of one forward conv (no partials yet); `keep` holds the bias converted to acc.
+struct ForwardSetup {
+  fr::ConvForwardParams p{};
+  at::Tensor keep;
+};
+
+static ForwardSetup forward_setup(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                                  const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& beta,
+                                  const std::optional<at::Tensor>& residual, at::Tensor& y,
+                                  const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                                  const std::vector<int64_t>& dilation, bool tf32, bool relu) {
   check_4d(x, "x"); check_4d(w, "weight"); check_4d(y, "y");
   check_same_dtype(w, x, "weight"); check_same_dtype(y, x, "y");
   const auto acc = acc_of(x);
@@ -193,7 +197,8 @@ std::tuple<at::Tensor, int64_t> conv_forward(const at::Tensor& x, const at::Tens
   check_on(x, x, "x"); check_on(w, x, "weight"); check_on(y, x, "y");
   const DeviceGuard guard(x.device());
   check_vec(mean, c, acc, x, "mean"); check_vec(scale, c, acc, x, "scale"); check_vec(beta, c, acc, x, "beta");
-  fr::ConvForwardParams p{};
+  ForwardSetup out;
+  fr::ConvForwardParams& p = out.p;
   p.dtype = dtype_of(x);
   p.tf32 = tf32;
   p.act_floor = relu ? 0.0f : -std::numeric_limits<float>::infinity();
@@ -202,21 +207,61 @@ std::tuple<at::Tensor, int64_t> conv_forward(const at::Tensor& x, const at::Tens
   p.w = w.data_ptr(); strides_of(w, p.sw);
   p.y = y.data_ptr(); strides_of(y, p.sy);
   p.mean = mean.data_ptr(); p.scale = scale.data_ptr(); p.beta = beta.data_ptr();
-  at::Tensor bias_acc;
   if (bias.has_value()) {
-    bias_acc = bias->to(acc).contiguous();
-    check_vec(bias_acc, k, acc, x, "bias");
-    p.bias = bias_acc.data_ptr();
+    out.keep = bias->to(acc).contiguous();
+    check_vec(out.keep, k, acc, x, "bias");
+    p.bias = out.keep.data_ptr();
   }
   if (residual.has_value()) {
     check_on(*residual, x, "residual"); check_same_dtype(*residual, x, "residual");
     p.residual = residual->data_ptr(); strides_of(*residual, p.sr);
   }
+  return out;
+}
+
+// Writes y; returns the per-tile (mean, M2) of y, [2, tiles_m, K] (or an empty tensor), and the rows per
+// tile (the kernel path taken decides).
+std::tuple<at::Tensor, int64_t> conv_forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                        const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& beta,
+                        const std::optional<at::Tensor>& residual,
+                        at::Tensor& y, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                        std::vector<int64_t> dilation, bool out_stats, bool tf32, bool relu) {
+  const int64_t k = w.size(0);
+  ForwardSetup setup = forward_setup(x, w, bias, mean, scale, beta, residual, y, stride, padding, dilation, tf32, relu);
+  fr::ConvForwardParams& p = setup.p;
+  const DeviceGuard guard(x.device());
   const int rows = fr::conv_forward_tile_rows(p);
   const int tiles = fr::ceil_div(x.size(0) * y.size(2) * y.size(3), rows);
   at::Tensor part = at::empty({out_stats ? 2 : 0, tiles, k}, scale.options());
   if (out_stats) p.part = part.data_ptr();
   if (y.numel() > 0) check_launch(fr::conv_forward(p, current_stream()), "conv_forward");
+  return std::make_tuple(part, rows);
+}
+
+// Issue 30: a projection pair's two convs of one x in ONE launch (same output grid, no residual): writes y
+// and y2; returns y's per-tile (mean, M2) [2, tiles_m, K] (or an empty tensor) and the rows per tile -- or,
+// where the pair kernel does not apply (conv_forward_pair_applies: fp64), nothing launched and rows 0: the
+// caller runs the two convs' own launches.
+std::tuple<at::Tensor, int64_t> conv_forward_pair(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& w2, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bias2, const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& beta,
+    at::Tensor& y, at::Tensor& y2, std::vector<int64_t> stride, std::vector<int64_t> padding,
+    std::vector<int64_t> dilation, std::vector<int64_t> stride2, std::vector<int64_t> padding2,
+    std::vector<int64_t> dilation2, bool out_stats, bool tf32, bool relu) {
+  const std::optional<at::Tensor> none;
+  ForwardSetup a = forward_setup(x, w, bias, mean, scale, beta, none, y, stride, padding, dilation, tf32, relu);
+  ForwardSetup b = forward_setup(x, w2, bias2, mean, scale, beta, none, y2, stride2, padding2, dilation2, tf32, relu);
+  TORCH_CHECK(y.size(2) == y2.size(2) && y.size(3) == y2.size(3), "fused_resnet._C: conv_forward_pair needs one "
+              "output grid, got y ", y.sizes(), " and y2 ", y2.sizes());
+  check_output(y2, "y2", {&y});
+  fr::ConvForwardPairParams pp{a.p, b.p};
+  if (!fr::conv_forward_pair_applies(pp)) return std::make_tuple(at::empty({0}, scale.options()), int64_t(0));
+  const DeviceGuard guard(x.device());
+  const int rows = fr::conv_forward_pair_tile_rows(pp);
+  const int tiles = fr::ceil_div(x.size(0) * y.size(2) * y.size(3), rows);
+  at::Tensor part = at::empty({out_stats ? 2 : 0, tiles, w.size(0)}, scale.options());
+  if (out_stats) pp.a.part = part.data_ptr();
+  if (y.numel() > 0 || y2.numel() > 0) check_launch(fr::conv_forward_pair(pp, current_stream()), "conv_forward_pair");
   return std::make_tuple(part, rows);
 }
 
@@ -610,6 +655,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("STATS_ROWS") = fr::kStatsRows;
   m.def("batch_stats", &batch_stats);
   m.def("conv_forward", &conv_forward);
+  m.def("conv_forward_pair", &conv_forward_pair);
   m.def("conv_dgrad", &conv_dgrad);
   m.def("bn_backward_finish", &bn_backward_finish);
   m.def("conv_wgrad", &conv_wgrad);

@@ -166,14 +166,38 @@ def _kernel_forward(kb, x, weight, bias, gamma, beta, mean, invstd, residual, st
     scale, beta = (prologue[0], prologue[1]) if prologue is not None else _bn_prologue(mean, invstd, gamma, beta)
     y = torch.empty((x.shape[0], weight.shape[0], *out_size), dtype=x.dtype, device=x.device,
                     memory_format=memory_format_of(x))
-    defer = out_stats == DEFER
     stats = kb.conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, padding, dilation,
-                            out_stats="partials" if defer else out_stats, relu=relu)
-    if defer:  # the eager path's chains: the next BN's finalize merges them (_deferred.py)
-        m, v = (torch.empty(weight.shape[0], dtype=_acc(x.dtype), device=x.device) for _ in range(2))
-        _deferred.stash(m, stats)
-        stats = (m, v)
-    return y, stats
+                            out_stats=_launcher_stats(out_stats), relu=relu)
+    return y, _stats_of(stats, out_stats, weight.shape[0], x)
+
+
+def _launcher_stats(out_stats):
+    return "partials" if out_stats == DEFER else out_stats
+
+
+def _stats_of(stats, out_stats, k, x):
+    """A launcher's statistics as the op returns them: when deferred (the eager path's chains), empty
+    (mean, var) tensors with the partials stashed for the next BN's finalize to merge (_deferred.py)."""
+    if out_stats != DEFER or stats is None:
+        return stats
+    m, v = (torch.empty(k, dtype=_acc(x.dtype), device=x.device) for _ in range(2))
+    _deferred.stash(m, stats)
+    return m, v
+
+
+def _kernel_forward_pair(kb, x, weight, bias, weight2, bias2, gamma, beta, mean, invstd, stride, padding, dilation,
+                         out_size, stride2, padding2, dilation2, out_size2, out_stats, prologue=None, relu=True):
+    """(y, y2, mean_y, var_y) of the pair op from ONE conv launch (bn_relu_conv2d_pair)."""
+    scale, beta = (prologue[0], prologue[1]) if prologue is not None else _bn_prologue(mean, invstd, gamma, beta)
+    fmt = memory_format_of(x)
+    y = torch.empty((x.shape[0], weight.shape[0], *out_size), dtype=x.dtype, device=x.device, memory_format=fmt)
+    y2 = torch.empty((x.shape[0], weight2.shape[0], *out_size2), dtype=x.dtype, device=x.device, memory_format=fmt)
+    stats = kb.conv_forward_pair(x, weight, weight2, bias, bias2, mean, scale, beta, y, y2, stride, padding, dilation,
+                                 stride2, padding2, dilation2, out_stats=_launcher_stats(out_stats), relu=relu)
+    stats = _stats_of(stats, out_stats, weight.shape[0], x)
+    if stats is None:
+        return y, y2, _empty(mean), _empty(mean)
+    return y, y2, stats[0], stats[1]
 
 
 def _kernel_backward(kb, grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, stride, padding,
@@ -336,7 +360,15 @@ def _pair_impl(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Two convs (groups 1, no residual) of one relu(bn(x)): (y, y2, mean_y, var_y), the statistics of y
     as bn_relu_conv2d's. A projection block's conv1 and shortcut: one autograd node, so the backward sums
-    the two convs' gradients before the ReLU mask and runs the BN backward once, as eager does."""
+    the two convs' gradients before the ReLU mask and runs the BN backward once, as eager does.
+    A kernel backend with `conv_forward_pair` runs both convs in one launch (x read once, the BN prologue
+    applied once per tile); otherwise two conv launches share the finalized BN."""
+    if backend in ("triton", "cuda"):
+        kb = _kernels(backend)
+        if hasattr(kb, "conv_forward_pair"):
+            return _kernel_forward_pair(kb, x, weight, bias, weight2, bias2, bn_weight, bn_bias, mean, invstd,
+                                        stride, padding, dilation, out_size, stride2, padding2, dilation2,
+                                        out_size2, out_stats, prologue, relu)
     y, mean_y, var_y = _conv_impl(x, weight, bias, bn_weight, bn_bias, mean, invstd, None, batch_stats, eps,
                                   stride, padding, dilation, out_size, 1, out_stats, backend, sync_group, prologue,
                                   relu)

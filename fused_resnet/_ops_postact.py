@@ -73,7 +73,8 @@ def _ref_backward(g, z, s, mean, invstd, gamma, scale, beta, batch_stats, s_mean
     view = (1, -1, 1, 1)
     gm = g.to(acc)
     if relu:
-        gm = gm * (_ref_pre(z, s, mean, scale, beta, s_mean, s_scale, s_beta) > 0)
+        # torch's ReLU backward: zero where the output is <= 0 (a NaN output passes its gradient)
+        gm = torch.where(_ref_pre(z, s, mean, scale, beta, s_mean, s_scale, s_beta) <= 0, 0.0, gm)
     sbn = s_mean is not None
     m = z.numel() // z.shape[1]
     xhat = (z.to(acc) - mean.view(view)) * invstd.view(view)

@@ -94,6 +94,31 @@ def conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, paddin
     return moments(partials, _acc(x.dtype))
 
 
+def conv_forward_pair(x, weight, weight2, bias, bias2, mean, scale, beta, y, y2, stride, padding, dilation, stride2,
+                      padding2, dilation2, out_stats=False, relu=True):
+    """y <- conv2d(a, weight) + bias and y2 <- conv2d(a, weight2) + bias2 for one a = relu((x - mean)*scale + beta)
+    (a projection block's conv1 and shortcut): ONE launch where the two output grids coincide (the blocks of a
+    row tile, both convs' columns, read the same rows of x), else (and in fp64, which the pair kernel leaves out)
+    the two convs' own launches. Returns y's per-channel (mean, biased var) when out_stats, else None."""
+    ext = _ext(x)
+    if tuple(y.shape[2:]) == tuple(y2.shape[2:]):
+        part, tile_rows = ext.conv_forward_pair(x, weight, weight2, bias, bias2, mean, scale, beta, y, y2,
+                                                list(stride), list(padding), list(dilation), list(stride2),
+                                                list(padding2), list(dilation2), bool(out_stats), _tf32(), bool(relu))
+    else:
+        tile_rows = 0
+    if tile_rows == 0:  # nothing launched
+        conv_forward(x, weight2, bias2, mean, scale, beta, None, y2, stride2, padding2, dilation2, relu=relu)
+        return conv_forward(x, weight, bias, mean, scale, beta, None, y, stride, padding, dilation,
+                            out_stats=out_stats, relu=relu)
+    if not out_stats:
+        return None
+    partials = (part, tile_rows, y.shape[0] * y.shape[2] * y.shape[3])
+    if out_stats == "partials":  # merged later, by the finalize of the BN that reads y (_deferred.py)
+        return partials
+    return moments(partials, _acc(x.dtype))
+
+
 # The emulated build's stand-in SM count: small, so that split-K takes several chunks at test sizes.
 EMULATED_SMS = 4
 

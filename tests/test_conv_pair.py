@@ -26,6 +26,9 @@ GEOMETRIES = {
     "3x3s2+1x1s2": (((3, 3), 2, 1, 1), ((1, 1), 2, 0, 1)),
     "1x1+1x1": (((1, 1), 1, 0, 1), ((1, 1), 1, 0, 1)),
     "5x5+3x3d2": (((5, 5), 1, 2, 1), ((3, 3), 1, 2, 2)),
+    # a bottleneck's stride-1 1x1 conv1 beside its stride-2 1x1 shortcut: output grids and stride phases
+    # differ (the one-launch forward's second program range; the backward's two-launch dgrad fallback)
+    "1x1+1x1s2": (((1, 1), 1, 0, 1), ((1, 1), 2, 0, 1)),
 }
 
 
@@ -97,7 +100,8 @@ def _check(backend, device, dtype, geometry, training, channels_last, seed, c=8,
 
 
 @pytest.mark.parametrize("geometry,training", [("3x3s2+1x1s2", True), ("3x3s2+1x1s2", False), ("1x1+1x1", True),
-                                               ("5x5+3x3d2", True)], ids=lambda v: v if isinstance(v, str) else
+                                               ("5x5+3x3d2", True), ("1x1+1x1s2", True), ("1x1+1x1s2", False)],
+                         ids=lambda v: v if isinstance(v, str) else
                          ("train" if v else "eval"))
 def test_pair_matches_eager_float32(backend, device, geometry, training):
     _check(backend, device, torch.float32, GEOMETRIES[geometry], training, False, seed=11)
@@ -105,22 +109,27 @@ def test_pair_matches_eager_float32(backend, device, geometry, training):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)  # fp16: the bf16 code paths
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_pair_matches_eager_dtypes(backend, device, dtype, channels_last):
+@pytest.mark.parametrize("geometry", ["3x3s2+1x1s2", "1x1+1x1s2"])
+def test_pair_matches_eager_dtypes(backend, device, dtype, channels_last, geometry):
     """channels_last with C, K % 8 == 0 in fp16/bf16: the CUDA backend's tensor-core dgrad (raw and
-    addend epilogues) and wgrad."""
-    _check(backend, device, dtype, GEOMETRIES["3x3s2+1x1s2"], True, channels_last, seed=12)
+    addend epilogues) and wgrad; the one-kernel pair forward and dgrad (3x3s2+1x1s2) and the forward's
+    separate program ranges with the two-launch dgrad (1x1+1x1s2)."""
+    _check(backend, device, dtype, GEOMETRIES[geometry], True, channels_last, seed=12)
 
 
-def test_pair_gradcheck(backend, device, training=True):
-    """float64, every differentiable input, both biases; conv1 3x3 stride 2 beside a 1x1 stride-2 shortcut.
+@pytest.mark.parametrize("geometry", ["3x3s2+1x1s2", "1x1+1x1s2"])
+def test_pair_gradcheck(backend, device, geometry, training=True):
+    """float64, every differentiable input, both biases; conv1 3x3 stride 2 beside a 1x1 stride-2 shortcut
+    (the one-kernel dgrad), and a stride-1 1x1 beside a stride-2 one (the two-launch dgrad).
     Training (the full BN backward); eval's dx = gm*scale is in the parity cases above."""
-    t = _inputs(GEOMETRIES["3x3s2+1x1s2"], 3, 4, 2, seed=13, device=device)
+    (ks, s, p, _), (ks2, s2, _, _) = GEOMETRIES[geometry]
+    t = _inputs(GEOMETRIES[geometry], 3, 4, 2, seed=13, device=device)
     inputs = [t[n].requires_grad_() for n in LEAVES]
 
     def fn(x, weight, weight2, bias, bias2, gamma, beta):
         return fused_resnet.bn_relu_conv2d_pair(
             x, weight, weight2, bias, bias2, bn_weight=gamma, bn_bias=beta, running_mean=t["running_mean"].clone(),
-            running_var=t["running_var"].clone(), training=training, stride=2, padding=1, stride2=2,
+            running_var=t["running_var"].clone(), training=training, stride=s, padding=p, stride2=s2,
             backend=backend)
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
@@ -141,13 +150,15 @@ def test_one_output_unused(backend, device, used):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("geometry", ["3x3s2+1x1s2", "1x1+1x1s2"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_nonfinite_input_matches_eager(backend, device, value):
-    """NaN and inf reach the outputs, gradients and running statistics where eager's do."""
-    t = _cast(_inputs(GEOMETRIES["3x3s2+1x1s2"], 3, 4, 2, seed=15, device=device), torch.float32, False)
+def test_nonfinite_input_matches_eager(backend, device, value, geometry):
+    """NaN and inf reach the outputs, gradients and running statistics where eager's do (the one-kernel
+    pair and the two-launch dgrad fallback)."""
+    t = _cast(_inputs(GEOMETRIES[geometry], 3, 4, 2, seed=15, device=device), torch.float32, False)
     t["x"][1, 0, 2, 3] = value
-    got = _run(fused_resnet.bn_relu_conv2d_pair, t, GEOMETRIES["3x3s2+1x1s2"], True, 15, backend=backend)
-    want = _run(reference.bn_relu_conv2d_pair, t, GEOMETRIES["3x3s2+1x1s2"], True, 15)
+    got = _run(fused_resnet.bn_relu_conv2d_pair, t, GEOMETRIES[geometry], True, 15, backend=backend)
+    want = _run(reference.bn_relu_conv2d_pair, t, GEOMETRIES[geometry], True, 15)
     for name in want:
         a, b = got[name].float(), want[name].float()
         assert torch.equal(a.isnan(), b.isnan()), f"{name}: NaN pattern differs"
@@ -228,3 +239,57 @@ def test_weights_only_gradients(backend, device):
         grads.append(torch.autograd.grad(y.sum() + 2 * y2.sum(), (w, w2)))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+# Issue 30: which launches a pair runs. The forward is one conv launch where the two output grids coincide
+# (both convs' column tiles in one grid), else the two convs' own; the dgrad (Triton) is one kernel reducing over
+# both convs where their strides agree, else the raw dgrad of the shortcut plus conv1's dgrad with it as addend
+# (CUDA: always that, no pair dgrad yet). Per backend: (forward conv kernels, dgrad kernels) by geometry.
+PAIR_LAUNCHES = {
+    "triton": {"3x3s2+1x1s2": ({"triton.conv_fwd_pair_kernel": 1}, {"triton.conv_dgrad_pair_kernel": 1}),
+               "1x1+1x1": ({"triton.conv_fwd_pair_kernel": 1}, {"triton.conv_dgrad_pair_kernel": 1}),
+               "5x5+3x3d2": ({"triton.conv_fwd_pair_kernel": 1}, {"triton.conv_dgrad_pair_kernel": 1}),
+               "1x1+1x1s2": ({"triton.conv_fwd_kernel": 2}, {"triton.conv_dgrad_kernel": 2})},
+    "cuda": {"3x3s2+1x1s2": ({"cuda.conv_forward_pair": 1}, {"cuda.conv_dgrad": 2}),
+             "1x1+1x1": ({"cuda.conv_forward_pair": 1}, {"cuda.conv_dgrad": 2}),
+             "5x5+3x3d2": ({"cuda.conv_forward_pair": 1}, {"cuda.conv_dgrad": 2}),
+             "1x1+1x1s2": ({"cuda.conv_forward": 2}, {"cuda.conv_dgrad": 2})},
+}
+
+
+def test_pair_forward_separate_program_ranges(device, monkeypatch):
+    """Triton's one-launch forward for output grids that differ (off by default: pair.SEPARATE_RANGES), still
+    exact: the bottleneck's stride-1 conv1 beside its stride-2 shortcut, float32 and bf16 channels_last."""
+    if "triton" not in fused_resnet.available_backends():
+        pytest.skip("needs the Triton backend")
+    from fused_resnet.triton import pair
+
+    monkeypatch.setattr(pair, "SEPARATE_RANGES", True)
+    _check("triton", device, torch.float32, GEOMETRIES["1x1+1x1s2"], True, False, seed=21)
+    _check("triton", device, torch.bfloat16, GEOMETRIES["1x1+1x1s2"], True, True, seed=22)
+
+
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+def test_pair_launches(backend, device, geometry):
+    """One forward conv launch for the pair (x read once where the output grids coincide), one dgrad where
+    the strides agree; everything else as before (two wgrads, their column sums, one finish)."""
+    if backend not in PAIR_LAUNCHES:
+        pytest.skip(f"no pair kernels in the {backend} backend")
+    from fused_resnet.bench.launches import count_device_ops
+
+    want_fwd, want_dgrad = PAIR_LAUNCHES[backend][geometry]
+    t = _cast(_inputs(GEOMETRIES[geometry], 8, 16, 8, seed=20, device=device), torch.float32, False)
+    (_, s, p, d), (_, s2, p2, d2) = GEOMETRIES[geometry]
+    x = t["x"].requires_grad_()
+    with count_device_ops() as fwd:
+        y, y2 = fused_resnet.bn_relu_conv2d_pair(
+            x, t["weight"], t["weight2"], bn_weight=t["bn_weight"], bn_bias=t["bn_bias"],
+            running_mean=t["running_mean"], running_var=t["running_var"], training=True, stride=s, padding=p,
+            dilation=d, stride2=s2, padding2=p2, dilation2=d2, backend=backend)
+    gy, gy2 = torch.ones_like(y), torch.ones_like(y2)
+    with count_device_ops() as bwd:
+        torch.autograd.backward((y, y2), (gy, gy2))
+    convs = {k: v for k, v in fwd.ops.items() if "conv" in k}
+    dgrads = {k: v for k, v in bwd.ops.items() if "dgrad" in k}
+    assert convs == want_fwd, dict(fwd.ops)
+    assert dgrads == want_dgrad, dict(bwd.ops)

@@ -93,7 +93,8 @@ def test_cuda_launchers_have_the_triton_interface():
     import fused_resnet.triton as triton_launchers
     from fused_resnet.triton import finalize
 
-    names = ("stats_partials", "bn_finalize", "channel_stats", "conv_forward", "conv_backward")
+    names = ("stats_partials", "bn_finalize", "channel_stats", "conv_forward", "conv_backward", "bn_add_relu_forward",
+             "bn_add_relu_backward")
     for name in names:
         want = inspect.signature(getattr(triton_launchers, name)).parameters
         assert list(inspect.signature(getattr(cuda_launchers, name)).parameters) == list(want), name

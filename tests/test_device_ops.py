@@ -157,3 +157,32 @@ def test_training_step_captured_in_a_cuda_graph_matches_the_uncaptured_step():
     torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-5)
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+# Issue 30: a projection block's conv1 and shortcut run as one forward conv launch (x read once) and, where
+# their strides agree (the basic block; the bottleneck's stride-1 entry), one dgrad. Bounds per kernel backend:
+# (forward, backward) device ops of a block's training step at the shapes of the test above (stride 2 and 1
+# projections); before issue 30 both backends ran 9 / 11 (basic, stride 2), 13 / 15 (bottleneck).
+PROJECTION_BOUNDS = {
+    "triton": {("basic", 2): (8, 10), ("bottleneck", 2): (13, 15), ("bottleneck", 1): (12, 14)},
+    "cuda": {("basic", 2): (8, 11), ("bottleneck", 2): (13, 15), ("bottleneck", 1): (12, 15)},
+}
+
+
+@pytest.mark.parametrize("block,stride", [("basic", 2), ("bottleneck", 2), ("bottleneck", 1)])
+def test_projection_block_device_op_bounds(kernel_backend, block, stride):
+    """A projection block's step: at most the bounds above, and one conv launch reading x where conv1's and the
+    shortcut's output grids coincide (the basic block; the bottleneck at stride 1)."""
+    torch.manual_seed(4)
+    cls = fused_resnet.PreActBottleneck if block == "bottleneck" else fused_resnet.PreActBlock
+    planes = 4 if block == "bottleneck" else 16  # 8 -> 16 channels: a projection at either stride
+    fused = cls(8, planes, stride, backend=kernel_backend).train().to(memory_format=torch.channels_last)
+    assert fused.shortcut is not None
+    ff, fb = _steps(fused, _fresh(True, 2, 8, 6, 6))
+    want_f, want_b = PROJECTION_BOUNDS[kernel_backend][(block, stride)]
+    got_b = fb.total - fb.ops.get("aten.randn_like", 0)  # the test's own output gradient
+    assert ff.total <= want_f, dict(ff.ops)
+    assert got_b <= want_b, dict(fb.ops)
+    assert not ff.syncs and not fb.syncs
+    convs = sum(v for k, v in ff.ops.items() if "conv" in k)
+    assert convs == (2 if block == "basic" else 3) + (1 if (block, stride) == ("bottleneck", 2) else 0), dict(ff.ops)

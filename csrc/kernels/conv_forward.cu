@@ -42,15 +42,16 @@ struct ForwardProblem {
   }
 };
 
+// One tile (bx, by) of one conv: the kernel below for its own params, the pair kernel for either of two.
 template <class T>
-__global__ void __launch_bounds__(kThreads) conv_forward_kernel(const ConvForwardParams p) {
+__device__ __forceinline__ void conv_forward_tile(const ConvForwardParams& p, int bx, int by) {
   using Acc = acc_t<T>;
   auto& sh = block_shared<ConvShared<T, kTileM>>();
   unsigned char* raw = sh.raw;
   int *row_n = sh.idx_n, *row_oh = sh.idx_h, *row_ow = sh.idx_w;
   const ConvGeom& g = p.g;
   const int M = g.N * g.OH * g.OW;
-  const int m0 = blockIdx.x * kTileM, n0 = blockIdx.y * kTileN;
+  const int m0 = bx * kTileM, n0 = by * kTileN;
   decompose_rows(m0, M, g.OH, g.OW, row_n, row_oh, row_ow);
 
   ForwardProblem<T> prob{p, static_cast<const T*>(p.x), static_cast<const T*>(p.w),
@@ -70,8 +71,58 @@ __global__ void __launch_bounds__(kThreads) conv_forward_kernel(const ConvForwar
       });
 }
 
+template <class T>
+__global__ void __launch_bounds__(kThreads) conv_forward_kernel(const ConvForwardParams p) {
+  conv_forward_tile<T>(p, blockIdx.x, blockIdx.y);
+}
+
+// The pair: columns [0, a's tiles) are a's, the rest b's (one output grid: blockIdx.x one row tile for both).
+template <class T>
+__global__ void __launch_bounds__(kThreads) conv_forward_pair_kernel(const ConvForwardPairParams pp) {
+  const int tiles_a = ceil_div(pp.a.g.K, kTileN);
+  if (static_cast<int>(blockIdx.y) < tiles_a)
+    conv_forward_tile<T>(pp.a, blockIdx.x, blockIdx.y);
+  else
+    conv_forward_tile<T>(pp.b, blockIdx.x, blockIdx.y - tiles_a);
+}
+
 }  // namespace
 }  // namespace detail
+
+bool conv_forward_pair_applies(const ConvForwardPairParams& pp) {
+  const ConvForwardParams &a = pp.a, &b = pp.b;
+  return a.dtype == b.dtype && a.x == b.x && a.g.N == b.g.N && a.g.C == b.g.C && a.g.H == b.g.H &&
+         a.g.W == b.g.W && a.g.OH == b.g.OH && a.g.OW == b.g.OW && a.sx[0] == b.sx[0] && a.sx[1] == b.sx[1] &&
+         a.sx[2] == b.sx[2] && a.sx[3] == b.sx[3] && a.mean == b.mean && a.scale == b.scale && a.beta == b.beta &&
+         a.act_floor == b.act_floor && a.tf32 == b.tf32 && a.residual == nullptr && b.residual == nullptr &&
+         b.part == nullptr &&
+         // fp64 (gradcheck's dtype): the pair's general kernel spilled 40-48 B at 255 registers; two launches
+         a.dtype != DType::kF64;
+}
+
+// Both convs on the tensor cores, or both on the general kernel: one kernel body for the launch.
+static bool pair_on_mma(const ConvForwardPairParams& pp) {
+  return detail::conv_forward_mma_applies(pp.a) && detail::conv_forward_mma_applies(pp.b);
+}
+
+int conv_forward_pair_tile_rows(const ConvForwardPairParams& pp) {
+  return pair_on_mma(pp) ? detail::conv_forward_mma_pair_tile_rows(pp) : kTileM;
+}
+
+cudaError_t conv_forward_pair(const ConvForwardPairParams& pp, cudaStream_t stream) {
+  if (!conv_forward_pair_applies(pp)) return cudaErrorInvalidValue;
+  if (pair_on_mma(pp)) return detail::conv_forward_mma_pair(pp, stream);
+  return dispatch_dtype(pp.a.dtype, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    if constexpr (sizeof(T) == 8) {  // not instantiated (conv_forward_pair_applies)
+      return cudaErrorInvalidValue;
+    } else {
+      const dim3 grid(ceil_div(static_cast<int64_t>(pp.a.g.N) * pp.a.g.OH * pp.a.g.OW, kTileM),
+                      ceil_div(pp.a.g.K, kTileN) + ceil_div(pp.b.g.K, kTileN));
+      return detail::launch(detail::conv_forward_pair_kernel<T>, grid, dim3(detail::kThreads), stream, pp);
+    }
+  });
+}
 
 int conv_forward_tile_rows(const ConvForwardParams& p) {
   return detail::conv_forward_mma_applies(p) ? detail::conv_forward_mma_tile_rows(p) : kTileM;

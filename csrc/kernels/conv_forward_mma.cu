@@ -72,8 +72,10 @@ constexpr int fwd_min_ctas() {
 // Not the narrow slice in the 64-column tiles: capped at 128 registers for 4 CTAs per SM, the 128x64 tile
 // spilled on sm_80 with the affine in registers and the 64x128 on sm_90 with it in shared memory written
 // once (the 128x32 / 128x16 tiles hold half the accumulators: 125 / 111 registers, no spill).
+// One CTA tile (bx, by) of one conv: the kernel below is this for its own params; the pair kernel runs it for
+// either of two convs (issue 30), so a projection pair's conv1 and shortcut share one launch.
 template <class T, int kBM, int kBN, int kChunks, bool kOneSlice>
-__global__ void __launch_bounds__(kMmaThreads, fwd_min_ctas<T, kChunks>()) conv_forward_mma_kernel(const ConvForwardParams p) {
+__device__ __forceinline__ void conv_forward_mma_tile(const ConvForwardParams& p, int bx, int by) {
   static_assert(kOneSlice || kChunks != kHalfChunks, "half slices are launched at C == slice only");
   // Warps stacked along the rows (4x1: warp tiles 32 x kBN or 16x128), so no two warps transform the same A
   // rows and each transformed fragment feeds every column block of the tile: 16 (128x64) or 8 (64x128)
@@ -89,7 +91,7 @@ __global__ void __launch_bounds__(kMmaThreads, fwd_min_ctas<T, kChunks>()) conv_
   auto& sh = block_shared<Shared>();
   const ConvGeom& g = p.g;
   const int M = g.N * g.OH * g.OW;
-  const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN;
+  const int m0 = bx * kBM, n0 = by * kBN;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wm = warp / kWarpsN, wn = warp % kWarpsN;
   const T* x = static_cast<const T*>(p.x);
   const T* w = static_cast<const T*>(p.w);
@@ -263,6 +265,25 @@ __global__ void __launch_bounds__(kMmaThreads, fwd_min_ctas<T, kChunks>()) conv_
       });
 }
 
+template <class T, int kBM, int kBN, int kChunks, bool kOneSlice>
+__global__ void __launch_bounds__(kMmaThreads, fwd_min_ctas<T, kChunks>()) conv_forward_mma_kernel(const ConvForwardParams p) {
+  conv_forward_mma_tile<T, kBM, kBN, kChunks, kOneSlice>(p, blockIdx.x, blockIdx.y);
+}
+
+// The pair (ConvForwardPairParams): columns [0, a's tiles) are a's, the rest b's; one output grid, so
+// blockIdx.x is the same row tile for both and blocks of one row tile read the same rows of x. A block runs
+// one conv's tile, the branch uniform across it (each side reads its own params at fixed offsets). The
+// statistics epilogue indexes its partials by blockIdx.x / gridDim.x: a's row tiles, as in a's own launch.
+template <class T, int kBM, int kBN, int kChunks, bool kOneSlice>
+__global__ void __launch_bounds__(kMmaThreads, fwd_min_ctas<T, kChunks>())
+    conv_forward_mma_pair_kernel(const ConvForwardPairParams pp) {
+  const int tiles_a = ceil_div(pp.a.g.K, kBN);
+  if (static_cast<int>(blockIdx.y) < tiles_a)
+    conv_forward_mma_tile<T, kBM, kBN, kChunks, kOneSlice>(pp.a, blockIdx.x, blockIdx.y);
+  else
+    conv_forward_mma_tile<T, kBM, kBN, kChunks, kOneSlice>(pp.b, blockIdx.x, blockIdx.y - tiles_a);
+}
+
 }  // namespace
 
 bool conv_forward_mma_applies(const ConvForwardParams& p) {
@@ -299,6 +320,53 @@ cudaError_t launch_mma_forward(const ConvForwardParams& p, cudaStream_t stream) 
     if (p.g.C == kNarrowChunks * vec) return launch_mma_forward<kBM, kBN, kNarrowChunks, true>(p, stream);
   }
   return launch_mma_forward<kBM, kBN, kNarrowChunks, false>(p, stream);
+}
+
+template <int kBM, int kBN, int kChunks, bool kOneSlice>
+cudaError_t launch_mma_forward_pair(const ConvForwardPairParams& pp, cudaStream_t stream) {
+  const ConvForwardParams& p = pp.a;
+  const dim3 grid(ceil_div(static_cast<int64_t>(p.g.N) * p.g.OH * p.g.OW, kBM),
+                  ceil_div(pp.a.g.K, kBN) + ceil_div(pp.b.g.K, kBN));
+  return dispatch_mma_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return launch_shared<FwdMmaShared<T, kBM, kBN, kChunks>>(
+        conv_forward_mma_pair_kernel<T, kBM, kBN, kChunks, kOneSlice>, grid, dim3(kMmaThreads), stream, pp);
+  });
+}
+
+// The slice choice of launch_mma_forward (C is the pair's one x).
+template <int kBM, int kBN>
+cudaError_t launch_mma_forward_pair(const ConvForwardPairParams& pp, cudaStream_t stream) {
+  const int vec = mma_vec(pp.a.dtype), c = pp.a.g.C;
+  if (c == kWideChunks * vec) return launch_mma_forward_pair<kBM, kBN, kWideChunks, true>(pp, stream);
+  if (c % (kWideChunks * vec) == 0) return launch_mma_forward_pair<kBM, kBN, kWideChunks, false>(pp, stream);
+  if (c == kHalfChunks * vec) return launch_mma_forward_pair<kBM, kBN, kHalfChunks, true>(pp, stream);
+  if constexpr (kBN <= 32) {
+    if (c == kNarrowChunks * vec) return launch_mma_forward_pair<kBM, kBN, kNarrowChunks, true>(pp, stream);
+    return launch_mma_forward_pair<kBM, kBN, kNarrowChunks, false>(pp, stream);
+  } else {
+    // 64-byte slices in the 64- and 128-column tiles: the pair instances spilled 8-16 B at the 128-register cap
+    // of 4 CTAs per SM (fp16/bf16, sm_80 and sm_90), so those pairs take 128x32 tiles (116-123 registers, no
+    // spill): CIFAR's 32 -> 64 projection, widths that are not multiples of 64 channels.
+    return launch_mma_forward_pair<128, 32>(pp, stream);
+  }
+}
+
+// The pair's tile: conv_forward_mma's choice for the narrower conv's K, so neither conv's tiles run MMAs on
+// a column block past its K (a bottleneck's 64-channel conv1 beside its 256-channel shortcut: 128x64).
+int conv_forward_mma_pair_k(const ConvForwardPairParams& pp) { return min(pp.a.g.K, pp.b.g.K); }
+
+int conv_forward_mma_pair_tile_rows(const ConvForwardPairParams& pp) {
+  const bool wide_or_half = pp.a.g.C % (kWideChunks * mma_vec(pp.a.dtype)) == 0 ||
+                            pp.a.g.C == kHalfChunks * mma_vec(pp.a.dtype);
+  return conv_forward_mma_pair_k(pp) <= 64 || !wide_or_half ? 128 : 64;  // narrow slices: 128x32 (above)
+}
+
+cudaError_t conv_forward_mma_pair(const ConvForwardPairParams& pp, cudaStream_t stream) {
+  const int k = conv_forward_mma_pair_k(pp);
+  if (k > 64) return launch_mma_forward_pair<64, 128>(pp, stream);
+  if (k > 32) return launch_mma_forward_pair<128, 64>(pp, stream);
+  return k > 16 ? launch_mma_forward_pair<128, 32>(pp, stream) : launch_mma_forward_pair<128, 16>(pp, stream);
 }
 
 cudaError_t conv_forward_mma(const ConvForwardParams& p, cudaStream_t stream) {

@@ -128,6 +128,9 @@ __device__ __forceinline__ void forward_epilogue(const ConvForwardParams& p, acc
 bool conv_forward_mma_applies(const ConvForwardParams& p);
 int conv_forward_mma_tile_rows(const ConvForwardParams& p);
 cudaError_t conv_forward_mma(const ConvForwardParams& p, cudaStream_t stream);
+// The pair (issue 30) on the same kernel body: taken where conv_forward_mma_applies holds for both convs.
+int conv_forward_mma_pair_tile_rows(const ConvForwardPairParams& pp);
+cudaError_t conv_forward_mma_pair(const ConvForwardPairParams& pp, cudaStream_t stream);
 
 }  // namespace detail
 }  // namespace fused_resnet

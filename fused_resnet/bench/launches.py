@@ -50,7 +50,7 @@ class DeviceOps(TorchDispatchMode):
 
 
 # The extension's entry points; each launches exactly one kernel.
-CUDA_KERNELS = ("batch_stats", "conv_forward", "conv_dgrad", "bn_backward_finish", "conv_wgrad", "bn_finalize",
+CUDA_KERNELS = ("batch_stats", "conv_forward", "conv_forward_pair", "conv_dgrad", "bn_backward_finish", "conv_wgrad", "bn_finalize",
                 "column_sums")
 
 

@@ -8,6 +8,7 @@ import torch
 from ._common import acc_dtype
 from .dgrad import bn_backward_finish, conv_dgrad
 from .finalize import column_sums
+from .pair import conv_dgrad_pair, dgrad_pair_applies
 from .wgrad import conv_wgrad_partial
 
 
@@ -24,7 +25,12 @@ def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_sta
     need_sums = need_dg or need_db or batch_stats
     c = x.shape[1]
     out = part = None
-    if need_dx or need_sums:
+    if (need_dx or need_sums) and len(others) == 1 and dgrad_pair_applies(stride, others[0][2]):
+        # one dgrad reducing over both convs (a projection block's conv1 and shortcut at one stride): pair.py
+        gy2, w2, _, padding2, dilation2, _ = others[0]
+        out, part = conv_dgrad_pair(grad_y, weight, gy2, w2, x, mean, scale, beta, invstd, batch_stats, need_sums,
+                                    stride, padding, dilation, padding2, dilation2, relu=relu)
+    elif need_dx or need_sums:
         addend = None
         for gy2, w2, stride2, padding2, dilation2, _ in others:
             addend, _ = conv_dgrad(gy2, x, w2, mean, scale, beta, invstd, False, False, stride2, padding2,

@@ -80,7 +80,8 @@ def _masked_grad(g_ptr, z_ptr, s_ptr, offs_m, offs_c, mask, mask_c, H, W,
                  sgn, sgc, sgh, sgw, szn, szc, szh, szw, ssn, ssc, ssh, ssw,
                  mean_ptr, scale_ptr, beta_ptr, smean_ptr, sscale_ptr, sbeta_ptr,
                  SHORTCUT_BN: tl.constexpr, RELU: tl.constexpr, DT: tl.constexpr, ACC: tl.constexpr):
-    """(g * mask, z, s) of one tile in ACC; the mask from the recomputed pre-activation (NaN -> 0)."""
+    """(g * mask, z, s) of one tile in ACC; the mask from the recomputed pre-activation, as torch's ReLU
+    backward draws it (zero where the output is <= 0, so a NaN output passes its gradient)."""
     z = tl.load(z_ptr + _rows(offs_m, H, W, szn, szh, szw)[:, None] + offs_c[None, :] * szc, mask=mask, other=0.0)
     s = tl.load(s_ptr + _rows(offs_m, H, W, ssn, ssh, ssw)[:, None] + offs_c[None, :] * ssc, mask=mask, other=0.0)
     g = tl.load(g_ptr + _rows(offs_m, H, W, sgn, sgh, sgw)[:, None] + offs_c[None, :] * sgc, mask=mask,
@@ -90,7 +91,7 @@ def _masked_grad(g_ptr, z_ptr, s_ptr, offs_m, offs_c, mask, mask_c, H, W,
                    _channel(beta_ptr, offs_c, mask_c, ACC), s, _channel(smean_ptr, offs_c, mask_c, ACC),
                    _channel(sscale_ptr, offs_c, mask_c, ACC), _channel(sbeta_ptr, offs_c, mask_c, ACC),
                    DT, ACC, SHORTCUT_BN)
-        g = tl.where(pre > 0, g, 0.0)
+        g = tl.where(pre <= 0, 0.0, g)  # ReLU's backward: zero where the output is <= 0 (NaN passes g)
     return tl.where(mask, g, 0.0), z.to(ACC), s.to(ACC)
 
 
@@ -208,6 +209,12 @@ def _bn_add_act_backward_kernel(
                      ds.to(DT), mask=mask)
 
 
+# Each BN output rounded as eager's: (v - mean) * scale, then + beta, no fused multiply-add (the GPU
+# compiler would contract them by default; the interpreter never does, nor does the CUDA kernel).
+def _no_fma():
+    return {} if interpreting() else {"enable_fp_fusion": False}
+
+
 def _tiles(z):
     """(BLOCK_M, BLOCK_C, row tiles, channel blocks, warps) for an elementwise pass over z."""
     n, c, h, w = z.shape
@@ -235,7 +242,7 @@ def bn_add_relu_forward(z, mean, scale, beta, s, s_mean, s_scale, s_beta, y, rel
         z, s, y, mean, scale, beta, s_mean if sbn else mean, s_scale if sbn else scale, s_beta if sbn else beta,
         n, c, h, w, *z.stride(), *s.stride(), *y.stride(),
         SHORTCUT_BN=sbn, RELU=bool(relu), DT=tl_dtype(z.dtype), ACC=tl_dtype(acc_dtype(z.dtype)),
-        BLOCK_M=bm, BLOCK_C=bc, num_warps=warps,
+        BLOCK_M=bm, BLOCK_C=bc, num_warps=warps, **_no_fma(),
     )
 
 
@@ -253,7 +260,7 @@ def bn_add_relu_backward(g, z, mean, scale, beta, invstd, gamma, batch_stats,
     bm, bc, tiles, cbs, warps = _tiles(z)
     groups = _row_groups(tiles, cbs)
     common = dict(SHORTCUT_BN=sbn, RELU=bool(relu), DT=tl_dtype(z.dtype), ACC=tl_dtype(acc), BLOCK_M=bm,
-                  BLOCK_C=bc, num_warps=warps)
+                  BLOCK_C=bc, num_warps=warps, **_no_fma())
     sp = (s_mean, s_scale, s_beta, s_invstd) if sbn else (mean, scale, beta, invstd)
     part = sums = None
     if has_sums:

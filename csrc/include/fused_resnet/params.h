@@ -55,6 +55,15 @@ struct ConvForwardParams {
   float act_floor;    // 0: ReLU; -inf: identity
 };
 
+// Two convs of one activation (a projection block's conv1 and its shortcut) in ONE launch (issue 30): the same
+// x, dtype, BN affine and activation, the same output grid (N, OH, OW); their own weights, K, taps, strides,
+// padding, dilation, y and bias. The grid's columns are a's column tiles, then b's: each block computes one
+// conv's tile exactly as conv_forward's kernel would, so the rows of x the two convs' tiles load are read by
+// blocks that run together. Statistics (part) only for a.
+struct ConvForwardPairParams {
+  ConvForwardParams a, b;
+};
+
 // ga = conv_transpose(gy, w) rounded to dtype; gm = ga where NOT ((x - mean)*scale + beta <= 0); per-tile
 // S1 = sum gm, S2 = sum gm*xhat. beta is read for that mask only: the identity activation (no mask) passes
 // beta = +inf, so every element passes (+inf, or NaN where (x - mean)*scale is -inf or NaN) at no cost here.
@@ -186,6 +195,11 @@ FUSED_RESNET_HD inline int ceil_div(int64_t a, int64_t b) { return static_cast<i
 cudaError_t conv_forward(const ConvForwardParams& p, cudaStream_t stream);
 // Rows per tile of conv_forward's statistics partials for these params (the path it takes decides).
 int conv_forward_tile_rows(const ConvForwardParams& p);
+// One launch for both convs of the pair (a.part null-or-sized by conv_forward_pair_tile_rows); requires
+// conv_forward_pair_applies (same x, dtype, affine, activation, output grid; no residual).
+cudaError_t conv_forward_pair(const ConvForwardPairParams& p, cudaStream_t stream);
+int conv_forward_pair_tile_rows(const ConvForwardPairParams& p);
+bool conv_forward_pair_applies(const ConvForwardPairParams& p);
 cudaError_t conv_dgrad(const ConvDgradParams& p, cudaStream_t stream);
 // Rows of conv_dgrad's [tiles, 2, C] partials for these params (the path it takes decides).
 int conv_dgrad_tiles(const ConvDgradParams& p);
