@@ -18,9 +18,12 @@ measurement, issue 13), "inference" (eval() under torch.no_grad(), forward only)
 import argparse
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The fused_resnet of this checkout, not whichever one is installed (an editable install points elsewhere).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -127,6 +130,7 @@ def main():
                 rows.append((case, mode, *measure(case, mode, args.reps)))
     print(f"torch {torch.__version__}, 1 thread, median of {args.reps} steps each, eager and fused alternating; "
           "fused = backend 'triton' with its launches stubbed")
+    print(f"fused_resnet from {os.path.dirname(fused_resnet.__file__)}")
     for c in cases:
         print(f"  {c}: {CASES[c]}")
     print("| case | mode | eager us | fused us | fused / eager |")
