@@ -139,12 +139,19 @@ def _ref_backward(grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, eps
 # Both expose the same launchers (channel_stats, conv_forward, conv_dgrad_bn, conv_wgrad), so one
 # glue path serves both; `kb` is the backend's launcher module.
 
+_KB: dict = {}  # backend name -> its launcher module, once imported
+
+
 def _kernels(backend: str):
+    kb = _KB.get(backend)
+    if kb is not None:
+        return kb
     # Imported lazily: importing fused_resnet must need neither triton nor the compiled extension.
     if backend == "cuda":
         from . import cuda as kb
     else:
         from . import triton as kb
+    _KB[backend] = kb
     return kb
 
 
@@ -295,8 +302,13 @@ def _conv_backward_impl(
         if g is None:
             out.append(_empty(x))
         else:
-            g = g.to(ref.dtype)
-            out.append(g.contiguous(memory_format=memory_format_of(ref)) if g.dim() == 4 else g.contiguous())
+            if g.dtype != ref.dtype:
+                g = g.to(ref.dtype)
+            if g.dim() != 4:
+                g = g.contiguous()
+            elif g.stride() != ref.stride():  # equal strides (same shape): already ref's (dense) layout
+                g = g.contiguous(memory_format=memory_format_of(ref))
+            out.append(g)
     return tuple(out)
 
 

@@ -44,6 +44,19 @@ def _static(v):
     return t, v
 
 
+if os.name == "posix" and isinstance(getattr(os.environ, "_data", None), dict):
+    # os.environ.get encodes the name and decodes the value (~1 us each); its backing dict is the same state
+    # (os.environ[...] = and monkeypatch.setenv write through to it)
+    _ENV_DATA = os.environ._data
+    _ENV_KEYS = tuple(os.fsencode(n) for n in _ENV)
+
+    def _env():
+        return _ENV_DATA.get(_ENV_KEYS[0]), _ENV_DATA.get(_ENV_KEYS[1])
+else:
+    def _env():
+        return os.environ.get(_ENV[0]), os.environ.get(_ENV[1])
+
+
 def checked(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride,
             padding, dilation, groups, residual, backend, traced):
     """(validate(...), resolve(backend, x.device, geometry.groups)), from the memo when the same metadata
@@ -54,13 +67,12 @@ def checked(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, trai
                        stride, padding, dilation, groups, residual, backend)
         return geo, resolve(backend, x.device, geo.groups)
     try:
-        env = os.environ
-        key = (_meta(x), _meta(weight), _meta(bias), _meta(bn_weight), _meta(bn_bias), _meta(running_mean),
-               _meta(running_var), _meta(residual),
-               running_mean.requires_grad if running_mean is not None else None,
+        key = (type(x), x.shape, x.dtype, x.device, type(weight), weight.shape, weight.dtype, weight.device,
+               _meta(bias), _meta(bn_weight), _meta(bn_bias), _meta(running_mean), _meta(running_var),
+               _meta(residual), running_mean.requires_grad if running_mean is not None else None,
                running_var.requires_grad if running_var is not None else None, torch.is_grad_enabled(),
-               _static(training), _static(momentum), _static(eps), _static(stride), _static(padding),
-               _static(dilation), _static(groups), _static(backend), env.get(_ENV[0]), env.get(_ENV[1]))
+               type(training), training, type(momentum), momentum, type(eps), eps, _static(stride),
+               _static(padding), _static(dilation), type(groups), groups, backend, _env())
         hit = _MEMO.get(key)
     except (AttributeError, TypeError):  # not tensors, or an unhashable argument: validate says what is wrong
         key = hit = None
