@@ -4,17 +4,16 @@ At CIFAR widths a fused layer's kernels run for 5-30 us each on a GPU, so the ho
 decides a step's time as much as the kernels do (issue 30, benchmarks/host_overhead.py). Validating the
 arguments (`_validate.validate`, ~20 us) and resolving the backend (`backends.resolve`, which asks importlib
 and the environment, ~10-40 us) give the same answer for every call with the same tensor metadata and static
-arguments: `checked()` memoizes (geometry, backend) on a tuple of exactly what the two read, and runs them in
-full on a miss, so a bad argument still raises its error (before any kernel runs) on every call.
+arguments, so each memoizes its answer here, on a tuple of exactly what it reads; a miss runs it in full, so a
+bad argument still raises its error (before any kernel runs) on every call, and errors are never memoized.
 
-What the key holds, and why it is enough:
-- each tensor argument's type, shape, dtype and device (None for an absent one); the running buffers'
-  requires_grad and whether grad mode is on (validate refuses running buffers that require grad);
-- each static argument with its type (and its elements' types for a sequence), so that a bool, which
-  hashes and compares equal to an int, never hits an entry made for an int;
-- the two environment variables that resolve() reads (TRITON_INTERPRET, FUSED_RESNET_CUDA_EMULATED).
-Traced calls (torch.compile, fake/functional tensors) never use the memo: validate and resolve run as
-before, and the memo's dict is never touched while compiling.
+validate's key (`validate_key`): each tensor argument's type, shape, dtype and device (None for an absent one);
+the running buffers' requires_grad and whether grad mode is on (validate refuses running buffers that require
+grad); each static argument with its type (and its elements' types for a sequence), so that a bool, which
+hashes and compares equal to an int, never hits an entry made for an int. resolve's key (`resolve_key`): the
+backend, the device, groups and the two environment variables resolve reads (TRITON_INTERPRET,
+FUSED_RESNET_CUDA_EMULATED). Traced calls (torch.compile, fake/functional tensors) never use the memo, and
+the memo's dicts are never touched while compiling.
 """
 from __future__ import annotations
 
@@ -22,13 +21,12 @@ import os
 
 import torch
 
-from ._validate import validate
-from .backends import resolve
-
-_MEMO: dict = {}
+VALIDATED: dict = {}  # validate_key -> ConvGeometry
+RESOLVED: dict = {}  # resolve_key -> backend name
 MAX_ENTRIES = 1024  # a process that keeps changing shapes starts over rather than growing without bound
 _ENV = ("TRITON_INTERPRET", "FUSED_RESNET_CUDA_EMULATED")
-hits = misses = 0  # for tests: how often checked() found its answer in the memo
+hits = 0  # for tests: how often an answer came from the memo
+in_miss = False  # set while validate runs in full for a miss (its memo step then stands aside)
 
 
 def _meta(t):
@@ -57,38 +55,47 @@ else:
         return os.environ.get(_ENV[0]), os.environ.get(_ENV[1])
 
 
-def checked(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride,
-            padding, dilation, groups, residual, backend, traced):
-    """(validate(...), resolve(backend, x.device, geometry.groups)), from the memo when the same metadata
-    and static arguments were seen before. traced: the call is being traced (no memo)."""
-    global hits, misses
-    if traced:
-        geo = validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
-                       stride, padding, dilation, groups, residual, backend)
-        return geo, resolve(backend, x.device, geo.groups)
+def traced(x) -> bool:
+    """Under torch.compile, or x a fake/functional/subclass tensor (or not a tensor): no memo."""
+    return torch.compiler.is_compiling() or type(x) is not torch.Tensor
+
+
+def validate_key(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride,
+                 padding, dilation, groups, residual, backend):
+    """The memo key of a validate call, or None where there is none (traced, unhashable, not tensors)."""
+    if in_miss or traced(x):
+        return None
     try:
-        key = (type(x), x.shape, x.dtype, x.device, type(weight), weight.shape, weight.dtype, weight.device,
+        key = (type(weight), weight.shape, weight.dtype, weight.device, x.shape, x.dtype, x.device,
                _meta(bias), _meta(bn_weight), _meta(bn_bias), _meta(running_mean), _meta(running_var),
                _meta(residual), running_mean.requires_grad if running_mean is not None else None,
                running_var.requires_grad if running_var is not None else None, torch.is_grad_enabled(),
                type(training), training, type(momentum), momentum, type(eps), eps, _static(stride),
-               _static(padding), _static(dilation), type(groups), groups, backend, _env())
-        hit = _MEMO.get(key)
+               _static(padding), _static(dilation), type(groups), groups, type(backend), backend)
+        hash(key)
     except (AttributeError, TypeError):  # not tensors, or an unhashable argument: validate says what is wrong
-        key = hit = None
-    if hit is not None:
-        hits += 1
-        return hit
-    misses += 1
-    geo = validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
-                   stride, padding, dilation, groups, residual, backend)
-    result = (geo, resolve(backend, x.device, geo.groups))
-    if key is not None:
-        if len(_MEMO) >= MAX_ENTRIES:
-            _MEMO.clear()
-        _MEMO[key] = result
-    return result
+        return None
+    return key
+
+
+def resolve_key(backend, device, groups):
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        key = (backend, device, groups, _env())
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def remember(memo: dict, key, value):
+    if len(memo) >= MAX_ENTRIES:
+        memo.clear()
+    memo[key] = value
+    return value
 
 
 def clear():
-    _MEMO.clear()
+    VALIDATED.clear()
+    RESOLVED.clear()

@@ -9,7 +9,6 @@ import torch
 from . import _ops, _sync, reference
 from ._validate import validate
 from .backends import resolve
-from ._plan import checked as _checked
 
 
 _KERNEL_BACKENDS = ("triton", "cuda")  # the backends with a finalize kernel (no ATen tail)
@@ -160,14 +159,14 @@ def bn_relu_conv2d_pair_with_stats(
     relu = _relu(activation)
     (x, weight, bias, weight2, bias2), amp_off = _autocast_inputs(x, weight, bias, weight2, bias2)
     with amp_off:
-        traced = _ops._traced(x)
-        geo, impl = _checked(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
-                                  eps, stride, padding, dilation, 1, None, backend, traced)
+        geo = validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
+                       eps, stride, padding, dilation, 1, None, backend)
         try:
-            geo2, _ = _checked(x, weight2, bias2, bn_weight, bn_bias, running_mean, running_var, training,
-                                    momentum, eps, stride2, padding2, dilation2, 1, None, backend, traced)
+            geo2 = validate(x, weight2, bias2, bn_weight, bn_bias, running_mean, running_var, training, momentum,
+                            eps, stride2, padding2, dilation2, 1, None, backend)
         except (TypeError, ValueError) as e:  # validate names the first conv's arguments
             raise type(e)(f"the second conv (weight2, bias2, stride2, padding2, dilation2): {e}") from None
+        impl = resolve(backend, x.device, 1)
         if x.shape[0] == 0:
             y, y2 = _empty_batch(reference.bn_relu_conv2d_pair, x, weight, weight2, bias, bias2, bn_weight=bn_weight,
                                  bn_bias=bn_bias, running_mean=running_mean, running_var=running_var,
@@ -189,9 +188,9 @@ def bn_relu_conv2d_pair_with_stats(
 def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
                 stride, padding, dilation, groups, residual, backend, input_stats, out_stats, sync_stats,
                 process_group, relu=True):
-    # validate + resolve, memoized per metadata and static arguments (_plan.py); errors still raised every call
-    geo, impl = _checked(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
-                              eps, stride, padding, dilation, groups, residual, backend, _ops._traced(x))
+    geo = validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
+                   eps, stride, padding, dilation, groups, residual, backend)
+    impl = resolve(backend, x.device, geo.groups)
     if x.shape[0] == 0:
         y = _empty_batch(reference.bn_relu_conv2d, x, weight, bias, bn_weight=bn_weight, bn_bias=bn_bias,
                          running_mean=running_mean, running_var=running_var, training=training, momentum=momentum,

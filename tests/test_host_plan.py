@@ -1,5 +1,6 @@
-"""The host path's memo (fused_resnet/_plan.py, issue 30): one module called with changing shapes, dtypes,
-layouts and modes gives eager's results every time, and the memo never turns a bad call into a good one."""
+"""The host path's memo (fused_resnet/_plan.py, issue 30: validate and resolve memoized): one module called
+with changing shapes, dtypes, layouts and modes gives eager's results every time, and the memo never turns a
+bad call into a good one."""
 import copy
 
 import pytest
@@ -182,6 +183,6 @@ def test_memo_is_bounded():
         _plan.MAX_ENTRIES = 3
         for n in range(1, 8):
             fused_resnet.bn_relu_conv2d(torch.randn(n, 3, 2, 2), w, **_args(padding=0))
-            assert len(_plan._MEMO) <= 3
+            assert len(_plan.VALIDATED) <= 3
     finally:
         _plan.MAX_ENTRIES = old
