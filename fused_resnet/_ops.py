@@ -143,12 +143,19 @@ def _ref_backward(grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, eps
 # Both expose the same launchers (channel_stats, conv_forward, conv_dgrad_bn, conv_wgrad), so one
 # glue path serves both; `kb` is the backend's launcher module.
 
+_KB: dict = {}  # backend name -> its launcher module, once imported
+
+
 def _kernels(backend: str):
+    kb = _KB.get(backend)
+    if kb is not None:
+        return kb
     # Imported lazily: importing fused_resnet must need neither triton nor the compiled extension.
     if backend == "cuda":
         from . import cuda as kb
     else:
         from . import triton as kb
+    _KB[backend] = kb
     return kb
 
 
@@ -328,8 +335,13 @@ def _conv_backward_impl(
         if g is None:
             out.append(_empty(x))
         else:
-            g = g.to(ref.dtype)
-            out.append(g.contiguous(memory_format=memory_format_of(ref)) if g.dim() == 4 else g.contiguous())
+            if g.dtype != ref.dtype:
+                g = g.to(ref.dtype)
+            if g.dim() != 4:
+                g = g.contiguous()
+            elif g.stride() != ref.stride():  # equal strides (same shape): already ref's (dense) layout
+                g = g.contiguous(memory_format=memory_format_of(ref))
+            out.append(g)
     return tuple(out)
 
 
@@ -518,10 +530,25 @@ def bn_finalize(*args):
     return _traced_or_direct(bn_finalize_op, _bn_finalize_impl, args[0])(*args)
 
 
+def _needs_autograd(*tensors) -> bool:
+    """Whether an autograd node is needed: grad mode on and some differentiable input requires grad. Without
+    one (inference, no_grad) the implementation runs directly: the same outputs, none requiring grad, as
+    autograd.Function.apply would give, without its ~10 us."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
 def bn_relu_conv2d(*args):
     """The fused conv op: the registered op when traced, else the same code directly."""
     if _traced(args[0]):
         return bn_relu_conv2d_op(*args)
+    # differentiable inputs: x, weight, bias, bn_weight, bn_bias, residual
+    if not _needs_autograd(args[0], args[1], args[2], args[3], args[4], args[7]):
+        return _conv_impl(*args)
     return _FusedConv.apply(*args)
 
 
@@ -542,4 +569,7 @@ def bn_relu_conv2d_pair(*args):
     """The fused pair op (two convs of one BN+ReLU): the registered op when traced, else the same code."""
     if _traced(args[0]):
         return bn_relu_conv2d_pair_op(*args)
+    # differentiable inputs: x, weight, bias, weight2, bias2, bn_weight, bn_bias
+    if not _needs_autograd(*args[:7]):
+        return _pair_impl(*args)
     return _FusedConvPair.apply(*args)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .backends import CHOICES
+from . import _plan
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -93,6 +94,22 @@ def validate_bn(x, bn_weight, bn_bias, running_mean, running_var, training, mome
 
 def validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
              stride, padding, dilation, groups, residual, backend) -> ConvGeometry:
+    # Memoized per tensor metadata and static arguments (_plan.py): a miss runs everything below, so a bad
+    # call raises on every call; traced calls always run everything.
+    key = _plan.validate_key(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
+                             eps, stride, padding, dilation, groups, residual, backend)
+    if key is not None:
+        hit = _plan.VALIDATED.get(key)
+        if hit is not None:
+            _plan.hits += 1
+            return hit
+        _plan.in_miss = True
+        try:
+            geo = validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
+                           stride, padding, dilation, groups, residual, backend)
+        finally:
+            _plan.in_miss = False
+        return _plan.remember(_plan.VALIDATED, key, geo)
     if not isinstance(backend, str) or backend not in CHOICES:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(CHOICES)}")
     _check_tensor("x", x)

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import torch
 
 from . import _emulated
+from . import _plan
 
 BACKENDS = ("reference", "triton", "cuda")
 CHOICES = ("auto",) + BACKENDS
@@ -113,11 +114,25 @@ def available_backends() -> BackendReport:
 
 
 _warned_groups = False
+_resolving = False  # set while resolve runs in full for a memo miss
 
 
 def resolve(backend: str, device: torch.device, groups: int) -> str:
     """The concrete backend for this call, or an error saying why the requested one cannot run it."""
-    global _warned_groups
+    global _warned_groups, _resolving
+    # Memoized per (backend, device, groups, the environment variables read below) (_plan.py): the answer
+    # asks importlib and the environment, 10-40 us a call; errors are never memoized.
+    key = None if _resolving else _plan.resolve_key(backend, device, groups)
+    if key is not None:
+        hit = _plan.RESOLVED.get(key)
+        if hit is not None:
+            _plan.hits += 1
+            return hit
+        _resolving = True
+        try:
+            return _plan.remember(_plan.RESOLVED, key, resolve(backend, device, groups))
+        finally:
+            _resolving = False
     if device.type == "meta":
         # A shape-only run (eager runs on meta tensors too): no kernel can run on tensors without data, so
         # every backend takes the reference path, whose ops propagate shapes and dtypes (and layouts).

@@ -30,6 +30,10 @@ def _finalize_training(x, bn_weight, bn_bias, running_mean, running_var, momentu
             beta=_detached(bn_bias), running_mean=running_mean, running_var=running_var, momentum=float(momentum),
             eps=float(eps), count=count)
     from_x = input_stats is None
+    if not _ops._traced(x):  # run directly: the launchers read the tensors' data, no autograd to keep out
+        m_in, v_in = (None, None) if from_x else input_stats
+        return _ops._bn_finalize_impl(x, m_in, v_in, bn_weight, bn_bias, running_mean, running_var, from_x,
+                                      float(momentum), float(eps), count, impl)
     m_in, v_in = (None, None) if from_x else (s.detach() for s in input_stats)
     return _ops.bn_finalize(x.detach(), m_in, v_in, _detached(bn_weight), _detached(bn_bias), running_mean,
                             running_var, from_x, float(momentum), float(eps), count, impl)
@@ -327,6 +331,9 @@ def _bn_inputs(x, bn_weight, bn_bias, running_mean, running_var, training, momen
         if training:
             fin = _finalize_training(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, input_stats,
                                      count, impl)
+        elif not _ops._traced(x):  # run directly: the launchers read the tensors' data, no autograd to keep out
+            fin = _ops._bn_finalize_impl(x, running_mean, running_var, bn_weight, bn_bias, None, None, False, 0.0,
+                                         float(eps), count, impl)
         else:
             fin = _ops.bn_finalize(x.detach(), running_mean.detach(), running_var.detach(), _detached(bn_weight),
                                    _detached(bn_bias), None, None, False, 0.0, float(eps), count, impl)

@@ -44,13 +44,16 @@ def _bn_arguments(bn, update_running_stats, input_stats, out_stats):
     """The functional API's BN keyword arguments for bn, and whether the call updates bn's buffers (then
     the caller counts num_batches_tracked), as nn.BatchNorm2d.forward decides them."""
     factor, tracking = _momentum(bn, update_running_stats)
+    # process_group only matters to a synchronized BN; a plain one has none (getattr's miss raises and
+    # catches an AttributeError inside nn.Module.__getattr__: microseconds per call)
+    sync = isinstance(bn, (SyncBatchNorm2d, nn.SyncBatchNorm))
     use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     keep_buffers = (not bn.training or bn.track_running_stats) and (update_running_stats or not use_batch_stats)
     kw = dict(bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean if keep_buffers else None,
               running_var=bn.running_var if keep_buffers else None, training=use_batch_stats, momentum=factor,
               eps=bn.eps, input_stats=input_stats if use_batch_stats else None,
-              out_stats=out_stats and use_batch_stats, sync_stats=isinstance(bn, (SyncBatchNorm2d, nn.SyncBatchNorm)),
-              process_group=getattr(bn, "process_group", None))
+              out_stats=out_stats and use_batch_stats, sync_stats=sync,
+              process_group=getattr(bn, "process_group", None) if sync else None)
     return kw, tracking
 
 

@@ -1,0 +1,101 @@
+"""Per-call host work that depends only on shapes, dtypes, devices and static arguments, done once per key.
+
+At CIFAR widths a fused layer's kernels run for 5-30 us each on a GPU, so the host's Python per call
+decides a step's time as much as the kernels do (issue 30, benchmarks/host_overhead.py). Validating the
+arguments (`_validate.validate`, ~20 us) and resolving the backend (`backends.resolve`, which asks importlib
+and the environment, ~10-40 us) give the same answer for every call with the same tensor metadata and static
+arguments, so each memoizes its answer here, on a tuple of exactly what it reads; a miss runs it in full, so a
+bad argument still raises its error (before any kernel runs) on every call, and errors are never memoized.
+
+validate's key (`validate_key`): each tensor argument's type, shape, dtype and device (None for an absent one);
+the running buffers' requires_grad and whether grad mode is on (validate refuses running buffers that require
+grad); each static argument with its type (and its elements' types for a sequence), so that a bool, which
+hashes and compares equal to an int, never hits an entry made for an int. resolve's key (`resolve_key`): the
+backend, the device, groups and the two environment variables resolve reads (TRITON_INTERPRET,
+FUSED_RESNET_CUDA_EMULATED). Traced calls (torch.compile, fake/functional tensors) never use the memo, and
+the memo's dicts are never touched while compiling.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+VALIDATED: dict = {}  # validate_key -> ConvGeometry
+RESOLVED: dict = {}  # resolve_key -> backend name
+MAX_ENTRIES = 1024  # a process that keeps changing shapes starts over rather than growing without bound
+_ENV = ("TRITON_INTERPRET", "FUSED_RESNET_CUDA_EMULATED")
+hits = 0  # for tests: how often an answer came from the memo
+in_miss = False  # set while validate runs in full for a miss (its memo step then stands aside)
+
+
+def _meta(t):
+    if t is None:
+        return None
+    return type(t), t.shape, t.dtype, t.device
+
+
+def _static(v):
+    t = type(v)
+    if t is tuple or t is list:
+        return t, tuple(v), tuple(map(type, v))
+    return t, v
+
+
+if os.name == "posix" and isinstance(getattr(os.environ, "_data", None), dict):
+    # os.environ.get encodes the name and decodes the value (~1 us each); its backing dict is the same state
+    # (os.environ[...] = and monkeypatch.setenv write through to it)
+    _ENV_DATA = os.environ._data
+    _ENV_KEYS = tuple(os.fsencode(n) for n in _ENV)
+
+    def _env():
+        return _ENV_DATA.get(_ENV_KEYS[0]), _ENV_DATA.get(_ENV_KEYS[1])
+else:
+    def _env():
+        return os.environ.get(_ENV[0]), os.environ.get(_ENV[1])
+
+
+def traced(x) -> bool:
+    """Under torch.compile, or x a fake/functional/subclass tensor (or not a tensor): no memo."""
+    return torch.compiler.is_compiling() or type(x) is not torch.Tensor
+
+
+def validate_key(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride,
+                 padding, dilation, groups, residual, backend):
+    """The memo key of a validate call, or None where there is none (traced, unhashable, not tensors)."""
+    if in_miss or traced(x):
+        return None
+    try:
+        key = (type(weight), weight.shape, weight.dtype, weight.device, x.shape, x.dtype, x.device,
+               _meta(bias), _meta(bn_weight), _meta(bn_bias), _meta(running_mean), _meta(running_var),
+               _meta(residual), running_mean.requires_grad if running_mean is not None else None,
+               running_var.requires_grad if running_var is not None else None, torch.is_grad_enabled(),
+               type(training), training, type(momentum), momentum, type(eps), eps, _static(stride),
+               _static(padding), _static(dilation), type(groups), groups, type(backend), backend)
+        hash(key)
+    except (AttributeError, TypeError):  # not tensors, or an unhashable argument: validate says what is wrong
+        return None
+    return key
+
+
+def resolve_key(backend, device, groups):
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        key = (backend, device, groups, _env())
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def remember(memo: dict, key, value):
+    if len(memo) >= MAX_ENTRIES:
+        memo.clear()
+    memo[key] = value
+    return value
+
+
+def clear():
+    VALIDATED.clear()
+    RESOLVED.clear()

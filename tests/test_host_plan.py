@@ -1,0 +1,188 @@
+"""The host path's memo (fused_resnet/_plan.py, issue 30: validate and resolve memoized): one module called
+with changing shapes, dtypes, layouts and modes gives eager's results every time, and the memo never turns a
+bad call into a good one."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fused_resnet
+from fused_resnet import _plan
+from fused_resnet.nn import PreActBlock
+
+KERNEL_BACKENDS = ("triton", "cuda")
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernel_backend(request):
+    report = fused_resnet.available_backends()
+    if request.param not in report:
+        pytest.skip(f"backend {request.param!r} unavailable: {report.unavailable[request.param]}")
+    return request.param
+
+
+# (batch, height, width, dtype, layout, training, grad): each call changes something the memo keys on
+CALLS = [
+    (2, 6, 5, torch.float32, "nchw", True, True),
+    (2, 6, 5, torch.float32, "nchw", True, True),  # a repeat: the memo's hit
+    (3, 6, 5, torch.float32, "nchw", True, True),  # batch size
+    (3, 7, 4, torch.float32, "nchw", True, True),  # spatial size
+    (3, 7, 4, torch.float32, "channels_last", True, True),  # layout
+    (3, 7, 4, torch.float32, "view", True, True),  # a non-contiguous view
+    (2, 5, 5, torch.float64, "nchw", True, True),  # dtype
+    (2, 5, 5, torch.float64, "nchw", False, True),  # eval
+    (2, 5, 5, torch.float32, "channels_last", False, True),
+    (2, 5, 5, torch.float32, "channels_last", False, False),  # eval under no_grad: no autograd node
+    (2, 5, 5, torch.float32, "channels_last", True, True),  # back to training
+]
+
+
+def _input(n, h, w, dtype, layout, c, seed):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "view":  # every other column of a wider tensor: strides no layout has
+        return torch.randn(n, c, h, 2 * w, generator=g).to(dtype)[..., ::2]
+    x = torch.randn(n, c, h, w, generator=g).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def _tol(dtype):
+    return dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+
+
+def test_one_layer_through_changing_calls(kernel_backend):
+    torch.manual_seed(0)
+    bn, conv = nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1, bias=True)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    ebn, econv = copy.deepcopy(bn), copy.deepcopy(conv)
+    layer = fused_resnet.FusedBNReLUConv2d.from_modules(bn, conv, backend=kernel_backend)
+    hits = _plan.hits
+    for i, (n, h, w, dtype, layout, training, grad) in enumerate(CALLS):
+        for m in (layer, ebn, econv):
+            m.to(dtype).train(training)
+        with torch.no_grad():  # each call compares one update (earlier float32 rounding would linger in float64)
+            ebn.running_mean.copy_(bn.running_mean)
+            ebn.running_var.copy_(bn.running_var)
+        x = _input(n, h, w, dtype, layout, 3, i)
+        r = _input(n, h, w, dtype, "nchw", 4, 100 + i)
+        g = _input(n, h, w, dtype, layout, 4, 200 + i)
+        xf, xe = x.clone().requires_grad_(grad), x.clone().requires_grad_(grad)
+        if layout == "view":
+            xf = x.detach().requires_grad_(grad)  # keep the view's strides
+            xe = x.detach().clone().requires_grad_(grad)
+        for p in list(layer.parameters()) + list(ebn.parameters()) + list(econv.parameters()):
+            p.grad = None
+        with torch.set_grad_enabled(grad):
+            y = layer(xf, r)
+            ye = econv(F.relu(ebn(xe))) + r
+        assert y.dtype == ye.dtype and y.shape == ye.shape, i
+        torch.testing.assert_close(y, ye, **_tol(dtype), msg=f"call {i}: output")
+        assert y.requires_grad == grad, i
+        if layout == "channels_last":
+            assert y.is_contiguous(memory_format=torch.channels_last), i
+        torch.testing.assert_close(bn.running_mean, ebn.running_mean, **_tol(dtype), msg=f"call {i}: running_mean")
+        torch.testing.assert_close(bn.running_var, ebn.running_var, **_tol(dtype), msg=f"call {i}: running_var")
+        if grad:
+            y.backward(g)
+            ye.backward(g)
+            for a, b, name in ((xf.grad, xe.grad, "dx"), (conv.weight.grad, econv.weight.grad, "dW"),
+                               (conv.bias.grad, econv.bias.grad, "dbias"), (bn.weight.grad, ebn.weight.grad, "dgamma"),
+                               (bn.bias.grad, ebn.bias.grad, "dbeta")):
+                torch.testing.assert_close(a, b, **_tol(dtype), msg=f"call {i}: {name}")
+    assert _plan.hits > hits  # the repeated call found its answer in the memo
+
+
+def test_block_through_changing_calls(kernel_backend):
+    """A projection block (the pair op) and its identity sibling, batch and layout changing between calls."""
+    torch.manual_seed(1)
+    for in_planes, planes, stride in ((4, 4, 1), (4, 8, 2)):
+        eager = PreActBlock(in_planes, planes, stride, fused=False)
+        fused = PreActBlock(in_planes, planes, stride, backend=kernel_backend)
+        fused.load_state_dict(eager.state_dict())
+        for i, (n, layout, training) in enumerate([(2, "nchw", True), (3, "channels_last", True), (2, "nchw", False),
+                                                   (3, "view", True)]):
+            eager.train(training)
+            fused.train(training)
+            x = _input(n, 6, 6, torch.float32, layout, in_planes, 300 + i)
+            xf = x.detach().requires_grad_()
+            xe = x.detach().clone().requires_grad_()
+            y, ye = fused(xf), eager(xe)
+            torch.testing.assert_close(y, ye, rtol=2e-4, atol=2e-4)
+            g = torch.randn_like(ye)
+            y.backward(g)
+            ye.backward(g)
+            torch.testing.assert_close(xf.grad, xe.grad, rtol=2e-4, atol=2e-4)
+            for (name, p), pe in zip(fused.named_parameters(), eager.parameters()):
+                torch.testing.assert_close(p.grad, pe.grad, rtol=2e-4, atol=2e-4, msg=name)
+                p.grad = pe.grad = None
+            for (name, b), be in zip(fused.named_buffers(), eager.buffers()):
+                torch.testing.assert_close(b, be, rtol=2e-4, atol=2e-4, msg=name)
+
+
+def _args(**kw):
+    torch.manual_seed(2)
+    a = dict(bn_weight=torch.ones(3), bn_bias=torch.zeros(3), running_mean=torch.zeros(3), running_var=torch.ones(3),
+             training=True, stride=1, padding=1, backend="triton")
+    a.update(kw)
+    return a
+
+
+def test_memo_never_skips_a_check():
+    """Each bad call right after the same call made good: the memo must not answer for it."""
+    if "triton" not in fused_resnet.available_backends():
+        pytest.skip("triton unavailable")
+    x, w = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    good = _args()
+    fused_resnet.bn_relu_conv2d(x, w, **good)
+    fused_resnet.bn_relu_conv2d(x, w, **good)
+    bad = {
+        "bool stride": (dict(stride=(True, 1)), TypeError),
+        "bool padding": (dict(padding=True), TypeError),
+        "bool training": (dict(training=1), TypeError),
+        "bool momentum": (dict(momentum=True), TypeError),
+        "running buffer requiring grad": (dict(running_mean=torch.zeros(3, requires_grad=True)), RuntimeError),
+        "wrong dtype": (dict(bn_weight=torch.ones(3, dtype=torch.float64)), TypeError),
+        "unknown backend": (dict(backend="tritonn"), ValueError),
+        "eps 0 in training": (dict(eps=0.0), ValueError),
+    }
+    for name, (change, error) in bad.items():
+        with pytest.raises(error):
+            fused_resnet.bn_relu_conv2d(x, w, **_args(**change))
+        fused_resnet.bn_relu_conv2d(x, w, **good)  # and the good call still passes
+    with pytest.raises(ValueError):  # a residual of the wrong shape, after one of the right shape
+        fused_resnet.bn_relu_conv2d(x, w, residual=torch.randn(2, 4, 5, 5), **good)
+        fused_resnet.bn_relu_conv2d(x, w, residual=torch.randn(2, 4, 5, 4), **good)
+    # running buffers requiring grad are legal under no_grad (eager's rule), refused again with grad on
+    rm = torch.zeros(3, requires_grad=True)
+    with torch.no_grad():
+        fused_resnet.bn_relu_conv2d(x, w, **_args(running_mean=rm))
+    with pytest.raises(RuntimeError):
+        fused_resnet.bn_relu_conv2d(x, w, **_args(running_mean=rm))
+
+
+def test_memo_follows_the_environment(monkeypatch):
+    """resolve()'s answer depends on FUSED_RESNET_CUDA_EMULATED: the memo keys on it."""
+    if "cuda" not in fused_resnet.available_backends() or torch.cuda.is_available():
+        pytest.skip("needs the emulated CUDA build (CPU only)")
+    x, w = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    fused_resnet.bn_relu_conv2d(x, w, **_args(backend="cuda"))
+    monkeypatch.setenv("FUSED_RESNET_CUDA_EMULATED", "0")
+    with pytest.raises(RuntimeError, match="not available"):
+        fused_resnet.bn_relu_conv2d(x, w, **_args(backend="cuda"))
+
+
+def test_memo_is_bounded():
+    if "triton" not in fused_resnet.available_backends():
+        pytest.skip("triton unavailable")
+    w = torch.randn(4, 3, 1, 1)
+    old = _plan.MAX_ENTRIES
+    try:
+        _plan.MAX_ENTRIES = 3
+        for n in range(1, 8):
+            fused_resnet.bn_relu_conv2d(torch.randn(n, 3, 2, 2), w, **_args(padding=0))
+            assert len(_plan.VALIDATED) <= 3
+    finally:
+        _plan.MAX_ENTRIES = old
