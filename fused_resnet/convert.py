@@ -616,10 +616,13 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: list) -> 
             if activation == "relu":
                 why = (f"its ReLU output is needed by {_users(gm, bad, prefix) or 'nothing'}{also}; the fused op "
                        "never materializes relu(bn(x)), so every user must be a convolution")
+                if any(u.op == "call_module" and isinstance(gm.get_submodule(u.target), nn.MaxPool2d) for u in bad):
+                    why += (" (a ResNet stem's BN -> ReLU -> max-pool: no fused kernel takes the BN and ReLU into a "
+                            "pool yet; eager runs it, the same result)")
             else:
                 why = (f"its output goes to {_users(gm, bad, prefix) or 'nothing'}{also}; fusion needs it to feed "
-                       "one ReLU whose users are all convolutions, or convolutions only (post-activation "
-                       "BN -> add -> ReLU is not fused yet)")
+                       "one ReLU whose users are all convolutions, convolutions only, or one add (a "
+                       "post-activation block's end, BN -> add (-> ReLU))")
             report.append(Entry(where, False, why))
             continue
         hooked = [n for n in [bn_node, act_node, *passed, *between, *(c for c, _ in convs)]
