@@ -7,8 +7,7 @@ merges them itself (it already does so for a statistics pass): one launch per li
 every pre- and post-activation block in training.
 
 Only the eager path defers (torch.compile sees plain (mean, var) tensors), and only for the library's own
-blocks, which pass the statistics straight to the next layer. A PendingStats is a (mean, var) tuple: any
-other reader that indexes or unpacks it gets them merged first (one launch, as without deferral).
+blocks, which pass the statistics straight to the next layer; what they return to a caller is resolved.
 """
 from __future__ import annotations
 
@@ -30,39 +29,40 @@ def take(mean):
     return last[1]
 
 
-class PendingStats(tuple):
-    """(mean, var) of a conv's output whose partials are merged by their consumer's finalize launch, or
-    on first access by anyone else."""
+class PendingStats:
+    """(mean, var) of a conv's output whose partials are merged by their consumer's finalize launch, or on
+    first access by anyone else. Not a tuple: C-level readers of a tuple (torch.stack(stats)) would see the
+    unmerged tensors; this one is read only through Python (iteration, indexing), which merges first. The
+    library's public functions never return one (nn.py resolves it at its boundary)."""
 
-    def __new__(cls, mean, var, partials, backend):
-        self = super().__new__(cls, (mean, var))
-        self.partials, self.backend = partials, backend
-        return self
+    __slots__ = ("_mean", "_var", "partials", "backend")
+
+    def __init__(self, mean, var, partials, backend):
+        self._mean, self._var, self.partials, self.backend = mean, var, partials, backend
 
     def claim(self):
         """For the finalize that merges them itself: (partials, mean, var), or None if already merged. The
-        finalize writes the merged moments into mean and var (so the tuple is complete afterwards)."""
+        finalize writes the merged moments into mean and var."""
         if self.partials is None:
             return None
         partials, self.partials = self.partials, None
-        mean, var = tuple.__getitem__(self, 0), tuple.__getitem__(self, 1)
-        return partials, mean, var
+        return partials, self._mean, self._var
 
-    def _resolve(self):
+    def resolved(self):
+        """(mean, var) as a plain tuple, merged (one launch) if nobody has merged them yet."""
         claimed = self.claim()
         if claimed is not None:
             partials, mean, var = claimed
             from ._ops import _kernels
 
             _kernels(self.backend).bn_finalize(mean.shape[0], mean.dtype, partials=partials, mean=mean, var=var)
-
-    def __getitem__(self, i):
-        self._resolve()
-        return tuple.__getitem__(self, i)
+        return self._mean, self._var
 
     def __iter__(self):
-        self._resolve()
-        return tuple.__iter__(self)
+        return iter(self.resolved())
 
-    def __reduce__(self):
-        return (tuple, (tuple(self),))
+    def __getitem__(self, i):
+        return self.resolved()[i]
+
+    def __len__(self):
+        return 2

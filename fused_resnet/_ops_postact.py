@@ -10,6 +10,7 @@ outside, in functional.py. Nothing but z and s is saved for backward: not the BN
 """
 from __future__ import annotations
 
+import inspect
 from typing import List, Optional, Tuple
 
 import torch
@@ -126,7 +127,25 @@ def _bn_add_relu_backward_impl(
     return tuple(out)
 
 
-bn_add_relu_backward_op = torch.library.custom_op("fused_resnet::bn_add_relu_backward", _bn_add_relu_backward_impl,
+def _registered_backward_impl(g, z, s, *rest):
+    """The registered op's outputs may alias neither its inputs nor each other (the affine gradients are
+    rows of one [3, C] sums tensor, dbeta and the shortcut's dbeta the same row; the reference's identity
+    shortcut gradient can be g itself): copies where they would. The eager path takes them as they are."""
+    out, seen = [], {t.untyped_storage().data_ptr() for t in (g, z, s)}
+    for t in _bn_add_relu_backward_impl(g, z, s, *rest):
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                t = t.clone(memory_format=memory_format_of(t)) if t.dim() == 4 else t.clone()
+            seen.add(t.untyped_storage().data_ptr())
+        out.append(t)
+    return tuple(out)
+
+
+# The schema comes from the signature: the wrapper takes the impl's.
+_registered_backward_impl.__annotations__ = _bn_add_relu_backward_impl.__annotations__
+_registered_backward_impl.__signature__ = inspect.signature(_bn_add_relu_backward_impl)
+bn_add_relu_backward_op = torch.library.custom_op("fused_resnet::bn_add_relu_backward", _registered_backward_impl,
                                                   mutates_args=())
 
 

@@ -7,6 +7,9 @@ a Proxy happens once, at trace time, and is frozen into the graph:
   of a constant): stochastic depth, shake-drop and drop-path written that way would keep one draw;
 - grad-mode and autocast context managers (`torch.no_grad()`, `torch.autocast`): fx records no context,
   so the graph would compute gradients or dtypes the original does not;
+- in-place arithmetic (`x += y`): a Proxy has no `__iadd__`, so Python falls back to `x = x + y` and the
+  graph writes a new tensor where the original wrote into x (seen by every view of it, by the caller who
+  passed it). Here it records `operator.iadd` (and the other in-place operators), which runs in place;
 - a custom `torch.autograd.Function`: fx runs its forward on the Proxies and loses its backward (a
   straight-through estimator's gradient becomes sign()'s zero; shake-drop's random backward disappears).
   Here its forward, called with Proxies, records one node that calls `Cls.apply` at run time, the class
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import operator
 import random
 
 import torch
@@ -98,7 +102,7 @@ def _setup_context_defined(cls) -> bool:
 @contextlib.contextmanager
 def guarded(tracer: fx.Tracer):
     """While tracing with `tracer`: the refusals and the autograd.Function node described above."""
-    saved = []
+    saved, added = [], []
 
     def patch(obj, name, value):
         saved.append((obj, name, obj.__dict__[name] if isinstance(obj, type) else getattr(obj, name)))
@@ -134,8 +138,25 @@ def guarded(tracer: fx.Tracer):
                     patch(numpy.random, name, _refuse(f"numpy.random.{name}()"))
         for ctx in _CONTEXTS:
             patch(ctx, "__enter__", _refuse(f"a {ctx.__name__} context"))
+        added = []
+        for name in _INPLACE:
+            if name not in fx.Proxy.__dict__:
+                setattr(fx.Proxy, name, _inplace(getattr(operator, name.strip("_"))))
+                added.append(name)
         with _RandomGuard():
             yield
     finally:
+        for name in added:
+            delattr(fx.Proxy, name)
         for obj, name, value in reversed(saved):
             setattr(obj, name, value)
+
+
+_INPLACE = ("__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__",
+            "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__")
+
+
+def _inplace(op):
+    def record(self, other):
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+    return record

@@ -80,7 +80,7 @@ def validate_bn(x, bn_weight, bn_bias, running_mean, running_var, training, mome
         raise ValueError(f"{who}training=False (eval mode) needs running_mean and running_var; "
                          "pass them, or use training=True for batch statistics")
     if training and x.numel() // c == 1:  # eager's rule: n = 0 is an empty batch, not one value
-        raise ValueError(f"training mode needs more than 1 value per channel for batch statistics, "
+        raise ValueError(f"{who}training mode needs more than 1 value per channel for batch statistics, "
                          f"got x of shape {tuple(x.shape)}")
     if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
         raise TypeError(f"{who}momentum must be a float, got {momentum!r}")
@@ -89,7 +89,7 @@ def validate_bn(x, bn_weight, bn_bias, running_mean, running_var, training, mome
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < float("inf"):
         raise ValueError(f"{who}eps must be a finite float >= 0, got {eps!r}")
     if training and eps == 0:  # eager's rule, with its words: batch statistics of a constant channel need eps
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps!r}")
+        raise ValueError(f"{who}batch_norm eps must be positive during training, but got {eps!r}")
 
 
 def validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,

@@ -47,7 +47,7 @@ from torch import fx, nn
 
 from ._trace_guards import autograd_function_apply, guarded
 from ._validate import output_size
-from .functional import bn_add_relu, bn_relu_conv2d_pair_with_stats, bn_relu_conv2d_with_stats
+from .functional import BN_KEYWORDS, bn_add_relu, bn_relu_conv2d_pair_with_stats, bn_relu_conv2d_with_stats
 from .nn import FusedBNReLUConv2d, FusedBNReLUConv2dPair, PreActBlock, _bn_arguments, _count_batch
 from .nn_postact import PostActBlock
 from .sync_bn import SyncBatchNorm2d
@@ -340,7 +340,7 @@ def _fused_bn_act_conv_pair(x, bn, conv, conv2, *, activation="relu", backend="a
     return y, y2
 
 
-_BN_KEYS = ("bn_weight", "bn_bias", "running_mean", "running_var", "training", "momentum", "eps")
+_BN_KEYS = BN_KEYWORDS
 
 
 def _add_fusable_at_run_time(z, bn, shortcut, shortcut_bn):
@@ -360,12 +360,15 @@ def _add_fusable_at_run_time(z, bn, shortcut, shortcut_bn):
     return True
 
 
-def _fused_bn_add_act(z, bn, shortcut, shortcut_bn=None, *, activation="relu", backend="auto"):
+def _fused_bn_add_act(z, bn, shortcut, shortcut_bn=None, *, activation="relu", inplace=False, backend="auto"):
     """act(bn(z) + t), t = shortcut or shortcut_bn(shortcut): a post-activation block's end (torchvision's
-    `relu(bn3(out) + identity)`) in one op. BNs as _fused_bn_act_conv takes them."""
+    `relu(bn3(out) + identity)`) in one op. BNs as _fused_bn_act_conv takes them. inplace: the graph added
+    in place into bn(z) (`out += identity`), which keeps bn(z)'s dtype where an add would promote; the
+    eager fallback replays that, the BNs in the graph's order."""
     if not _add_fusable_at_run_time(z, bn, shortcut, shortcut_bn):
+        y = _eager_bn_act(z, bn, "identity")
         t = _eager_bn_act(shortcut, shortcut_bn, "identity") if shortcut_bn is not None else shortcut
-        y = _eager_bn_act(z, bn, "identity") + t
+        y = y.add_(t) if inplace else y + t
         return torch.relu(y) if activation == "relu" else y
     kw, counted = _bn_call(bn, True)
     s_kw, s_counted = _bn_call(shortcut_bn, True) if shortcut_bn is not None else (None, None)
@@ -516,6 +519,8 @@ def _residual_add(conv_node):
     other = b if a is conv_node else a
     if other is conv_node or not isinstance(other, fx.Node):
         return None, None
+    if add.target is operator.iadd and a is other:
+        return None, None  # `residual += conv(x)` writes into the residual's tensor: the fused op would not
     return add, other
 
 
@@ -664,6 +669,7 @@ class _PostAct(NamedTuple):
     shortcut: fx.Node       # the add's other operand
     shortcut_site: object   # its _Site when it is a batch norm used only by the add, else None
     between: list           # Identity nodes passed after the BN and after the add
+    inplace: bool           # `out += shortcut` into the BN's output (its dtype kept)
 
 
 def _post_activation(gm, site, prefix):
@@ -678,8 +684,10 @@ def _post_activation(gm, site, prefix):
     other = b if a is mine else a
     if other is mine or not isinstance(other, fx.Node):
         return None
-    if add.target is operator.iadd and a is other and len(other.users) > 1:
-        return None  # `shortcut += bn(z)` changes a tensor others read: the fused op would not
+    if add.target is operator.iadd and a is other:
+        # `shortcut += bn(z)` writes into the shortcut's tensor, which may be seen elsewhere however few graph
+        # users it has (a view of another tensor, the caller's input, a buffer); the fused op writes a new one.
+        return None
     relu, passed2 = _skip_identity(gm, add)
     out, activation = (relu, "relu") if relu is not None and _is_relu(gm, relu) else (add, "identity")
     if activation == "identity":
@@ -688,8 +696,18 @@ def _post_activation(gm, site, prefix):
     if len(other.users) == 1:
         candidate, _ = _site(gm, other, prefix)
         if candidate is not None and candidate.act_in_module is None:
+            if _same_bn(site, candidate):
+                # One BN on both sides: eager updates its running statistics (and, with momentum=None, its
+                # factor) once per call, in order; one fused op cannot reproduce the second call's factor.
+                return None
             other_site = candidate
-    return _PostAct(add, out, activation, other, other_site, passed + passed2)
+    return _PostAct(add, out, activation, other, other_site, passed + passed2, add.target is operator.iadd)
+
+
+def _same_bn(a, b) -> bool:
+    if a.bn is not None or b.bn is not None:
+        return a.bn is b.bn
+    return any(x is y and isinstance(x, fx.Node) for x, y in zip(a.bn_arg[:4], b.bn_arg[:4]))
 
 
 def _fuse_post_activation(gm, site, post, backend, report):
@@ -710,7 +728,8 @@ def _fuse_post_activation(gm, site, post, backend, report):
     else:
         args += [post.shortcut, None]
     with gm.graph.inserting_before(at):
-        new = gm.graph.call_function(_fused_bn_add_act, tuple(args), dict(activation=post.activation, backend=backend))
+        new = gm.graph.call_function(_fused_bn_add_act, tuple(args),
+                                     dict(activation=post.activation, inplace=post.inplace, backend=backend))
     at.replace_all_uses_with(new)
     pending = list(dict.fromkeys([post.out, *post.between, post.add, *(s.node for s in sites)]))
     while pending:  # users before what they use

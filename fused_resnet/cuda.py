@@ -86,12 +86,18 @@ def conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, paddin
     ext = _ext(x)
     part, tile_rows = ext.conv_forward(x, weight, bias, mean, scale, beta, residual, y, list(stride),
                                        list(padding), list(dilation), bool(out_stats), _tf32(), bool(relu))
+    return _out_stats(part, tile_rows, y, out_stats)
+
+
+def _out_stats(part, tile_rows, y, out_stats):
+    """y's statistics from the forward kernel's partials: None, (mean, var), or (out_stats="partials") the
+    partials themselves, merged later by the finalize of the BN that reads y (_deferred.py)."""
     if not out_stats:
         return None
     partials = (part, tile_rows, y.shape[0] * y.shape[2] * y.shape[3])
-    if out_stats == "partials":  # merged later, by the finalize of the BN that reads y (_deferred.py)
+    if out_stats == "partials":
         return partials
-    return moments(partials, _acc(x.dtype))
+    return moments(partials, _acc(y.dtype))
 
 
 def conv_forward_pair(x, weight, weight2, bias, bias2, mean, scale, beta, y, y2, stride, padding, dilation, stride2,
@@ -111,12 +117,7 @@ def conv_forward_pair(x, weight, weight2, bias, bias2, mean, scale, beta, y, y2,
         conv_forward(x, weight2, bias2, mean, scale, beta, None, y2, stride2, padding2, dilation2, relu=relu)
         return conv_forward(x, weight, bias, mean, scale, beta, None, y, stride, padding, dilation,
                             out_stats=out_stats, relu=relu)
-    if not out_stats:
-        return None
-    partials = (part, tile_rows, y.shape[0] * y.shape[2] * y.shape[3])
-    if out_stats == "partials":  # merged later, by the finalize of the BN that reads y (_deferred.py)
-        return partials
-    return moments(partials, _acc(x.dtype))
+    return _out_stats(part, tile_rows, y, out_stats)
 
 
 # The emulated build's stand-in SM count: small, so that split-K takes several chunks at test sizes.

@@ -238,7 +238,8 @@ def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
     return (y, *_stats_out(impl, out_arg, mean_y, var_y)) if out_stats else (y, None, None)
 
 
-_SHORTCUT_BN_KEYS = ("bn_weight", "bn_bias", "running_mean", "running_var", "training", "momentum", "eps")
+# The batch norm's keyword arguments, as every op here takes them (and bn_add_relu's shortcut_bn dict).
+BN_KEYWORDS = ("bn_weight", "bn_bias", "running_mean", "running_var", "training", "momentum", "eps")
 
 
 def bn_add_relu(x, shortcut, *, bn_weight=None, bn_bias=None, running_mean=None, running_var=None, training=False,
@@ -258,11 +259,11 @@ def bn_add_relu(x, shortcut, *, bn_weight=None, bn_bias=None, running_mean=None,
     validate_bn(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
     sbn = None
     if shortcut_bn is not None:
-        if not isinstance(shortcut_bn, dict) or set(shortcut_bn) - set(_SHORTCUT_BN_KEYS):
-            raise TypeError(f"shortcut_bn must be a dict with keys among {', '.join(_SHORTCUT_BN_KEYS)}, "
+        if not isinstance(shortcut_bn, dict) or set(shortcut_bn) - set(BN_KEYWORDS):
+            raise TypeError(f"shortcut_bn must be a dict with keys among {', '.join(BN_KEYWORDS)}, "
                             f"got {shortcut_bn!r}")
-        sbn = dict(zip(_SHORTCUT_BN_KEYS, (None, None, None, None, False, 0.1, 1e-5)), **shortcut_bn)
-        validate_bn(shortcut, *(sbn[k] for k in _SHORTCUT_BN_KEYS), who="shortcut_bn ")
+        sbn = dict(zip(BN_KEYWORDS, (None, None, None, None, False, 0.1, 1e-5)), **shortcut_bn)
+        validate_bn(shortcut, *(sbn[k] for k in BN_KEYWORDS), who="shortcut_bn ")
     impl = resolve(backend, x.device, 1)
     if x.shape[0] == 0:
         return _empty_batch(reference.bn_add_relu, x, shortcut, bn_weight=bn_weight, bn_bias=bn_bias,

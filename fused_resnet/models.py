@@ -59,7 +59,7 @@ class PreActResNet(nn.Module):
         for i, blk in enumerate(blocks):
             if self.fused:
                 # The last block's statistics would feed the plain final BN, which computes its own.
-                x, stats = blk.forward_with_stats(x, stats, want_stats=i < len(blocks) - 1)
+                x, stats = blk._forward_chain(x, stats, want_stats=i < len(blocks) - 1)
             else:
                 x = blk(x)
         x = F.relu(self.bn(x))

@@ -63,33 +63,34 @@ def _count_batch(bn, tracking):
 
 
 def fused_bn_relu_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d, x, residual=None, *, backend="auto",
-                       input_stats=None, out_stats=False, update_running_stats=True):
+                       input_stats=None, out_stats=False, update_running_stats=True, _deferred=False):
     """conv(relu(bn(x))) (+ residual) with nn.BatchNorm2d's exact training/eval semantics.
 
     Mirrors nn.BatchNorm2d.forward: num_batches_tracked, momentum=None (cumulative average),
     track_running_stats=False. update_running_stats=False lets a second consumer of the same BN use
     batch statistics without updating the buffers a second time. A SyncBatchNorm2d (or nn.SyncBatchNorm)
     bn synchronizes its training statistics over its process group.
-    Returns (y, stats_of_y or None).
+    Returns (y, stats_of_y or None). _deferred (the library's blocks, which hand the statistics straight
+    to the next fused layer): they may come as a _deferred.PendingStats.
     """
     kw, tracking = _bn_arguments(bn, update_running_stats, input_stats, out_stats)
     y, mean, var = bn_relu_conv2d_with_stats(
         x, conv.weight, conv.bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-        groups=conv.groups, residual=residual, backend=backend, _deferred=True, **kw)
+        groups=conv.groups, residual=residual, backend=backend, _deferred=_deferred, **kw)
     _count_batch(bn, tracking)
     return y, _stats(mean, var)
 
 
 def _stats(mean, var):
-    """The statistics a fused call hands on: a PendingStats as it is (its merge left to the next BN's
-    finalize, or to whoever reads it), (mean, var), or None."""
+    """The statistics a fused call hands on: a PendingStats as it is (functional.py returns one in mean's
+    place, var None: its merge is left to the next BN's finalize), (mean, var), or None."""
     if mean is None or var is None:
         return mean
     return mean, var
 
 
 def fused_bn_relu_conv_pair(bn: nn.BatchNorm2d, conv: nn.Conv2d, conv2: nn.Conv2d, x, *, backend="auto",
-                            input_stats=None, out_stats=False):
+                            input_stats=None, out_stats=False, _deferred=False):
     """(conv(a), conv2(a), stats of conv(a) or None) for a = relu(bn(x)): one fused op with one autograd
     node (a projection block's conv1 and shortcut), bn's buffers updated once, with fused_bn_relu_conv's
     semantics. Both convs groups=1, padding_mode='zeros'."""
@@ -101,7 +102,7 @@ def fused_bn_relu_conv_pair(bn: nn.BatchNorm2d, conv: nn.Conv2d, conv2: nn.Conv2
     y, y2, mean, var = bn_relu_conv2d_pair_with_stats(
         x, conv.weight, conv2.weight, conv.bias, conv2.bias, stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, stride2=conv2.stride, padding2=conv2.padding, dilation2=conv2.dilation,
-        backend=backend, _deferred=True, **kw)
+        backend=backend, _deferred=_deferred, **kw)
     _count_batch(bn, tracking)
     return y, y2, _stats(mean, var)
 
@@ -182,11 +183,17 @@ class PreActBlock(nn.Module):
         return [(self.bn1, self.conv1), (self.bn2, self.conv2)]
 
     def forward(self, x):
-        return self.forward_with_stats(x, None, False)[0]
+        return self._forward_chain(x, None, False)[0]
 
     def forward_with_stats(self, x, input_stats=None, want_stats=True):
         """Fused path with statistics passed along: input_stats are x's batch statistics (from the
-        previous block's last epilogue); returns (out, statistics of out or None)."""
+        previous block's last epilogue); returns (out, (mean, var) of out or None)."""
+        out, stats = self._forward_chain(x, input_stats, want_stats)
+        return out, (tuple(stats) if stats is not None else None)
+
+    def _forward_chain(self, x, input_stats, want_stats):
+        """forward_with_stats whose statistics may stay a _deferred.PendingStats (the model hands them to
+        the next block's bn1, whose finalize merges them in its own launch)."""
         if not self.fused:
             return self._forward_plain(x), None
         chain = self._chain()
@@ -196,12 +203,12 @@ class PreActBlock(nn.Module):
             # gradient (as eager does) and its buffers are updated once.
             bn1, conv1 = chain[0]
             out, sc, stats = fused_bn_relu_conv_pair(bn1, conv1, self.shortcut, x, backend=self.backend,
-                                                     input_stats=input_stats, out_stats=True)
+                                                     input_stats=input_stats, out_stats=True, _deferred=True)
             first = 1
         for i, (bn, conv) in enumerate(chain[first:], first):
             last = i == len(chain) - 1
             out, stats = fused_bn_relu_conv(bn, conv, out, sc if last else None, backend=self.backend,
-                                            input_stats=stats, out_stats=want_stats or not last)
+                                            input_stats=stats, out_stats=want_stats or not last, _deferred=True)
         return out, stats
 
     def _forward_plain(self, x):

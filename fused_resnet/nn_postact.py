@@ -16,14 +16,14 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import bn_add_relu
+from .functional import BN_KEYWORDS, bn_add_relu
 from .nn import _bn_arguments, _check_backend, _count_batch, fused_bn_relu_conv
 from .sync_bn import SyncBatchNorm2d
 
 
 def _bn_only(kw):
     """The BN keyword arguments bn_add_relu takes from _bn_arguments' (no conv, no synchronization)."""
-    return {k: kw[k] for k in ("bn_weight", "bn_bias", "running_mean", "running_var", "training", "momentum", "eps")}
+    return {k: kw[k] for k in BN_KEYWORDS}
 
 
 def _synchronized(*bns):
@@ -73,17 +73,32 @@ class PostActBlock(nn.Module):
         """The BN -> ReLU -> conv chain inside the block (after conv1) and the BN that ends it."""
         return [(self.bn1, self.conv2)], self.bn2
 
+    def _projection(self):
+        """(conv, BN) of the downsample shortcut, None for an identity shortcut; False when the downsample
+        is something else (a user's replacement: the block then runs eager's forward)."""
+        d = self.downsample
+        if d is None:
+            return None
+        if (isinstance(d, nn.Sequential) and len(d) == 2 and type(d[0]).forward is nn.Conv2d.forward
+                and type(d[1]).forward is nn.BatchNorm2d.forward and not d._forward_hooks and not d._forward_pre_hooks):
+            return d[0], d[1]
+        return False
+
     def forward(self, x):
         chain, last_bn = self._inner()
-        bns = [bn for bn, _ in chain] + [last_bn] + ([self.downsample[1]] if self.downsample is not None else [])
-        if not self.fused or _synchronized(*bns):
+        proj = self._projection()
+        if not self.fused or proj is False or _synchronized(*[bn for bn, _ in chain], last_bn, *(proj or ())):
             return self._forward_plain(x)
         out, stats = self.conv1(x), None
         for bn, conv in chain:
-            out, stats = fused_bn_relu_conv(bn, conv, out, backend=self.backend, input_stats=stats, out_stats=True)
-        if self.downsample is None:
-            return fused_bn_add_relu(last_bn, out, x, backend=self.backend, input_stats=stats)
-        return fused_bn_add_relu(last_bn, out, self.downsample[0](x), self.downsample[1], backend=self.backend,
+            out, stats = fused_bn_relu_conv(bn, conv, out, backend=self.backend, input_stats=stats, out_stats=True,
+                                            _deferred=True)
+        shortcut = proj[0](x) if proj else x
+        if shortcut.dtype != out.dtype:
+            # Under autocast an identity shortcut stays float32 beside a bf16 conv output: eager's add promotes,
+            # which the fused op (one dtype) does not do.
+            return F.relu(last_bn(out) + (proj[1](shortcut) if proj else shortcut))
+        return fused_bn_add_relu(last_bn, out, shortcut, proj[1] if proj else None, backend=self.backend,
                                  input_stats=stats)
 
     def _forward_plain(self, x):

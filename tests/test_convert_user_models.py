@@ -273,3 +273,91 @@ def test_converted_model_compiles_fullgraph(training):
         torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-5)
         for (k, a), b in zip(model.state_dict().items(), conv.state_dict().values()):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=k)
+
+
+# ---------------------------------------------------------------------------------------------------- post-activation
+# BN -> add (-> ReLU): fused where the fused op computes what the graph does, left alone where it cannot.
+
+
+class PostActEnd(nn.Module):
+    """torchvision's block end: out = bn(conv(x)); out += identity (or a downsample BN); relu(out)."""
+
+    def __init__(self, downsample=False, momentum=0.1):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4, momentum=momentum)
+        self.down = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4, momentum=momentum)) \
+            if downsample else None
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        out += self.down(x) if self.down is not None else x
+        return self.relu(out)
+
+
+@pytest.mark.parametrize("downsample", [False, True], ids=["identity", "downsample"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["ema", "cumulative"])
+def test_post_activation_end_is_fused(downsample, momentum):
+    conv, report = _check(PostActEnd(downsample, momentum), fused=2 if downsample else 1)
+    assert report["bn -> add -> ReLU"].fused
+    assert fused_chains(conv.fusion_report) == chains(PostActEnd(downsample, momentum).double(),
+                                                      torch.randn(*X, dtype=torch.float64))
+
+
+class AddIntoShortcut(nn.Module):
+    """`base += bn(z)` through a view: the write must reach the tensor the view belongs to."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        base = x * 2
+        v = base.view(base.shape)
+        v += self.bn(self.conv(x))
+        return base
+
+
+def test_in_place_add_into_the_shortcut_is_left_alone():
+    conv, report = _check(AddIntoShortcut(), fused=0)
+    assert not report["bn"].fused
+
+
+class SharedBN(nn.Module):
+    """One BN on both sides of the add: eager updates its buffers twice, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 1, bias=False), nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4, momentum=None)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.a(x)) + self.bn(self.b(x)))
+
+
+def test_one_bn_on_both_sides_of_the_add_is_left_alone():
+    _check(SharedBN(), fused=0)
+
+
+class MixedDtypeEnd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, a, b):
+        out = self.bn(a)
+        out += b
+        return torch.relu(out)
+
+
+def test_post_activation_fallback_keeps_the_in_place_adds_dtype():
+    """Where the fused op cannot take the inputs (here: a float64 shortcut added in place into a float32 BN
+    output), the eager composition runs as the graph wrote it: the in-place add keeps float32."""
+    model = MixedDtypeEnd()
+    conv = fused_resnet.convert(model, backend="reference")
+    a, b = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    want, got = model(a, b), conv(a, b)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

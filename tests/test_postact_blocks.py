@@ -178,3 +178,41 @@ def test_block_issues_no_more_device_ops_than_eager(kernel_backend, kind, shortc
     assert ff.total <= _eager_total(ef), (dict(ff.ops), dict(ef.ops))
     assert fb.total <= _eager_total(eb), (dict(fb.ops), dict(eb.ops))
     assert not ff.syncs and not fb.syncs
+
+
+def test_block_under_autocast_runs_as_eager():
+    """An identity shortcut stays float32 beside the bf16 conv output under autocast: eager's add promotes,
+    and the fused block gives eager's result (the end then runs eager's ops)."""
+    fused, plain = _pair(fused_resnet.PostActBlock, 8, 8, 1, "reference", seed=8)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = fused(x), plain(x)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_a_replaced_downsample_runs_eagers_forward():
+    fused, plain = _pair(fused_resnet.PostActBottleneck, 8, 4, 2, "reference", seed=9)
+    for m in (fused, plain):
+        m.downsample = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16))
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_statistics_handed_to_a_caller_are_merged():
+    """Statistics a public function returns are plain (mean, var) tensors, merged: never the partials
+    the library's own blocks hand from one fused layer to the next."""
+    report = fused_resnet.available_backends()
+    backend = "triton" if "triton" in report else "reference"
+    torch.manual_seed(10)
+    bn, conv = nn.BatchNorm2d(4).train(), nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    y, stats = fused_resnet.nn.fused_bn_relu_conv(bn, conv, torch.randn(2, 4, 5, 5), backend=backend, out_stats=True)
+    assert type(stats) is tuple
+    mean, var = torch.stack(stats)
+    torch.testing.assert_close(mean, y.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var, y.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-5)
+    block = fused_resnet.PreActBlock(4, 4, backend=backend).train()
+    out, stats = block.forward_with_stats(torch.randn(2, 4, 5, 5))
+    assert type(stats) is tuple
+    torch.testing.assert_close(torch.stack(stats)[0], out.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)

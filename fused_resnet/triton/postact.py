@@ -218,6 +218,8 @@ def _no_fma():
 def _tiles(z):
     """(BLOCK_M, BLOCK_C, row tiles, channel blocks, warps) for an elementwise pass over z."""
     n, c, h, w = z.shape
+    if n * h * w > 2 ** 31 - 1 - 4096:  # the kernels index pixels in 32 bits (the CUDA binding refuses it too)
+        raise ValueError(f"bn_add_relu: N*H*W = {n * h * w} pixels is more than the kernels index (2^31 - 4097)")
     m = n * h * w
     block_c = 16 if interpreting() else min(64, next_pow2(c))
     block_m = 32 if interpreting() else max(16, min(256, 8192 // block_c))
