@@ -611,6 +611,9 @@ def _fuse_graph(gm: fx.GraphModule, prefix: str, backend: str, report: list) -> 
         bad = [u for u, spec in convs if spec is None]
         if (bad or not convs) and activation == "identity" and site.act_in_module is None:
             post = _post_activation(gm, site, prefix)
+            if isinstance(post, str):
+                report.append(Entry(where, False, post))
+                continue
             if post is not None:
                 fused, why = _fuse_post_activation(gm, site, post, backend, report)
                 count += fused
@@ -675,7 +678,7 @@ class _PostAct(NamedTuple):
 def _post_activation(gm, site, prefix):
     """The BN -> add (-> ReLU) of a post-activation block's end (torchvision's `out = bn3(out); out +=
     identity; out = relu(out)`; PyramidNet's units end without the ReLU), Identity placeholders allowed
-    between; None if site is not that."""
+    between; None if site is not that; why not, when it is one that cannot be fused."""
     add, passed = _skip_identity(gm, site.node)
     if add is None or add.op != "call_function" or add.target not in _ADDS or add.kwargs or len(add.args) != 2:
         return None
@@ -687,7 +690,8 @@ def _post_activation(gm, site, prefix):
     if add.target is operator.iadd and a is other:
         # `shortcut += bn(z)` writes into the shortcut's tensor, which may be seen elsewhere however few graph
         # users it has (a view of another tensor, the caller's input, a buffer); the fused op writes a new one.
-        return None
+        return ("its output is added in place into another tensor (`t += bn(x)`), which the fused op would "
+                "leave unchanged: left as it is")
     relu, passed2 = _skip_identity(gm, add)
     out, activation = (relu, "relu") if relu is not None and _is_relu(gm, relu) else (add, "identity")
     if activation == "identity":

@@ -79,7 +79,10 @@ class _Follow(TorchFunctionMode):
                 self.add_readers[k].append("relu" if func in _RELU else None)
             if k in self.pre:
                 bn = self.pre[k]
-                if func in _ADD and len(ins) == 2 and not kwargs:  # a post-activation block's end
+                if func in _ADD and len(ins) == 2 and not kwargs and not (
+                        func in (torch.Tensor.__iadd__, torch.Tensor.add_) and in_keys[0] not in self.pre):
+                    # a post-activation block's end (not `t += bn(x)` into a t that no BN made: that writes
+                    # into t, and stays eager)
                     self.pre_readers.setdefault(bn, []).append("add")
                     self.add_of[bn] = self.key(out)
                     self.add_readers.setdefault(self.key(out), [])

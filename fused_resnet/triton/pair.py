@@ -198,8 +198,12 @@ def conv_forward_pair(x, weight, weight2, bias, bias2, mean, scale, beta, y, y2,
         grid = (tiles_m1 * cdiv(k1, bn) + cdiv(m2, bm) * cdiv(k2, bn),)
     acc = acc_dtype(x.dtype)
     part = torch.empty((2, tiles_m1, k1) if out_stats else (1,), dtype=acc, device=x.device)
+    # A missing bias's pointer stands in with the other's (the kernel selects between the two pointers, which
+    # must then have one element type; HAS_BIAS / HAS_BIAS2 keep it from being read).
+    b1 = bias if bias is not None else (bias2 if bias2 is not None else scale)
+    b2 = bias2 if bias2 is not None else b1
     _conv_fwd_pair_kernel[grid](
-        x, weight, weight2, bias if bias is not None else scale, bias2 if bias2 is not None else scale, y, y2,
+        x, weight, weight2, b1, b2, y, y2,
         mean, scale, beta, part,
         n, c, h, w,
         k1, oh1, ow1, kh1, kw1, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
