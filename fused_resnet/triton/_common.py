@@ -111,6 +111,33 @@ def conv_config(kernel: str, m: int, n: int, k: int, taps: int, x: torch.Tensor)
     return dict(hit[1])
 
 
+def launch_plan(memo: dict, key, build, *args):
+    """A launcher's per-shape plan (grid, integer arguments, constexprs, scratch shapes: everything it derives
+    from shapes, strides, dtypes and flags), built by build(*args) on a miss and kept in memo under key.
+    A plan's first element is the tuned table it was built against: one built against another table is
+    rebuilt. While the tuning sweep forces configs, every launch builds afresh and nothing is kept.
+    Issue 30: this Python ran at every launch, 8-15 us each, where the kernels of a CIFAR layer run 5-30 us."""
+    from . import configs
+
+    plan = memo.get(key)
+    if plan is not None and plan[0] is configs._table():
+        return plan
+    plan = build(*args)
+    if not configs._forced:
+        if len(memo) >= PLAN_ENTRIES:  # a process that keeps changing shapes starts over, not grows
+            memo.clear()
+        memo[key] = plan
+    return plan
+
+
+PLAN_ENTRIES = 1024
+
+
+def plan_env():
+    """What every conv plan depends on besides its arguments: the fp32 precision switch and the assumed GPU."""
+    return torch.backends.cudnn.allow_tf32, ASSUMED_GPU
+
+
 def heuristic_config(kernel: str, m: int, n: int, k: int, x: torch.Tensor) -> dict:
     """Tiles by shape class. Chosen with the static kernel report (`fused-resnet kernels`): no
     register spills for bf16/fp16 on sm_90 and sm_80 at the benchmark shapes in either layout

@@ -45,8 +45,8 @@ def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_sta
     if need_sums:
         s1 = torch.empty(c, dtype=acc_dtype(x.dtype), device=x.device)
         s2 = torch.empty_like(s1)
-    column_sums(a=part.view(part.shape[0], 2 * c) if need_sums else None, a_out=(s1, s2),
-                b=slabs, b_out=dw)
+    column_sums(a=part if need_sums else None, a_out=(s1, s2), b=slabs, b_out=dw,
+                a_shape=(part.shape[0], 2 * c) if need_sums else None)
     other_dws = []
     for gy2, w2, stride2, padding2, dilation2, need_dw2 in others:
         dw2 = None

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from .._layout import memory_format_of
-from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, interpreting, mma, next_pow2, swizzle,
-                      tl_dtype)
+from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, interpreting, launch_plan, mma, next_pow2,
+                      plan_env, swizzle, tl_dtype)
 
 
 @triton.jit
@@ -167,6 +167,29 @@ def _bn_backward_finish_kernel(
              dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+_PLANS: dict = {}  # conv_dgrad's launch plans (_common.launch_plan)
+
+
+def _dgrad_plan(grad_y, x, weight, out, stride, padding, dilation, batch_stats, need_sums, has_addend, raw, relu):
+    from . import configs
+
+    n, c, h, w = x.shape
+    k, _, kh, kw = weight.shape
+    oh, ow = grad_y.shape[2], grad_y.shape[3]
+    phases = stride[0] * stride[1]
+    m_phase = n * cdiv(h, stride[0]) * cdiv(w, stride[1])
+    cfg = conv_config("dgrad", m_phase, c, k, cdiv(kh, stride[0]) * cdiv(kw, stride[1]), x)
+    tiles_m = cdiv(m_phase, cfg["BLOCK_M"])
+    ints = (n, c, h, w, k, oh, ow, *grad_y.stride(), *weight.stride(), *x.stride(), *out.stride(),
+            kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            stride[0] // math.gcd(stride[0], dilation[0]), stride[1] // math.gcd(stride[1], dilation[1]))
+    kw_args = dict(BATCH_STATS=batch_stats, NEED_SUMS=need_sums, ADDEND=has_addend, RAW=raw,
+                   IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc_dtype(x.dtype)), DOT_MODE=dot_mode(x.dtype),
+                   PRECISION=fp32_precision(), RELU=bool(relu), **cfg)
+    part_shape = (phases * tiles_m, 2, c) if need_sums else None
+    return configs._table(), (phases * tiles_m * cdiv(c, cfg["BLOCK_N"]),), ints, kw_args, part_shape
+
+
 def conv_dgrad(grad_y, x, weight, mean, scale, beta, invstd, batch_stats, need_sums, stride, padding,
                dilation, addend=None, raw=False, relu=True):
     """(out, part): out is dx (running statistics) or ga*m in x's dtype for bn_backward_finish (batch
@@ -176,42 +199,41 @@ def conv_dgrad(grad_y, x, weight, mean, scale, beta, invstd, batch_stats, need_s
     mask and no sums (a first consumer's share, the next call's addend)."""
     if raw and (batch_stats or need_sums):
         raise ValueError("raw dgrad has no BN backward: batch_stats and need_sums must be False")
-    n, c, h, w = x.shape
-    k, _, kh, kw = weight.shape
-    oh, ow = grad_y.shape[2], grad_y.shape[3]
     need_sums = need_sums or batch_stats
-    phases = stride[0] * stride[1]
-    m_phase = n * cdiv(h, stride[0]) * cdiv(w, stride[1])
-    cfg = conv_config("dgrad", m_phase, c, k, cdiv(kh, stride[0]) * cdiv(kw, stride[1]), x)
-    tiles_m = cdiv(m_phase, cfg["BLOCK_M"])
-    grid = (phases * tiles_m * cdiv(c, cfg["BLOCK_N"]),)
     # dx, or ga*m in the input dtype: eager's ReLU backward output, half the bytes of a float32 buffer
     out = addend if addend is not None else torch.empty_like(x, memory_format=memory_format_of(x))
-    part = torch.empty((phases * tiles_m, 2, c), dtype=acc_dtype(x.dtype), device=x.device) if need_sums else None
-    _conv_dgrad_kernel[grid](
-        grad_y, weight, x, mean, scale, beta, invstd, out, part if need_sums else out, out,
-        n, c, h, w, k, oh, ow,
-        *grad_y.stride(), *weight.stride(), *x.stride(), *out.stride(),
-        kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        stride[0] // math.gcd(stride[0], dilation[0]), stride[1] // math.gcd(stride[1], dilation[1]),
-        BATCH_STATS=batch_stats, NEED_SUMS=need_sums, ADDEND=addend is not None, RAW=raw,
-        IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc_dtype(x.dtype)), DOT_MODE=dot_mode(x.dtype),
-        PRECISION=fp32_precision(), RELU=bool(relu), **cfg,
-    )
+    key = (grad_y.shape, grad_y.stride(), x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(),
+           out.stride(), *stride, *padding, *dilation, batch_stats, need_sums, addend is None, raw, relu, *plan_env())
+    _, grid, ints, kw_args, part_shape = launch_plan(
+        _PLANS, key, _dgrad_plan, grad_y, x, weight, out, stride, padding, dilation, batch_stats, need_sums,
+        addend is not None, raw, relu)
+    part = torch.empty(part_shape, dtype=acc_dtype(x.dtype), device=x.device) if part_shape is not None else None
+    _conv_dgrad_kernel[grid](grad_y, weight, x, mean, scale, beta, invstd, out, part if need_sums else out, out,
+                             *ints, **kw_args)
     return out, part
+
+
+_FINISH_PLANS: dict = {}  # bn_backward_finish's launch plans
+
+
+def _finish_plan(gm, x, dx, has_gamma):
+    from . import configs
+
+    n, c, h, w = x.shape
+    block_c = 16 if interpreting() else min(64, next_pow2(c))
+    block_m = 64 if interpreting() else max(32, 4096 // block_c)
+    kw_args = dict(HAS_GAMMA=has_gamma, ACC=tl_dtype(acc_dtype(x.dtype)), BLOCK_M=block_m, BLOCK_C=block_c,
+                   num_warps=4)
+    return (configs._table(), (cdiv(n * h * w, block_m), cdiv(c, block_c)),
+            (n, c, h, w), (*gm.stride(), *x.stride(), *dx.stride()), kw_args)
 
 
 def bn_backward_finish(gm, x, mean, invstd, gamma, s1, s2, count):
     """dx = invstd*gamma*(gm - S1/M - xhat*S2/M), one elementwise launch."""
-    n, c, h, w = x.shape
     dx = torch.empty_like(x, memory_format=memory_format_of(x))
-    block_c = 16 if interpreting() else min(64, next_pow2(c))
-    block_m = 64 if interpreting() else max(32, 4096 // block_c)
-    _bn_backward_finish_kernel[(cdiv(n * h * w, block_m), cdiv(c, block_c))](
-        gm, x, dx, mean, invstd, gamma if gamma is not None else mean, s1, s2,
-        n, c, h, w, 1.0 / count,
-        *gm.stride(), *x.stride(), *dx.stride(),
-        HAS_GAMMA=gamma is not None, ACC=tl_dtype(acc_dtype(x.dtype)), BLOCK_M=block_m, BLOCK_C=block_c,
-        num_warps=4,
-    )
+    _, grid, dims, strides, kw_args = launch_plan(
+        _FINISH_PLANS, (x.shape, x.stride(), x.dtype, gm.stride(), dx.stride(), gamma is None), _finish_plan, gm, x,
+        dx, gamma is not None)
+    _bn_backward_finish_kernel[grid](gm, x, dx, mean, invstd, gamma if gamma is not None else mean, s1, s2,
+                                     *dims, 1.0 / count, *strides, **kw_args)
     return dx

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, interpreting, next_pow2, tl_dtype
+from ._common import cdiv, interpreting, launch_plan, next_pow2, tl_dtype
 
 FIN_ROWS = 5  # bn_finalize's output rows: mean, var, invstd, scale, beta
 
@@ -88,32 +88,45 @@ def _bn_finalize_kernel(
         tl.store(rv_ptr + offs_c, new_v.to(rv_ptr.dtype.element_ty), mask=mask_c)
 
 
+_FIN_PLANS: dict = {}  # bn_finalize's launch plans (_common.launch_plan)
+
+
+def _finalize_plan(c, acc, from_partials, has_x, write_moments, has_gamma, has_beta, update):
+    from . import configs
+
+    # Few channels per program: the merge reads tiles x C partials, and more programs read them faster.
+    block_c = 16 if interpreting() else min(16, next_pow2(c))
+    kw_args = dict(FROM_PARTIALS=from_partials, HAS_PIVOT=has_x, WRITE_MOMENTS=write_moments, HAS_GAMMA=has_gamma,
+                   HAS_BETA=has_beta, UPDATE_RUNNING=update, ACC=tl_dtype(acc), BLOCK_C=block_c,
+                   BLOCK_T=32 if interpreting() else 128, num_warps=4)
+    return configs._table(), (cdiv(c, block_c),), kw_args
+
+
 def bn_finalize(c, acc, *, partials=None, x=None, mean=None, var=None, gamma=None, beta=None,
                 running_mean=None, running_var=None, momentum=0.0, eps=1e-5, count=None):
     """[FIN_ROWS, C] tensor (mean, var, invstd, scale, beta) in `acc`, from `partials` = (part
     [2, tiles, C], rows per tile, total rows; x supplies the pivot; mean/var given too receive the
     merged moments) or from (mean, var). Given running buffers, they are updated in place with
     `momentum` and the count `count` (unbiased)."""
-    device = (partials[0] if partials is not None else mean).device
-    out = torch.empty((FIN_ROWS, c), dtype=acc, device=device)
     from_partials = partials is not None
-    part, tile_rows, total = partials if from_partials else (out, 1, 1)
     update = running_mean is not None
-    # Few channels per program: the merge reads tiles x C partials, and more programs read them faster.
-    block_c = 16 if interpreting() else min(16, next_pow2(c))
-    dummy = out
-    _bn_finalize_kernel[(cdiv(c, block_c),)](
+    _, grid, kw_args = launch_plan(
+        _FIN_PLANS, (c, acc, from_partials, x is not None, mean is not None, gamma is not None, beta is not None, update),
+        _finalize_plan, c, acc, from_partials, x is not None, from_partials and mean is not None, gamma is not None,
+        beta is not None, update)
+    part, tile_rows, total = partials if from_partials else (None, 1, 1)
+    out = torch.empty((FIN_ROWS, c), dtype=acc, device=(part if from_partials else mean).device)
+    if part is None:
+        part = out
+    dummy = out  # an absent tensor's stand-in (its flag keeps the kernel from reading it)
+    _bn_finalize_kernel[grid](
         part, part.shape[1] if from_partials else 1, tile_rows, total,
         x if x is not None else dummy, x.stride(1) if x is not None else 0,
         mean if mean is not None else dummy, var if var is not None else dummy, out,
         gamma if gamma is not None else dummy, beta if beta is not None else dummy,
         running_mean if update else dummy, running_var if update else dummy,
         c, float(eps), float(momentum), (count / (count - 1)) if update and count and count > 1 else float("inf"),
-        FROM_PARTIALS=from_partials, HAS_PIVOT=x is not None, WRITE_MOMENTS=from_partials and mean is not None,
-        HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
-        UPDATE_RUNNING=update, ACC=tl_dtype(acc), BLOCK_C=block_c, BLOCK_T=32 if interpreting() else 128,
-        num_warps=4,
-    )
+        **kw_args)
     return out
 
 
@@ -161,24 +174,35 @@ def _column_sums_kernel(
         tl.store(b_out + offs_b, acc_b.to(b_out.dtype.element_ty), mask=offs_b < b_len)
 
 
-def column_sums(a=None, a_out=(None, None), b=None, b_out=None):
-    """One launch: a [rows, 2C] -> (a_out[0] [C], a_out[1] [C]) and b [rows, L] -> b_out (L elements,
-    dense storage in any layout), summed in float32 (float64 for float64 arrays)."""
+_SUM_PLANS: dict = {}  # column_sums' launch plans (_common.launch_plan)
+
+
+def _column_sums_plan(a_len, b_len, wide):
+    from . import configs
+
     block_l = 64 if interpreting() else 256
-    block_r = 8 if interpreting() else 16
-    a_programs = cdiv(a.shape[1], block_l) if a is not None else 0
-    b_programs = cdiv(b.shape[1], block_l) if b is not None else 0
-    if a_programs + b_programs == 0:
-        return
+    a_programs = cdiv(a_len, block_l)
+    programs = a_programs + cdiv(b_len, block_l)
+    kw_args = dict(HAS_B=b_len > 0, ACC=tl.float64 if wide else tl.float32, BLOCK_R=8 if interpreting() else 16,
+                   BLOCK_L=block_l, num_warps=4)
+    return configs._table(), (programs,), a_programs, kw_args
+
+
+def column_sums(a=None, a_out=(None, None), b=None, b_out=None, a_shape=None):
+    """One launch: a [rows, 2C] -> (a_out[0] [C], a_out[1] [C]) and b [rows, L] -> b_out (L elements,
+    dense storage in any layout), summed in float32 (float64 for float64 arrays). a_shape: a's (rows, 2C)
+    when a is stored with another shape (dgrad's [rows, 2, C] partials)."""
+    a_rows, a_len = (a_shape or a.shape) if a is not None else (0, 0)
+    b_rows, b_len = b.shape if b is not None else (0, 0)
     dummy = a if a is not None else b
+    if dummy is None:
+        return
+    _, grid, a_programs, kw_args = launch_plan(_SUM_PLANS, (a_len, b_len, dummy.dtype), _column_sums_plan, a_len,
+                                               b_len, dummy.dtype == torch.float64)
+    if grid[0] == 0:
+        return
     o0, o1 = a_out if a is not None else (b_out, b_out)
-    _column_sums_kernel[(a_programs + b_programs,)](
-        a if a is not None else dummy, a.shape[0] if a is not None else 0, a.shape[1] if a is not None else 0,
-        o0, o1, a.shape[1] // 2 if a is not None else 0,
-        b if b is not None else dummy, b.shape[0] if b is not None else 0, b.shape[1] if b is not None else 0,
-        b_out if b is not None else dummy,
-        a_programs, HAS_B=b is not None, ACC=tl.float64 if dummy.dtype == torch.float64 else tl.float32,
-        BLOCK_R=block_r, BLOCK_L=block_l, num_warps=4,
-    )
-
-
+    _column_sums_kernel[grid](
+        dummy if a is None else a, a_rows, a_len, o0, o1, a_len // 2,
+        dummy if b is None else b, b_rows, b_len, b_out if b is not None else dummy,
+        a_programs, **kw_args)

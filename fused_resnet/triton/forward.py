@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, mma, swizzle, tl_dtype
+from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, launch_plan, mma, plan_env, swizzle,
+                      tl_dtype)
 from .finalize import moments
 from .stats import _tile_mean_m2
 
@@ -109,13 +110,12 @@ def _conv_fwd_kernel(
         tl.store(part_ptr + (num_m + pid_m) * K + offs_n, m2, mask=mask_n)
 
 
-def conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, padding, dilation, out_stats=False,
-                 relu=True):
-    """y <- conv2d(relu((x - mean)*scale + beta), weight) + bias + residual, into the preallocated y
-    (without relu: the batch norm alone).
+_PLANS: dict = {}  # conv_forward's launch plans (_common.launch_plan)
 
-    Returns per-channel (mean, biased var) of y when out_stats, else None.
-    """
+
+def _forward_plan(x, weight, res, y, stride, padding, dilation, out_stats, relu, has_bias, has_res):
+    from . import configs
+
     n, c, h, w = x.shape
     k, _, kh, kw = weight.shape
     oh, ow = y.shape[2], y.shape[3]
@@ -123,19 +123,33 @@ def conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, paddin
     cfg = conv_config("fwd", m, k, c, kh * kw, x)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     tiles_m = cdiv(m, bm)
-    grid = (tiles_m * cdiv(k, bn),)
     acc = acc_dtype(x.dtype)
-    part = torch.empty((2, tiles_m, k) if out_stats else (1,), dtype=acc, device=x.device)
+    ints = (n, c, h, w, k, oh, ow, *x.stride(), *weight.stride(), *res.stride(), *y.stride(),
+            kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+    kw_args = dict(HAS_BIAS=has_bias, HAS_RES=has_res, OUT_STATS=bool(out_stats), RELU=bool(relu),
+                   IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc), DOT_MODE=dot_mode(x.dtype),
+                   PRECISION=fp32_precision(), **cfg)
+    return configs._table(), (tiles_m * cdiv(k, bn),), ints, kw_args, ((2, tiles_m, k) if out_stats else None), acc, bm, m
+
+
+def conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, padding, dilation, out_stats=False,
+                 relu=True):
+    """y <- conv2d(relu((x - mean)*scale + beta), weight) + bias + residual, into the preallocated y
+    (without relu: the batch norm alone).
+
+    Returns per-channel (mean, biased var) of y when out_stats (their partials when out_stats ==
+    "partials"), else None.
+    """
     res = residual if residual is not None else y
-    _conv_fwd_kernel[grid](
-        x, weight, bias if bias is not None else scale, res, y, mean, scale, beta, part,
-        n, c, h, w, k, oh, ow,
-        *x.stride(), *weight.stride(), *res.stride(), *y.stride(),
-        kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, OUT_STATS=out_stats, RELU=bool(relu),
-        IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc), DOT_MODE=dot_mode(x.dtype),
-        PRECISION=fp32_precision(), **cfg,
-    )
+    key = (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(), y.shape, y.stride(),
+           res.stride(), *stride, *padding, *dilation, out_stats, relu, bias is None, residual is None, *plan_env())
+    _, grid, ints, kw_args, part_shape, acc, bm, m = launch_plan(
+        _PLANS, key, _forward_plan, x, weight, res, y, stride, padding, dilation, out_stats, relu, bias is not None,
+        residual is not None)
+    # without statistics the kernel never touches part: scale (the same dtype) stands in
+    part = torch.empty(part_shape, dtype=acc, device=x.device) if part_shape is not None else scale
+    _conv_fwd_kernel[grid](x, weight, bias if bias is not None else scale, res, y, mean, scale, beta, part, *ints,
+                           **kw_args)
     if not out_stats:
         return None
     if out_stats == "partials":  # merged later, by the finalize of the BN that reads y (_deferred.py)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, cdiv, interpreting, next_pow2
+from ._common import acc_dtype, cdiv, interpreting, launch_plan, next_pow2
 
 
 @triton.jit
@@ -55,23 +55,32 @@ def _channel_stats_kernel(
     tl.store(part_ptr + (num_m + pid_m) * C + offs_c, m2, mask=mask_c)
 
 
-def stats_partials(x: torch.Tensor):
-    """Per-tile (mean - pivot, M2) of x per channel: ([2, tiles, C], rows per tile, total rows), for
-    finalize.bn_finalize (the pivot is x[0, c, 0, 0], read by both kernels from x itself)."""
+_PLANS: dict = {}  # stats_partials' launch plans (_common.launch_plan)
+
+
+def _stats_plan(x):
+    from . import configs
+
     n, c, h, w = x.shape
-    acc = acc_dtype(x.dtype)
     m = n * h * w
     block_c = 16 if interpreting() else min(64, next_pow2(c))
     block_m = 64 if interpreting() else max(32, min(256, 8192 // block_c))
     tiles = cdiv(m, block_m)
-    part = torch.empty((2, tiles, c), dtype=acc, device=x.device)
+    acc = acc_dtype(x.dtype)
     # Strided channels (NCHW) make every element its own load with its own address: twice the threads
     # per tile keeps that within the register file (sm_80 spilled at 4 warps).
-    _channel_stats_kernel[(tiles, cdiv(c, block_c))](
-        x, part, n, c, h, w, *x.stride(),
-        ACC=tl.float64 if acc == torch.float64 else tl.float32,
-        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4 if x.stride(1) == 1 else 8,
-    )
+    kw_args = dict(ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_M=block_m, BLOCK_C=block_c,
+                   num_warps=4 if x.stride(1) == 1 else 8)
+    return configs._table(), (tiles, cdiv(c, block_c)), (n, c, h, w, *x.stride()), kw_args, (2, tiles, c), acc, block_m, m
+
+
+def stats_partials(x: torch.Tensor):
+    """Per-tile (mean - pivot, M2) of x per channel: ([2, tiles, C], rows per tile, total rows), for
+    finalize.bn_finalize (the pivot is x[0, c, 0, 0], read by both kernels from x itself)."""
+    _, grid, ints, kw_args, part_shape, acc, block_m, m = launch_plan(
+        _PLANS, (x.shape, x.stride(), x.dtype), _stats_plan, x)
+    part = torch.empty(part_shape, dtype=acc, device=x.device)
+    _channel_stats_kernel[grid](x, part, *ints, **kw_args)
     return part, block_m, m
 
 

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, interpreting, mma, num_sms, tl_dtype
+from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, interpreting, launch_plan, mma, num_sms,
+                      plan_env, tl_dtype)
 
 
 @triton.jit
@@ -82,9 +83,12 @@ def _conv_wgrad_kernel(
     tl.store(part_ptr + off, acc.to(part_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_k[None, :])
 
 
-def conv_wgrad_partial(grad_y, x, dw, mean, scale, beta, stride, padding, dilation, relu=True):
-    """Fills dw (its dtype and layout) directly when one split suffices and returns None; else
-    returns the float32 slabs [split, dw.numel()] (each in dw's storage order) to be summed into dw."""
+_PLANS: dict = {}  # conv_wgrad_partial's launch plans (_common.launch_plan)
+
+
+def _wgrad_plan(grad_y, x, dw, stride, padding, dilation, relu):
+    from . import configs
+
     n, c, h, w = x.shape
     k, _, kh, kw = dw.shape
     oh, ow = grad_y.shape[2], grad_y.shape[3]
@@ -100,13 +104,20 @@ def conv_wgrad_partial(grad_y, x, dw, mean, scale, beta, stride, padding, dilati
         split = max(1, min(p_blocks, cdiv(2 * num_sms(x.device), base)))
     chunk = cdiv(p_blocks, split) * bk
     split = cdiv(p, chunk)
-    part = torch.empty((split, dw.numel()), dtype=acc, device=x.device) if split > 1 else dw
-    _conv_wgrad_kernel[(base * split,)](
-        grad_y, x, mean, scale, beta, part,
-        n, c, h, w, k, oh, ow, chunk, split,
-        *grad_y.stride(), *x.stride(), *dw.stride(),
-        kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc), DOT_MODE=dot_mode(x.dtype),
-        PRECISION=fp32_precision(), RELU=bool(relu), **cfg,
-    )
-    return part if split > 1 else None
+    ints = (n, c, h, w, k, oh, ow, chunk, split, *grad_y.stride(), *x.stride(), *dw.stride(),
+            kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+    kw_args = dict(IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc), DOT_MODE=dot_mode(x.dtype),
+                   PRECISION=fp32_precision(), RELU=bool(relu), **cfg)
+    return configs._table(), (base * split,), ints, kw_args, ((split, dw.numel()) if split > 1 else None), acc
+
+
+def conv_wgrad_partial(grad_y, x, dw, mean, scale, beta, stride, padding, dilation, relu=True):
+    """Fills dw (its dtype and layout) directly when one split suffices and returns None; else
+    returns the float32 slabs [split, dw.numel()] (each in dw's storage order) to be summed into dw."""
+    key = (grad_y.shape, grad_y.stride(), x.shape, x.stride(), x.dtype, x.device, dw.shape, dw.stride(), *stride,
+           *padding, *dilation, relu, *plan_env())
+    _, grid, ints, kw_args, part_shape, acc = launch_plan(_PLANS, key, _wgrad_plan, grad_y, x, dw, stride, padding,
+                                                          dilation, relu)
+    part = torch.empty(part_shape, dtype=acc, device=x.device) if part_shape is not None else dw
+    _conv_wgrad_kernel[grid](grad_y, x, mean, scale, beta, part, *ints, **kw_args)
+    return part if part_shape is not None else None
