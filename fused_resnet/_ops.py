@@ -276,20 +276,26 @@ def _conv_impl(
     """Returns (y, mean_y, var_y); the last two are per-channel statistics of y when out_stats,
     else empty. They are for the next BN's forward and carry no gradient. prologue: [2, C] (scale,
     beta) of the BN affine when already computed (bn_finalize), else derived from the arguments."""
-    if backend in ("triton", "cuda"):
-        y, stats = _kernel_forward(_kernels(backend), x, weight, bias, bn_weight, bn_bias, mean, invstd, residual,
-                                   stride, padding, dilation, out_size, out_stats, prologue, relu)
-    else:
-        y = _ref_forward(x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, stride,
-                         padding, dilation, out_size, groups, relu)
-        y = y.contiguous(memory_format=memory_format_of(x))
-        stats = None
-        if out_stats:
-            var, mu = torch.var_mean(y.to(_acc(y.dtype)), dim=(0, 2, 3), unbiased=False)
-            stats = (mu, var)
+    y, stats = _conv_run(x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, batch_stats, eps, stride, padding,
+                         dilation, out_size, groups, out_stats, backend, sync_group, prologue, relu)
     if stats is None:
         return y, _empty(mean), _empty(mean)
     return y, stats[0], stats[1]
+
+
+def _conv_run(x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, batch_stats, eps, stride, padding, dilation,
+              out_size, groups, out_stats, backend, sync_group=0, prologue=None, relu=True):
+    """_conv_impl's (y, (mean_y, var_y) or None): the eager path takes it without the empty placeholders."""
+    if backend in ("triton", "cuda"):
+        return _kernel_forward(_kernels(backend), x, weight, bias, bn_weight, bn_bias, mean, invstd, residual,
+                               stride, padding, dilation, out_size, out_stats, prologue, relu)
+    y = _ref_forward(x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, stride,
+                     padding, dilation, out_size, groups, relu)
+    y = y.contiguous(memory_format=memory_format_of(x))
+    if not out_stats:
+        return y, None
+    var, mu = torch.var_mean(y.to(_acc(y.dtype)), dim=(0, 2, 3), unbiased=False)
+    return y, (mu, var)
 
 
 bn_relu_conv2d_op = torch.library.custom_op("fused_resnet::bn_relu_conv2d", _conv_impl, mutates_args=())
@@ -417,12 +423,13 @@ def _setup_context(ctx, inputs, output):
     ctx.conv = (batch_stats, eps, list(stride), list(padding), list(dilation), groups, backend, sync_group, relu)
 
 
-def _backward(ctx, grad_y, grad_mean, grad_var, direct=False):
+def _backward(ctx, grad_y, grad_mean, grad_var, direct=False, ni=None):
+    """ni: needs_input_grad in the op's argument order (the eager path's node orders its arguments otherwise)."""
     if grad_y is None:  # only the (gradient-free) statistics outputs were used
         return (None,) * 20
     x, weight, bn_weight, bn_bias, mean, invstd, prologue = ctx.saved_tensors
     batch_stats, eps, stride, padding, dilation, groups, backend, sync_group, relu = ctx.conv
-    ni = ctx.needs_input_grad
+    ni = ctx.needs_input_grad if ni is None else ni
     needs = [bool(ni[0]), bool(ni[1]), bool(ni[3]), bool(ni[4])]
     dx = dw = dgamma = dbeta = None
     if any(needs):
@@ -461,8 +468,9 @@ def _pair_setup_context(ctx, inputs, output):
     ctx.out_sizes = (list(out_size), list(out_size2))
 
 
-def _pair_backward(ctx, grad_y, grad_y2, grad_mean, grad_var, direct=False):
-    """Both convs' gradients into one backward op: their ga summed before the ReLU mask, one BN backward."""
+def _pair_backward(ctx, grad_y, grad_y2, grad_mean, grad_var, direct=False, ni=None):
+    """Both convs' gradients into one backward op: their ga summed before the ReLU mask, one BN backward.
+    ni: needs_input_grad in the op's argument order."""
     if grad_y is None and grad_y2 is None:
         return (None,) * _PAIR_ARGS
     x, weight, weight2, bn_weight, bn_bias, mean, invstd, prologue = ctx.saved_tensors
@@ -472,7 +480,7 @@ def _pair_backward(ctx, grad_y, grad_y2, grad_mean, grad_var, direct=False):
     grad_y, grad_y2 = (g if g is not None else
                        x.new_zeros((x.shape[0], w.shape[0], *size)).contiguous(memory_format=memory_format_of(x))
                        for g, w, size in ((grad_y, weight, ctx.out_sizes[0]), (grad_y2, weight2, ctx.out_sizes[1])))
-    ni = ctx.needs_input_grad
+    ni = ctx.needs_input_grad if ni is None else ni
     needs = [bool(ni[0]), bool(ni[1]), bool(ni[5]), bool(ni[6]), bool(ni[3])]
     dx = dw = dw2 = dgamma = dbeta = None
     if any(needs):
@@ -510,16 +518,24 @@ def _traced_or_direct(op, impl, x):
 
 
 class _FusedConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *inputs):
-        out = _conv_impl(*inputs)
-        _setup_context(ctx, inputs, out)
-        ctx.mark_non_differentiable(out[1], out[2])
-        return out
+    """The conv op's node on the eager path. Function.apply checks and unwraps each of its arguments (microseconds
+    for the op's 20), so only the differentiable tensors are apply's own arguments and the op's whole argument
+    tuple comes as one; y alone comes back when no statistics were asked for (no empty placeholders to make)."""
 
     @staticmethod
-    def backward(ctx, grad_y, grad_mean, grad_var):
-        return _backward(ctx, grad_y, grad_mean, grad_var, direct=True)
+    def forward(ctx, x, weight, bias, bn_weight, bn_bias, residual, args):
+        y, stats = _conv_run(*args)
+        _setup_context(ctx, args, None)
+        if stats is None:
+            return y
+        ctx.mark_non_differentiable(*stats)
+        return y, stats[0], stats[1]
+
+    @staticmethod
+    def backward(ctx, grad_y, *stats_grads):
+        n = ctx.needs_input_grad  # apply's order: x, weight, bias, bn_weight, bn_bias, residual, args
+        g = _backward(ctx, grad_y, None, None, direct=True, ni=(n[0], n[1], n[2], n[3], n[4], False, False, n[5]))
+        return g[0], g[1], g[2], g[3], g[4], g[7], None
 
 
 def batch_stats(x, backend):
@@ -543,26 +559,35 @@ def _needs_autograd(*tensors) -> bool:
 
 
 def bn_relu_conv2d(*args):
-    """The fused conv op: the registered op when traced, else the same code directly."""
+    """The fused conv op: the registered op when traced, else the same code directly ((y, None, None) when no
+    statistics were asked for, where the registered op gives empty tensors)."""
     if _traced(args[0]):
         return bn_relu_conv2d_op(*args)
     # differentiable inputs: x, weight, bias, bn_weight, bn_bias, residual
     if not _needs_autograd(args[0], args[1], args[2], args[3], args[4], args[7]):
-        return _conv_impl(*args)
-    return _FusedConv.apply(*args)
+        y, stats = _conv_run(*args)
+    else:
+        out = _FusedConv.apply(args[0], args[1], args[2], args[3], args[4], args[7], args)
+        if type(out) is not tuple:
+            return out, None, None
+        return out
+    return (y, None, None) if stats is None else (y, stats[0], stats[1])
 
 
 class _FusedConvPair(torch.autograd.Function):
+    """The pair op's node on the eager path, arguments as _FusedConv's."""
+
     @staticmethod
-    def forward(ctx, *inputs):
-        out = _pair_impl(*inputs)
-        _pair_setup_context(ctx, inputs, out)
+    def forward(ctx, x, weight, bias, weight2, bias2, bn_weight, bn_bias, args):
+        out = _pair_impl(*args)
+        _pair_setup_context(ctx, args, out)
         ctx.mark_non_differentiable(out[2], out[3])
         return out
 
     @staticmethod
     def backward(ctx, grad_y, grad_y2, grad_mean, grad_var):
-        return _pair_backward(ctx, grad_y, grad_y2, grad_mean, grad_var, direct=True)
+        g = _pair_backward(ctx, grad_y, grad_y2, None, None, direct=True, ni=ctx.needs_input_grad)
+        return g[0], g[1], g[2], g[3], g[4], g[5], g[6], None
 
 
 def bn_relu_conv2d_pair(*args):
@@ -572,4 +597,4 @@ def bn_relu_conv2d_pair(*args):
     # differentiable inputs: x, weight, bias, weight2, bias2, bn_weight, bn_bias
     if not _needs_autograd(*args[:7]):
         return _pair_impl(*args)
-    return _FusedConvPair.apply(*args)
+    return _FusedConvPair.apply(*args[:7], args)

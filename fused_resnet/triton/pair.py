@@ -35,7 +35,8 @@ import triton.language as tl
 
 from .._layout import memory_format_of
 from . import configs
-from ._common import acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, mma, swizzle, tl_dtype
+from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, launch_plan, mma, plan_env, swizzle,
+                      tl_dtype)
 from .dgrad import _first_tap
 from .finalize import moments
 from .forward import bn_act, conv_forward
@@ -164,12 +165,11 @@ def _conv_fwd_pair_kernel(
             tl.store(part_ptr + (tiles_m1 + pid_m) * K + offs_n, m2, mask=mask_n)
 
 
-def conv_forward_pair(x, weight, weight2, bias, bias2, mean, scale, beta, y, y2, stride, padding, dilation,
-                      stride2, padding2, dilation2, out_stats=False, relu=True):
-    """y <- conv2d(a, weight) + bias and y2 <- conv2d(a, weight2) + bias2 for a = relu((x - mean)*scale + beta),
-    in ONE launch where the two output grids coincide (into the preallocated y, y2), else forward.py's two
-    launches (unless SEPARATE_RANGES). Returns per-channel (mean, biased var) of
-    y when out_stats, else None."""
+_FWD_PLANS: dict = {}  # conv_forward_pair's launch plans (_common.launch_plan)
+
+
+def _forward_pair_plan(x, weight, weight2, y, y2, stride, padding, dilation, stride2, padding2, dilation2, out_stats,
+                       relu, has_bias, has_bias2):
     n, c, h, w = x.shape
     k1, _, kh1, kw1 = weight.shape
     k2, _, kh2, kw2 = weight2.shape
@@ -177,13 +177,6 @@ def conv_forward_pair(x, weight, weight2, bias, bias2, mean, scale, beta, y, y2,
     oh2, ow2 = y2.shape[2], y2.shape[3]
     m1, m2 = n * oh1 * ow1, n * oh2 * ow2
     shared_m = (oh1, ow1) == (oh2, ow2)
-    if not shared_m and not SEPARATE_RANGES:
-        # Output grids differ (a bottleneck's stride-s shortcut beside its stride-1 conv1): the convs' own
-        # launches. One launch with the two program ranges (SHARED_M=False below) reads x's bytes as two
-        # launches do and spilled 56 B on sm_80 at 128x128 tiles (benchmarks/NOTES.md, issue 30).
-        conv_forward(x, weight2, bias2, mean, scale, beta, None, y2, stride2, padding2, dilation2, relu=relu)
-        return conv_forward(x, weight, bias, mean, scale, beta, None, y, stride, padding, dilation,
-                            out_stats=out_stats, relu=relu)
     # Columns tile at the narrower conv's width, so neither conv's tiles multiply absent channels.
     cfg = conv_config("fwd_pair", m1, min(k1, k2), c, kh1 * kw1, x)
     if cfg["BLOCK_M"] * cfg["BLOCK_N"] >= 128 * 128 and not configs._forced:
@@ -197,22 +190,42 @@ def conv_forward_pair(x, weight, weight2, bias, bias2, mean, scale, beta, y, y2,
     else:
         grid = (tiles_m1 * cdiv(k1, bn) + cdiv(m2, bm) * cdiv(k2, bn),)
     acc = acc_dtype(x.dtype)
-    part = torch.empty((2, tiles_m1, k1) if out_stats else (1,), dtype=acc, device=x.device)
+    ints = (n, c, h, w,
+            k1, oh1, ow1, kh1, kw1, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            k2, oh2, ow2, kh2, kw2, stride2[0], stride2[1], padding2[0], padding2[1], dilation2[0], dilation2[1],
+            *x.stride(), *weight.stride(), *weight2.stride(), *y.stride(), *y2.stride())
+    kw_args = dict(SHARED_M=shared_m, HAS_BIAS=has_bias, HAS_BIAS2=has_bias2, OUT_STATS=bool(out_stats),
+                   RELU=bool(relu), IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc), DOT_MODE=dot_mode(x.dtype),
+                   PRECISION=fp32_precision(), **cfg)
+    return configs._table(), grid, ints, kw_args, ((2, tiles_m1, k1) if out_stats else None), acc, bm, m1
+
+
+def conv_forward_pair(x, weight, weight2, bias, bias2, mean, scale, beta, y, y2, stride, padding, dilation,
+                      stride2, padding2, dilation2, out_stats=False, relu=True):
+    """y <- conv2d(a, weight) + bias and y2 <- conv2d(a, weight2) + bias2 for a = relu((x - mean)*scale + beta),
+    in ONE launch where the two output grids coincide (into the preallocated y, y2), else forward.py's two
+    launches (unless SEPARATE_RANGES). Returns per-channel (mean, biased var) of
+    y when out_stats, else None."""
+    if (y.shape[2], y.shape[3]) != (y2.shape[2], y2.shape[3]) and not SEPARATE_RANGES:
+        # Output grids differ (a bottleneck's stride-s shortcut beside its stride-1 conv1): the convs' own
+        # launches. One launch with the two program ranges (SHARED_M=False below) reads x's bytes as two
+        # launches do and spilled 56 B on sm_80 at 128x128 tiles (benchmarks/NOTES.md, issue 30).
+        conv_forward(x, weight2, bias2, mean, scale, beta, None, y2, stride2, padding2, dilation2, relu=relu)
+        return conv_forward(x, weight, bias, mean, scale, beta, None, y, stride, padding, dilation,
+                            out_stats=out_stats, relu=relu)
+    key = (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(), weight2.shape, weight2.stride(),
+           y.shape, y.stride(), y2.shape, y2.stride(), *stride, *padding, *dilation, *stride2, *padding2, *dilation2,
+           out_stats, relu, bias is None, bias2 is None, SEPARATE_RANGES, *plan_env())
+    _, grid, ints, kw_args, part_shape, acc, bm, m1 = launch_plan(
+        _FWD_PLANS, key, _forward_pair_plan, x, weight, weight2, y, y2, stride, padding, dilation, stride2, padding2,
+        dilation2, out_stats, relu, bias is not None, bias2 is not None)
+    # without statistics the kernel never touches part: scale (the same dtype) stands in
+    part = torch.empty(part_shape, dtype=acc, device=x.device) if part_shape is not None else scale
     # A missing bias's pointer stands in with the other's (the kernel selects between the two pointers, which
     # must then have one element type; HAS_BIAS / HAS_BIAS2 keep it from being read).
     b1 = bias if bias is not None else (bias2 if bias2 is not None else scale)
     b2 = bias2 if bias2 is not None else b1
-    _conv_fwd_pair_kernel[grid](
-        x, weight, weight2, b1, b2, y, y2,
-        mean, scale, beta, part,
-        n, c, h, w,
-        k1, oh1, ow1, kh1, kw1, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        k2, oh2, ow2, kh2, kw2, stride2[0], stride2[1], padding2[0], padding2[1], dilation2[0], dilation2[1],
-        *x.stride(), *weight.stride(), *weight2.stride(), *y.stride(), *y2.stride(),
-        SHARED_M=shared_m, HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, OUT_STATS=bool(out_stats),
-        RELU=bool(relu), IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc), DOT_MODE=dot_mode(x.dtype),
-        PRECISION=fp32_precision(), **cfg,
-    )
+    _conv_fwd_pair_kernel[grid](x, weight, weight2, b1, b2, y, y2, mean, scale, beta, part, *ints, **kw_args)
     if not out_stats:
         return None
     if out_stats == "partials":  # merged later, by the finalize of the BN that reads y (_deferred.py)
@@ -328,37 +341,50 @@ def dgrad_pair_applies(stride, stride2) -> bool:
     return list(stride) == list(stride2)
 
 
-def conv_dgrad_pair(grad_y, weight, grad_y2, weight2, x, mean, scale, beta, invstd, batch_stats, need_sums, stride,
-                    padding, dilation, padding2, dilation2, relu=True):
-    """dgrad.conv_dgrad's (out, part) for the sum of two convs' gradients of one activation (same stride), in
-    one launch: out is dx (running statistics) or ga*m in x's dtype (batch statistics), part the per-tile
-    BN-backward partials [rows, 2, C] when need_sums."""
+_DGRAD_PLANS: dict = {}  # conv_dgrad_pair's launch plans
+
+
+def _dgrad_pair_plan(grad_y, weight, grad_y2, weight2, x, out, need_sums, batch_stats, stride, padding, dilation,
+                     padding2, dilation2, relu):
     n, c, h, w = x.shape
     k1, _, kh1, kw1 = weight.shape
     k2, _, kh2, kw2 = weight2.shape
-    need_sums = need_sums or batch_stats
     phases = stride[0] * stride[1]
     m_phase = n * cdiv(h, stride[0]) * cdiv(w, stride[1])
     taps = cdiv(kh1, stride[0]) * cdiv(kw1, stride[1]) + cdiv(kh2, stride[0]) * cdiv(kw2, stride[1])
     cfg = conv_config("dgrad_pair", m_phase, c, min(k1, k2), taps, x)
     tiles_m = cdiv(m_phase, cfg["BLOCK_M"])
-    grid = (phases * tiles_m * cdiv(c, cfg["BLOCK_N"]),)
-    out = torch.empty_like(x, memory_format=memory_format_of(x))
-    part = torch.empty((phases * tiles_m, 2, c), dtype=acc_dtype(x.dtype), device=x.device) if need_sums else None
 
     def step(s, d):
         return s // math.gcd(s, d)
 
-    _conv_dgrad_pair_kernel[grid](
-        grad_y, weight, grad_y2, weight2, x, mean, scale, beta, invstd, out, part if need_sums else out,
-        n, c, h, w, stride[0], stride[1],
-        k1, grad_y.shape[2], grad_y.shape[3], kh1, kw1, padding[0], padding[1], dilation[0], dilation[1],
-        step(stride[0], dilation[0]), step(stride[1], dilation[1]),
-        k2, grad_y2.shape[2], grad_y2.shape[3], kh2, kw2, padding2[0], padding2[1], dilation2[0], dilation2[1],
-        step(stride[0], dilation2[0]), step(stride[1], dilation2[1]),
-        *grad_y.stride(), *grad_y2.stride(), *weight.stride(), *weight2.stride(), *x.stride(), *out.stride(),
-        BATCH_STATS=batch_stats, NEED_SUMS=need_sums, RELU=bool(relu),
-        IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc_dtype(x.dtype)), DOT_MODE=dot_mode(x.dtype),
-        PRECISION=fp32_precision(), **cfg,
-    )
+    ints = (n, c, h, w, stride[0], stride[1],
+            k1, grad_y.shape[2], grad_y.shape[3], kh1, kw1, padding[0], padding[1], dilation[0], dilation[1],
+            step(stride[0], dilation[0]), step(stride[1], dilation[1]),
+            k2, grad_y2.shape[2], grad_y2.shape[3], kh2, kw2, padding2[0], padding2[1], dilation2[0], dilation2[1],
+            step(stride[0], dilation2[0]), step(stride[1], dilation2[1]),
+            *grad_y.stride(), *grad_y2.stride(), *weight.stride(), *weight2.stride(), *x.stride(), *out.stride())
+    kw_args = dict(BATCH_STATS=batch_stats, NEED_SUMS=need_sums, RELU=bool(relu),
+                   IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc_dtype(x.dtype)), DOT_MODE=dot_mode(x.dtype),
+                   PRECISION=fp32_precision(), **cfg)
+    part_shape = (phases * tiles_m, 2, c) if need_sums else None
+    return configs._table(), (phases * tiles_m * cdiv(c, cfg["BLOCK_N"]),), ints, kw_args, part_shape
+
+
+def conv_dgrad_pair(grad_y, weight, grad_y2, weight2, x, mean, scale, beta, invstd, batch_stats, need_sums, stride,
+                    padding, dilation, padding2, dilation2, relu=True):
+    """dgrad.conv_dgrad's (out, part) for the sum of two convs' gradients of one activation (same stride), in
+    one launch: out is dx (running statistics) or ga*m in x's dtype (batch statistics), part the per-tile
+    BN-backward partials [rows, 2, C] when need_sums."""
+    need_sums = need_sums or batch_stats
+    out = torch.empty_like(x, memory_format=memory_format_of(x))
+    key = (grad_y.shape, grad_y.stride(), grad_y2.shape, grad_y2.stride(), weight.shape, weight.stride(),
+           weight2.shape, weight2.stride(), x.shape, x.stride(), x.dtype, x.device, out.stride(), need_sums,
+           batch_stats, *stride, *padding, *dilation, *padding2, *dilation2, relu, *plan_env())
+    _, grid, ints, kw_args, part_shape = launch_plan(
+        _DGRAD_PLANS, key, _dgrad_pair_plan, grad_y, weight, grad_y2, weight2, x, out, need_sums, batch_stats, stride,
+        padding, dilation, padding2, dilation2, relu)
+    part = torch.empty(part_shape, dtype=acc_dtype(x.dtype), device=x.device) if part_shape is not None else None
+    _conv_dgrad_pair_kernel[grid](grad_y, weight, grad_y2, weight2, x, mean, scale, beta, invstd, out,
+                                  part if need_sums else out, *ints, **kw_args)
     return out, part
