@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from .._layout import memory_format_of
+from . import configs
 
 
 @functools.lru_cache(maxsize=1)
@@ -94,8 +95,6 @@ def swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
 def conv_config(kernel: str, m: int, n: int, k: int, taps: int, x: torch.Tensor) -> dict:
     """Launch config for one conv kernel ("fwd", "dgrad", "wgrad") at GEMM size m x n, reduction k per
     tap: the tuned table's entry for this GPU and shape when it has one, else the heuristic."""
-    from . import configs
-
     if configs._forced:  # the tuning sweep: decided afresh at every launch
         return configs.lookup(kernel, m, n, k, taps, x) or heuristic_config(kernel, m, n, k, x)
     # Memoized per shape, dtype, layout and device: a step's launches would otherwise rebuild the table key
@@ -117,8 +116,6 @@ def launch_plan(memo: dict, key, build, *args):
     A plan's first element is the tuned table it was built against: one built against another table is
     rebuilt. While the tuning sweep forces configs, every launch builds afresh and nothing is kept.
     Issue 30: this Python ran at every launch, 8-15 us each, where the kernels of a CIFAR layer run 5-30 us."""
-    from . import configs
-
     plan = memo.get(key)
     if plan is not None and plan[0] is configs._table():
         return plan
@@ -134,8 +131,12 @@ PLAN_ENTRIES = 1024
 
 
 def plan_env():
-    """What every conv plan depends on besides its arguments: the fp32 precision switch and the assumed GPU."""
-    return torch.backends.cudnn.allow_tf32, ASSUMED_GPU
+    """What every conv plan depends on besides its arguments: the fp32 precision switch (fp32_precision) and the
+    assumed GPU. The switch read directly: torch.backends.cudnn.allow_tf32's property costs 0.4 us a read."""
+    return _allow_tf32(), ASSUMED_GPU
+
+
+_allow_tf32 = getattr(torch._C, "_get_cudnn_allow_tf32", None) or (lambda: torch.backends.cudnn.allow_tf32)
 
 
 def heuristic_config(kernel: str, m: int, n: int, k: int, x: torch.Tensor) -> dict:

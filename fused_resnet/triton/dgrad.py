@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .._layout import memory_format_of
+from . import configs
 from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, interpreting, launch_plan, mma, next_pow2,
                       plan_env, swizzle, tl_dtype)
 
@@ -171,8 +172,6 @@ _PLANS: dict = {}  # conv_dgrad's launch plans (_common.launch_plan)
 
 
 def _dgrad_plan(grad_y, x, weight, out, stride, padding, dilation, batch_stats, need_sums, has_addend, raw, relu):
-    from . import configs
-
     n, c, h, w = x.shape
     k, _, kh, kw = weight.shape
     oh, ow = grad_y.shape[2], grad_y.shape[3]
@@ -217,8 +216,6 @@ _FINISH_PLANS: dict = {}  # bn_backward_finish's launch plans
 
 
 def _finish_plan(gm, x, dx, has_gamma):
-    from . import configs
-
     n, c, h, w = x.shape
     block_c = 16 if interpreting() else min(64, next_pow2(c))
     block_m = 64 if interpreting() else max(32, 4096 // block_c)

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import configs
 from ._common import cdiv, interpreting, launch_plan, next_pow2, tl_dtype
 
 FIN_ROWS = 5  # bn_finalize's output rows: mean, var, invstd, scale, beta
@@ -92,8 +93,6 @@ _FIN_PLANS: dict = {}  # bn_finalize's launch plans (_common.launch_plan)
 
 
 def _finalize_plan(c, acc, from_partials, has_x, write_moments, has_gamma, has_beta, update):
-    from . import configs
-
     # Few channels per program: the merge reads tiles x C partials, and more programs read them faster.
     block_c = 16 if interpreting() else min(16, next_pow2(c))
     kw_args = dict(FROM_PARTIALS=from_partials, HAS_PIVOT=has_x, WRITE_MOMENTS=write_moments, HAS_GAMMA=has_gamma,
@@ -178,8 +177,6 @@ _SUM_PLANS: dict = {}  # column_sums' launch plans (_common.launch_plan)
 
 
 def _column_sums_plan(a_len, b_len, wide):
-    from . import configs
-
     block_l = 64 if interpreting() else 256
     a_programs = cdiv(a_len, block_l)
     programs = a_programs + cdiv(b_len, block_l)

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import configs
 from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, launch_plan, mma, plan_env, swizzle,
                       tl_dtype)
 from .finalize import moments
@@ -114,8 +115,6 @@ _PLANS: dict = {}  # conv_forward's launch plans (_common.launch_plan)
 
 
 def _forward_plan(x, weight, res, y, stride, padding, dilation, out_stats, relu, has_bias, has_res):
-    from . import configs
-
     n, c, h, w = x.shape
     k, _, kh, kw = weight.shape
     oh, ow = y.shape[2], y.shape[3]

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import configs
 from ._common import acc_dtype, cdiv, interpreting, launch_plan, next_pow2
 
 
@@ -59,8 +60,6 @@ _PLANS: dict = {}  # stats_partials' launch plans (_common.launch_plan)
 
 
 def _stats_plan(x):
-    from . import configs
-
     n, c, h, w = x.shape
     m = n * h * w
     block_c = 16 if interpreting() else min(64, next_pow2(c))

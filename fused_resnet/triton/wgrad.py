@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import configs
 from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, interpreting, launch_plan, mma, num_sms,
                       plan_env, tl_dtype)
 
@@ -87,8 +88,6 @@ _PLANS: dict = {}  # conv_wgrad_partial's launch plans (_common.launch_plan)
 
 
 def _wgrad_plan(grad_y, x, dw, stride, padding, dilation, relu):
-    from . import configs
-
     n, c, h, w = x.shape
     k, _, kh, kw = dw.shape
     oh, ow = grad_y.shape[2], grad_y.shape[3]
