@@ -50,6 +50,20 @@ def _empty(like):
     return like.new_empty((0,))
 
 
+# A BN's prologue (scale, beta) comes as the finalize kernel's [2, C] rows when traced (the registered ops' schema),
+# and on the eager path as the pair of rows (scale, beta), split once by the caller: each tensor view is a
+# dispatcher call (~1 us), and every launcher and the backward want the rows apart.
+def _pack_prologue(prologue):
+    """The three saved-tensor slots of a prologue (save_for_backward takes tensors, not a pair)."""
+    if prologue is None or isinstance(prologue, Tensor):
+        return prologue, None, None
+    return None, prologue[0], prologue[1]
+
+
+def _unpack_prologue(whole, scale, beta):
+    return whole if scale is None else (scale, beta)
+
+
 # ---------------------------------------------------------------- reference implementations
 # Plain PyTorch, used for CPU tensors and where Triton cannot run. Padding is applied explicitly so
 # that asymmetric ("same") padding and any requested output size are honoured exactly.
@@ -170,7 +184,7 @@ def _bn_prologue(mean, invstd, gamma, beta):
 
 def _kernel_forward(kb, x, weight, bias, gamma, beta, mean, invstd, residual, stride, padding, dilation,
                     out_size, out_stats, prologue=None, relu=True):
-    scale, beta = (prologue[0], prologue[1]) if prologue is not None else _bn_prologue(mean, invstd, gamma, beta)
+    scale, beta = prologue if prologue is not None else _bn_prologue(mean, invstd, gamma, beta)
     y = torch.empty((x.shape[0], weight.shape[0], *out_size), dtype=x.dtype, device=x.device,
                     memory_format=memory_format_of(x))
     stats = kb.conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, padding, dilation,
@@ -195,7 +209,7 @@ def _stats_of(stats, out_stats, k, x):
 def _kernel_forward_pair(kb, x, weight, bias, weight2, bias2, gamma, beta, mean, invstd, stride, padding, dilation,
                          out_size, stride2, padding2, dilation2, out_size2, out_stats, prologue=None, relu=True):
     """(y, y2, mean_y, var_y) of the pair op from ONE conv launch (bn_relu_conv2d_pair)."""
-    scale, beta = (prologue[0], prologue[1]) if prologue is not None else _bn_prologue(mean, invstd, gamma, beta)
+    scale, beta = prologue if prologue is not None else _bn_prologue(mean, invstd, gamma, beta)
     fmt = memory_format_of(x)
     y = torch.empty((x.shape[0], weight.shape[0], *out_size), dtype=x.dtype, device=x.device, memory_format=fmt)
     y2 = torch.empty((x.shape[0], weight2.shape[0], *out_size2), dtype=x.dtype, device=x.device, memory_format=fmt)
@@ -209,7 +223,7 @@ def _kernel_forward_pair(kb, x, weight, bias, weight2, bias2, gamma, beta, mean,
 
 def _kernel_backward(kb, grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, stride, padding,
                      dilation, needs, sync=None, prologue=None, others=(), relu=True):
-    scale, beta = (prologue[0], prologue[1]) if prologue is not None else _bn_prologue(mean, invstd, gamma, beta)
+    scale, beta = prologue if prologue is not None else _bn_prologue(mean, invstd, gamma, beta)
     # Every reduction finishes in the backend's kernels: four launches at most (plus three per other
     # consumer: raw dgrad, wgrad, its column sums), no ATen tail.
     return kb.conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_stats, needs,
@@ -323,6 +337,16 @@ def _conv_backward_impl(
     grad_y2/weight2/stride2/padding2/dilation2: a second conv (groups 1) of the same relu(bn(x)) -- a
     projection block's shortcut -- whose gradient joins this one's before the ReLU mask, so the BN backward
     runs once (the bn_relu_conv2d_pair op's backward)."""
+    grads = _conv_grads(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps, stride, padding,
+                        dilation, groups, needs, backend, sync_group, prologue, grad_y2, weight2, stride2, padding2,
+                        dilation2, relu)
+    return tuple(_empty(x) if g is None else g for g in grads)
+
+
+def _conv_grads(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps, stride, padding, dilation,
+                groups, needs, backend, sync_group=0, prologue=None, grad_y2=None, weight2=None, stride2=None,
+                padding2=None, dilation2=None, relu=True):
+    """_conv_backward_impl's gradients, None where not needed (the eager path takes them so)."""
     needs = list(needs) + [False] * (5 - len(needs))
     sync = _sync.sum_reducer(sync_group) if (batch_stats and needs[0]) else None
     needs[2] = needs[2] and bn_weight is not None
@@ -336,19 +360,18 @@ def _conv_backward_impl(
                               stride, padding, dilation, groups, needs[:4], sync, others, relu)
     grads = grads[:4] + ((grads[4][0] if others else None),)
     like = (x, weight, bn_weight, bn_bias, weight2)
-    out = []
-    for g, ref in zip(grads, like):
-        if g is None:
-            out.append(_empty(x))
-        else:
-            if g.dtype != ref.dtype:
-                g = g.to(ref.dtype)
-            if g.dim() != 4:
-                g = g.contiguous()
-            elif g.stride() != ref.stride():  # equal strides (same shape): already ref's (dense) layout
-                g = g.contiguous(memory_format=memory_format_of(ref))
-            out.append(g)
-    return tuple(out)
+    return tuple(None if g is None else _like(g, ref) for g, ref in zip(grads, like))
+
+
+def _like(g, ref):
+    """A gradient in its input's dtype and (dense) layout."""
+    if g.dtype != ref.dtype:
+        g = g.to(ref.dtype)
+    if g.dim() != 4:
+        return g if g.is_contiguous() else g.contiguous()
+    if g.stride() != ref.stride():  # equal strides (same shape): already ref's (dense) layout
+        g = g.contiguous(memory_format=memory_format_of(ref))
+    return g
 
 
 bn_relu_conv2d_backward_op = torch.library.custom_op("fused_resnet::bn_relu_conv2d_backward", _conv_backward_impl,
@@ -415,7 +438,7 @@ def _setup_context(ctx, inputs, output):
     inputs = tuple(inputs) + (0, None, True)[len(inputs) - 17:]  # trailing defaults, when a caller left them out
     (x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, batch_stats, eps, stride, padding,
      dilation, out_size, groups, out_stats, backend, sync_group, prologue, relu) = inputs
-    ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, invstd, prologue)
+    ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, invstd, *_pack_prologue(prologue))
     ctx.set_materialize_grads(False)  # the statistics outputs get no gradient: no zeros to make for them
     ctx.has_bias = bias is not None
     ctx.has_residual = residual is not None
@@ -427,13 +450,14 @@ def _backward(ctx, grad_y, grad_mean, grad_var, direct=False, ni=None):
     """ni: needs_input_grad in the op's argument order (the eager path's node orders its arguments otherwise)."""
     if grad_y is None:  # only the (gradient-free) statistics outputs were used
         return (None,) * 20
-    x, weight, bn_weight, bn_bias, mean, invstd, prologue = ctx.saved_tensors
+    x, weight, bn_weight, bn_bias, mean, invstd, *pro = ctx.saved_tensors
+    prologue = _unpack_prologue(*pro)
     batch_stats, eps, stride, padding, dilation, groups, backend, sync_group, relu = ctx.conv
     ni = ctx.needs_input_grad if ni is None else ni
     needs = [bool(ni[0]), bool(ni[1]), bool(ni[3]), bool(ni[4])]
     dx = dw = dgamma = dbeta = None
     if any(needs):
-        grads = (_conv_backward_impl if direct else bn_relu_conv2d_backward_op)(grad_y, x, weight, bn_weight, bn_bias, mean, invstd,
+        grads = (_conv_grads if direct else bn_relu_conv2d_backward_op)(grad_y, x, weight, bn_weight, bn_bias, mean, invstd,
                                            batch_stats, eps, stride, padding, dilation, groups,
                                            needs, backend, sync_group, prologue, relu=relu)
         dx, dw, dgamma, dbeta = (g if need else None for g, need in zip(grads, needs))
@@ -460,7 +484,7 @@ def _pair_setup_context(ctx, inputs, output):
     (x, weight, bias, weight2, bias2, bn_weight, bn_bias, mean, invstd, batch_stats, eps, stride, padding,
      dilation, out_size, stride2, padding2, dilation2, out_size2, out_stats, backend, sync_group, prologue,
      relu) = inputs
-    ctx.save_for_backward(x, weight, weight2, bn_weight, bn_bias, mean, invstd, prologue)
+    ctx.save_for_backward(x, weight, weight2, bn_weight, bn_bias, mean, invstd, *_pack_prologue(prologue))
     ctx.set_materialize_grads(False)
     ctx.bias_dtypes = (bias.dtype if bias is not None else None, bias2.dtype if bias2 is not None else None)
     ctx.conv = (batch_stats, eps, list(stride), list(padding), list(dilation), list(stride2), list(padding2),
@@ -473,7 +497,8 @@ def _pair_backward(ctx, grad_y, grad_y2, grad_mean, grad_var, direct=False, ni=N
     ni: needs_input_grad in the op's argument order."""
     if grad_y is None and grad_y2 is None:
         return (None,) * _PAIR_ARGS
-    x, weight, weight2, bn_weight, bn_bias, mean, invstd, prologue = ctx.saved_tensors
+    x, weight, weight2, bn_weight, bn_bias, mean, invstd, *pro = ctx.saved_tensors
+    prologue = _unpack_prologue(*pro)
     batch_stats, eps, stride, padding, dilation, stride2, padding2, dilation2, backend, sync_group, relu = ctx.conv
     # An unused output's gradient is zero: made here, as autograd would have (materialize_grads is off for
     # the statistics outputs).
@@ -484,7 +509,7 @@ def _pair_backward(ctx, grad_y, grad_y2, grad_mean, grad_var, direct=False, ni=N
     needs = [bool(ni[0]), bool(ni[1]), bool(ni[5]), bool(ni[6]), bool(ni[3])]
     dx = dw = dw2 = dgamma = dbeta = None
     if any(needs):
-        grads = (_conv_backward_impl if direct else bn_relu_conv2d_backward_op)(
+        grads = (_conv_grads if direct else bn_relu_conv2d_backward_op)(
             grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps, stride, padding, dilation, 1,
             needs, backend, sync_group, prologue, grad_y2, weight2, stride2, padding2, dilation2, relu)
         dx, dw, dgamma, dbeta, dw2 = (g if need else None for g, need in zip(grads, needs))

@@ -17,11 +17,11 @@ import torch
 from torch import Tensor
 
 from ._layout import memory_format_of
-from ._ops import _acc, _bn_prologue, _empty, _kernels, _traced
+from ._ops import _acc, _bn_prologue, _empty, _kernels, _pack_prologue, _traced, _unpack_prologue
 
 
 def _affine_of(mean, invstd, gamma, beta, prologue):
-    """(scale, beta) of a BN: the finalize kernel's [2, C] when given, else from the statistics."""
+    """(scale, beta) of a BN: the finalize kernel's rows when given ([2, C], or the pair), else from the statistics."""
     if prologue is not None:
         return prologue[0], prologue[1]
     return _bn_prologue(mean, invstd, gamma, beta)
@@ -168,15 +168,16 @@ _NARGS = 16
 def _setup_context(ctx, inputs, output):
     (z, s, mean, invstd, bn_weight, bn_bias, prologue, batch_stats, s_mean, s_invstd, s_weight, s_bias, s_prologue,
      s_batch_stats, relu, backend) = inputs
-    ctx.save_for_backward(z, s, mean, invstd, bn_weight, bn_bias, prologue, s_mean, s_invstd, s_weight, s_bias,
-                          s_prologue)
+    ctx.save_for_backward(z, s, mean, invstd, bn_weight, bn_bias, s_mean, s_invstd, s_weight, s_bias,
+                          *_pack_prologue(prologue), *_pack_prologue(s_prologue))
     ctx.flags = (batch_stats, s_batch_stats, relu, backend)
 
 
 def _backward(ctx, grad_y, direct=False):
     if grad_y is None:
         return (None,) * _NARGS
-    z, s, mean, invstd, bn_weight, bn_bias, prologue, s_mean, s_invstd, s_weight, s_bias, s_prologue = ctx.saved_tensors
+    z, s, mean, invstd, bn_weight, bn_bias, s_mean, s_invstd, s_weight, s_bias, *pro = ctx.saved_tensors
+    prologue, s_prologue = _unpack_prologue(*pro[:3]), _unpack_prologue(*pro[3:])
     batch_stats, s_batch_stats, relu, backend = ctx.flags
     ni = ctx.needs_input_grad
     needs = [bool(ni[0]), bool(ni[1]), bool(ni[4]), bool(ni[5]), bool(ni[10]), bool(ni[11])]

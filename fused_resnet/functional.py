@@ -303,7 +303,8 @@ def _empty_stats(y):
 
 
 class _BNInputs(NamedTuple):
-    """What the conv ops take of the BN: mean, invstd, the kernels' [2, C] (scale, beta) or None, the sync
+    """What the conv ops take of the BN: mean, invstd, the kernels' (scale, beta) ([2, C] when traced, else the pair
+    of rows) or None, the sync
     group id; and the running-buffer update still to do after the op (the reference path's: the kernel
     backends' finalize kernel has done it already)."""
 
@@ -338,7 +339,10 @@ def _bn_inputs(x, bn_weight, bn_bias, running_mean, running_var, training, momen
         else:
             fin = _ops.bn_finalize(x.detach(), running_mean.detach(), running_var.detach(), _detached(bn_weight),
                                    _detached(bn_bias), None, None, False, 0.0, float(eps), count, impl)
-        return _BNInputs(fin[0], fin[2], fin[3:5], 0, ())
+        if _ops._traced(x):
+            return _BNInputs(fin[0], fin[2], fin[3:5], 0, ())
+        mean, _, invstd, scale, beta = fin.unbind(0)  # one view op, not one per row (_ops._pack_prologue)
+        return _BNInputs(mean, invstd, (scale, beta), 0, ())
     if training:
         if input_stats is not None:
             mean, var = (s.detach().to(acc) for s in input_stats)
