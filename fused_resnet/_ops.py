@@ -263,12 +263,19 @@ def _bn_finalize_impl(
     dtype: from x's own batch statistics (from_x) or from (mean, var); given running buffers, updates
     them in place (nn.BatchNorm2d's EMA, unbiased variance with `count`). Triton and CUDA: one or two
     launches (statistics partials, then one finalize kernel)."""
-    kb = _kernels(backend)
-    acc = _acc(x.dtype)
+    return _finalize(_kernels(backend), x, mean, var, bn_weight, bn_bias, running_mean, running_var, from_x, momentum,
+                     eps, count)
+
+
+def _finalize(kb, x, mean, var, bn_weight, bn_bias, running_mean, running_var, from_x, momentum, eps, count,
+              num_batches_tracked=None):
+    """_bn_finalize_impl's launches; the eager path also hands over the BN's num_batches_tracked, which the
+    finalize then counts in the same launch (the registered op leaves counting to its caller)."""
     partials = kb.stats_partials(x) if from_x else None
-    return kb.bn_finalize(x.shape[1], acc, partials=partials, x=x if from_x else None, mean=None if from_x else mean,
-                          var=None if from_x else var, gamma=bn_weight, beta=bn_bias, running_mean=running_mean,
-                          running_var=running_var, momentum=momentum, eps=eps, count=count)
+    return kb.bn_finalize(x.shape[1], _acc(x.dtype), partials=partials, x=x if from_x else None,
+                          mean=None if from_x else mean, var=None if from_x else var, gamma=bn_weight, beta=bn_bias,
+                          running_mean=running_mean, running_var=running_var, momentum=momentum, eps=eps, count=count,
+                          num_batches_tracked=num_batches_tracked)
 
 
 bn_finalize_op = torch.library.custom_op("fused_resnet::bn_finalize", _bn_finalize_impl,

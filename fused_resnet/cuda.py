@@ -44,10 +44,11 @@ def stats_partials(x):
 
 
 def bn_finalize(c, acc, *, partials=None, x=None, mean=None, var=None, gamma=None, beta=None,
-                running_mean=None, running_var=None, momentum=0.0, eps=1e-5, count=None):
+                running_mean=None, running_var=None, momentum=0.0, eps=1e-5, count=None, num_batches_tracked=None):
     """[5, C] (mean, var, invstd, scale, beta) in `acc`, one launch: from `partials` (x supplies the pivot;
     mean/var given too receive the merged moments) or from (mean, var); running buffers updated in
-    place. Same contract as fused_resnet.triton.finalize.bn_finalize."""
+    place. Same contract as fused_resnet.triton.finalize.bn_finalize (num_batches_tracked: incremented here by
+    an ATen add_, which the CUDA kernel does not fold in)."""
     like = partials[0] if partials is not None else mean
     ext = _ext(like)
     part, tile_rows, total = partials if partials is not None else (None, 1, 1)
@@ -55,10 +56,13 @@ def bn_finalize(c, acc, *, partials=None, x=None, mean=None, var=None, gamma=Non
     unbiased = (count / (count - 1)) if update and count and count > 1 else float("inf")
     x_dtype = x.dtype if x is not None else acc
     from_partials = partials is not None
-    return ext.bn_finalize(part, tile_rows, total, x, None if from_partials else mean,
-                           None if from_partials else var, mean if from_partials else None,
-                           var if from_partials else None, gamma, beta, running_mean, running_var,
-                           float(momentum), float(eps), float(unbiased), c, x_dtype)
+    out = ext.bn_finalize(part, tile_rows, total, x, None if from_partials else mean,
+                          None if from_partials else var, mean if from_partials else None,
+                          var if from_partials else None, gamma, beta, running_mean, running_var,
+                          float(momentum), float(eps), float(unbiased), c, x_dtype)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    return out
 
 
 def moments(partials, acc, x=None):

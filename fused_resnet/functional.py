@@ -18,25 +18,28 @@ def _detached(t):
     return t.detach() if t is not None else None
 
 
-def _finalize_training(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, input_stats, count, impl):
-    """The [5, C] bn_finalize of training: from x's own statistics, or from the given (mean, var) -- still
-    as the producer's partials when they are a PendingStats, merged here in the same launch (the eager
-    path only: _deferred.py); running buffers (when given) updated in place."""
+def _finalize_training(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, input_stats, count, impl,
+                       counter):
+    """(the [5, C] bn_finalize of training, whether it counted `counter`): from x's own statistics, or from the
+    given (mean, var) -- still as the producer's partials when they are a PendingStats, merged here in the same
+    launch (the eager path only: _deferred.py); running buffers (when given) updated in place. counter: the
+    BN's num_batches_tracked, incremented by the same launch on the eager path (the registered op, traced,
+    leaves it to the caller)."""
     claimed = input_stats.claim() if isinstance(input_stats, _deferred.PendingStats) else None
-    if claimed is not None:
+    if claimed is not None:  # the eager path only; the launcher reads the tensors' data, no autograd to keep out
         partials, mean, var = claimed
         return _ops._kernels(impl).bn_finalize(
-            x.shape[1], mean.dtype, partials=partials, mean=mean, var=var, gamma=_detached(bn_weight),
-            beta=_detached(bn_bias), running_mean=running_mean, running_var=running_var, momentum=float(momentum),
-            eps=float(eps), count=count)
+            x.shape[1], mean.dtype, partials=partials, mean=mean, var=var, gamma=bn_weight, beta=bn_bias,
+            running_mean=running_mean, running_var=running_var, momentum=float(momentum), eps=float(eps),
+            count=count, num_batches_tracked=counter), True
     from_x = input_stats is None
     if not _ops._traced(x):  # run directly: the launchers read the tensors' data, no autograd to keep out
         m_in, v_in = (None, None) if from_x else input_stats
-        return _ops._bn_finalize_impl(x, m_in, v_in, bn_weight, bn_bias, running_mean, running_var, from_x,
-                                      float(momentum), float(eps), count, impl)
+        return _ops._finalize(_ops._kernels(impl), x, m_in, v_in, bn_weight, bn_bias, running_mean, running_var,
+                              from_x, float(momentum), float(eps), count, counter), True
     m_in, v_in = (None, None) if from_x else (s.detach() for s in input_stats)
     return _ops.bn_finalize(x.detach(), m_in, v_in, _detached(bn_weight), _detached(bn_bias), running_mean,
-                            running_var, from_x, float(momentum), float(eps), count, impl)
+                            running_var, from_x, float(momentum), float(eps), count, impl), False
 
 
 def bn_relu_conv2d(
@@ -101,7 +104,7 @@ def bn_relu_conv2d_with_stats(
     x, weight, bias=None, *, bn_weight=None, bn_bias=None, running_mean=None, running_var=None,
     training=False, momentum=0.1, eps=1e-5, stride=1, padding=0, dilation=1, groups=1, residual=None,
     backend="auto", input_stats=None, out_stats=False, sync_stats=False, process_group=None, activation="relu",
-    _deferred=False,
+    _deferred=False, _num_batches_tracked=None,
 ):
     """The same op, for chaining fused layers.
 
@@ -115,12 +118,14 @@ def bn_relu_conv2d_with_stats(
         is not initialized or the group has one process.
     _deferred (the library's blocks): the output statistics may come back as one PendingStats in place of
         (mean, var), None after it, whose merge the next fused layer's finalize does (_deferred.py).
+    _num_batches_tracked (nn.py): the BN's counter, incremented once the call succeeded (in the finalize launch
+        on the eager path of a kernel backend: eager's add_ is a launch of its own).
     """
     (x, weight, bias, residual), amp_off = _autocast_inputs(x, weight, bias, residual)
     with amp_off:
         return _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
                            eps, stride, padding, dilation, groups, residual, backend, input_stats, out_stats,
-                           sync_stats, process_group, _relu(activation), _deferred)
+                           sync_stats, process_group, _relu(activation), _deferred, _num_batches_tracked)
 
 
 def _out_stats_arg(out_stats, defer, impl, x):
@@ -175,7 +180,7 @@ def bn_relu_conv2d_pair_with_stats(
     x, weight, weight2, bias=None, bias2=None, *, bn_weight=None, bn_bias=None, running_mean=None,
     running_var=None, training=False, momentum=0.1, eps=1e-5, stride=1, padding=0, dilation=1, stride2=1,
     padding2=0, dilation2=1, backend="auto", input_stats=None, out_stats=False, sync_stats=False,
-    process_group=None, activation="relu", _deferred=False,
+    process_group=None, activation="relu", _deferred=False, _num_batches_tracked=None,
 ):
     """Two convs of one relu(batch_norm(x)): (y, y2, mean_y, var_y) with
     y = conv2d(a, weight, bias, stride, padding, dilation) and y2 = conv2d(a, weight2, bias2, stride2,
@@ -183,7 +188,7 @@ def bn_relu_conv2d_pair_with_stats(
     conv1 and shortcut: one autograd node, so backward sums the two gradients of a before the ReLU mask and
     runs the BN backward once (as eager does; two bn_relu_conv2d calls would run it twice). mean_y/var_y:
     y's statistics when out_stats (as bn_relu_conv2d_with_stats), else None. Both convs are validated
-    before anything runs."""
+    before anything runs. _num_batches_tracked: as bn_relu_conv2d_with_stats's."""
     relu = _relu(activation)
     (x, weight, bias, weight2, bias2), amp_off = _autocast_inputs(x, weight, bias, weight2, bias2)
     with amp_off:
@@ -201,9 +206,10 @@ def bn_relu_conv2d_pair_with_stats(
                                  training=training, momentum=momentum, eps=eps, stride=stride, padding=padding,
                                  dilation=dilation, stride2=stride2, padding2=padding2, dilation2=dilation2,
                                  activation=activation, sync=sync_stats, process_group=process_group)
+            _count(_num_batches_tracked)
             return (y, y2, *_empty_stats(y)) if out_stats else (y, y2, None, None)
         bn = _bn_inputs(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, impl,
-                        input_stats, sync_stats, process_group)
+                        input_stats, sync_stats, process_group, _num_batches_tracked)
         out_arg = _out_stats_arg(out_stats, _deferred, impl, x)
         y, y2, mean_y, var_y = _ops.bn_relu_conv2d_pair(
             x, weight, bias, weight2, bias2, bn_weight, bn_bias, bn.mean, bn.invstd, training, float(eps),
@@ -216,7 +222,7 @@ def bn_relu_conv2d_pair_with_stats(
 
 def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
                 stride, padding, dilation, groups, residual, backend, input_stats, out_stats, sync_stats,
-                process_group, relu=True, defer=False):
+                process_group, relu=True, defer=False, counter=None):
     geo = validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
                    eps, stride, padding, dilation, groups, residual, backend)
     impl = resolve(backend, x.device, geo.groups)
@@ -226,9 +232,10 @@ def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
                          eps=eps, stride=stride, padding=padding, dilation=dilation, groups=groups,
                          residual=residual, activation="relu" if relu else "identity", sync=sync_stats,
                          process_group=process_group)
+        _count(counter)
         return (y, *_empty_stats(y)) if out_stats else (y, None, None)
     bn = _bn_inputs(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, impl, input_stats,
-                    sync_stats, process_group)
+                    sync_stats, process_group, counter)
     out_arg = _out_stats_arg(out_stats, defer, impl, x)
     y, mean_y, var_y = _ops.bn_relu_conv2d(
         x, weight, bias, bn_weight, bn_bias, bn.mean, bn.invstd, residual, training, float(eps),
@@ -313,36 +320,47 @@ class _BNInputs(NamedTuple):
     prologue: object
     gid: int
     pending: tuple
+    counter: object = None  # num_batches_tracked still to count (None: nothing to count, or counted already)
 
     def update_running_stats(self):
         # After the op succeeded, so a failed call leaves the buffers as they were.
         if self.pending:
             update_running_stats(*self.pending)
+        _count(self.counter)
+
+
+def _count(counter):
+    if counter is not None:
+        counter.add_(1)
 
 
 def _bn_inputs(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, impl, input_stats,
-               sync_stats, process_group):
+               sync_stats, process_group, counter=None):
     """x's BN as the conv ops take it (validation has run). Kernel backends without sync: one bn_finalize
     launch (after the statistics partials when x's own statistics are needed) gives mean, invstd and the
     prologue's scale/beta and updates the running buffers in place -- no ATen tail. Otherwise the
-    statistics (synchronized over the group with sync_stats) and invstd in ATen ops."""
+    statistics (synchronized over the group with sync_stats) and invstd in ATen ops. counter: the BN's
+    num_batches_tracked, counted by the finalize launch where there is one on the eager path, else by
+    update_running_stats after the op."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     count = x.numel() // x.shape[1]
     gid = _sync.group_id(process_group) if (training and sync_stats) else 0
     if impl in _KERNEL_BACKENDS and not gid:
+        counted = False
         if training:
-            fin = _finalize_training(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, input_stats,
-                                     count, impl)
+            fin, counted = _finalize_training(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
+                                              input_stats, count, impl, counter)
         elif not _ops._traced(x):  # run directly: the launchers read the tensors' data, no autograd to keep out
             fin = _ops._bn_finalize_impl(x, running_mean, running_var, bn_weight, bn_bias, None, None, False, 0.0,
                                          float(eps), count, impl)
         else:
             fin = _ops.bn_finalize(x.detach(), running_mean.detach(), running_var.detach(), _detached(bn_weight),
                                    _detached(bn_bias), None, None, False, 0.0, float(eps), count, impl)
+        counter = None if counted else counter
         if _ops._traced(x):
-            return _BNInputs(fin[0], fin[2], fin[3:5], 0, ())
+            return _BNInputs(fin[0], fin[2], fin[3:5], 0, (), counter)
         mean, _, invstd, scale, beta = fin.unbind(0)  # one view op, not one per row (_ops._pack_prologue)
-        return _BNInputs(mean, invstd, (scale, beta), 0, ())
+        return _BNInputs(mean, invstd, (scale, beta), 0, (), counter)
     if training:
         if input_stats is not None:
             mean, var = (s.detach().to(acc) for s in input_stats)
@@ -353,7 +371,7 @@ def _bn_inputs(x, bn_weight, bn_bias, running_mean, running_var, training, momen
     else:
         mean, var = running_mean.detach().to(acc), running_var.detach().to(acc)
     pending = (running_mean, running_var, mean, var, count, momentum) if (training and running_mean is not None) else ()
-    return _BNInputs(mean, torch.rsqrt(var + eps), None, gid, pending)
+    return _BNInputs(mean, torch.rsqrt(var + eps), None, gid, pending, counter)
 
 
 def update_running_stats(running_mean, running_var, mean, var, count, momentum):

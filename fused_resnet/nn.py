@@ -62,6 +62,12 @@ def _count_batch(bn, tracking):
         bn.num_batches_tracked.add_(1)
 
 
+def _counter(bn, tracking):
+    """The num_batches_tracked that a fused call counts for bn (its finalize launch does, on the eager path of a
+    kernel backend), or None."""
+    return bn.num_batches_tracked if tracking else None
+
+
 def fused_bn_relu_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d, x, residual=None, *, backend="auto",
                        input_stats=None, out_stats=False, update_running_stats=True, _deferred=False):
     """conv(relu(bn(x))) (+ residual) with nn.BatchNorm2d's exact training/eval semantics.
@@ -76,8 +82,8 @@ def fused_bn_relu_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d, x, residual=None, *,
     kw, tracking = _bn_arguments(bn, update_running_stats, input_stats, out_stats)
     y, mean, var = bn_relu_conv2d_with_stats(
         x, conv.weight, conv.bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-        groups=conv.groups, residual=residual, backend=backend, _deferred=_deferred, **kw)
-    _count_batch(bn, tracking)
+        groups=conv.groups, residual=residual, backend=backend, _deferred=_deferred,
+        _num_batches_tracked=_counter(bn, tracking), **kw)
     return y, _stats(mean, var)
 
 
@@ -102,8 +108,7 @@ def fused_bn_relu_conv_pair(bn: nn.BatchNorm2d, conv: nn.Conv2d, conv2: nn.Conv2
     y, y2, mean, var = bn_relu_conv2d_pair_with_stats(
         x, conv.weight, conv2.weight, conv.bias, conv2.bias, stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, stride2=conv2.stride, padding2=conv2.padding, dilation2=conv2.dilation,
-        backend=backend, _deferred=_deferred, **kw)
-    _count_batch(bn, tracking)
+        backend=backend, _deferred=_deferred, _num_batches_tracked=_counter(bn, tracking), **kw)
     return y, y2, _stats(mean, var)
 
 

@@ -186,3 +186,26 @@ def test_memo_is_bounded():
             assert len(_plan.VALIDATED) <= 3
     finally:
         _plan.MAX_ENTRIES = old
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["ema", "cumulative"])
+def test_num_batches_tracked_counted_once_per_training_call(backend, momentum):
+    """On the eager path of a kernel backend the finalize launch counts num_batches_tracked (eager's add_ is a
+    launch of its own); every path counts exactly once per training call, as nn.BatchNorm2d does: a layer, a
+    block (its chained BNs take the deferred statistics, the projection its pair op), an empty batch, and
+    eval (no count). With momentum=None the cumulative factor reads the counter first."""
+    torch.manual_seed(3)
+    eager = PreActBlock(4, 8, 2, fused=False)
+    fused = PreActBlock(4, 8, 2, backend=backend)
+    for m in (eager, fused):
+        for bn in (m.bn1, m.bn2):
+            bn.momentum = momentum
+    fused.load_state_dict(eager.state_dict())
+    for i, (n, training) in enumerate([(2, True), (3, True), (0, True), (2, False), (2, True)]):
+        eager.train(training)
+        fused.train(training)
+        x = torch.randn(n, 4, 6, 6, generator=torch.Generator().manual_seed(400 + i))
+        torch.testing.assert_close(fused(x), eager(x), rtol=2e-4, atol=2e-4)
+        for (name, b), be in zip(fused.named_buffers(), eager.buffers()):
+            torch.testing.assert_close(b, be, rtol=2e-4, atol=2e-4, msg=name)
+    assert int(fused.bn1.num_batches_tracked) == int(fused.bn2.num_batches_tracked) == 4

@@ -29,10 +29,11 @@ def _bn_finalize_kernel(
     part_ptr, tiles, tile_rows, total,
     x_ptr, sxc,
     mean_ptr, var_ptr, out_ptr,
-    gamma_ptr, beta_ptr, rm_ptr, rv_ptr,
+    gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr,
     C, eps, momentum, unbiased,
     FROM_PARTIALS: tl.constexpr, HAS_PIVOT: tl.constexpr, WRITE_MOMENTS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
-    UPDATE_RUNNING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, COUNT_BATCH: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
@@ -87,32 +88,38 @@ def _bn_finalize_kernel(
         new_v = rv.to(ACC) * (1 - momentum) + (var * unbiased) * momentum
         tl.store(rm_ptr + offs_c, new_m.to(rm_ptr.dtype.element_ty), mask=mask_c)
         tl.store(rv_ptr + offs_c, new_v.to(rv_ptr.dtype.element_ty), mask=mask_c)
+    if COUNT_BATCH:  # num_batches_tracked += 1, eager's separate add_ (a scalar atomic: one thread of one program)
+        if tl.program_id(0) == 0:
+            tl.atomic_add(nbt_ptr, 1)
 
 
 _FIN_PLANS: dict = {}  # bn_finalize's launch plans (_common.launch_plan)
 
 
-def _finalize_plan(c, acc, from_partials, has_x, write_moments, has_gamma, has_beta, update):
+def _finalize_plan(c, acc, from_partials, has_x, write_moments, has_gamma, has_beta, update, count_batch):
     # Few channels per program: the merge reads tiles x C partials, and more programs read them faster.
     block_c = 16 if interpreting() else min(16, next_pow2(c))
     kw_args = dict(FROM_PARTIALS=from_partials, HAS_PIVOT=has_x, WRITE_MOMENTS=write_moments, HAS_GAMMA=has_gamma,
-                   HAS_BETA=has_beta, UPDATE_RUNNING=update, ACC=tl_dtype(acc), BLOCK_C=block_c,
+                   HAS_BETA=has_beta, UPDATE_RUNNING=update, COUNT_BATCH=count_batch, ACC=tl_dtype(acc), BLOCK_C=block_c,
                    BLOCK_T=32 if interpreting() else 128, num_warps=4)
     return configs._table(), (cdiv(c, block_c),), kw_args
 
 
 def bn_finalize(c, acc, *, partials=None, x=None, mean=None, var=None, gamma=None, beta=None,
-                running_mean=None, running_var=None, momentum=0.0, eps=1e-5, count=None):
+                running_mean=None, running_var=None, momentum=0.0, eps=1e-5, count=None, num_batches_tracked=None):
     """[FIN_ROWS, C] tensor (mean, var, invstd, scale, beta) in `acc`, from `partials` = (part
     [2, tiles, C], rows per tile, total rows; x supplies the pivot; mean/var given too receive the
     merged moments) or from (mean, var). Given running buffers, they are updated in place with
-    `momentum` and the count `count` (unbiased)."""
+    `momentum` and the count `count` (unbiased); given num_batches_tracked (a BN's int64 counter), it is
+    incremented by one in the same launch."""
     from_partials = partials is not None
     update = running_mean is not None
+    counted = num_batches_tracked is not None
     _, grid, kw_args = launch_plan(
-        _FIN_PLANS, (c, acc, from_partials, x is not None, mean is not None, gamma is not None, beta is not None, update),
+        _FIN_PLANS, (c, acc, from_partials, x is not None, mean is not None, gamma is not None, beta is not None, update,
+                     counted),
         _finalize_plan, c, acc, from_partials, x is not None, from_partials and mean is not None, gamma is not None,
-        beta is not None, update)
+        beta is not None, update, counted)
     part, tile_rows, total = partials if from_partials else (None, 1, 1)
     out = torch.empty((FIN_ROWS, c), dtype=acc, device=(part if from_partials else mean).device)
     if part is None:
@@ -124,7 +131,7 @@ def bn_finalize(c, acc, *, partials=None, x=None, mean=None, var=None, gamma=Non
         mean if mean is not None else dummy, var if var is not None else dummy, out,
         gamma if gamma is not None else dummy, beta if beta is not None else dummy,
         running_mean if update else dummy, running_var if update else dummy,
-        c, float(eps), float(momentum), (count / (count - 1)) if update and count and count > 1 else float("inf"),
+        num_batches_tracked if counted else dummy, c, float(eps), float(momentum), (count / (count - 1)) if update and count and count > 1 else float("inf"),
         **kw_args)
     return out
 
