@@ -155,17 +155,24 @@ def _relu(activation) -> bool:
     return activation == "relu"
 
 
+# Whether autocast is on for any device (not traceable: only asked outside torch.compile).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: it holds no state
+
+
 def _autocast_inputs(x, *operands):
     """Under torch.autocast, the conv's operands (x, then weights, biases, residual) in the dtype autocast
     would give the conv (x too: the BN+ReLU prologue reads it in that dtype); BN parameters, statistics and
     running buffers stay as they are (float32). Returns them (a tuple) with a context that turns autocast off
     around the op, so the reference path's inner ops are not cast a second time. float64 tensors are never
     cast, as autocast does."""
+    if not torch.compiler.is_compiling() and not _any_autocast():  # the common case, in one C call
+        return (x, *operands), _NO_CONTEXT
     dev = x.device.type if isinstance(x, torch.Tensor) else "cpu"
     # Autocast has no state for meta tensors (shape-only runs): never autocast. Not
     # torch.amp.is_autocast_available: torch.compile (2.11's dynamo) cannot trace it, and fullgraph then fails.
     if not (isinstance(x, torch.Tensor) and dev != "meta" and torch.is_autocast_enabled(dev)):
-        return (x, *operands), contextlib.nullcontext()
+        return (x, *operands), _NO_CONTEXT
     dt = torch.get_autocast_dtype(dev)
 
     def cast(t):

@@ -193,9 +193,10 @@ def record_case(case: Case, dtype: torch.dtype, channels_last: bool, arch: int) 
         with capture(arch, sink):
             if phase == "forward":  # as functional._with_finalize_kernel runs it
                 rm, rv = torch.empty_like(gamma), torch.empty_like(gamma)
+                counter = torch.empty((), device="meta", dtype=torch.long)  # num_batches_tracked, counted here
                 fin = kb.bn_finalize(c, acc, partials=kb.stats_partials(x), x=x, gamma=gamma, beta=beta,
                                      running_mean=rm, running_var=rv, momentum=0.1,
-                                     count=case.n * case.h * case.h)
+                                     count=case.n * case.h * case.h, num_batches_tracked=counter)
                 _ops._kernel_forward(kb, x, w, None, gamma, beta, fin[0], fin[2], res, geo["stride"],
                                      geo["padding"], geo["dilation"], [case.out_h] * 2, False, fin[3:5])
             else:
