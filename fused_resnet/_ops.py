@@ -464,9 +464,9 @@ def _backward(ctx, grad_y, grad_mean, grad_var, direct=False, ni=None):
     needs = [bool(ni[0]), bool(ni[1]), bool(ni[3]), bool(ni[4])]
     dx = dw = dgamma = dbeta = None
     if any(needs):
-        grads = (_conv_grads if direct else bn_relu_conv2d_backward_op)(grad_y, x, weight, bn_weight, bn_bias, mean, invstd,
-                                           batch_stats, eps, stride, padding, dilation, groups,
-                                           needs, backend, sync_group, prologue, relu=relu)
+        grads = (_conv_grads if direct else bn_relu_conv2d_backward_op)(
+            grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps, stride, padding, dilation, groups,
+            needs, backend, sync_group, prologue, relu=relu)
         dx, dw, dgamma, dbeta = (g if need else None for g, need in zip(grads, needs))
         if dgamma is not None and bn_weight is None:
             dgamma = None

@@ -26,8 +26,8 @@ import triton.language as tl
 
 from .._layout import memory_format_of
 from . import configs
-from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, interpreting, launch_plan, mma, next_pow2,
-                      plan_env, swizzle, tl_dtype)
+from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, interpreting, launch_args, launch_plan,
+                      mma, next_pow2, plan_env, swizzle, tl_dtype)
 
 
 @triton.jit
@@ -186,7 +186,8 @@ def _dgrad_plan(grad_y, x, weight, out, stride, padding, dilation, batch_stats, 
                    IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc_dtype(x.dtype)), DOT_MODE=dot_mode(x.dtype),
                    PRECISION=fp32_precision(), RELU=bool(relu), **cfg)
     part_shape = (phases * tiles_m, 2, c) if need_sums else None
-    return configs._table(), (phases * tiles_m * cdiv(c, cfg["BLOCK_N"]),), ints, kw_args, part_shape
+    return (configs._table(), (phases * tiles_m * cdiv(c, cfg["BLOCK_N"]),), ints,
+            launch_args(_conv_dgrad_kernel, kw_args), part_shape)
 
 
 def conv_dgrad(grad_y, x, weight, mean, scale, beta, invstd, batch_stats, need_sums, stride, padding,
@@ -203,12 +204,12 @@ def conv_dgrad(grad_y, x, weight, mean, scale, beta, invstd, batch_stats, need_s
     out = addend if addend is not None else torch.empty_like(x, memory_format=memory_format_of(x))
     key = (grad_y.shape, grad_y.stride(), x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(),
            out.stride(), *stride, *padding, *dilation, batch_stats, need_sums, addend is None, raw, relu, *plan_env())
-    _, grid, ints, kw_args, part_shape = launch_plan(
+    _, grid, ints, (consts, opts), part_shape = launch_plan(
         _PLANS, key, _dgrad_plan, grad_y, x, weight, out, stride, padding, dilation, batch_stats, need_sums,
         addend is not None, raw, relu)
     part = torch.empty(part_shape, dtype=acc_dtype(x.dtype), device=x.device) if part_shape is not None else None
     _conv_dgrad_kernel[grid](grad_y, weight, x, mean, scale, beta, invstd, out, part if need_sums else out, out,
-                             *ints, **kw_args)
+                             *ints, *consts, **opts)
     return out, part
 
 
@@ -222,15 +223,15 @@ def _finish_plan(gm, x, dx, has_gamma):
     kw_args = dict(HAS_GAMMA=has_gamma, ACC=tl_dtype(acc_dtype(x.dtype)), BLOCK_M=block_m, BLOCK_C=block_c,
                    num_warps=4)
     return (configs._table(), (cdiv(n * h * w, block_m), cdiv(c, block_c)),
-            (n, c, h, w), (*gm.stride(), *x.stride(), *dx.stride()), kw_args)
+            (n, c, h, w), (*gm.stride(), *x.stride(), *dx.stride()), launch_args(_bn_backward_finish_kernel, kw_args))
 
 
 def bn_backward_finish(gm, x, mean, invstd, gamma, s1, s2, count):
     """dx = invstd*gamma*(gm - S1/M - xhat*S2/M), one elementwise launch."""
     dx = torch.empty_like(x, memory_format=memory_format_of(x))
-    _, grid, dims, strides, kw_args = launch_plan(
+    _, grid, dims, strides, (consts, opts) = launch_plan(
         _FINISH_PLANS, (x.shape, x.stride(), x.dtype, gm.stride(), dx.stride(), gamma is None), _finish_plan, gm, x,
         dx, gamma is not None)
     _bn_backward_finish_kernel[grid](gm, x, dx, mean, invstd, gamma if gamma is not None else mean, s1, s2,
-                                     *dims, 1.0 / count, *strides, **kw_args)
+                                     *dims, 1.0 / count, *strides, *consts, **opts)
     return dx

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._common import cdiv, interpreting, launch_plan, next_pow2, tl_dtype
+from ._common import cdiv, interpreting, launch_args, launch_plan, next_pow2, tl_dtype
 
 FIN_ROWS = 5  # bn_finalize's output rows: mean, var, invstd, scale, beta
 
@@ -100,9 +100,10 @@ def _finalize_plan(c, acc, from_partials, has_x, write_moments, has_gamma, has_b
     # Few channels per program: the merge reads tiles x C partials, and more programs read them faster.
     block_c = 16 if interpreting() else min(16, next_pow2(c))
     kw_args = dict(FROM_PARTIALS=from_partials, HAS_PIVOT=has_x, WRITE_MOMENTS=write_moments, HAS_GAMMA=has_gamma,
-                   HAS_BETA=has_beta, UPDATE_RUNNING=update, COUNT_BATCH=count_batch, ACC=tl_dtype(acc), BLOCK_C=block_c,
+                   HAS_BETA=has_beta, UPDATE_RUNNING=update, COUNT_BATCH=count_batch, ACC=tl_dtype(acc),
+                   BLOCK_C=block_c,
                    BLOCK_T=32 if interpreting() else 128, num_warps=4)
-    return configs._table(), (cdiv(c, block_c),), kw_args
+    return configs._table(), (cdiv(c, block_c),), launch_args(_bn_finalize_kernel, kw_args)
 
 
 def bn_finalize(c, acc, *, partials=None, x=None, mean=None, var=None, gamma=None, beta=None,
@@ -115,9 +116,9 @@ def bn_finalize(c, acc, *, partials=None, x=None, mean=None, var=None, gamma=Non
     from_partials = partials is not None
     update = running_mean is not None
     counted = num_batches_tracked is not None
-    _, grid, kw_args = launch_plan(
-        _FIN_PLANS, (c, acc, from_partials, x is not None, mean is not None, gamma is not None, beta is not None, update,
-                     counted),
+    _, grid, (consts, opts) = launch_plan(
+        _FIN_PLANS,
+        (c, acc, from_partials, x is not None, mean is not None, gamma is not None, beta is not None, update, counted),
         _finalize_plan, c, acc, from_partials, x is not None, from_partials and mean is not None, gamma is not None,
         beta is not None, update, counted)
     part, tile_rows, total = partials if from_partials else (None, 1, 1)
@@ -131,8 +132,9 @@ def bn_finalize(c, acc, *, partials=None, x=None, mean=None, var=None, gamma=Non
         mean if mean is not None else dummy, var if var is not None else dummy, out,
         gamma if gamma is not None else dummy, beta if beta is not None else dummy,
         running_mean if update else dummy, running_var if update else dummy,
-        num_batches_tracked if counted else dummy, c, float(eps), float(momentum), (count / (count - 1)) if update and count and count > 1 else float("inf"),
-        **kw_args)
+        num_batches_tracked if counted else dummy, c, float(eps), float(momentum),
+        (count / (count - 1)) if update and count and count > 1 else float("inf"),
+        *consts, **opts)
     return out
 
 
@@ -189,7 +191,7 @@ def _column_sums_plan(a_len, b_len, wide):
     programs = a_programs + cdiv(b_len, block_l)
     kw_args = dict(HAS_B=b_len > 0, ACC=tl.float64 if wide else tl.float32, BLOCK_R=8 if interpreting() else 16,
                    BLOCK_L=block_l, num_warps=4)
-    return configs._table(), (programs,), a_programs, kw_args
+    return configs._table(), (programs,), a_programs, launch_args(_column_sums_kernel, kw_args)
 
 
 def column_sums(a=None, a_out=(None, None), b=None, b_out=None, a_shape=None):
@@ -201,7 +203,7 @@ def column_sums(a=None, a_out=(None, None), b=None, b_out=None, a_shape=None):
     dummy = a if a is not None else b
     if dummy is None:
         return
-    _, grid, a_programs, kw_args = launch_plan(_SUM_PLANS, (a_len, b_len, dummy.dtype), _column_sums_plan, a_len,
+    _, grid, a_programs, (consts, opts) = launch_plan(_SUM_PLANS, (a_len, b_len, dummy.dtype), _column_sums_plan, a_len,
                                                b_len, dummy.dtype == torch.float64)
     if grid[0] == 0:
         return
@@ -209,4 +211,4 @@ def column_sums(a=None, a_out=(None, None), b=None, b_out=None, a_shape=None):
     _column_sums_kernel[grid](
         dummy if a is None else a, a_rows, a_len, o0, o1, a_len // 2,
         dummy if b is None else b, b_rows, b_len, b_out if b is not None else dummy,
-        a_programs, **kw_args)
+        a_programs, *consts, **opts)

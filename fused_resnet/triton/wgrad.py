@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, interpreting, launch_plan, mma, num_sms,
-                      plan_env, tl_dtype)
+from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, interpreting, launch_args, launch_plan,
+                      mma, num_sms, plan_env, tl_dtype)
 
 
 @triton.jit
@@ -107,7 +107,8 @@ def _wgrad_plan(grad_y, x, dw, stride, padding, dilation, relu):
             kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
     kw_args = dict(IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc), DOT_MODE=dot_mode(x.dtype),
                    PRECISION=fp32_precision(), RELU=bool(relu), **cfg)
-    return configs._table(), (base * split,), ints, kw_args, ((split, dw.numel()) if split > 1 else None), acc
+    return (configs._table(), (base * split,), ints, launch_args(_conv_wgrad_kernel, kw_args),
+            ((split, dw.numel()) if split > 1 else None), acc)
 
 
 def conv_wgrad_partial(grad_y, x, dw, mean, scale, beta, stride, padding, dilation, relu=True):
@@ -115,8 +116,8 @@ def conv_wgrad_partial(grad_y, x, dw, mean, scale, beta, stride, padding, dilati
     returns the float32 slabs [split, dw.numel()] (each in dw's storage order) to be summed into dw."""
     key = (grad_y.shape, grad_y.stride(), x.shape, x.stride(), x.dtype, x.device, dw.shape, dw.stride(), *stride,
            *padding, *dilation, relu, *plan_env())
-    _, grid, ints, kw_args, part_shape, acc = launch_plan(_PLANS, key, _wgrad_plan, grad_y, x, dw, stride, padding,
-                                                          dilation, relu)
+    _, grid, ints, (consts, opts), part_shape, acc = launch_plan(_PLANS, key, _wgrad_plan, grad_y, x, dw, stride,
+                                                                 padding, dilation, relu)
     part = torch.empty(part_shape, dtype=acc, device=x.device) if part_shape is not None else dw
-    _conv_wgrad_kernel[grid](grad_y, x, mean, scale, beta, part, *ints, **kw_args)
+    _conv_wgrad_kernel[grid](grad_y, x, mean, scale, beta, part, *ints, *consts, **opts)
     return part if part_shape is not None else None
