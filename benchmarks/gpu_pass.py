@@ -16,6 +16,8 @@ it goes, and the pass rewrites OUT's summary the moment a stage ends).
              channels_last, the ResNet-50 and CIFAR layers, with the copy bandwidth / matmul rate measured there
   bench      fused-resnet bench --full --kinds model --graphs: preact_resnet50 (224 px), preact_resnet110
              (32 px), resnet50 (torchvision's post-activation layout, 224 px), bf16, training then inference, eager_cl / triton / cuda / compile, each also graphed
+  host       benchmarks/host_overhead.py --device cuda: host time per step (every launch real) of a fused layer,
+             block and projection block against eager, training / eval / inference, both backends
   sanitize   compute-sanitizer memcheck of one small case per backend (racecheck if the share allows)
   tests      the test suite (-x), cut at its share
   bench_max  torch.compile max-autotune, merged into the bench results (only with time left over)
@@ -294,6 +296,17 @@ def _bench_steps(ctx, share):
                                    "--out", ctx.out / "results"])]
 
 
+def _host_steps(ctx, share):
+    return [Step("host", [PY, "benchmarks/host_overhead.py", "--device", "cuda", "--backends", "triton,cuda",
+                          "--reps", "200", "--json", ctx.work / "host.json"])]
+
+
+def _collect_host(ctx, entry):
+    doc = _load(ctx.work / "host.json")
+    if doc:
+        entry["figures"] = doc
+
+
 def _bench_max_steps(ctx, share):
     return [Step("bench_max", BENCH + ["--providers", "compile_max", "--time-budget", _bench_budget(share),
                                        "--out", ctx.work / "bench_max"])]
@@ -399,6 +412,8 @@ STAGES = [
           _profile_steps, min_s=20, collect=_collect_profile),
     Stage("bench", 170, "preact_resnet50/110 + resnet50 images/s + peak memory, bf16, fused vs eager_cl vs compile, +graphs",
           _bench_steps, min_s=30, collect=_collect_bench),
+    Stage("host", 30, "host time per step with every launch real, fused vs eager (issue 30), layer and blocks",
+          _host_steps, min_s=20, collect=_collect_host),
     Stage("sanitize", 40, "compute-sanitizer memcheck (racecheck if time) of one small case per backend",
           _sanitize_steps, min_s=15),
     Stage("tests", 70, "the test suite on the GPU (-x), cut at its share", _tests_steps, min_s=15,

@@ -2,10 +2,15 @@
 
 Not a timed test (pytest does not collect it): a measurement for benchmarks/NOTES.md. On the CPU, at shapes
 so small (batch 1, 4x4 pixels) that eager's CPU kernels cost next to nothing, so what is timed is dispatch,
-autograd and Python. The fused modules' Triton launches are stubbed out: the launchers' own Python (config
-lookup, allocation, grid) still runs; Triton's per-launch argument handling, ~10-20 us a launch on a GPU, does
-not (on this machine Triton runs in its interpreter, whose `run` is what the stub replaces). The CUDA backend is
-not measured (its launches are pybind calls into the extension, which would have to be stubbed one by one).
+autograd and Python. The fused modules' Triton launches are stubbed out: the launchers' own Python (launch plan,
+allocation) still runs, and so does Triton's `kernel[grid](...)` call down to the interpreter's `run`, which
+the stub replaces; Triton's per-launch argument handling on a GPU (JITFunction.run: binding, specialization,
+cache lookup) does not. The CUDA backend is not measured on the CPU (its launches are pybind calls into the
+extension, which would have to be stubbed one by one).
+
+--device cuda (the GPU pass): the same steps on the GPU with every launch real, eager against each fused
+backend; a step's host time is the time to issue it (the stream is synchronized after each step, outside the
+timed region, so no launch waits for a full queue).
 
 Eager and fused steps alternate, one of each per repetition, so that both see the same machine state; the
 ratio is the fused median over the eager median, within this one run.
@@ -14,14 +19,18 @@ Modes: "training" (train(), forward + backward), "eval" (eval(), forward + backw
 measurement, issue 13), "inference" (eval() under torch.no_grad(), forward only).
 
     TRITON_INTERPRET=1 python benchmarks/host_overhead.py [--reps 300] [--cases layer,block,proj] [--modes ...] [--split]
+    python benchmarks/host_overhead.py --device cuda [--backends triton,cuda] [--json PATH]
 """
 import argparse
+import contextlib
+import json
 import os
 import statistics
 import sys
 import time
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if "cuda" not in sys.argv:  # the CPU measurement: Triton in its interpreter, launches stubbed
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # The fused_resnet of this checkout, not whichever one is installed (an editable install points elsewhere).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -41,11 +50,11 @@ CASES = {
 }
 
 
-def _build(case):
+def _build(case, backend="triton"):
     torch.manual_seed(0)
     if case == "layer":
         bn, conv = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1, bias=False)
-        fused = fused_resnet.FusedBNReLUConv2d.from_modules(bn, conv, backend="triton")
+        fused = fused_resnet.FusedBNReLUConv2d.from_modules(bn, conv, backend=backend)
 
         class Eager(nn.Module):
             def __init__(self):
@@ -58,7 +67,7 @@ def _build(case):
         return Eager(), fused, (1, 8, 4, 4), (1, 8, 4, 4)
     planes, stride = (16, 1) if case == "block" else (32, 2)
     eager = PreActBlock(16, planes, stride, fused=False)
-    fused = PreActBlock(16, planes, stride, backend="triton", fused=True)
+    fused = PreActBlock(16, planes, stride, backend=backend, fused=True)
     fused.load_state_dict(eager.state_dict())
     return eager, fused, (1, 16, 4, 4), None
 
@@ -83,10 +92,9 @@ class memoized_launchers:
         def launcher(*args, **kw):
             k = calls[name] = calls.get(name, -1) + 1
             key = (name, k)
-            hit = memo.get(key)
-            if hit is None:
-                hit = memo[key] = f(*args, **kw)
-            return hit
+            if key not in memo:  # (a launcher that returns None is memoized too)
+                memo[key] = f(*args, **kw)
+            return memo[key]
         return launcher
 
     def __enter__(self):
@@ -119,20 +127,26 @@ def _memoizing(step, memo):
     return run
 
 
-def measure(case, mode, reps, warmup=20, split=False):
-    eager, fused, xs, rs = _build(case)
-    for m in (eager, fused):
-        m.train(mode == "training")
-    x = torch.randn(xs, requires_grad=mode != "inference")
-    r = torch.randn(rs) if rs is not None else None
+def measure(case, mode, reps, warmup=20, split=False, backends=("triton",), device="cpu"):
+    """Median host microseconds per step: eager, then each fused backend (then, with split, triton with its
+    launchers memoized), all alternating within each repetition."""
+    built = [_build(case, b) for b in backends]
+    eager, _, xs, rs = built[0]
+    fused = [f for _, f, _, _ in built]
+    for m in (eager, *fused):
+        m.to(device).train(mode == "training")
+    x = torch.randn(xs, device=device, requires_grad=mode != "inference")
+    r = torch.randn(rs, device=device) if rs is not None else None
     with torch.no_grad():
         g = torch.randn_like(eager(x, r) if r is not None else eager(x))
-    steps = (_step(eager, mode, x, r, g), _step(fused, mode, x, r, g))
+    steps = tuple(_step(m, mode, x, r, g) for m in (eager, *fused))
     if split:
         steps += (_memoizing(steps[1], memoized_launchers()),)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(warmup):
         for s in steps:
             s()
+            sync()
     times = tuple([] for _ in steps)
     clock = time.perf_counter
     for _ in range(reps):
@@ -140,6 +154,7 @@ def measure(case, mode, reps, warmup=20, split=False):
             t0 = clock()
             s()
             t.append(clock() - t0)
+            sync()  # outside the timed region: the next step never waits for a full launch queue
     return tuple(1e6 * statistics.median(t) for t in times)
 
 
@@ -162,35 +177,53 @@ def main():
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     p.add_argument("--split", action="store_true",
                    help="also time the fused step with the Triton launchers' Python memoized away (glue + autograd)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: Triton interpreted, launches stubbed; cuda: every launch real (the GPU pass)")
+    p.add_argument("--backends", default="triton", help="comma-separated fused backends (cuda: on --device cuda)")
+    p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
-    cases, modes = args.cases.split(","), args.modes.split(",")
+    cases, modes, backends = args.cases.split(","), args.modes.split(","), args.backends.split(",")
     for c in cases:
         if c not in CASES:
             p.error(f"unknown case {c!r}")
     for m in modes:
         if m not in MODES:
             p.error(f"unknown mode {m!r}")
+    for b in backends:
+        if b not in ("triton", "cuda") or (b == "cuda" and args.device != "cuda"):
+            p.error(f"backend {b!r}: triton, or cuda on --device cuda")
+    if args.split and (args.device != "cpu" or backends[0] != "triton"):
+        p.error("--split measures the interpreted Triton launchers: --device cpu, triton first")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU visible")
     torch.set_num_threads(1)
     rows = []
-    with stubbed_triton_launches():
+    stub = stubbed_triton_launches() if args.device == "cpu" else contextlib.nullcontext()
+    with stub:
         for case in cases:
             for mode in modes:
-                rows.append((case, mode, *measure(case, mode, args.reps, split=args.split)))
-    print(f"torch {torch.__version__}, 1 thread, median of {args.reps} steps each, eager and fused alternating; "
-          "fused = backend 'triton' with its launches stubbed")
+                rows.append((case, mode, *measure(case, mode, args.reps, split=args.split, backends=backends,
+                                                  device=args.device)))
+    where = (f"CUDA ({torch.cuda.get_device_name()}), every launch real" if args.device == "cuda"
+             else "CPU, 1 thread, Triton's launches stubbed")
+    print(f"torch {torch.__version__}, {where}; median of {args.reps} steps each, eager and fused alternating")
     print(f"fused_resnet from {os.path.dirname(fused_resnet.__file__)}")
     for c in cases:
         print(f"  {c}: {CASES[c]}")
+    cols = [f"fused {b} us | {b} / eager" for b in backends]
     if args.split:
-        print("| case | mode | eager us | fused us | fused / eager | fused, launchers memoized us | that / eager |")
-        print("|---|---|---|---|---|---|---|")
-        for case, mode, e, f, m in rows:
-            print(f"| {case} | {mode} | {e:.0f} | {f:.0f} | {f / e:.2f}x | {m:.0f} | {m / e:.2f}x |")
-        return
-    print("| case | mode | eager us | fused us | fused / eager |")
-    print("|---|---|---|---|---|")
-    for case, mode, e, f in rows:
-        print(f"| {case} | {mode} | {e:.0f} | {f:.0f} | {f / e:.2f}x |")
+        cols.append("fused, launchers memoized us | that / eager")
+    print("| case | mode | eager us | " + " | ".join(cols) + " |")
+    print("|---|---|---|" + "---|---|" * len(cols))
+    for case, mode, e, *fs in rows:
+        print(f"| {case} | {mode} | {e:.0f} | " + " | ".join(f"{f:.0f} | {f / e:.2f}x" for f in fs) + " |")
+    if args.json:
+        names = [*backends] + (["triton, launchers memoized"] if args.split else [])
+        doc = {"torch": torch.__version__, "device": where, "reps": args.reps,
+               "rows": [{"case": c, "mode": m, "eager_us": e, **{f"{n}_us": f for n, f in zip(names, fs)}}
+                        for c, m, e, *fs in rows]}
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
 
 
 if __name__ == "__main__":
