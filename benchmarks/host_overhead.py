@@ -40,6 +40,7 @@ from triton.runtime import interpreter  # noqa: E402
 
 import fused_resnet  # noqa: E402
 from fused_resnet.nn import PreActBlock  # noqa: E402
+from fused_resnet.nn_postact import PostActBlock  # noqa: E402
 
 MODES = ("training", "eval", "inference")
 CASES = {
@@ -47,6 +48,7 @@ CASES = {
     "layer": "FusedBNReLUConv2d 8->8 3x3 + residual, 1x8x4x4",
     "block": "PreActBlock(16, 16), identity shortcut, 1x16x4x4",
     "proj": "PreActBlock(16, 32, stride 2), projection shortcut, 1x16x4x4",
+    "postact": "PostActBlock(16, 16) (torchvision's BasicBlock), identity shortcut, 1x16x4x4",
 }
 
 
@@ -65,9 +67,10 @@ def _build(case, backend="triton"):
                 return self.conv(torch.relu(self.bn(x))) + r
 
         return Eager(), fused, (1, 8, 4, 4), (1, 8, 4, 4)
-    planes, stride = (16, 1) if case == "block" else (32, 2)
-    eager = PreActBlock(16, planes, stride, fused=False)
-    fused = PreActBlock(16, planes, stride, backend=backend, fused=True)
+    planes, stride = (32, 2) if case == "proj" else (16, 1)
+    block = PostActBlock if case == "postact" else PreActBlock
+    eager = block(16, planes, stride, fused=False)
+    fused = block(16, planes, stride, backend=backend, fused=True)
     fused.load_state_dict(eager.state_dict())
     return eager, fused, (1, 16, 4, 4), None
 

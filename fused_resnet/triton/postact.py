@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from .._layout import memory_format_of
-from ._common import acc_dtype, cdiv, interpreting, next_pow2, tl_dtype
+from . import configs
+from ._common import acc_dtype, cdiv, interpreting, launch_args, launch_plan, next_pow2, tl_dtype
 
 
 @triton.jit
@@ -234,18 +235,48 @@ def _row_groups(tiles, c_blocks):
     return max(1, min(tiles, 64, cdiv(528, c_blocks)))
 
 
+_FWD_PLANS: dict = {}  # bn_add_relu_forward's launch plans (_common.launch_plan)
+_BWD_PLANS: dict = {}  # bn_add_relu_backward's
+
+
+def _forward_plan(z, s, y, sbn, relu):
+    n, c, h, w = z.shape
+    bm, bc, tiles, cbs, warps = _tiles(z)
+    kw_args = dict(SHORTCUT_BN=sbn, RELU=bool(relu), DT=tl_dtype(z.dtype), ACC=tl_dtype(acc_dtype(z.dtype)),
+                   BLOCK_M=bm, BLOCK_C=bc, num_warps=warps, **_no_fma())
+    return (configs._table(), (tiles, cbs), (n, c, h, w, *z.stride(), *s.stride(), *y.stride()),
+            launch_args(_bn_add_act_kernel, kw_args))
+
+
 def bn_add_relu_forward(z, mean, scale, beta, s, s_mean, s_scale, s_beta, y, relu=True):
     """y <- act(rnd((z - mean)*scale + beta) + t), t = rnd((s - s_mean)*s_scale + s_beta) when s_mean is
     given, else s. One launch; any strides."""
+    sbn = s_mean is not None
+    _, grid, ints, (consts, opts) = launch_plan(
+        _FWD_PLANS, (z.shape, z.stride(), z.dtype, s.stride(), y.stride(), sbn, relu), _forward_plan, z, s, y, sbn,
+        relu)
+    _bn_add_act_kernel[grid](
+        z, s, y, mean, scale, beta, s_mean if sbn else mean, s_scale if sbn else scale, s_beta if sbn else beta,
+        *ints, *consts, **opts)
+
+
+def _backward_plan(g, z, s, dz_like, ds_like, sbn, relu, need_dz, need_ds, need_sums, batch, s_batch, has_sums,
+                   has_gamma, has_sgamma):
     n, c, h, w = z.shape
     bm, bc, tiles, cbs, warps = _tiles(z)
-    sbn = s_mean is not None
-    _bn_add_act_kernel[(tiles, cbs)](
-        z, s, y, mean, scale, beta, s_mean if sbn else mean, s_scale if sbn else scale, s_beta if sbn else beta,
-        n, c, h, w, *z.stride(), *s.stride(), *y.stride(),
-        SHORTCUT_BN=sbn, RELU=bool(relu), DT=tl_dtype(z.dtype), ACC=tl_dtype(acc_dtype(z.dtype)),
-        BLOCK_M=bm, BLOCK_C=bc, num_warps=warps, **_no_fma(),
-    )
+    groups = _row_groups(tiles, cbs)
+    common = dict(SHORTCUT_BN=sbn, RELU=bool(relu), DT=tl_dtype(z.dtype), ACC=tl_dtype(acc_dtype(z.dtype)),
+                  BLOCK_M=bm, BLOCK_C=bc, num_warps=warps, **_no_fma())
+    reduce = ((groups, cbs), (n, c, h, w, tiles, *g.stride(), *z.stride(), *s.stride()),
+              launch_args(_bn_add_act_reduce_kernel, common))
+    finish = ((groups if (need_dz or need_ds) else 1, cbs),
+              (n, c, h, w, tiles, groups if has_sums else 0, *g.stride(), *z.stride(), *s.stride(),
+               *dz_like.stride(), *ds_like.stride()),
+              launch_args(_bn_add_act_backward_kernel, dict(
+                  NEED_DZ=need_dz, NEED_DS=need_ds, HAS_SUMS=has_sums, WRITE_SUMS=need_sums, BATCH=batch,
+                  S_BATCH=s_batch, HAS_GAMMA=has_gamma, HAS_SGAMMA=has_sgamma, BLOCK_P=next_pow2(min(groups, 64)),
+                  **common)))
+    return configs._table(), groups, reduce, finish
 
 
 def bn_add_relu_backward(g, z, mean, scale, beta, invstd, gamma, batch_stats,
@@ -253,37 +284,33 @@ def bn_add_relu_backward(g, z, mean, scale, beta, invstd, gamma, batch_stats,
                          need_dz, need_ds, need_sums, relu=True):
     """(dz or None, ds or None, [3, C] sums (S1, S2, S2s) or None): a reduction launch when sums are needed,
     then the elementwise launch, which totals the reduction's partial rows itself."""
-    n, c, h, w = z.shape
+    c = z.shape[1]
     acc = acc_dtype(z.dtype)
     sbn = s_mean is not None
     batch = bool(batch_stats) and need_dz
     s_batch = sbn and bool(s_batch_stats) and need_ds
     has_sums = need_sums or batch or s_batch
-    bm, bc, tiles, cbs, warps = _tiles(z)
-    groups = _row_groups(tiles, cbs)
-    common = dict(SHORTCUT_BN=sbn, RELU=bool(relu), DT=tl_dtype(z.dtype), ACC=tl_dtype(acc), BLOCK_M=bm,
-                  BLOCK_C=bc, num_warps=warps, **_no_fma())
+    has_sgamma = sbn and s_gamma is not None
+    dz = torch.empty_like(z, memory_format=memory_format_of(z)) if need_dz else None
+    ds = torch.empty_like(s, memory_format=memory_format_of(z)) if need_ds else None
+    dz_like, ds_like = (dz if need_dz else z), (ds if need_ds else z)
+    key = (z.shape, z.stride(), z.dtype, g.stride(), s.stride(), dz_like.stride(), ds_like.stride(), sbn, relu,
+           need_dz, need_ds, need_sums, batch, s_batch, gamma is not None, has_sgamma)
+    _, groups, reduce, finish = launch_plan(
+        _BWD_PLANS, key, _backward_plan, g, z, s, dz_like, ds_like, sbn, relu, need_dz, need_ds, need_sums, batch,
+        s_batch, has_sums, gamma is not None, has_sgamma)
     sp = (s_mean, s_scale, s_beta, s_invstd) if sbn else (mean, scale, beta, invstd)
     part = sums = None
     if has_sums:
         part = torch.empty((groups, 3, c), dtype=acc, device=z.device)
         sums = torch.empty((3, c), dtype=acc, device=z.device) if need_sums else None
-        _bn_add_act_reduce_kernel[(groups, cbs)](
-            g, z, s, part, mean, scale, beta, invstd, *sp, n, c, h, w, tiles,
-            *g.stride(), *z.stride(), *s.stride(), **common)
-    dz = torch.empty_like(z, memory_format=memory_format_of(z)) if need_dz else None
-    ds = torch.empty_like(s, memory_format=memory_format_of(z)) if need_ds else None
+        grid, ints, (consts, opts) = reduce
+        _bn_add_act_reduce_kernel[grid](g, z, s, part, mean, scale, beta, invstd, *sp, *ints, *consts, **opts)
     if need_dz or need_ds or sums is not None:
         # Only the affine gradients wanted: one program per channel block totals the partial rows.
-        dummy = z
-        _bn_add_act_backward_kernel[(groups if (need_dz or need_ds) else 1, cbs)](
-            g, z, s, dz if need_dz else dummy, ds if need_ds else dummy, part if has_sums else invstd,
+        grid, ints, (consts, opts) = finish
+        _bn_add_act_backward_kernel[grid](
+            g, z, s, dz_like, ds_like, part if has_sums else invstd,
             sums if sums is not None else invstd, mean, scale, beta, invstd, gamma if gamma is not None else invstd,
-            *sp[:3], sp[3], s_gamma if (sbn and s_gamma is not None) else invstd,
-            n, c, h, w, tiles, groups if has_sums else 0,
-            *g.stride(), *z.stride(), *s.stride(),
-            *(dz if need_dz else dummy).stride(), *(ds if need_ds else dummy).stride(),
-            NEED_DZ=need_dz, NEED_DS=need_ds, HAS_SUMS=has_sums, WRITE_SUMS=sums is not None, BATCH=batch,
-            S_BATCH=s_batch, HAS_GAMMA=gamma is not None, HAS_SGAMMA=sbn and s_gamma is not None,
-            BLOCK_P=next_pow2(min(groups, 64)), **common)
+            *sp[:3], sp[3], s_gamma if has_sgamma else invstd, *ints, *consts, **opts)
     return dz, ds, sums
