@@ -173,13 +173,14 @@ def _setup_context(ctx, inputs, output):
     ctx.flags = (batch_stats, s_batch_stats, relu, backend)
 
 
-def _backward(ctx, grad_y, direct=False):
+def _backward(ctx, grad_y, direct=False, ni=None):
+    """ni: needs_input_grad in the op's argument order (the eager path's node orders its arguments otherwise)."""
     if grad_y is None:
         return (None,) * _NARGS
     z, s, mean, invstd, bn_weight, bn_bias, s_mean, s_invstd, s_weight, s_bias, *pro = ctx.saved_tensors
     prologue, s_prologue = _unpack_prologue(*pro[:3]), _unpack_prologue(*pro[3:])
     batch_stats, s_batch_stats, relu, backend = ctx.flags
-    ni = ctx.needs_input_grad
+    ni = ctx.needs_input_grad if ni is None else ni
     needs = [bool(ni[0]), bool(ni[1]), bool(ni[4]), bool(ni[5]), bool(ni[10]), bool(ni[11])]
     if not any(needs):
         return (None,) * _NARGS
@@ -194,21 +195,26 @@ torch.library.register_autograd("fused_resnet::bn_add_relu", _backward, setup_co
 
 
 class _FusedBNAddAct(torch.autograd.Function):
-    """The same op outside compilation, without torch.library's per-call dispatch (as _ops._FusedConv)."""
+    """The same op outside compilation, without torch.library's per-call dispatch; as _ops._FusedConv, only the
+    differentiable tensors are apply's own arguments (z, s, bn_weight, bn_bias, s_weight, s_bias), the op's
+    whole argument tuple comes as one."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        y = _bn_add_relu_impl(*inputs)
-        _setup_context(ctx, inputs, y)
+    def forward(ctx, z, s, bn_weight, bn_bias, s_weight, s_bias, args):
+        y = _bn_add_relu_impl(*args)
+        _setup_context(ctx, args, y)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        return _backward(ctx, grad_y, direct=True)
+        n = ctx.needs_input_grad
+        g = _backward(ctx, grad_y, direct=True,
+                      ni=(n[0], n[1], False, False, n[2], n[3], False, False, False, False, n[4], n[5]))
+        return g[0], g[1], g[4], g[5], g[10], g[11], None
 
 
 def bn_add_relu(*args):
     """The registered op when traced (torch.compile, opcheck), else the same code directly."""
     if _traced(args[0]):
         return bn_add_relu_op(*args)
-    return _FusedBNAddAct.apply(*args)
+    return _FusedBNAddAct.apply(args[0], args[1], args[4], args[5], args[10], args[11], args)

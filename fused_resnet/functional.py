@@ -258,7 +258,7 @@ BN_KEYWORDS = ("bn_weight", "bn_bias", "running_mean", "running_var", "training"
 
 def bn_add_relu(x, shortcut, *, bn_weight=None, bn_bias=None, running_mean=None, running_var=None, training=False,
                 momentum=0.1, eps=1e-5, shortcut_bn=None, backend="auto", activation="relu", input_stats=None,
-                shortcut_stats=None):
+                shortcut_stats=None, _num_batches_tracked=None, _shortcut_num_batches_tracked=None):
     """relu(batch_norm(x, ...) + s) in one pass: the end of a post-activation ResNet block (torchvision's and
     timm's `relu(bn3(conv3(out)) + identity)`), s = shortcut, or batch_norm(shortcut, **shortcut_bn) when
     shortcut_bn is a dict with the BN keyword arguments (bn_weight, bn_bias, running_mean, running_var,
@@ -267,7 +267,8 @@ def bn_add_relu(x, shortcut, *, bn_weight=None, bn_bias=None, running_mean=None,
     running-statistics update in training; neither BN's output is ever stored, and backward keeps only x and
     the shortcut. input_stats / shortcut_stats: (mean, biased var) of x / the shortcut, already known (from
     a producer conv's epilogue), used in training instead of a statistics pass. activation="identity": no
-    ReLU after the add."""
+    ReLU after the add. _num_batches_tracked / _shortcut_num_batches_tracked (nn_postact.py): each BN's counter,
+    counted once the call succeeded, as bn_relu_conv2d_with_stats's."""
     relu = _relu(activation)
     validate_bn_add(x, shortcut, backend)
     validate_bn(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
@@ -280,15 +281,19 @@ def bn_add_relu(x, shortcut, *, bn_weight=None, bn_bias=None, running_mean=None,
         validate_bn(shortcut, *(sbn[k] for k in BN_KEYWORDS), who="shortcut_bn ")
     impl = resolve(backend, x.device, 1)
     if x.shape[0] == 0:
-        return _empty_batch(reference.bn_add_relu, x, shortcut, bn_weight=bn_weight, bn_bias=bn_bias,
-                            running_mean=running_mean, running_var=running_var, training=training, momentum=momentum,
-                            eps=eps, shortcut_bn=shortcut_bn, activation=activation, sync=False, process_group=None)
+        y = _empty_batch(reference.bn_add_relu, x, shortcut, bn_weight=bn_weight, bn_bias=bn_bias,
+                         running_mean=running_mean, running_var=running_var, training=training, momentum=momentum,
+                         eps=eps, shortcut_bn=shortcut_bn, activation=activation, sync=False, process_group=None)
+        _count(_num_batches_tracked)
+        _count(_shortcut_num_batches_tracked)
+        return y
     bn = _bn_inputs(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, impl, input_stats,
-                    False, None)
+                    False, None, _num_batches_tracked)
     s_args = (None, None, None, None, None, False)
     if sbn is not None:
         s = _bn_inputs(shortcut, sbn["bn_weight"], sbn["bn_bias"], sbn["running_mean"], sbn["running_var"],
-                       sbn["training"], sbn["momentum"], sbn["eps"], impl, shortcut_stats, False, None)
+                       sbn["training"], sbn["momentum"], sbn["eps"], impl, shortcut_stats, False, None,
+                       _shortcut_num_batches_tracked)
         s_args = (s.mean, s.invstd, sbn["bn_weight"], sbn["bn_bias"], s.prologue, sbn["training"])
     y = _ops_postact.bn_add_relu(x, shortcut, bn.mean, bn.invstd, bn_weight, bn_bias, bn.prologue, training, *s_args,
                                  relu, impl)

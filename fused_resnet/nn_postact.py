@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import BN_KEYWORDS, bn_add_relu
-from .nn import _bn_arguments, _check_backend, _count_batch, fused_bn_relu_conv
+from .nn import _bn_arguments, _check_backend, _counter, fused_bn_relu_conv
 from .sync_bn import SyncBatchNorm2d
 
 
@@ -38,13 +38,10 @@ def fused_bn_add_relu(bn: nn.BatchNorm2d, z, shortcut, shortcut_bn: nn.BatchNorm
     shortcut_stats: the batch statistics of z / shortcut when a producer conv's epilogue has them."""
     kw, tracking = _bn_arguments(bn, True, input_stats, False)
     skw, s_tracking = _bn_arguments(shortcut_bn, True, shortcut_stats, False) if shortcut_bn is not None else (None, 0)
-    y = bn_add_relu(z, shortcut, **_bn_only(kw), input_stats=kw["input_stats"], backend=backend,
-                    activation=activation, shortcut_bn=_bn_only(skw) if skw else None,
-                    shortcut_stats=skw["input_stats"] if skw else None)
-    _count_batch(bn, tracking)
-    if shortcut_bn is not None:
-        _count_batch(shortcut_bn, s_tracking)
-    return y
+    return bn_add_relu(z, shortcut, **_bn_only(kw), input_stats=kw["input_stats"], backend=backend,
+                       activation=activation, shortcut_bn=_bn_only(skw) if skw else None,
+                       shortcut_stats=skw["input_stats"] if skw else None, _num_batches_tracked=_counter(bn, tracking),
+                       _shortcut_num_batches_tracked=_counter(shortcut_bn, s_tracking) if skw else None)
 
 
 def _downsample(in_planes, out_planes, stride):
