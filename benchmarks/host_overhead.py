@@ -5,8 +5,10 @@ so small (batch 1, 4x4 pixels) that eager's CPU kernels cost next to nothing, so
 autograd and Python. The fused modules' Triton launches are stubbed out: the launchers' own Python (launch plan,
 allocation) still runs, and so does Triton's `kernel[grid](...)` call down to the interpreter's `run`, which
 the stub replaces; Triton's per-launch argument handling on a GPU (JITFunction.run: binding, specialization,
-cache lookup) does not. The CUDA backend is not measured on the CPU (its launches are pybind calls into the
-extension, which would have to be stubbed one by one).
+cache lookup) does not. `--backends triton,cuda` times the CUDA backend too, through its emulated CPU build
+(FUSED_RESNET_CUDA_EMULATED, built on first use): its launchers' Python, the binding's checks and the params
+structs all run, and the emulated runtime returns from each launch once its configuration is checked
+(emu_skip_launches), where a GPU's cudaLaunchKernel would queue it (a few us, which eager's kernels pay too).
 
 --device cuda (the GPU pass): the same steps on the GPU with every launch real, eager against each fused
 backend; a step's host time is the time to issue it (the stream is synchronized after each step, outside the
@@ -18,7 +20,7 @@ ratio is the fused median over the eager median, within this one run.
 Modes: "training" (train(), forward + backward), "eval" (eval(), forward + backward: the case of the first
 measurement, issue 13), "inference" (eval() under torch.no_grad(), forward only).
 
-    TRITON_INTERPRET=1 python benchmarks/host_overhead.py [--reps 300] [--cases layer,block,proj] [--modes ...] [--split]
+    python benchmarks/host_overhead.py [--reps 300] [--cases layer,block,proj] [--modes ...] [--split] [--backends triton,cuda]
     python benchmarks/host_overhead.py --device cuda [--backends triton,cuda] [--json PATH]
 """
 import argparse
@@ -29,8 +31,10 @@ import statistics
 import sys
 import time
 
-if "cuda" not in sys.argv:  # the CPU measurement: Triton in its interpreter, launches stubbed
+_ON_GPU = "--device=cuda" in sys.argv or any(a == "--device" and b == "cuda" for a, b in zip(sys.argv, sys.argv[1:]))
+if not _ON_GPU:  # the CPU measurement: launches stubbed
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("FUSED_RESNET_CUDA_EMULATED", "1")  # backend "cuda" through its emulated build
 # The fused_resnet of this checkout, not whichever one is installed (an editable install points elsewhere).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -161,16 +165,28 @@ def measure(case, mode, reps, warmup=20, split=False, backends=("triton",), devi
     return tuple(1e6 * statistics.median(t) for t in times)
 
 
-class stubbed_triton_launches:
-    """Within: every Triton launch (the interpreter's run) returns at once; the launchers' Python still runs."""
+class stubbed_launches:
+    """Within: every Triton launch (the interpreter's run) returns at once, and so does every launch of the
+    emulated CUDA build when `cuda` (it is loaded); the launchers' Python and the binding still run."""
+
+    def __init__(self, cuda=False):
+        self.emulated = None
+        if cuda:
+            from fused_resnet import _emulated
+
+            self.emulated = _emulated.load()
 
     def __enter__(self):
         self._run = interpreter.InterpretedFunction.run
         interpreter.InterpretedFunction.run = lambda self, *a, grid, warmup, **k: None
+        if self.emulated is not None:
+            self.emulated.emu_skip_launches(True)
         return self
 
     def __exit__(self, *exc):
         interpreter.InterpretedFunction.run = self._run
+        if self.emulated is not None:
+            self.emulated.emu_skip_launches(False)
 
 
 def main():
@@ -182,7 +198,7 @@ def main():
                    help="also time the fused step with the Triton launchers' Python memoized away (glue + autograd)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: Triton interpreted, launches stubbed; cuda: every launch real (the GPU pass)")
-    p.add_argument("--backends", default="triton", help="comma-separated fused backends (cuda: on --device cuda)")
+    p.add_argument("--backends", default="triton", help="comma-separated fused backends (cuda on the CPU: its emulated build)")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
     cases, modes, backends = args.cases.split(","), args.modes.split(","), args.backends.split(",")
@@ -193,22 +209,23 @@ def main():
         if m not in MODES:
             p.error(f"unknown mode {m!r}")
     for b in backends:
-        if b not in ("triton", "cuda") or (b == "cuda" and args.device != "cuda"):
-            p.error(f"backend {b!r}: triton, or cuda on --device cuda")
+        if b not in ("triton", "cuda"):
+            p.error(f"backend {b!r}: triton or cuda")
     if args.split and (args.device != "cpu" or backends[0] != "triton"):
         p.error("--split measures the interpreted Triton launchers: --device cpu, triton first")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU visible")
     torch.set_num_threads(1)
     rows = []
-    stub = stubbed_triton_launches() if args.device == "cpu" else contextlib.nullcontext()
+    stub = stubbed_launches("cuda" in backends) if args.device == "cpu" else contextlib.nullcontext()
     with stub:
         for case in cases:
             for mode in modes:
                 rows.append((case, mode, *measure(case, mode, args.reps, split=args.split, backends=backends,
                                                   device=args.device)))
     where = (f"CUDA ({torch.cuda.get_device_name()}), every launch real" if args.device == "cuda"
-             else "CPU, 1 thread, Triton's launches stubbed")
+             else "CPU, 1 thread, launches stubbed (Triton interpreted" + (", CUDA emulated)" if "cuda" in backends
+                                                                         else ")"))
     print(f"torch {torch.__version__}, {where}; median of {args.reps} steps each, eager and fused alternating")
     print(f"fused_resnet from {os.path.dirname(fused_resnet.__file__)}")
     for c in cases:

@@ -103,6 +103,14 @@ def _bn_add_relu_backward_impl(
     s_batch_stats: bool, relu: bool, needs: List[bool], backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dz, ds, dgamma, dbeta, dgamma_s, dbeta_s); an entry whose `needs` flag is False comes back empty."""
+    grads = _bn_add_relu_grads(g, z, s, mean, invstd, bn_weight, bn_bias, prologue, batch_stats, s_mean, s_invstd,
+                               s_weight, s_bias, s_prologue, s_batch_stats, relu, needs, backend)
+    return tuple(_empty(z) if t is None else t for t in grads)
+
+
+def _bn_add_relu_grads(g, z, s, mean, invstd, bn_weight, bn_bias, prologue, batch_stats, s_mean, s_invstd, s_weight,
+                       s_bias, s_prologue, s_batch_stats, relu, needs, backend):
+    """_bn_add_relu_backward_impl's gradients, None where not needed (the eager path takes them so)."""
     need_dz, need_ds, need_g, need_b, need_sg, need_sb = needs
     sbn = s_mean is not None
     need_g, need_b = need_g and bn_weight is not None, need_b and bn_bias is not None
@@ -120,11 +128,22 @@ def _bn_add_relu_backward_impl(
         dz, ds, sums = _ref_backward(g, z, s, mean, invstd, bn_weight, scale, beta, batch_stats, s_mean, s_invstd,
                                      s_weight, s_scale, s_beta, s_batch_stats, relu, need_dz, need_ds, need_sums)
     fmt = memory_format_of(z)
-    out = [dz.to(z.dtype).contiguous(memory_format=fmt) if dz is not None else _empty(z),
-           ds.to(s.dtype).contiguous(memory_format=fmt) if ds is not None else _empty(z)]
+    out = [_as(dz, z.dtype, fmt), _as(ds, s.dtype, fmt)]
+    rows = sums.unbind(0) if sums is not None else None  # one view op for the rows used
     for need, row, ref in ((need_g, 1, bn_weight), (need_b, 0, bn_bias), (need_sg, 2, s_weight), (need_sb, 0, s_bias)):
-        out.append(sums[row].to(ref.dtype) if need else _empty(z))
-    return tuple(out)
+        out.append(_as(rows[row], ref.dtype) if need else None)
+    return out
+
+
+def _as(t, dtype, fmt=None):
+    """t in dtype (and dense in memory format fmt), with no op where it already is (each costs a dispatch)."""
+    if t is None:
+        return None
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    if fmt is not None and not t.is_contiguous(memory_format=fmt):
+        t = t.contiguous(memory_format=fmt)
+    return t
 
 
 def _registered_backward_impl(g, z, s, *rest):
@@ -184,7 +203,7 @@ def _backward(ctx, grad_y, direct=False, ni=None):
     needs = [bool(ni[0]), bool(ni[1]), bool(ni[4]), bool(ni[5]), bool(ni[10]), bool(ni[11])]
     if not any(needs):
         return (None,) * _NARGS
-    grads = (_bn_add_relu_backward_impl if direct else bn_add_relu_backward_op)(
+    grads = (_bn_add_relu_grads if direct else bn_add_relu_backward_op)(
         grad_y, z, s, mean, invstd, bn_weight, bn_bias, prologue, batch_stats, s_mean, s_invstd, s_weight, s_bias,
         s_prologue, s_batch_stats, relu, needs, backend)
     dz, ds, dg, db, dsg, dsb = (gr if need else None for gr, need in zip(grads, needs))

@@ -7,7 +7,7 @@ and the environment, ~10-40 us) give the same answer for every call with the sam
 arguments, so each memoizes its answer here, on a tuple of exactly what it reads; a miss runs it in full, so a
 bad argument still raises its error (before any kernel runs) on every call, and errors are never memoized.
 
-validate's key (`validate_key`): each tensor argument's type, shape, dtype and device (None for an absent one);
+validate's key (`validate_key`; bn_add_relu's checks: `bn_add_key`, alike): each tensor argument's type, shape, dtype and device (None for an absent one);
 the running buffers' requires_grad and whether grad mode is on (validate refuses running buffers that require
 grad); each static argument with its type (and its elements' types for a sequence), so that a bool, which
 hashes and compares equal to an int, never hits an entry made for an int. resolve's key (`resolve_key`): the
@@ -22,6 +22,7 @@ import os
 import torch
 
 VALIDATED: dict = {}  # validate_key -> ConvGeometry
+BN_ADD_VALIDATED: dict = {}  # bn_add_key -> True: bn_add_relu's checks passed
 RESOLVED: dict = {}  # resolve_key -> backend name
 MAX_ENTRIES = 1024  # a process that keeps changing shapes starts over rather than growing without bound
 _ENV = ("TRITON_INTERPRET", "FUSED_RESNET_CUDA_EMULATED")
@@ -78,6 +79,29 @@ def validate_key(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
     return key
 
 
+def _bn_meta(bn_weight, bn_bias, running_mean, running_var, training, momentum, eps):
+    """What validate_bn reads of one BN's arguments."""
+    return (_meta(bn_weight), _meta(bn_bias), _meta(running_mean), _meta(running_var),
+            running_mean.requires_grad if running_mean is not None else None,
+            running_var.requires_grad if running_var is not None else None,
+            type(training), training, type(momentum), momentum, type(eps), eps)
+
+
+def bn_add_key(x, shortcut, backend, bn, shortcut_bn):
+    """The memo key of bn_add_relu's checks (validate_bn_add, then validate_bn of each BN: bn and shortcut_bn
+    are their (bn_weight, bn_bias, running_mean, running_var, training, momentum, eps), shortcut_bn None for an
+    identity shortcut), or None where there is none."""
+    if traced(x):
+        return None
+    try:
+        key = (x.shape, x.dtype, x.device, _meta(shortcut), type(backend), backend, torch.is_grad_enabled(),
+               _bn_meta(*bn), None if shortcut_bn is None else _bn_meta(*shortcut_bn))
+        hash(key)
+    except (AttributeError, TypeError):
+        return None
+    return key
+
+
 def resolve_key(backend, device, groups):
     if torch.compiler.is_compiling():
         return None
@@ -98,4 +122,5 @@ def remember(memo: dict, key, value):
 
 def clear():
     VALIDATED.clear()
+    BN_ADD_VALIDATED.clear()
     RESOLVED.clear()

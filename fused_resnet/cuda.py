@@ -15,14 +15,24 @@ from ._layout import memory_format_of
 
 def _ext(like):
     """The compiled kernels for like's device: fused_resnet._C for CUDA tensors, the emulated host build
-    (fused_resnet/_emulated.py, FUSED_RESNET_CUDA_EMULATED=1) for CPU tensors."""
-    if like.device.type == "cpu":
-        from . import _emulated
+    (fused_resnet/_emulated.py, FUSED_RESNET_CUDA_EMULATED=1) for CPU tensors. Kept per device type once
+    loaded: a function-level import costs a launch ~1 us (issue 30)."""
+    kind = like.device.type
+    ext = _EXTS.get(kind)
+    if ext is None:
+        if kind == "cpu":
+            from . import _emulated
 
-        return _emulated.load()
-    from . import _C  # imported lazily: backends.py reports why when it is missing
+            ext = _emulated.load()
+        else:
+            from . import _C  # imported lazily: backends.py reports why when it is missing
 
-    return _C
+            ext = _C
+        _EXTS[kind] = ext
+    return ext
+
+
+_EXTS: dict = {}
 
 
 def _acc(dtype):
@@ -32,7 +42,11 @@ def _acc(dtype):
 def _tf32():
     """fp32 convolutions on TF32 tensor cores where PyTorch's own switch for them allows it, so that "fp32"
     means what it means for nn.Conv2d (the Triton backend reads the same switch)."""
-    return bool(torch.backends.cudnn.allow_tf32)
+    return bool(_allow_tf32())
+
+
+# read directly: torch.backends.cudnn.allow_tf32's property costs 0.4 us a read (triton/_common.plan_env)
+_allow_tf32 = getattr(torch._C, "_get_cudnn_allow_tf32", None) or (lambda: torch.backends.cudnn.allow_tf32)
 
 
 def stats_partials(x):

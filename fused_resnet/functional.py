@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _deferred, _ops, _ops_postact, _sync, reference
+from . import _deferred, _ops, _ops_postact, _plan, _sync, reference
 from ._validate import validate, validate_bn, validate_bn_add
 from .backends import resolve
 
@@ -270,15 +270,25 @@ def bn_add_relu(x, shortcut, *, bn_weight=None, bn_bias=None, running_mean=None,
     ReLU after the add. _num_batches_tracked / _shortcut_num_batches_tracked (nn_postact.py): each BN's counter,
     counted once the call succeeded, as bn_relu_conv2d_with_stats's."""
     relu = _relu(activation)
-    validate_bn_add(x, shortcut, backend)
-    validate_bn(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
     sbn = None
     if shortcut_bn is not None:
         if not isinstance(shortcut_bn, dict) or set(shortcut_bn) - set(BN_KEYWORDS):
             raise TypeError(f"shortcut_bn must be a dict with keys among {', '.join(BN_KEYWORDS)}, "
                             f"got {shortcut_bn!r}")
         sbn = dict(zip(BN_KEYWORDS, (None, None, None, None, False, 0.1, 1e-5)), **shortcut_bn)
-        validate_bn(shortcut, *(sbn[k] for k in BN_KEYWORDS), who="shortcut_bn ")
+    bn_args = (bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
+    s_bn_args = tuple(sbn[k] for k in BN_KEYWORDS) if sbn is not None else None
+    # Memoized as validate is (_plan.py): a miss checks everything, so a bad call raises on every call.
+    key = _plan.bn_add_key(x, shortcut, backend, bn_args, s_bn_args)
+    if key is None or key not in _plan.BN_ADD_VALIDATED:
+        validate_bn_add(x, shortcut, backend)
+        validate_bn(x, *bn_args)
+        if sbn is not None:
+            validate_bn(shortcut, *s_bn_args, who="shortcut_bn ")
+        if key is not None:
+            _plan.remember(_plan.BN_ADD_VALIDATED, key, True)
+    else:
+        _plan.hits += 1
     impl = resolve(backend, x.device, 1)
     if x.shape[0] == 0:
         y = _empty_batch(reference.bn_add_relu, x, shortcut, bn_weight=bn_weight, bn_bias=bn_bias,

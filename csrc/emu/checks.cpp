@@ -271,4 +271,6 @@ void register_emulation_checks(pybind11::module_& m) {
   m.def("emu_unwritten_shared", &unwritten_shared);
   m.def("emu_divergent_barrier", &divergent_barrier);
   m.def("emu_launch_error", &launch_error);
+  // Host-overhead measurement only (benchmarks/host_overhead.py): launches checked, then not run.
+  m.def("emu_skip_launches", [](bool on) { fused_resnet_emu::skip_launches().store(on); });
 }
