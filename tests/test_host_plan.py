@@ -163,6 +163,46 @@ def test_memo_never_skips_a_check():
         fused_resnet.bn_relu_conv2d(x, w, **_args(running_mean=rm))
 
 
+def test_bn_add_memo_never_skips_a_check():
+    """bn_add_relu's checks are memoized too (_plan.bn_add_key): each bad call right after the good one raises."""
+    if "triton" not in fused_resnet.available_backends():
+        pytest.skip("triton unavailable")
+    torch.manual_seed(4)
+    z, s = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+
+    def bn(**kw):
+        a = dict(bn_weight=torch.rand(3) + 0.5, bn_bias=torch.randn(3), running_mean=torch.zeros(3),
+                 running_var=torch.ones(3), training=True)
+        a.update(kw)
+        return a
+
+    def call(shortcut=s, shortcut_bn="good", **kw):
+        sbn = bn() if shortcut_bn == "good" else shortcut_bn
+        return fused_resnet.bn_add_relu(z, shortcut, backend=kw.pop("backend", "triton"), shortcut_bn=sbn,
+                                        **bn(**kw))
+
+    call()
+    hits = _plan.hits
+    call()
+    assert _plan.hits > hits  # the repeat found its answer in the memo
+    bad = {
+        "bool training": (dict(training=1), TypeError),
+        "bool momentum": (dict(momentum=True), TypeError),
+        "wrong bn dtype": (dict(bn_weight=torch.ones(3, dtype=torch.float64)), TypeError),
+        "running buffer requiring grad": (dict(running_mean=torch.zeros(3, requires_grad=True)), RuntimeError),
+        "unknown backend": (dict(backend="tritonn"), ValueError),
+        "shortcut of another shape": (dict(shortcut=torch.randn(2, 3, 4, 5)), ValueError),
+        "shortcut of another dtype": (dict(shortcut=s.double()), TypeError),
+        "shortcut BN of the wrong size": (dict(shortcut_bn=bn(bn_weight=torch.ones(4))), ValueError),
+        "shortcut BN eps 0 in training": (dict(shortcut_bn=bn(eps=0.0)), ValueError),
+    }
+    for name, (change, error) in bad.items():
+        with pytest.raises(error):
+            call(**change)
+        call()  # and the good call still passes
+    assert torch.isfinite(call(shortcut_bn=None)).all()  # an identity shortcut keys apart from the BN one
+
+
 def test_memo_follows_the_environment(monkeypatch):
     """resolve()'s answer depends on FUSED_RESNET_CUDA_EMULATED: the memo keys on it."""
     if "cuda" not in fused_resnet.available_backends() or torch.cuda.is_available():
