@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from ._common import acc_dtype
-from .dgrad import bn_backward_finish, conv_dgrad
-from .finalize import column_sums
+from .._layout import memory_format_of
+from ._common import acc_dtype, configs, launch_plan, plan_env
+from .dgrad import bn_backward_finish, conv_dgrad, dgrad_launch, dgrad_plan, finish_launch, finish_plan
+from .finalize import column_sums, column_sums_launch, column_sums_plan
 from .pair import conv_dgrad_pair, dgrad_pair_applies
-from .wgrad import conv_wgrad_partial
+from .wgrad import conv_wgrad_partial, wgrad_launch, wgrad_plan
 
 
 def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_stats, needs, stride, padding,
@@ -23,6 +24,9 @@ def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_sta
     need_dx, need_dw, need_dg, need_db = needs
     batch_stats = batch_stats and need_dx
     need_sums = need_dg or need_db or batch_stats
+    if not others:
+        return _one_consumer(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_stats, need_dx, need_dw,
+                             need_dg, need_db, need_sums, stride, padding, dilation, sync, relu)
     c = x.shape[1]
     out = part = None
     if (need_dx or need_sums) and len(others) == 1 and dgrad_pair_applies(stride, others[0][2]):
@@ -63,3 +67,63 @@ def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_sta
     elif need_dx:
         dx = out
     return dx, dw, (s2 if need_dg else None), (s1 if need_db else None), other_dws
+
+
+_PLANS: dict = {}  # _one_consumer's plans: its launches' plans under one key (_common.launch_plan)
+
+
+def _one_consumer_plan(grad_y, x, weight, stride, padding, dilation, batch_stats, need_dx, need_dw, need_sums, relu,
+                       has_gamma):
+    """(table, memory format of dx, dgrad, wgrad, column_sums and finish plans; None for a launch not made). Built
+    on tensors of the outputs' shapes and layouts, as the call then allocates them."""
+    fmt = memory_format_of(x)
+    out = torch.empty_like(x, memory_format=fmt)
+    dplan = wplan = fplan = None
+    if need_dx or need_sums:
+        dplan = dgrad_plan(grad_y, x, weight, out, stride, padding, dilation, batch_stats, need_sums, False, False,
+                           relu)
+    b_len = 0
+    if need_dw:
+        wplan = wgrad_plan(grad_y, x, torch.empty_like(weight), stride, padding, dilation, relu)
+        b_len = wplan[4][1] if wplan[4] is not None else 0
+    splan = column_sums_plan(2 * x.shape[1] if need_sums else 0, b_len, acc_dtype(x.dtype))
+    if batch_stats:
+        fplan = finish_plan(out, x, out, has_gamma)
+    return configs._table(), fmt, dplan, wplan, splan, fplan
+
+
+def _one_consumer(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_stats, need_dx, need_dw, need_dg,
+                  need_db, need_sums, stride, padding, dilation, sync, relu):
+    """conv_backward of a layer whose activation has one consumer: the same launches, their plans found under one
+    key (issue 30: each launcher's own key and lookup cost the host ~2 us a launch)."""
+    key = (grad_y.shape, grad_y.stride(), x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(),
+           *stride, *padding, *dilation, batch_stats, need_dx, need_dw, need_sums, relu, gamma is None, *plan_env())
+    _, fmt, dplan, wplan, splan, fplan = launch_plan(
+        _PLANS, key, _one_consumer_plan, grad_y, x, weight, stride, padding, dilation, batch_stats, need_dx, need_dw,
+        need_sums, relu, gamma is not None)
+    out = part = None
+    if dplan is not None:
+        # dx, or ga*m in the input dtype: eager's ReLU backward output, half the bytes of a float32 buffer
+        out = torch.empty_like(x, memory_format=fmt)
+        part = dgrad_launch(dplan, grad_y, x, weight, mean, scale, beta, invstd, out)
+    dw = slabs = None
+    if wplan is not None:
+        dw = torch.empty_like(weight)
+        slabs = wgrad_launch(wplan, grad_y, x, dw, mean, scale, beta)
+    s1 = s2 = None
+    c = x.shape[1]
+    if need_sums:
+        s1 = torch.empty(c, dtype=acc_dtype(x.dtype), device=x.device)
+        s2 = torch.empty_like(s1)
+    if part is not None or slabs is not None:
+        column_sums_launch(splan, part if need_sums else None, (s1, s2), slabs, dw,
+                           (part.shape[0], 2 * c) if need_sums else None)
+    dx = None
+    if batch_stats:
+        m = x.numel() // c
+        fs1, fs2, count = sync(s1, s2, m) if sync is not None else (s1, s2, m)
+        dx = torch.empty_like(x, memory_format=fmt)
+        finish_launch(fplan, out, x, dx, mean, invstd, gamma, fs1, fs2, count)
+    elif need_dx:
+        dx = out
+    return dx, dw, (s2 if need_dg else None), (s1 if need_db else None), []

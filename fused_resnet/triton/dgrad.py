@@ -202,15 +202,26 @@ def conv_dgrad(grad_y, x, weight, mean, scale, beta, invstd, batch_stats, need_s
     need_sums = need_sums or batch_stats
     # dx, or ga*m in the input dtype: eager's ReLU backward output, half the bytes of a float32 buffer
     out = addend if addend is not None else torch.empty_like(x, memory_format=memory_format_of(x))
+    plan = dgrad_plan(grad_y, x, weight, out, stride, padding, dilation, batch_stats, need_sums, addend is not None,
+                      raw, relu)
+    return out, dgrad_launch(plan, grad_y, x, weight, mean, scale, beta, invstd, out)
+
+
+def dgrad_plan(grad_y, x, weight, out, stride, padding, dilation, batch_stats, need_sums, has_addend, raw, relu):
+    """conv_dgrad's launch plan for these tensors' metadata (need_sums already includes batch_stats)."""
     key = (grad_y.shape, grad_y.stride(), x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(),
-           out.stride(), *stride, *padding, *dilation, batch_stats, need_sums, addend is None, raw, relu, *plan_env())
-    _, grid, ints, (consts, opts), part_shape = launch_plan(
-        _PLANS, key, _dgrad_plan, grad_y, x, weight, out, stride, padding, dilation, batch_stats, need_sums,
-        addend is not None, raw, relu)
+           out.stride(), *stride, *padding, *dilation, batch_stats, need_sums, has_addend, raw, relu, *plan_env())
+    return launch_plan(_PLANS, key, _dgrad_plan, grad_y, x, weight, out, stride, padding, dilation, batch_stats,
+                       need_sums, has_addend, raw, relu)
+
+
+def dgrad_launch(plan, grad_y, x, weight, mean, scale, beta, invstd, out):
+    """The dgrad launch of a plan (out: dx, gm, or the addend it accumulates into); returns the partials or None."""
+    _, grid, ints, (consts, opts), part_shape = plan
     part = torch.empty(part_shape, dtype=acc_dtype(x.dtype), device=x.device) if part_shape is not None else None
-    _conv_dgrad_kernel[grid](grad_y, weight, x, mean, scale, beta, invstd, out, part if need_sums else out, out,
+    _conv_dgrad_kernel[grid](grad_y, weight, x, mean, scale, beta, invstd, out, part if part is not None else out, out,
                              *ints, *consts, **opts)
-    return out, part
+    return part
 
 
 _FINISH_PLANS: dict = {}  # bn_backward_finish's launch plans
@@ -229,9 +240,17 @@ def _finish_plan(gm, x, dx, has_gamma):
 def bn_backward_finish(gm, x, mean, invstd, gamma, s1, s2, count):
     """dx = invstd*gamma*(gm - S1/M - xhat*S2/M), one elementwise launch."""
     dx = torch.empty_like(x, memory_format=memory_format_of(x))
-    _, grid, dims, strides, (consts, opts) = launch_plan(
-        _FINISH_PLANS, (x.shape, x.stride(), x.dtype, gm.stride(), dx.stride(), gamma is None), _finish_plan, gm, x,
-        dx, gamma is not None)
+    finish_launch(finish_plan(gm, x, dx, gamma is not None), gm, x, dx, mean, invstd, gamma, s1, s2, count)
+    return dx
+
+
+def finish_plan(gm, x, dx, has_gamma):
+    """bn_backward_finish's launch plan for these tensors' metadata."""
+    return launch_plan(_FINISH_PLANS, (x.shape, x.stride(), x.dtype, gm.stride(), dx.stride(), has_gamma),
+                       _finish_plan, gm, x, dx, has_gamma)
+
+
+def finish_launch(plan, gm, x, dx, mean, invstd, gamma, s1, s2, count):
+    _, grid, dims, strides, (consts, opts) = plan
     _bn_backward_finish_kernel[grid](gm, x, dx, mean, invstd, gamma if gamma is not None else mean, s1, s2,
                                      *dims, 1.0 / count, *strides, *consts, **opts)
-    return dx

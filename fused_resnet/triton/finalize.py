@@ -198,15 +198,26 @@ def column_sums(a=None, a_out=(None, None), b=None, b_out=None, a_shape=None):
     """One launch: a [rows, 2C] -> (a_out[0] [C], a_out[1] [C]) and b [rows, L] -> b_out (L elements,
     dense storage in any layout), summed in float32 (float64 for float64 arrays). a_shape: a's (rows, 2C)
     when a is stored with another shape (dgrad's [rows, 2, C] partials)."""
-    a_rows, a_len = (a_shape or a.shape) if a is not None else (0, 0)
-    b_rows, b_len = b.shape if b is not None else (0, 0)
     dummy = a if a is not None else b
     if dummy is None:
         return
-    _, grid, a_programs, (consts, opts) = launch_plan(_SUM_PLANS, (a_len, b_len, dummy.dtype), _column_sums_plan, a_len,
-                                               b_len, dummy.dtype == torch.float64)
+    a_len = (a_shape or a.shape)[1] if a is not None else 0
+    b_len = b.shape[1] if b is not None else 0
+    column_sums_launch(column_sums_plan(a_len, b_len, dummy.dtype), a, a_out, b, b_out, a_shape)
+
+
+def column_sums_plan(a_len, b_len, dtype):
+    """column_sums' launch plan for rows of a_len (0: no a) and b_len (0: no b) elements of dtype."""
+    return launch_plan(_SUM_PLANS, (a_len, b_len, dtype), _column_sums_plan, a_len, b_len, dtype == torch.float64)
+
+
+def column_sums_launch(plan, a, a_out, b, b_out, a_shape=None):
+    _, grid, a_programs, (consts, opts) = plan
     if grid[0] == 0:
         return
+    a_rows, a_len = (a_shape or a.shape) if a is not None else (0, 0)
+    b_rows, b_len = b.shape if b is not None else (0, 0)
+    dummy = a if a is not None else b
     o0, o1 = a_out if a is not None else (b_out, b_out)
     _column_sums_kernel[grid](
         dummy if a is None else a, a_rows, a_len, o0, o1, a_len // 2,

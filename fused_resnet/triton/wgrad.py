@@ -114,10 +114,18 @@ def _wgrad_plan(grad_y, x, dw, stride, padding, dilation, relu):
 def conv_wgrad_partial(grad_y, x, dw, mean, scale, beta, stride, padding, dilation, relu=True):
     """Fills dw (its dtype and layout) directly when one split suffices and returns None; else
     returns the float32 slabs [split, dw.numel()] (each in dw's storage order) to be summed into dw."""
+    return wgrad_launch(wgrad_plan(grad_y, x, dw, stride, padding, dilation, relu), grad_y, x, dw, mean, scale, beta)
+
+
+def wgrad_plan(grad_y, x, dw, stride, padding, dilation, relu):
+    """conv_wgrad_partial's launch plan for these tensors' metadata; its [4] is the slabs' shape (None: one split)."""
     key = (grad_y.shape, grad_y.stride(), x.shape, x.stride(), x.dtype, x.device, dw.shape, dw.stride(), *stride,
            *padding, *dilation, relu, *plan_env())
-    _, grid, ints, (consts, opts), part_shape, acc = launch_plan(_PLANS, key, _wgrad_plan, grad_y, x, dw, stride,
-                                                                 padding, dilation, relu)
+    return launch_plan(_PLANS, key, _wgrad_plan, grad_y, x, dw, stride, padding, dilation, relu)
+
+
+def wgrad_launch(plan, grad_y, x, dw, mean, scale, beta):
+    _, grid, ints, (consts, opts), part_shape, acc = plan
     part = torch.empty(part_shape, dtype=acc, device=x.device) if part_shape is not None else dw
     _conv_wgrad_kernel[grid](grad_y, x, mean, scale, beta, part, *ints, *consts, **opts)
     return part if part_shape is not None else None
