@@ -549,6 +549,26 @@ def _traced_or_direct(op, impl, x):
     return op if _traced(x) else impl
 
 
+_C_APPLY = getattr(torch._C, "_FunctionBase", None) and torch._C._FunctionBase.__dict__.get("apply")
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
+def _applier(cls):
+    """cls.apply without autograd.Function.apply's Python layer where no functorch transform is active: that layer
+    (a setup_context probe, functorch's dead-wrapper unwrapping of each argument; ~3 us a call, issue 30) then
+    hands the same arguments to the same C++ apply. The launchers read the tensors of the op's argument tuple,
+    which that layer never unwrapped either. Under a transform (vmap, grad, ...) cls.apply runs as it is."""
+    if _C_APPLY is None or _functorch_active is None:
+        return cls.apply
+    fast = _C_APPLY.__get__(None, cls)
+
+    def apply(*args):
+        if _functorch_active():
+            return cls.apply(*args)
+        return fast(*args)
+    return apply
+
+
 class _FusedConv(torch.autograd.Function):
     """The conv op's node on the eager path. Function.apply checks and unwraps each of its arguments (microseconds
     for the op's 20), so only the differentiable tensors are apply's own arguments and the op's whole argument
@@ -568,6 +588,9 @@ class _FusedConv(torch.autograd.Function):
         n = ctx.needs_input_grad  # apply's order: x, weight, bias, bn_weight, bn_bias, residual, args
         g = _backward(ctx, grad_y, None, None, direct=True, ni=(n[0], n[1], n[2], n[3], n[4], False, False, n[5]))
         return g[0], g[1], g[2], g[3], g[4], g[7], None
+
+
+_fused_conv_apply = _applier(_FusedConv)
 
 
 def batch_stats(x, backend):
@@ -599,7 +622,7 @@ def bn_relu_conv2d(*args):
     if not _needs_autograd(args[0], args[1], args[2], args[3], args[4], args[7]):
         y, stats = _conv_run(*args)
     else:
-        out = _FusedConv.apply(args[0], args[1], args[2], args[3], args[4], args[7], args)
+        out = _fused_conv_apply(args[0], args[1], args[2], args[3], args[4], args[7], args)
         if type(out) is not tuple:
             return out, None, None
         return out
@@ -622,6 +645,9 @@ class _FusedConvPair(torch.autograd.Function):
         return g[0], g[1], g[2], g[3], g[4], g[5], g[6], None
 
 
+_fused_pair_apply = _applier(_FusedConvPair)
+
+
 def bn_relu_conv2d_pair(*args):
     """The fused pair op (two convs of one BN+ReLU): the registered op when traced, else the same code."""
     if _traced(args[0]):
@@ -629,4 +655,4 @@ def bn_relu_conv2d_pair(*args):
     # differentiable inputs: x, weight, bias, weight2, bias2, bn_weight, bn_bias
     if not _needs_autograd(*args[:7]):
         return _pair_impl(*args)
-    return _FusedConvPair.apply(*args[:7], args)
+    return _fused_pair_apply(*args[:7], args)
