@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from ._layout import memory_format_of
-from ._ops import _acc, _applier, _bn_prologue, _empty, _kernels, _pack_prologue, _traced, _unpack_prologue
+from ._ops import (_acc, _applier, _bn_prologue, _empty, _kernels, _needs_autograd, _pack_prologue, _traced,
+                   _unpack_prologue)
 
 
 def _affine_of(mean, invstd, gamma, beta, prologue):
@@ -239,4 +240,6 @@ def bn_add_relu(*args):
     """The registered op when traced (torch.compile, opcheck), else the same code directly."""
     if _traced(args[0]):
         return bn_add_relu_op(*args)
+    if not _needs_autograd(args[0], args[1], args[4], args[5], args[10], args[11]):  # inference: no node
+        return _bn_add_relu_impl(*args)
     return _fused_bn_add_act_apply(args[0], args[1], args[4], args[5], args[10], args[11], args)

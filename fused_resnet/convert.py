@@ -48,7 +48,7 @@ from torch import fx, nn
 from ._trace_guards import autograd_function_apply, guarded
 from ._validate import output_size
 from .functional import BN_KEYWORDS, bn_add_relu, bn_relu_conv2d_pair_with_stats, bn_relu_conv2d_with_stats
-from .nn import FusedBNReLUConv2d, FusedBNReLUConv2dPair, PreActBlock, _bn_arguments, _count_batch
+from .nn import FusedBNReLUConv2d, FusedBNReLUConv2dPair, PreActBlock, _bn_arguments
 from .nn_postact import PostActBlock
 from .sync_bn import SyncBatchNorm2d
 
@@ -248,11 +248,11 @@ def _conv_of(conv) -> _Conv:
 
 
 def _bn_call(bn, update_running_stats):
-    """(the fused op's BN keyword arguments, the module whose num_batches_tracked this call counts or None)
-    for a BN module (its forward's semantics) or an F.batch_norm argument tuple (F.batch_norm's)."""
+    """(the fused op's BN keyword arguments, the num_batches_tracked this call counts or None) for a BN module
+    (its forward's semantics) or an F.batch_norm argument tuple (F.batch_norm's). The op counts it once the
+    call succeeded (on a kernel backend's eager path, in its finalize launch)."""
     if isinstance(bn, nn.Module):
-        kw, tracking = _bn_arguments(bn, update_running_stats, None, False)
-        return kw, (bn if tracking else None)
+        return _bn_arguments(bn, update_running_stats, None, False)
     rm, rv, w, b, training, momentum, eps = bn
     keep = update_running_stats or not training  # a second consumer in training must not update them
     return dict(bn_weight=w, bn_bias=b, running_mean=rm if keep else None, running_var=rv if keep else None,
@@ -317,9 +317,7 @@ def _fused_bn_act_conv(x, bn, conv, residual=None, *, activation="relu", update_
     kw, counted = _bn_call(bn, update_running_stats)
     y, _, _ = bn_relu_conv2d_with_stats(x, c.weight, c.bias, stride=c.stride, padding=c.padding,
                                         dilation=c.dilation, groups=c.groups, residual=residual, backend=backend,
-                                        activation=activation, **kw)
-    if counted is not None:
-        _count_batch(counted, True)
+                                        activation=activation, _num_batches_tracked=counted, **kw)
     return y
 
 
@@ -334,9 +332,8 @@ def _fused_bn_act_conv_pair(x, bn, conv, conv2, *, activation="relu", backend="a
     kw.pop("input_stats", None), kw.pop("out_stats", None)
     y, y2, _, _ = bn_relu_conv2d_pair_with_stats(
         x, c.weight, c2.weight, c.bias, c2.bias, stride=c.stride, padding=c.padding, dilation=c.dilation,
-        stride2=c2.stride, padding2=c2.padding, dilation2=c2.dilation, backend=backend, activation=activation, **kw)
-    if counted is not None:
-        _count_batch(counted, True)
+        stride2=c2.stride, padding2=c2.padding, dilation2=c2.dilation, backend=backend, activation=activation,
+        _num_batches_tracked=counted, **kw)
     return y, y2
 
 
@@ -372,12 +369,9 @@ def _fused_bn_add_act(z, bn, shortcut, shortcut_bn=None, *, activation="relu", i
         return torch.relu(y) if activation == "relu" else y
     kw, counted = _bn_call(bn, True)
     s_kw, s_counted = _bn_call(shortcut_bn, True) if shortcut_bn is not None else (None, None)
-    y = bn_add_relu(z, shortcut, **{k: kw[k] for k in _BN_KEYS}, backend=backend, activation=activation,
-                    shortcut_bn={k: s_kw[k] for k in _BN_KEYS} if s_kw is not None else None)
-    for m in (counted, s_counted):
-        if m is not None:
-            _count_batch(m, True)
-    return y
+    return bn_add_relu(z, shortcut, **{k: kw[k] for k in _BN_KEYS}, backend=backend, activation=activation,
+                       shortcut_bn={k: s_kw[k] for k in _BN_KEYS} if s_kw is not None else None,
+                       _num_batches_tracked=counted, _shortcut_num_batches_tracked=s_counted)
 
 
 # ----------------------------------------------------------------------------------------------------

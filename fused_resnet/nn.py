@@ -31,41 +31,43 @@ def _check_backend(backend):
     return backend
 
 
-def _momentum(bn, update_running_stats):
+def _tensors(bn):
+    """(weight, bias, running_mean, running_var, num_batches_tracked) of bn. A plain nn.BatchNorm2d's come from
+    its parameter and buffer dicts (nn.Module.__getattr__ costs ~0.3 us a name, seven names a call; issue 30);
+    any other class's by attribute, which a subclass or a parametrization (a generated subclass) may define
+    otherwise."""
+    if type(bn) is nn.BatchNorm2d:
+        p, b = bn._parameters, bn._buffers
+        return p["weight"], p["bias"], b["running_mean"], b["running_var"], b["num_batches_tracked"]
+    return bn.weight, bn.bias, bn.running_mean, bn.running_var, getattr(bn, "num_batches_tracked", None)
+
+
+def _momentum(bn, update_running_stats, num_batches_tracked=None):
     """(the EMA factor, whether this call updates bn's running buffers), as nn.BatchNorm2d.forward."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     tracking = bn.training and bn.track_running_stats and update_running_stats
-    if tracking and bn.num_batches_tracked is not None and bn.momentum is None:
-        factor = 1.0 / float(bn.num_batches_tracked + 1)  # eager reads the counter on the host too
+    if tracking and num_batches_tracked is not None and bn.momentum is None:
+        factor = 1.0 / float(num_batches_tracked + 1)  # eager reads the counter on the host too
     return factor, tracking
 
 
 def _bn_arguments(bn, update_running_stats, input_stats, out_stats):
-    """The functional API's BN keyword arguments for bn, and whether the call updates bn's buffers (then
-    the caller counts num_batches_tracked), as nn.BatchNorm2d.forward decides them."""
-    factor, tracking = _momentum(bn, update_running_stats)
+    """The functional API's BN keyword arguments for bn, and the num_batches_tracked this call counts (None when
+    it updates no buffers), as nn.BatchNorm2d.forward decides them."""
+    weight, bias, running_mean, running_var, counter = _tensors(bn)
+    factor, tracking = _momentum(bn, update_running_stats, counter)
     # process_group only matters to a synchronized BN; a plain one has none (getattr's miss raises and
     # catches an AttributeError inside nn.Module.__getattr__: microseconds per call)
     sync = isinstance(bn, (SyncBatchNorm2d, nn.SyncBatchNorm))
-    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    use_batch_stats = bn.training or (running_mean is None and running_var is None)
     keep_buffers = (not bn.training or bn.track_running_stats) and (update_running_stats or not use_batch_stats)
-    kw = dict(bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean if keep_buffers else None,
-              running_var=bn.running_var if keep_buffers else None, training=use_batch_stats, momentum=factor,
+    kw = dict(bn_weight=weight, bn_bias=bias, running_mean=running_mean if keep_buffers else None,
+              running_var=running_var if keep_buffers else None, training=use_batch_stats, momentum=factor,
               eps=bn.eps, input_stats=input_stats if use_batch_stats else None,
               out_stats=out_stats and use_batch_stats, sync_stats=sync,
               process_group=getattr(bn, "process_group", None) if sync else None)
-    return kw, tracking
+    return kw, counter if tracking else None
 
-
-def _count_batch(bn, tracking):
-    if tracking and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-
-
-def _counter(bn, tracking):
-    """The num_batches_tracked that a fused call counts for bn (its finalize launch does, on the eager path of a
-    kernel backend), or None."""
-    return bn.num_batches_tracked if tracking else None
 
 
 def fused_bn_relu_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d, x, residual=None, *, backend="auto",
@@ -79,11 +81,11 @@ def fused_bn_relu_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d, x, residual=None, *,
     Returns (y, stats_of_y or None). _deferred (the library's blocks, which hand the statistics straight
     to the next fused layer): they may come as a _deferred.PendingStats.
     """
-    kw, tracking = _bn_arguments(bn, update_running_stats, input_stats, out_stats)
+    kw, counter = _bn_arguments(bn, update_running_stats, input_stats, out_stats)
     y, mean, var = bn_relu_conv2d_with_stats(
         x, conv.weight, conv.bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-        groups=conv.groups, residual=residual, backend=backend, _deferred=_deferred,
-        _num_batches_tracked=_counter(bn, tracking), **kw)
+        groups=conv.groups, residual=residual, backend=backend, _deferred=_deferred, _num_batches_tracked=counter,
+        **kw)
     return y, _stats(mean, var)
 
 
@@ -104,11 +106,11 @@ def fused_bn_relu_conv_pair(bn: nn.BatchNorm2d, conv: nn.Conv2d, conv2: nn.Conv2
         _check_pair(bn, c)
         if c.groups != 1:
             raise ValueError(f"a fused conv pair takes groups=1 convolutions, got groups={c.groups}")
-    kw, tracking = _bn_arguments(bn, True, input_stats, out_stats)
+    kw, counter = _bn_arguments(bn, True, input_stats, out_stats)
     y, y2, mean, var = bn_relu_conv2d_pair_with_stats(
         x, conv.weight, conv2.weight, conv.bias, conv2.bias, stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, stride2=conv2.stride, padding2=conv2.padding, dilation2=conv2.dilation,
-        backend=backend, _deferred=_deferred, _num_batches_tracked=_counter(bn, tracking), **kw)
+        backend=backend, _deferred=_deferred, _num_batches_tracked=counter, **kw)
     return y, y2, _stats(mean, var)
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import BN_KEYWORDS, bn_add_relu
-from .nn import _bn_arguments, _check_backend, _counter, fused_bn_relu_conv
+from .nn import _bn_arguments, _check_backend, fused_bn_relu_conv
 from .sync_bn import SyncBatchNorm2d
 
 
@@ -36,12 +36,12 @@ def fused_bn_add_relu(bn: nn.BatchNorm2d, z, shortcut, shortcut_bn: nn.BatchNorm
     """act(bn(z) + t), t = shortcut or shortcut_bn(shortcut), with nn.BatchNorm2d's exact semantics for
     both BNs (num_batches_tracked, momentum=None, track_running_stats=False): one fused op. input_stats /
     shortcut_stats: the batch statistics of z / shortcut when a producer conv's epilogue has them."""
-    kw, tracking = _bn_arguments(bn, True, input_stats, False)
-    skw, s_tracking = _bn_arguments(shortcut_bn, True, shortcut_stats, False) if shortcut_bn is not None else (None, 0)
+    kw, counter = _bn_arguments(bn, True, input_stats, False)
+    skw, s_counter = _bn_arguments(shortcut_bn, True, shortcut_stats, False) if shortcut_bn is not None else (None, None)
     return bn_add_relu(z, shortcut, **_bn_only(kw), input_stats=kw["input_stats"], backend=backend,
                        activation=activation, shortcut_bn=_bn_only(skw) if skw else None,
-                       shortcut_stats=skw["input_stats"] if skw else None, _num_batches_tracked=_counter(bn, tracking),
-                       _shortcut_num_batches_tracked=_counter(shortcut_bn, s_tracking) if skw else None)
+                       shortcut_stats=skw["input_stats"] if skw else None, _num_batches_tracked=counter,
+                       _shortcut_num_batches_tracked=s_counter)
 
 
 def _downsample(in_planes, out_planes, stride):
