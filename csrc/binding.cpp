@@ -8,6 +8,7 @@
 #endif
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <limits>
 #include <optional>
 
@@ -408,7 +409,8 @@ at::Tensor bn_finalize(const std::optional<at::Tensor>& part, int64_t tile_rows,
                        const std::optional<at::Tensor>& var_out, const std::optional<at::Tensor>& gamma,
                        const std::optional<at::Tensor>& beta, const std::optional<at::Tensor>& running_mean,
                        const std::optional<at::Tensor>& running_var, double momentum, double eps, double unbiased,
-                       int64_t channels, at::ScalarType x_dtype) {
+                       int64_t channels, at::ScalarType x_dtype,
+                       const std::optional<at::Tensor>& num_batches_tracked) {
   const at::Tensor& like = part.has_value() ? *part : *mean_in;
   TORCH_CHECK(part.has_value() || (mean_in.has_value() && var_in.has_value()),
               "fused_resnet._C: bn_finalize needs the partials or (mean, var)");
@@ -473,7 +475,15 @@ at::Tensor bn_finalize(const std::optional<at::Tensor>& part, int64_t tile_rows,
     p.running_dtype = dtype_of(*running_mean);
   }
   p.momentum = momentum; p.eps = eps; p.unbiased = unbiased;
+  if (num_batches_tracked.has_value()) {
+    TORCH_CHECK(num_batches_tracked->scalar_type() == at::kLong && num_batches_tracked->numel() == 1,
+                "fused_resnet._C: num_batches_tracked must be an int64 tensor of one element, got ",
+                num_batches_tracked->scalar_type(), " of shape ", num_batches_tracked->sizes());
+    check_on(*num_batches_tracked, like, "num_batches_tracked");
+    p.num_batches_tracked = static_cast<long long*>(num_batches_tracked->data_ptr());
+  }
   if (c > 0) check_launch(fr::bn_finalize(p, current_stream()), "bn_finalize");
+  else if (num_batches_tracked.has_value()) num_batches_tracked->add_(1);  // no launch to count it
   return out;
 }
 
@@ -512,6 +522,69 @@ void column_sums(const std::optional<at::Tensor>& a, const std::optional<at::Ten
   check_on(like, like, "a/b");
   const DeviceGuard guard(like.device());
   check_launch(fr::column_sums(p, current_stream()), "column_sums");
+}
+
+at::MemoryFormat memory_format_of(const at::Tensor& t) {
+  // fused_resnet/_layout.py's rule: channels_last when laid out so and not also plain contiguous
+  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
+                                                                             : at::MemoryFormat::Contiguous;
+}
+
+// The backward of a layer whose activation has one consumer, in one call (issue 30: from Python, four launcher
+// calls and their allocations cost ~30 us of host time a layer): dgrad (+ per-tile BN-backward sums), the wgrad
+// slabs, one column_sums for both, and with batch statistics the dx finish -- fused_resnet/cuda.py's
+// conv_backward without a process group. need_sums: dgamma or dbeta wanted, or batch statistics. Returns
+// (dx, dW, S1, S2), each undefined (None) where not asked for; dW in the weight's dtype and layout, the sums in
+// the accumulation dtype. num_sms: the SMs split-K fills (two blocks each).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward(
+    const at::Tensor& gy, const at::Tensor& w, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
+    const at::Tensor& beta, const at::Tensor& invstd, const std::optional<at::Tensor>& gamma, bool batch_stats,
+    bool need_dx, bool need_dw, bool need_sums, std::vector<int64_t> stride, std::vector<int64_t> padding,
+    std::vector<int64_t> dilation, bool tf32, bool relu, int64_t num_sms) {
+  check_4d(gy, "grad_y"); check_4d(w, "weight"); check_4d(x, "x");
+  batch_stats = batch_stats && need_dx;
+  need_sums = need_sums || batch_stats;
+  const int64_t c = x.size(1);
+  const at::Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
+  at::Tensor dx, out, part, dw, slabs, s1, s2;
+  if (need_dx || need_sums) {
+    dx = at::empty_like(x, memory_format_of(x));
+    // gm (batch statistics) in x's dtype: eager's ReLU-backward output, half a float32 buffer's bytes
+    out = batch_stats ? at::empty_like(x, memory_format_of(x)) : dx;
+    // the dgrad reads beta for the ReLU mask only: +inf passes every element (the identity activation)
+    const at::Tensor mask_beta = relu ? beta : at::full_like(beta, std::numeric_limits<double>::infinity());
+    part = conv_dgrad(gy, w, x, mean_c, scale, mask_beta, invstd_c, out, batch_stats, need_sums, stride, padding,
+                      dilation, tf32, std::nullopt, false);
+  }
+  if (need_dw) {
+    dw = at::empty_like(w, memory_format_of(w));
+    check_filter(w.size(2), w.size(3));
+    const int64_t taps = w.size(2) * w.size(3);
+    const int64_t pixels = gy.size(0) * gy.size(2) * gy.size(3);
+    const auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+    const int64_t blocks = cdiv(w.size(0), fr::kTileM) * cdiv(c, fr::kTileN) * taps;
+    const int64_t p_tiles = std::max<int64_t>(1, cdiv(pixels, fr::kWgradChunk));
+    // enough splits to give every SM two blocks, within the grid's z limit (as cuda.py's _wgrad_slabs)
+    int64_t split = std::max<int64_t>(1, std::min<int64_t>({p_tiles, cdiv(2 * num_sms, blocks), 65535 / taps}));
+    const int64_t chunk = cdiv(p_tiles, split) * fr::kWgradChunk;
+    split = std::max<int64_t>(1, cdiv(pixels, chunk));
+    slabs = conv_wgrad(gy, x, dw, mean_c, scale, beta, stride, padding, dilation, chunk, split, tf32, relu);
+  }
+  if (need_sums) {
+    s1 = at::empty({c}, scale.options());
+    s2 = at::empty_like(s1);
+  }
+  column_sums(need_sums ? std::optional<at::Tensor>(part.view({part.size(0), 2 * c})) : std::nullopt,
+              need_sums ? std::optional<at::Tensor>(s1) : std::nullopt,
+              need_sums ? std::optional<at::Tensor>(s2) : std::nullopt,
+              need_dw ? std::optional<at::Tensor>(slabs) : std::nullopt,
+              need_dw ? std::optional<at::Tensor>(dw) : std::nullopt);
+  if (batch_stats) {
+    bn_backward_finish(out, x, dx, mean_c, invstd_c, gamma, s1, s2, x.numel() / c);
+  } else if (!need_dx) {
+    dx = at::Tensor();
+  }
+  return std::make_tuple(dx, dw, s1, s2);
 }
 
 // The post-activation block's end (kernels/bn_add_relu.cu). z, s and the output share one shape and dtype,
@@ -661,6 +734,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_wgrad", &conv_wgrad);
   m.def("bn_finalize", &bn_finalize);
   m.def("column_sums", &column_sums);
+  m.def("conv_backward", &conv_backward);
   m.def("bn_add_relu_forward", &bn_add_relu_forward);
   m.def("bn_add_relu_backward", &bn_add_relu_backward);
 }

@@ -61,8 +61,8 @@ def bn_finalize(c, acc, *, partials=None, x=None, mean=None, var=None, gamma=Non
                 running_mean=None, running_var=None, momentum=0.0, eps=1e-5, count=None, num_batches_tracked=None):
     """[5, C] (mean, var, invstd, scale, beta) in `acc`, one launch: from `partials` (x supplies the pivot;
     mean/var given too receive the merged moments) or from (mean, var); running buffers updated in
-    place. Same contract as fused_resnet.triton.finalize.bn_finalize (num_batches_tracked: incremented here by
-    an ATen add_, which the CUDA kernel does not fold in)."""
+    place. Same contract as fused_resnet.triton.finalize.bn_finalize (num_batches_tracked: incremented by the
+    same launch)."""
     like = partials[0] if partials is not None else mean
     ext = _ext(like)
     part, tile_rows, total = partials if partials is not None else (None, 1, 1)
@@ -73,9 +73,7 @@ def bn_finalize(c, acc, *, partials=None, x=None, mean=None, var=None, gamma=Non
     out = ext.bn_finalize(part, tile_rows, total, x, None if from_partials else mean,
                           None if from_partials else var, mean if from_partials else None,
                           var if from_partials else None, gamma, beta, running_mean, running_var,
-                          float(momentum), float(eps), float(unbiased), c, x_dtype)
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
+                          float(momentum), float(eps), float(unbiased), c, x_dtype, num_batches_tracked)
     return out
 
 
@@ -176,10 +174,15 @@ def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_sta
     dgrad each, into the buffer this conv's dgrad then finishes in place), so the BN backward runs once,
     as eager's does on the summed gradient; their dW costs a wgrad and a column_sums each."""
     ext = _ext(x)
-    acc = _acc(x.dtype)
     need_dx, need_dw, need_dg, need_db = needs
     batch_stats = batch_stats and need_dx
     need_sums = need_dg or need_db or batch_stats
+    if not others and sync is None:  # the common case: all of it in one call into the extension (issue 30)
+        dx, dw, s1, s2 = ext.conv_backward(grad_y, weight, x, mean, scale, beta, invstd, gamma, batch_stats,
+                                           need_dx, need_dw, need_sums, list(stride), list(padding), list(dilation),
+                                           _tf32(), bool(relu), _num_sms(x.device))
+        return dx, dw, (s2 if need_dg else None), (s1 if need_db else None), []
+    acc = _acc(x.dtype)
     c = x.shape[1]
     mean, invstd = mean.contiguous(), invstd.contiguous()
     dx = out = part = None

@@ -239,6 +239,8 @@ def test_dgrad_path_choice(dtype, channels_last, c, k, tiles, tf32):
     ("partials channels", r"partials of shape \[2, 2, 4\]"),
     ("mean without var", "needs the partials or"),
     ("running pair", "running_mean with running_var"),
+    ("counter dtype", "num_batches_tracked must be an int64 tensor of one element"),
+    ("counter shape", "num_batches_tracked must be an int64 tensor of one element"),
 ])
 def test_bn_finalize_refuses(case, match):
     part = torch.zeros(2, 2, 3)
@@ -254,9 +256,13 @@ def test_bn_finalize_refuses(case, match):
         kw.update(part=None, mean_in=vec)
     elif case == "running pair":
         kw["rm"] = vec.clone()
+    elif case == "counter dtype":
+        kw["nbt"] = torch.zeros((), dtype=torch.int32)
+    elif case == "counter shape":
+        kw["nbt"] = torch.zeros(2, dtype=torch.long)
     with pytest.raises(RuntimeError, match=match):
         C.bn_finalize(kw["part"], kw["tile_rows"], kw["total"], None, kw["mean_in"], kw["var_in"], None, None,
-                      None, None, kw["rm"], kw["rv"], 0.1, 1e-5, 1.0, 3, torch.float32)
+                      None, None, kw["rm"], kw["rv"], 0.1, 1e-5, 1.0, 3, torch.float32, kw.get("nbt"))
 
 
 def test_column_sums_refuses():

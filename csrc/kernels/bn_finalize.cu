@@ -44,6 +44,8 @@ __global__ void __launch_bounds__(kFinalizeThreads) bn_finalize_kernel(const BnF
   using Acc = acc_t<T>;
   const int c = blockIdx.x * kFinalizeThreads + threadIdx.x;
   if (c >= p.C) return;
+  // nn.BatchNorm2d's num_batches_tracked += 1 in this launch, not an ATen add_ of its own (issue 30); one thread
+  if (c == 0 && p.num_batches_tracked != nullptr) *p.num_batches_tracked += 1;
   Acc mean, var;
   if (p.part != nullptr) {
     const Acc* part = static_cast<const Acc*>(p.part);

@@ -139,6 +139,7 @@ struct BnFinalizeParams {
   const void* gamma; const void* beta; DType param_dtype;  // [C], may be null
   void* running_mean; void* running_var; DType running_dtype;  // [C], may be null
   double momentum, eps, unbiased;
+  long long* num_batches_tracked;  // int64 [1], may be null: a BN's counter, incremented once by the launch
 };
 
 // Column sums in a fixed row order: a (acc [a_rows, a_len]) -> columns < a_split to a_out0, the rest to
