@@ -416,6 +416,12 @@ at::Tensor bn_finalize(const std::optional<at::Tensor>& part, int64_t tile_rows,
               "fused_resnet._C: bn_finalize needs the partials or (mean, var)");
   TORCH_CHECK(mean_out.has_value() == var_out.has_value() && running_mean.has_value() == running_var.has_value(),
               "fused_resnet._C: bn_finalize takes mean_out with var_out and running_mean with running_var");
+  // before any device check: the argument checks run without a GPU (tests/test_binding_checks.py, CI's real build)
+  TORCH_CHECK(!num_batches_tracked.has_value() ||
+                  (num_batches_tracked->scalar_type() == at::kLong && num_batches_tracked->numel() == 1),
+              "fused_resnet._C: num_batches_tracked must be an int64 tensor of one element, got ",
+              num_batches_tracked.has_value() ? num_batches_tracked->scalar_type() : at::kLong, " of shape ",
+              num_batches_tracked.has_value() ? num_batches_tracked->sizes() : at::IntArrayRef());
   const at::ScalarType acc = x_dtype == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t c = channels;
   if (part.has_value()) {
@@ -476,9 +482,6 @@ at::Tensor bn_finalize(const std::optional<at::Tensor>& part, int64_t tile_rows,
   }
   p.momentum = momentum; p.eps = eps; p.unbiased = unbiased;
   if (num_batches_tracked.has_value()) {
-    TORCH_CHECK(num_batches_tracked->scalar_type() == at::kLong && num_batches_tracked->numel() == 1,
-                "fused_resnet._C: num_batches_tracked must be an int64 tensor of one element, got ",
-                num_batches_tracked->scalar_type(), " of shape ", num_batches_tracked->sizes());
     check_on(*num_batches_tracked, like, "num_batches_tracked");
     p.num_batches_tracked = static_cast<long long*>(num_batches_tracked->data_ptr());
   }
