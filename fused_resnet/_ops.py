@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -604,7 +605,11 @@ def bn_finalize(*args):
 def _needs_autograd(*tensors) -> bool:
     """Whether an autograd node is needed: grad mode on and some differentiable input requires grad. Without
     one (inference, no_grad) the implementation runs directly: the same outputs, none requiring grad, as
-    autograd.Function.apply would give, without its ~10 us."""
+    autograd.Function.apply would give, without its ~10 us. Under forward-mode AD (a dual level: tangents need
+    no requires_grad) or a functorch transform the node's path runs, and it says what it does not support
+    (the direct path would drop the batch statistics' tangents without a word)."""
+    if _forward_ad._current_level >= 0 or (_functorch_active is not None and _functorch_active()):
+        return True
     if not torch.is_grad_enabled():
         return False
     for t in tensors:

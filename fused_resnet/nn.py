@@ -38,7 +38,10 @@ def _tensors(bn):
     otherwise."""
     if type(bn) is nn.BatchNorm2d:
         p, b = bn._parameters, bn._buffers
-        return p["weight"], p["bias"], b["running_mean"], b["running_var"], b["num_batches_tracked"]
+        # all five where nn.BatchNorm2d registers them: pruning (weight -> weight_orig + a plain attribute), old
+        # weight-norm hooks or a user's `del bn.bias; bn.bias = t` move a name out of the dicts, onto the instance
+        if "weight" in p and "bias" in p and "running_mean" in b and "running_var" in b and "num_batches_tracked" in b:
+            return p["weight"], p["bias"], b["running_mean"], b["running_var"], b["num_batches_tracked"]
     return bn.weight, bn.bias, bn.running_mean, bn.running_var, getattr(bn, "num_batches_tracked", None)
 
 

@@ -249,3 +249,48 @@ def test_num_batches_tracked_counted_once_per_training_call(backend, momentum):
         for (name, b), be in zip(fused.named_buffers(), eager.buffers()):
             torch.testing.assert_close(b, be, rtol=2e-4, atol=2e-4, msg=name)
     assert int(fused.bn1.num_batches_tracked) == int(fused.bn2.num_batches_tracked) == 4
+
+
+def test_bn_tensors_moved_out_of_their_dicts(backend):
+    """The fast read of a plain BatchNorm2d's tensors (nn._tensors) falls back to attributes when a name left the
+    parameter dict: pruning (weight -> weight_orig + a plain attribute) and a bias re-set as a plain tensor."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(5)
+    block = PreActBlock(4, 4, backend=backend)
+    with torch.no_grad():
+        block.bn2.weight.uniform_(0.5, 1.5)
+    eager = PreActBlock(4, 4, fused=False)
+    eager.load_state_dict(block.state_dict())
+    for m in (block, eager):  # (a pruned module cannot be deep-copied: its weight is not a leaf)
+        prune.l1_unstructured(m.bn2, "weight", amount=0.5)
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(block(x), eager(x), rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(block.bn2.running_var, eager.bn2.running_var)
+    assert block.bn2.num_batches_tracked.item() == eager.bn2.num_batches_tracked.item() == 1
+
+    bn, conv = nn.BatchNorm2d(4), nn.Conv2d(4, 3, 1)
+    del bn.bias
+    bn.bias = torch.randn(4)
+    ebn = copy.deepcopy(bn)
+    y, _ = fused_resnet.nn.fused_bn_relu_conv(bn, conv, x, backend=backend)
+    torch.testing.assert_close(y, conv(F.relu(ebn(x))), rtol=2e-4, atol=2e-4)
+
+
+def test_forward_mode_ad_is_refused_not_dropped(backend):
+    """Tangents need no requires_grad: the direct (no-node) path would run and drop the batch statistics' part of
+    a tangent. Under a dual level every fused op takes its autograd node's path, which refuses forward-mode AD."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(6)
+    z, s, w = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5), torch.randn(3, 4, 3, 3)
+    bn = dict(bn_weight=torch.rand(4) + 0.5, bn_bias=torch.randn(4), training=True, backend=backend)
+    calls = {
+        "bn_add_relu": lambda t: fused_resnet.bn_add_relu(t, s, **bn),
+        "bn_relu_conv2d": lambda t: fused_resnet.bn_relu_conv2d(t, w, padding=1, **bn),
+    }
+    for name, call in calls.items():
+        with fwAD.dual_level():
+            with pytest.raises((NotImplementedError, RuntimeError)):
+                call(fwAD.make_dual(z, torch.randn_like(z)))
+        assert call(z).shape[0] == 2, name  # and outside the dual level the call runs
