@@ -186,3 +186,21 @@ def test_projection_block_device_op_bounds(kernel_backend, block, stride):
     assert not ff.syncs and not fb.syncs
     convs = sum(v for k, v in ff.ops.items() if "conv" in k)
     assert convs == (2 if block == "basic" else 3) + (1 if (block, stride) == ("bottleneck", 2) else 0), dict(ff.ops)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_both_kernel_backends_count_the_same_backward_kernels(training):
+    """The CUDA backend's backward is one call into the extension that launches up to four kernels: the counter
+    counts each of them (bench/launches.py CUDA_COMPOSITES), the same four Triton launches (a call counted as one
+    launch, or not at all, would make the CUDA backend look leaner than it is)."""
+    report = fused_resnet.available_backends()
+    if "cuda" not in report:
+        pytest.skip(f"backend 'cuda' unavailable: {report.unavailable['cuda']}")
+    counts = {}
+    for backend in ("triton", "cuda"):
+        torch.manual_seed(7)
+        layer = fused_resnet.FusedBNReLUConv2d(6, 5, 3, padding=1, backend=backend).train(training)
+        _, bwd = _steps(layer, _fresh(False, 2, 6, 5, 5))
+        counts[backend] = sorted((name.split(".", 1)[1].replace("_kernel", ""), n) for name, n in bwd.ops.items())
+    assert counts["cuda"] == counts["triton"], counts
+    assert sum(n for _, n in counts["cuda"]) == (4 if training else 3), counts

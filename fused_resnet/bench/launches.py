@@ -54,14 +54,37 @@ CUDA_KERNELS = ("batch_stats", "conv_forward", "conv_forward_pair", "conv_dgrad"
                 "column_sums")
 
 
+
+def _conv_backward_launches(args):
+    """The kernels `conv_backward` (a layer's whole backward in one call, csrc/binding.cpp) launches, from its
+    arguments (grad_y, weight, x, mean, scale, beta, invstd, gamma, batch_stats, need_dx, need_dw, need_sums, ...)."""
+    batch_stats, need_dx, need_dw, need_sums = args[8:12]
+    batch_stats = batch_stats and need_dx
+    need_sums = need_sums or batch_stats
+    return {"conv_dgrad": need_dx or need_sums, "conv_wgrad": need_dw, "column_sums": need_sums or need_dw,
+            "bn_backward_finish": batch_stats}
+
+
+# Entry points that launch several of the kernels above: which ones, from the call's arguments.
+CUDA_COMPOSITES = {"conv_backward": _conv_backward_launches}
+
+
 class _CountedExtension:
-    """The CUDA extension module with every kernel entry point counted as "cuda.<name>"."""
+    """The CUDA extension module with every kernel entry point counted as "cuda.<name>" (a composite entry point
+    as each kernel it launches)."""
 
     def __init__(self, ext, mode):
         self._ext, self._mode = ext, mode
 
     def __getattr__(self, name):
         attr = getattr(self._ext, name)
+        if name in CUDA_COMPOSITES:
+            def composite(*args):
+                for kernel, launched in CUDA_COMPOSITES[name](args).items():
+                    if launched:
+                        self._mode.ops[f"cuda.{kernel}"] += 1
+                return attr(*args)
+            return composite
         if name not in CUDA_KERNELS:
             return attr
 
