@@ -623,6 +623,11 @@ def bn_relu_conv2d(*args):
     statistics were asked for, where the registered op gives empty tensors)."""
     if _traced(args[0]):
         return bn_relu_conv2d_op(*args)
+    return eager_conv(args)
+
+
+def eager_conv(args):
+    """bn_relu_conv2d's untraced half: the op's arguments as one tuple."""
     # differentiable inputs: x, weight, bias, bn_weight, bn_bias, residual
     if not _needs_autograd(args[0], args[1], args[2], args[3], args[4], args[7]):
         y, stats = _conv_run(*args)

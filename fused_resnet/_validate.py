@@ -99,10 +99,11 @@ def validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, tra
     key = _plan.validate_key(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
                              eps, stride, padding, dilation, groups, residual, backend)
     if key is not None:
-        hit = _plan.VALIDATED.get(key)
+        hit, key = _plan.lookup(_plan.VALIDATED, key)
         if hit is not None:
             _plan.hits += 1
             return hit
+    if key is not None:
         _plan.in_miss = True
         try:
             geo = validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,

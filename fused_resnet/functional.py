@@ -18,28 +18,41 @@ def _detached(t):
     return t.detach() if t is not None else None
 
 
-def _finalize_training(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, input_stats, count, impl,
-                       counter):
-    """(the [5, C] bn_finalize of training, whether it counted `counter`): from x's own statistics, or from the
-    given (mean, var) -- still as the producer's partials when they are a PendingStats, merged here in the same
-    launch (the eager path only: _deferred.py); running buffers (when given) updated in place. counter: the
-    BN's num_batches_tracked, incremented by the same launch on the eager path (the registered op, traced,
-    leaves it to the caller)."""
+def _eager_finalize(kb, x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, input_stats,
+                    counter):
+    """(the [5, C] bn_finalize of x's BN, whether it counted `counter`) on the eager path of a kernel backend (not
+    traced: the launchers read the tensors' data, no autograd to keep out). Training: from x's own statistics
+    (their partials first), from the given (mean, var), or from a PendingStats's partials merged in the same launch
+    (_deferred.py); running buffers (when given) updated and counter (the BN's num_batches_tracked) incremented by
+    that launch. Otherwise from the running buffers, which stay as they are."""
+    c = x.shape[1]
+    count = x.numel() // c
+    if not training:
+        return kb.bn_finalize(c, _ops._acc(x.dtype), mean=running_mean, var=running_var, gamma=bn_weight,
+                              beta=bn_bias, eps=float(eps), count=count), False
     claimed = input_stats.claim() if isinstance(input_stats, _deferred.PendingStats) else None
-    if claimed is not None:  # the eager path only; the launcher reads the tensors' data, no autograd to keep out
+    if claimed is not None:
         partials, mean, var = claimed
-        return _ops._kernels(impl).bn_finalize(
-            x.shape[1], mean.dtype, partials=partials, mean=mean, var=var, gamma=bn_weight, beta=bn_bias,
+        return kb.bn_finalize(
+            c, mean.dtype, partials=partials, mean=mean, var=var, gamma=bn_weight, beta=bn_bias,
             running_mean=running_mean, running_var=running_var, momentum=float(momentum), eps=float(eps),
             count=count, num_batches_tracked=counter), True
     from_x = input_stats is None
-    if not _ops._traced(x):  # run directly: the launchers read the tensors' data, no autograd to keep out
-        m_in, v_in = (None, None) if from_x else input_stats
-        return _ops._finalize(_ops._kernels(impl), x, m_in, v_in, bn_weight, bn_bias, running_mean, running_var,
-                              from_x, float(momentum), float(eps), count, counter), True
+    m_in, v_in = (None, None) if from_x else input_stats
+    return _ops._finalize(kb, x, m_in, v_in, bn_weight, bn_bias, running_mean, running_var, from_x, float(momentum),
+                          float(eps), count, counter), True
+
+
+def _traced_finalize(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, input_stats, impl):
+    """The [5, C] bn_finalize as the registered op (torch.compile, fake tensors): it never counts num_batches_tracked."""
+    count = x.numel() // x.shape[1]
+    if not training:
+        return _ops.bn_finalize(x.detach(), running_mean.detach(), running_var.detach(), _detached(bn_weight),
+                                _detached(bn_bias), None, None, False, 0.0, float(eps), count, impl)
+    from_x = input_stats is None
     m_in, v_in = (None, None) if from_x else (s.detach() for s in input_stats)
     return _ops.bn_finalize(x.detach(), m_in, v_in, _detached(bn_weight), _detached(bn_bias), running_mean,
-                            running_var, from_x, float(momentum), float(eps), count, impl), False
+                            running_var, from_x, float(momentum), float(eps), count, impl)
 
 
 def bn_relu_conv2d(
@@ -121,11 +134,24 @@ def bn_relu_conv2d_with_stats(
     _num_batches_tracked (nn.py): the BN's counter, incremented once the call succeeded (in the finalize launch
         on the eager path of a kernel backend: eager's add_ is a launch of its own).
     """
+    return conv_call(x, weight, bias, residual, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
+                     stride, padding, dilation, groups, backend, input_stats, out_stats, sync_stats, process_group,
+                     _relu(activation), _deferred, _num_batches_tracked)
+
+
+def conv_call(x, weight, bias, residual, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
+              stride, padding, dilation, groups, backend, input_stats, out_stats, sync_stats, process_group, relu,
+              defer, counter):
+    """bn_relu_conv2d_with_stats with its arguments by position (nn.py's modules call it so), activation as relu."""
     (x, weight, bias, residual), amp_off = _autocast_inputs(x, weight, bias, residual)
+    if amp_off is _NO_CONTEXT:
+        return _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
+                           stride, padding, dilation, groups, residual, backend, input_stats, out_stats, sync_stats,
+                           process_group, relu, defer, counter)
     with amp_off:
-        return _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
-                           eps, stride, padding, dilation, groups, residual, backend, input_stats, out_stats,
-                           sync_stats, process_group, _relu(activation), _deferred, _num_batches_tracked)
+        return _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
+                           stride, padding, dilation, groups, residual, backend, input_stats, out_stats, sync_stats,
+                           process_group, relu, defer, counter)
 
 
 def _out_stats_arg(out_stats, defer, impl, x):
@@ -233,6 +259,10 @@ def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
     geo = validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
                    eps, stride, padding, dilation, groups, residual, backend)
     impl = resolve(backend, x.device, geo.groups)
+    if impl in _KERNEL_BACKENDS and x.shape[0] and not _ops._traced(x) and not (
+            training and sync_stats and _sync.group_id(process_group)):
+        return _kernel_eager(impl, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
+                             eps, geo, residual, input_stats, out_stats, relu, defer, counter)
     if x.shape[0] == 0:
         y = _empty_batch(reference.bn_relu_conv2d, x, weight, bias, bn_weight=bn_weight, bn_bias=bn_bias,
                          running_mean=running_mean, running_var=running_var, training=training, momentum=momentum,
@@ -250,6 +280,27 @@ def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
         out_arg, impl, bn.gid, bn.prologue, relu)
     bn.update_running_stats()
     return (y, *_stats_out(impl, out_arg, mean_y, var_y)) if out_stats else (y, None, None)
+
+
+def _kernel_eager(impl, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, geo,
+                  residual, input_stats, out_stats, relu, defer, counter):
+    """_with_stats's common call: a kernel backend on the eager path (not traced), no process-group statistics, a
+    non-empty batch. The same launches and autograd node as the general path, without its layers (issue 30: they
+    cost a layer's forward ~20 us of host time): the BN's finalize (running buffers and counter updated in its
+    launch), then the conv op (_ops.eager_conv). The geometry goes as validate's tuples; the registered op's
+    List[int] schema only matters when traced."""
+    fin, counted = _eager_finalize(_ops._kernels(impl), x, bn_weight, bn_bias, running_mean, running_var, training,
+                                   momentum, eps, input_stats, counter)
+    mean, _, invstd, scale, beta = fin.unbind(0)  # one view op, not one per row
+    out_arg = _ops.DEFER if (out_stats and defer) else bool(out_stats)
+    y, mean_y, var_y = _ops.eager_conv((x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, training,
+                                        float(eps), geo.stride, geo.padding, geo.dilation, geo.out_size, geo.groups,
+                                        out_arg, impl, 0, (scale, beta), relu))
+    if not counted:
+        _count(counter)
+    if not out_stats:
+        return y, None, None
+    return (y, *_stats_out(impl, out_arg, mean_y, var_y))
 
 
 # The batch norm's keyword arguments, as every op here takes them (and bn_add_relu's shortcut_bn dict).
@@ -368,21 +419,14 @@ def _bn_inputs(x, bn_weight, bn_bias, running_mean, running_var, training, momen
     count = x.numel() // x.shape[1]
     gid = _sync.group_id(process_group) if (training and sync_stats) else 0
     if impl in _KERNEL_BACKENDS and not gid:
-        counted = False
-        if training:
-            fin, counted = _finalize_training(x, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
-                                              input_stats, count, impl, counter)
-        elif not _ops._traced(x):  # run directly: the launchers read the tensors' data, no autograd to keep out
-            fin = _ops._bn_finalize_impl(x, running_mean, running_var, bn_weight, bn_bias, None, None, False, 0.0,
-                                         float(eps), count, impl)
-        else:
-            fin = _ops.bn_finalize(x.detach(), running_mean.detach(), running_var.detach(), _detached(bn_weight),
-                                   _detached(bn_bias), None, None, False, 0.0, float(eps), count, impl)
-        counter = None if counted else counter
         if _ops._traced(x):
+            fin = _traced_finalize(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
+                                   input_stats, impl)
             return _BNInputs(fin[0], fin[2], fin[3:5], 0, (), counter)
+        fin, counted = _eager_finalize(_ops._kernels(impl), x, bn_weight, bn_bias, running_mean, running_var,
+                                       training, momentum, eps, input_stats, counter)
         mean, _, invstd, scale, beta = fin.unbind(0)  # one view op, not one per row (_ops._pack_prologue)
-        return _BNInputs(mean, invstd, (scale, beta), 0, (), counter)
+        return _BNInputs(mean, invstd, (scale, beta), 0, (), None if counted else counter)
     if training:
         if input_stats is not None:
             mean, var = (s.detach().to(acc) for s in input_stats)

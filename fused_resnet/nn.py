@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends import CHOICES
-from .functional import bn_relu_conv2d_pair_with_stats, bn_relu_conv2d_with_stats
+from .functional import bn_relu_conv2d_pair_with_stats, conv_call
 from .sync_bn import SyncBatchNorm2d
 
 
@@ -54,9 +54,19 @@ def _momentum(bn, update_running_stats, num_batches_tracked=None):
     return factor, tracking
 
 
-def _bn_arguments(bn, update_running_stats, input_stats, out_stats):
-    """The functional API's BN keyword arguments for bn, and the num_batches_tracked this call counts (None when
-    it updates no buffers), as nn.BatchNorm2d.forward decides them."""
+def _conv_tensors(conv):
+    """(weight, bias) of conv: a plain nn.Conv2d's from its parameter dict (as _tensors reads a BN's), any other
+    class's by attribute."""
+    if type(conv) is nn.Conv2d:
+        p = conv._parameters
+        if "weight" in p and "bias" in p:
+            return p["weight"], p["bias"]
+    return conv.weight, conv.bias
+
+
+def _bn_values(bn, update_running_stats, input_stats, out_stats):
+    """The functional API's BN arguments for bn in BN_ARGUMENTS' order, and the num_batches_tracked this call counts
+    (None when it updates no buffers), as nn.BatchNorm2d.forward decides them."""
     weight, bias, running_mean, running_var, counter = _tensors(bn)
     factor, tracking = _momentum(bn, update_running_stats, counter)
     # process_group only matters to a synchronized BN; a plain one has none (getattr's miss raises and
@@ -64,13 +74,19 @@ def _bn_arguments(bn, update_running_stats, input_stats, out_stats):
     sync = isinstance(bn, (SyncBatchNorm2d, nn.SyncBatchNorm))
     use_batch_stats = bn.training or (running_mean is None and running_var is None)
     keep_buffers = (not bn.training or bn.track_running_stats) and (update_running_stats or not use_batch_stats)
-    kw = dict(bn_weight=weight, bn_bias=bias, running_mean=running_mean if keep_buffers else None,
-              running_var=running_var if keep_buffers else None, training=use_batch_stats, momentum=factor,
-              eps=bn.eps, input_stats=input_stats if use_batch_stats else None,
-              out_stats=out_stats and use_batch_stats, sync_stats=sync,
-              process_group=getattr(bn, "process_group", None) if sync else None)
-    return kw, counter if tracking else None
+    return (weight, bias, running_mean if keep_buffers else None, running_var if keep_buffers else None,
+            use_batch_stats, factor, bn.eps, input_stats if use_batch_stats else None, out_stats and use_batch_stats,
+            sync, getattr(bn, "process_group", None) if sync else None), counter if tracking else None
 
+
+BN_ARGUMENTS = ("bn_weight", "bn_bias", "running_mean", "running_var", "training", "momentum", "eps", "input_stats",
+                "out_stats", "sync_stats", "process_group")
+
+
+def _bn_arguments(bn, update_running_stats, input_stats, out_stats):
+    """_bn_values as the functional API's keyword arguments."""
+    values, counter = _bn_values(bn, update_running_stats, input_stats, out_stats)
+    return dict(zip(BN_ARGUMENTS, values)), counter
 
 
 def fused_bn_relu_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d, x, residual=None, *, backend="auto",
@@ -84,11 +100,13 @@ def fused_bn_relu_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d, x, residual=None, *,
     Returns (y, stats_of_y or None). _deferred (the library's blocks, which hand the statistics straight
     to the next fused layer): they may come as a _deferred.PendingStats.
     """
-    kw, counter = _bn_arguments(bn, update_running_stats, input_stats, out_stats)
-    y, mean, var = bn_relu_conv2d_with_stats(
-        x, conv.weight, conv.bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-        groups=conv.groups, residual=residual, backend=backend, _deferred=_deferred, _num_batches_tracked=counter,
-        **kw)
+    (bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, input_stats, out_stats, sync,
+     group), counter = _bn_values(bn, update_running_stats, input_stats, out_stats)
+    weight, bias = _conv_tensors(conv)
+    # bn_relu_conv2d_with_stats's body, its arguments by position (20 keyword arguments cost ~2 us a call)
+    y, mean, var = conv_call(x, weight, bias, residual, bn_weight, bn_bias, running_mean, running_var, training,
+                             momentum, eps, conv.stride, conv.padding, conv.dilation, conv.groups, backend,
+                             input_stats, out_stats, sync, group, True, _deferred, counter)
     return y, _stats(mean, var)
 
 
