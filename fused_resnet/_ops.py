@@ -222,15 +222,6 @@ def _kernel_forward_pair(kb, x, weight, bias, weight2, bias2, gamma, beta, mean,
     return y, y2, stats[0], stats[1]
 
 
-def _kernel_backward(kb, grad_y, x, weight, gamma, beta, mean, invstd, batch_stats, stride, padding,
-                     dilation, needs, sync=None, prologue=None, others=(), relu=True):
-    scale, beta = prologue if prologue is not None else _bn_prologue(mean, invstd, gamma, beta)
-    # Every reduction finishes in the backend's kernels: four launches at most (plus three per other
-    # consumer: raw dgrad, wgrad, its column sums), no ATen tail.
-    return kb.conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_stats, needs,
-                            stride, padding, dilation, sync=sync, others=others, relu=relu)
-
-
 # ---------------------------------------------------------------- the registered ops
 
 def _batch_stats_impl(x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
@@ -355,20 +346,31 @@ def _conv_grads(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats
                 groups, needs, backend, sync_group=0, prologue=None, grad_y2=None, weight2=None, stride2=None,
                 padding2=None, dilation2=None, relu=True):
     """_conv_backward_impl's gradients, None where not needed (the eager path takes them so)."""
-    needs = list(needs) + [False] * (5 - len(needs))
-    sync = _sync.sum_reducer(sync_group) if (batch_stats and needs[0]) else None
-    needs[2] = needs[2] and bn_weight is not None
-    needs[3] = needs[3] and bn_bias is not None
-    others = () if weight2 is None else ((grad_y2, weight2, stride2, padding2, dilation2, needs[4]),)
+    n = len(needs)
+    need_w2 = needs[4] if n > 4 else False
+    sync = _sync.sum_reducer(sync_group) if (sync_group and batch_stats and needs[0]) else None
+    needs = [needs[0], needs[1], needs[2] and bn_weight is not None, needs[3] and bn_bias is not None]
+    others = () if weight2 is None else ((grad_y2, weight2, stride2, padding2, dilation2, need_w2),)
     if backend in ("triton", "cuda"):
-        grads = _kernel_backward(_kernels(backend), grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats,
-                                 stride, padding, dilation, needs[:4], sync, prologue, others, relu)
+        scale, beta = prologue if prologue is not None else _bn_prologue(mean, invstd, bn_weight, bn_bias)
+        # Every reduction finishes in the backend's kernels: four launches at most (plus three per other
+        # consumer: raw dgrad, wgrad, its column sums), no ATen tail.
+        grads = _kernels(backend).conv_backward(grad_y, x, weight, mean, scale, beta, invstd, bn_weight, batch_stats,
+                                                needs, stride, padding, dilation, sync=sync, others=others, relu=relu)
     else:
         grads = _ref_backward(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps,
-                              stride, padding, dilation, groups, needs[:4], sync, others, relu)
-    grads = grads[:4] + ((grads[4][0] if others else None),)
-    like = (x, weight, bn_weight, bn_bias, weight2)
-    return tuple(None if g is None else _like(g, ref) for g, ref in zip(grads, like))
+                              stride, padding, dilation, groups, needs, sync, others, relu)
+    dx, dw, dg, db = grads[0], grads[1], grads[2], grads[3]
+    # each in its input's dtype and layout (the kernels' usually are already: one check each)
+    if dx is not None and (dx.dtype != x.dtype or dx.stride() != x.stride()):
+        dx = _like(dx, x)
+    if dw is not None and (dw.dtype != weight.dtype or dw.stride() != weight.stride()):
+        dw = _like(dw, weight)
+    if dg is not None:
+        dg = _like(dg, bn_weight)
+    if db is not None:
+        db = _like(db, bn_bias)
+    return dx, dw, dg, db, (_like(grads[4][0], weight2) if others and grads[4][0] is not None else None)
 
 
 def _like(g, ref):

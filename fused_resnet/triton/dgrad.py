@@ -219,8 +219,8 @@ def dgrad_launch(plan, grad_y, x, weight, mean, scale, beta, invstd, out):
     """The dgrad launch of a plan (out: dx, gm, or the addend it accumulates into); returns the partials or None."""
     _, grid, ints, (consts, opts), part_shape = plan
     part = torch.empty(part_shape, dtype=acc_dtype(x.dtype), device=x.device) if part_shape is not None else None
-    _conv_dgrad_kernel[grid](grad_y, weight, x, mean, scale, beta, invstd, out, part if part is not None else out, out,
-                             *ints, *consts, **opts)
+    _conv_dgrad_kernel.run(grad_y, weight, x, mean, scale, beta, invstd, out, part if part is not None else out, out,
+                             *ints, *consts, grid=grid, warmup=False, **opts)
     return part
 
 
@@ -252,5 +252,5 @@ def finish_plan(gm, x, dx, has_gamma):
 
 def finish_launch(plan, gm, x, dx, mean, invstd, gamma, s1, s2, count):
     _, grid, dims, strides, (consts, opts) = plan
-    _bn_backward_finish_kernel[grid](gm, x, dx, mean, invstd, gamma if gamma is not None else mean, s1, s2,
-                                     *dims, 1.0 / count, *strides, *consts, **opts)
+    _bn_backward_finish_kernel.run(gm, x, dx, mean, invstd, gamma if gamma is not None else mean, s1, s2,
+                                     *dims, 1.0 / count, *strides, *consts, grid=grid, warmup=False, **opts)

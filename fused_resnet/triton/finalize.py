@@ -126,7 +126,7 @@ def bn_finalize(c, acc, *, partials=None, x=None, mean=None, var=None, gamma=Non
     if part is None:
         part = out
     dummy = out  # an absent tensor's stand-in (its flag keeps the kernel from reading it)
-    _bn_finalize_kernel[grid](
+    _bn_finalize_kernel.run(
         part, part.shape[1] if from_partials else 1, tile_rows, total,
         x if x is not None else dummy, x.stride(1) if x is not None else 0,
         mean if mean is not None else dummy, var if var is not None else dummy, out,
@@ -134,7 +134,7 @@ def bn_finalize(c, acc, *, partials=None, x=None, mean=None, var=None, gamma=Non
         running_mean if update else dummy, running_var if update else dummy,
         num_batches_tracked if counted else dummy, c, float(eps), float(momentum),
         (count / (count - 1)) if update and count and count > 1 else float("inf"),
-        *consts, **opts)
+        *consts, grid=grid, warmup=False, **opts)
     return out
 
 
@@ -219,7 +219,7 @@ def column_sums_launch(plan, a, a_out, b, b_out, a_shape=None):
     b_rows, b_len = b.shape if b is not None else (0, 0)
     dummy = a if a is not None else b
     o0, o1 = a_out if a is not None else (b_out, b_out)
-    _column_sums_kernel[grid](
+    _column_sums_kernel.run(
         dummy if a is None else a, a_rows, a_len, o0, o1, a_len // 2,
         dummy if b is None else b, b_rows, b_len, b_out if b is not None else dummy,
-        a_programs, *consts, **opts)
+        a_programs, *consts, grid=grid, warmup=False, **opts)

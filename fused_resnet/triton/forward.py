@@ -148,8 +148,8 @@ def conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, paddin
         residual is not None)
     # without statistics the kernel never touches part: scale (the same dtype) stands in
     part = torch.empty(part_shape, dtype=acc, device=x.device) if part_shape is not None else scale
-    _conv_fwd_kernel[grid](x, weight, bias if bias is not None else scale, res, y, mean, scale, beta, part, *ints,
-                           *consts, **opts)
+    _conv_fwd_kernel.run(x, weight, bias if bias is not None else scale, res, y, mean, scale, beta, part, *ints,
+                           *consts, grid=grid, warmup=False, **opts)
     if not out_stats:
         return None
     if out_stats == "partials":  # merged later, by the finalize of the BN that reads y (_deferred.py)

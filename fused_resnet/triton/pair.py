@@ -226,8 +226,8 @@ def conv_forward_pair(x, weight, weight2, bias, bias2, mean, scale, beta, y, y2,
     # must then have one element type; HAS_BIAS / HAS_BIAS2 keep it from being read).
     b1 = bias if bias is not None else (bias2 if bias2 is not None else scale)
     b2 = bias2 if bias2 is not None else b1
-    _conv_fwd_pair_kernel[grid](x, weight, weight2, b1, b2, y, y2, mean, scale, beta, part, *ints, *consts,
-                                **opts)
+    _conv_fwd_pair_kernel.run(x, weight, weight2, b1, b2, y, y2, mean, scale, beta, part, *ints, *consts,
+                                grid=grid, warmup=False, **opts)
     if not out_stats:
         return None
     if out_stats == "partials":  # merged later, by the finalize of the BN that reads y (_deferred.py)
@@ -388,6 +388,6 @@ def conv_dgrad_pair(grad_y, weight, grad_y2, weight2, x, mean, scale, beta, invs
         _DGRAD_PLANS, key, _dgrad_pair_plan, grad_y, weight, grad_y2, weight2, x, out, need_sums, batch_stats, stride,
         padding, dilation, padding2, dilation2, relu)
     part = torch.empty(part_shape, dtype=acc_dtype(x.dtype), device=x.device) if part_shape is not None else None
-    _conv_dgrad_pair_kernel[grid](grad_y, weight, grad_y2, weight2, x, mean, scale, beta, invstd, out,
-                                  part if need_sums else out, *ints, *consts, **opts)
+    _conv_dgrad_pair_kernel.run(grad_y, weight, grad_y2, weight2, x, mean, scale, beta, invstd, out,
+                                  part if need_sums else out, *ints, *consts, grid=grid, warmup=False, **opts)
     return out, part

@@ -255,9 +255,9 @@ def bn_add_relu_forward(z, mean, scale, beta, s, s_mean, s_scale, s_beta, y, rel
     _, grid, ints, (consts, opts) = launch_plan(
         _FWD_PLANS, (z.shape, z.stride(), z.dtype, s.stride(), y.stride(), sbn, relu), _forward_plan, z, s, y, sbn,
         relu)
-    _bn_add_act_kernel[grid](
+    _bn_add_act_kernel.run(
         z, s, y, mean, scale, beta, s_mean if sbn else mean, s_scale if sbn else scale, s_beta if sbn else beta,
-        *ints, *consts, **opts)
+        *ints, *consts, grid=grid, warmup=False, **opts)
 
 
 def _backward_plan(g, z, s, dz_like, ds_like, sbn, relu, need_dz, need_ds, need_sums, batch, s_batch, has_sums,
@@ -305,12 +305,13 @@ def bn_add_relu_backward(g, z, mean, scale, beta, invstd, gamma, batch_stats,
         part = torch.empty((groups, 3, c), dtype=acc, device=z.device)
         sums = torch.empty((3, c), dtype=acc, device=z.device) if need_sums else None
         grid, ints, (consts, opts) = reduce
-        _bn_add_act_reduce_kernel[grid](g, z, s, part, mean, scale, beta, invstd, *sp, *ints, *consts, **opts)
+        _bn_add_act_reduce_kernel.run(g, z, s, part, mean, scale, beta, invstd, *sp, *ints, *consts, grid=grid,
+                                      warmup=False, **opts)
     if need_dz or need_ds or sums is not None:
         # Only the affine gradients wanted: one program per channel block totals the partial rows.
         grid, ints, (consts, opts) = finish
-        _bn_add_act_backward_kernel[grid](
+        _bn_add_act_backward_kernel.run(
             g, z, s, dz_like, ds_like, part if has_sums else invstd,
             sums if sums is not None else invstd, mean, scale, beta, invstd, gamma if gamma is not None else invstd,
-            *sp[:3], sp[3], s_gamma if has_sgamma else invstd, *ints, *consts, **opts)
+            *sp[:3], sp[3], s_gamma if has_sgamma else invstd, *ints, *consts, grid=grid, warmup=False, **opts)
     return dz, ds, sums
