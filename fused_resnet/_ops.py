@@ -664,6 +664,11 @@ def bn_relu_conv2d_pair(*args):
     """The fused pair op (two convs of one BN+ReLU): the registered op when traced, else the same code."""
     if _traced(args[0]):
         return bn_relu_conv2d_pair_op(*args)
+    return eager_pair(args)
+
+
+def eager_pair(args):
+    """bn_relu_conv2d_pair's untraced half: the op's arguments as one tuple."""
     # differentiable inputs: x, weight, bias, weight2, bias2, bn_weight, bn_bias
     if not _needs_autograd(*args[:7]):
         return _pair_impl(*args)

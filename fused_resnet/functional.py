@@ -222,7 +222,16 @@ def bn_relu_conv2d_pair_with_stats(
     runs the BN backward once (as eager does; two bn_relu_conv2d calls would run it twice). mean_y/var_y:
     y's statistics when out_stats (as bn_relu_conv2d_with_stats), else None. Both convs are validated
     before anything runs. _num_batches_tracked: as bn_relu_conv2d_with_stats's."""
-    relu = _relu(activation)
+    return pair_call(x, weight, weight2, bias, bias2, bn_weight, bn_bias, running_mean, running_var, training, momentum,
+                     eps, stride, padding, dilation, stride2, padding2, dilation2, backend, input_stats, out_stats,
+                     sync_stats, process_group, _relu(activation), _deferred, _num_batches_tracked)
+
+
+def pair_call(x, weight, weight2, bias, bias2, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
+              stride, padding, dilation, stride2, padding2, dilation2, backend, input_stats, out_stats, sync_stats,
+              process_group, relu, defer, counter):
+    """bn_relu_conv2d_pair_with_stats with its arguments by position (nn.py's modules call it so), activation as
+    relu."""
     (x, weight, bias, weight2, bias2), amp_off = _autocast_inputs(x, weight, bias, weight2, bias2)
     with amp_off:
         geo = validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
@@ -238,18 +247,30 @@ def bn_relu_conv2d_pair_with_stats(
                                  bn_bias=bn_bias, running_mean=running_mean, running_var=running_var,
                                  training=training, momentum=momentum, eps=eps, stride=stride, padding=padding,
                                  dilation=dilation, stride2=stride2, padding2=padding2, dilation2=dilation2,
-                                 activation=activation, sync=sync_stats, process_group=process_group)
-            _count(_num_batches_tracked)
+                                 activation="relu" if relu else "identity", sync=sync_stats,
+                                 process_group=process_group)
+            _count(counter)
             return (y, y2, *_empty_stats(y)) if out_stats else (y, y2, None, None)
-        bn = _bn_inputs(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, impl,
-                        input_stats, sync_stats, process_group, _num_batches_tracked)
-        out_arg = _out_stats_arg(out_stats, _deferred, impl, x)
-        y, y2, mean_y, var_y = _ops.bn_relu_conv2d_pair(
-            x, weight, bias, weight2, bias2, bn_weight, bn_bias, bn.mean, bn.invstd, training, float(eps),
-            list(geo.stride), list(geo.padding), list(geo.dilation), list(geo.out_size), list(geo2.stride),
-            list(geo2.padding), list(geo2.dilation), list(geo2.out_size), out_arg, impl, bn.gid,
-            bn.prologue, relu)
-        bn.update_running_stats()
+        out_arg = _out_stats_arg(out_stats, defer, impl, x)
+        if impl in _KERNEL_BACKENDS and not _ops._traced(x) and not (
+                training and sync_stats and _sync.group_id(process_group)):
+            # the common call, as _kernel_eager's
+            mean, invstd, prologue, counter = _eager_bn(impl, x, bn_weight, bn_bias, running_mean, running_var,
+                                                        training, momentum, eps, input_stats, counter)
+            y, y2, mean_y, var_y = _ops.eager_pair((
+                x, weight, bias, weight2, bias2, bn_weight, bn_bias, mean, invstd, training, float(eps), geo.stride,
+                geo.padding, geo.dilation, geo.out_size, geo2.stride, geo2.padding, geo2.dilation, geo2.out_size,
+                out_arg, impl, 0, prologue, relu))
+            _count(counter)
+        else:
+            bn = _bn_inputs(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, impl,
+                            input_stats, sync_stats, process_group, counter)
+            y, y2, mean_y, var_y = _ops.bn_relu_conv2d_pair(
+                x, weight, bias, weight2, bias2, bn_weight, bn_bias, bn.mean, bn.invstd, training, float(eps),
+                list(geo.stride), list(geo.padding), list(geo.dilation), list(geo.out_size), list(geo2.stride),
+                list(geo2.padding), list(geo2.dilation), list(geo2.out_size), out_arg, impl, bn.gid,
+                bn.prologue, relu)
+            bn.update_running_stats()
     return (y, y2, *_stats_out(impl, out_arg, mean_y, var_y)) if out_stats else (y, y2, None, None)
 
 
@@ -282,6 +303,15 @@ def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
     return (y, *_stats_out(impl, out_arg, mean_y, var_y)) if out_stats else (y, None, None)
 
 
+def _eager_bn(impl, x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, input_stats, counter):
+    """(mean, invstd, the prologue's (scale, beta), the counter still to count or None) of x's BN on the eager path of
+    a kernel backend without process-group statistics: _eager_finalize's one launch (two with x's statistics)."""
+    fin, counted = _eager_finalize(_ops._kernels(impl), x, bn_weight, bn_bias, running_mean, running_var, training,
+                                   momentum, eps, input_stats, counter)
+    mean, _, invstd, scale, beta = fin.unbind(0)  # one view op, not one per row
+    return mean, invstd, (scale, beta), None if counted else counter
+
+
 def _kernel_eager(impl, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, geo,
                   residual, input_stats, out_stats, relu, defer, counter):
     """_with_stats's common call: a kernel backend on the eager path (not traced), no process-group statistics, a
@@ -289,15 +319,13 @@ def _kernel_eager(impl, x, weight, bias, bn_weight, bn_bias, running_mean, runni
     cost a layer's forward ~20 us of host time): the BN's finalize (running buffers and counter updated in its
     launch), then the conv op (_ops.eager_conv). The geometry goes as validate's tuples; the registered op's
     List[int] schema only matters when traced."""
-    fin, counted = _eager_finalize(_ops._kernels(impl), x, bn_weight, bn_bias, running_mean, running_var, training,
-                                   momentum, eps, input_stats, counter)
-    mean, _, invstd, scale, beta = fin.unbind(0)  # one view op, not one per row
+    mean, invstd, prologue, counter = _eager_bn(impl, x, bn_weight, bn_bias, running_mean, running_var, training,
+                                                momentum, eps, input_stats, counter)
     out_arg = _ops.DEFER if (out_stats and defer) else bool(out_stats)
     y, mean_y, var_y = _ops.eager_conv((x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, training,
                                         float(eps), geo.stride, geo.padding, geo.dilation, geo.out_size, geo.groups,
-                                        out_arg, impl, 0, (scale, beta), relu))
-    if not counted:
-        _count(counter)
+                                        out_arg, impl, 0, prologue, relu))
+    _count(counter)
     if not out_stats:
         return y, None, None
     return (y, *_stats_out(impl, out_arg, mean_y, var_y))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends import CHOICES
-from .functional import bn_relu_conv2d_pair_with_stats, conv_call
+from .functional import conv_call, pair_call
 from .sync_bn import SyncBatchNorm2d
 
 
@@ -127,11 +127,14 @@ def fused_bn_relu_conv_pair(bn: nn.BatchNorm2d, conv: nn.Conv2d, conv2: nn.Conv2
         _check_pair(bn, c)
         if c.groups != 1:
             raise ValueError(f"a fused conv pair takes groups=1 convolutions, got groups={c.groups}")
-    kw, counter = _bn_arguments(bn, True, input_stats, out_stats)
-    y, y2, mean, var = bn_relu_conv2d_pair_with_stats(
-        x, conv.weight, conv2.weight, conv.bias, conv2.bias, stride=conv.stride, padding=conv.padding,
-        dilation=conv.dilation, stride2=conv2.stride, padding2=conv2.padding, dilation2=conv2.dilation,
-        backend=backend, _deferred=_deferred, _num_batches_tracked=counter, **kw)
+    (bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, input_stats, out_stats, sync,
+     group), counter = _bn_values(bn, True, input_stats, out_stats)
+    weight, bias = _conv_tensors(conv)
+    weight2, bias2 = _conv_tensors(conv2)
+    y, y2, mean, var = pair_call(x, weight, weight2, bias, bias2, bn_weight, bn_bias, running_mean, running_var,
+                                 training, momentum, eps, conv.stride, conv.padding, conv.dilation, conv2.stride,
+                                 conv2.padding, conv2.dilation, backend, input_stats, out_stats, sync, group, True,
+                                 _deferred, counter)
     return y, y2, _stats(mean, var)
 
 
