@@ -163,6 +163,40 @@ def test_memo_never_skips_a_check():
         fused_resnet.bn_relu_conv2d(x, w, **_args(running_mean=rm))
 
 
+def test_unhashable_argument_is_checked_not_memoized():
+    """An argument the memo's key cannot hash (here a dict as padding) gets validate's full check and its error, on
+    every call, and leaves no entry behind; a list (hashable as its elements) is a legal stride."""
+    if "triton" not in fused_resnet.available_backends():
+        pytest.skip("triton unavailable")
+    x, w = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    size = len(_plan.VALIDATED)
+    for _ in range(2):
+        with pytest.raises((TypeError, ValueError), match="padding"):
+            fused_resnet.bn_relu_conv2d(x, w, **_args(padding={"h": 1}))
+    assert len(_plan.VALIDATED) == size
+    y = fused_resnet.bn_relu_conv2d(x, w, **_args(stride=[1, 1]))
+    torch.testing.assert_close(y, fused_resnet.bn_relu_conv2d(x, w, **_args(stride=(1, 1))))
+
+
+def test_dx_finished_in_place_is_exact():
+    """The one-consumer backward finishes dx over its ga*m buffer in place: dx must equal the reference's on fresh
+    data (train mode, NCHW and channels_last), where an aliasing error would mix the two."""
+    if "triton" not in fused_resnet.available_backends():
+        pytest.skip("triton unavailable")
+    for layout in ("nchw", "channels_last"):
+        x = _input(3, 5, 5, torch.float64, layout, 6, 11)
+        w = torch.randn(4, 6, 3, 3, dtype=torch.float64)
+        g = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+        gamma, beta = torch.rand(6, dtype=torch.float64) + 0.5, torch.randn(6, dtype=torch.float64)
+        grads = []
+        for backend in ("triton", "reference"):
+            xx = x.detach().clone().requires_grad_()
+            fused_resnet.bn_relu_conv2d(xx, w, bn_weight=gamma, bn_bias=beta, training=True, padding=1,
+                                        backend=backend).backward(g)
+            grads.append(xx.grad)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-10)
+
+
 def test_bn_add_memo_never_skips_a_check():
     """bn_add_relu's checks are memoized too (_plan.bn_add_key): each bad call right after the good one raises."""
     if "triton" not in fused_resnet.available_backends():
