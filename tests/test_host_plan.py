@@ -328,3 +328,18 @@ def test_forward_mode_ad_is_refused_not_dropped(backend):
             with pytest.raises((NotImplementedError, RuntimeError)):
                 call(fwAD.make_dual(z, torch.randn_like(z)))
         assert call(z).shape[0] == 2, name  # and outside the dual level the call runs
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_conv_output_has_torch_empty_strides(fmt):
+    """_ops._output allocates with the strides torch.empty(..., memory_format=memory_format_of(x)) gives, size-1
+    and empty dimensions included (where both layouts are contiguous)."""
+    from fused_resnet import _ops
+    from fused_resnet._layout import memory_format_of
+
+    for shape in [(2, 3, 5, 5), (1, 8, 1, 1), (3, 1, 4, 4), (2, 3, 1, 7), (0, 3, 4, 4)]:
+        x = torch.randn(shape).contiguous(memory_format=fmt)
+        for k, size in [(4, (5, 5)), (1, (1, 1)), (6, (2, 3)), (3, (1, 1))]:
+            y = _ops._output(x, k, size)
+            ref = torch.empty((shape[0], k, *size), memory_format=memory_format_of(x))
+            assert (y.shape, y.stride(), y.dtype, y.device) == (ref.shape, ref.stride(), ref.dtype, ref.device)
