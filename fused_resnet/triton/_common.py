@@ -131,6 +131,8 @@ def launch_plan(memo: dict, key, build, *args):
 PLAN_ENTRIES = 1024
 
 
+# Scratch and outputs are allocated as torch.empty(*shape, ...): sizes as separate ints parse ~0.8 us faster than a
+# tuple (issue 30).
 # Launchers call kernel.run(*args, grid=grid, warmup=False, **options): what kernel[grid](...) calls (Triton 3.x),
 # without the proxy lambda that __getitem__ makes at every launch (~0.5 us of host time a launch; issue 30).
 

@@ -218,7 +218,7 @@ def dgrad_plan(grad_y, x, weight, out, stride, padding, dilation, batch_stats, n
 def dgrad_launch(plan, grad_y, x, weight, mean, scale, beta, invstd, out):
     """The dgrad launch of a plan (out: dx, gm, or the addend it accumulates into); returns the partials or None."""
     _, grid, ints, (consts, opts), part_shape = plan
-    part = torch.empty(part_shape, dtype=acc_dtype(x.dtype), device=x.device) if part_shape is not None else None
+    part = torch.empty(*part_shape, dtype=acc_dtype(x.dtype), device=x.device) if part_shape is not None else None
     _conv_dgrad_kernel.run(grad_y, weight, x, mean, scale, beta, invstd, out, part if part is not None else out, out,
                              *ints, *consts, grid=grid, warmup=False, **opts)
     return part

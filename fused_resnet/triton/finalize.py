@@ -122,7 +122,7 @@ def bn_finalize(c, acc, *, partials=None, x=None, mean=None, var=None, gamma=Non
         _finalize_plan, c, acc, from_partials, x is not None, from_partials and mean is not None, gamma is not None,
         beta is not None, update, counted)
     part, tile_rows, total = partials if from_partials else (None, 1, 1)
-    out = torch.empty((FIN_ROWS, c), dtype=acc, device=(part if from_partials else mean).device)
+    out = torch.empty(FIN_ROWS, c, dtype=acc, device=(part if from_partials else mean).device)
     if part is None:
         part = out
     dummy = out  # an absent tensor's stand-in (its flag keeps the kernel from reading it)

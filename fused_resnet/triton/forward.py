@@ -147,7 +147,7 @@ def conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, paddin
         _PLANS, key, _forward_plan, x, weight, res, y, stride, padding, dilation, out_stats, relu, bias is not None,
         residual is not None)
     # without statistics the kernel never touches part: scale (the same dtype) stands in
-    part = torch.empty(part_shape, dtype=acc, device=x.device) if part_shape is not None else scale
+    part = torch.empty(*part_shape, dtype=acc, device=x.device) if part_shape is not None else scale
     _conv_fwd_kernel.run(x, weight, bias if bias is not None else scale, res, y, mean, scale, beta, part, *ints,
                            *consts, grid=grid, warmup=False, **opts)
     if not out_stats:

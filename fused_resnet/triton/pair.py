@@ -221,7 +221,7 @@ def conv_forward_pair(x, weight, weight2, bias, bias2, mean, scale, beta, y, y2,
         _FWD_PLANS, key, _forward_pair_plan, x, weight, weight2, y, y2, stride, padding, dilation, stride2, padding2,
         dilation2, out_stats, relu, bias is not None, bias2 is not None)
     # without statistics the kernel never touches part: scale (the same dtype) stands in
-    part = torch.empty(part_shape, dtype=acc, device=x.device) if part_shape is not None else scale
+    part = torch.empty(*part_shape, dtype=acc, device=x.device) if part_shape is not None else scale
     # A missing bias's pointer stands in with the other's (the kernel selects between the two pointers, which
     # must then have one element type; HAS_BIAS / HAS_BIAS2 keep it from being read).
     b1 = bias if bias is not None else (bias2 if bias2 is not None else scale)
@@ -387,7 +387,7 @@ def conv_dgrad_pair(grad_y, weight, grad_y2, weight2, x, mean, scale, beta, invs
     _, grid, ints, (consts, opts), part_shape = launch_plan(
         _DGRAD_PLANS, key, _dgrad_pair_plan, grad_y, weight, grad_y2, weight2, x, out, need_sums, batch_stats, stride,
         padding, dilation, padding2, dilation2, relu)
-    part = torch.empty(part_shape, dtype=acc_dtype(x.dtype), device=x.device) if part_shape is not None else None
+    part = torch.empty(*part_shape, dtype=acc_dtype(x.dtype), device=x.device) if part_shape is not None else None
     _conv_dgrad_pair_kernel.run(grad_y, weight, grad_y2, weight2, x, mean, scale, beta, invstd, out,
                                   part if need_sums else out, *ints, *consts, grid=grid, warmup=False, **opts)
     return out, part

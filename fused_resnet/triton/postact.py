@@ -302,8 +302,8 @@ def bn_add_relu_backward(g, z, mean, scale, beta, invstd, gamma, batch_stats,
     sp = (s_mean, s_scale, s_beta, s_invstd) if sbn else (mean, scale, beta, invstd)
     part = sums = None
     if has_sums:
-        part = torch.empty((groups, 3, c), dtype=acc, device=z.device)
-        sums = torch.empty((3, c), dtype=acc, device=z.device) if need_sums else None
+        part = torch.empty(groups, 3, c, dtype=acc, device=z.device)
+        sums = torch.empty(3, c, dtype=acc, device=z.device) if need_sums else None
         grid, ints, (consts, opts) = reduce
         _bn_add_act_reduce_kernel.run(g, z, s, part, mean, scale, beta, invstd, *sp, *ints, *consts, grid=grid,
                                       warmup=False, **opts)

@@ -79,7 +79,7 @@ def stats_partials(x: torch.Tensor):
     finalize.bn_finalize (the pivot is x[0, c, 0, 0], read by both kernels from x itself)."""
     _, grid, ints, (consts, opts), part_shape, acc, block_m, m = launch_plan(
         _PLANS, (x.shape, x.stride(), x.dtype), _stats_plan, x)
-    part = torch.empty(part_shape, dtype=acc, device=x.device)
+    part = torch.empty(*part_shape, dtype=acc, device=x.device)
     _channel_stats_kernel.run(x, part, *ints, *consts, grid=grid, warmup=False, **opts)
     return part, block_m, m
 

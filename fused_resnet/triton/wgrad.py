@@ -126,6 +126,6 @@ def wgrad_plan(grad_y, x, dw, stride, padding, dilation, relu):
 
 def wgrad_launch(plan, grad_y, x, dw, mean, scale, beta):
     _, grid, ints, (consts, opts), part_shape, acc = plan
-    part = torch.empty(part_shape, dtype=acc, device=x.device) if part_shape is not None else dw
+    part = torch.empty(*part_shape, dtype=acc, device=x.device) if part_shape is not None else dw
     _conv_wgrad_kernel.run(grad_y, x, mean, scale, beta, part, *ints, *consts, grid=grid, warmup=False, **opts)
     return part if part_shape is not None else None
