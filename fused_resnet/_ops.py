@@ -589,6 +589,8 @@ class _FusedConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, bn_weight, bn_bias, residual, args):
+        if len(args) < 20:  # trailing defaults (sync_group, prologue, relu), when a caller left them out
+            args = tuple(args) + (0, None, True)[len(args) - 17:]
         y, stats = _conv_run(*args)
         mean, invstd, batch_stats, eps, stride, padding, dilation = args[5], args[6], *args[8:13]
         groups, backend, sync_group, prologue, relu = args[14], *args[16:]
