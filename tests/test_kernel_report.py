@@ -42,6 +42,8 @@ def test_every_bf16_fp16_launch_spill_free_with_tensor_cores(tmp_path):
     conv = [r for r in rows if r["kernel"].startswith("conv")]
     assert all(r["mma"] == {90: "wgmma", 80: "mma.sync"}[r["arch"]] for r in conv)
     assert all(r["registers"] > 0 and r["flops"] > 0 and r["bytes"] > 0 for r in conv)
+    # the tile config each conv launch compiled with (its constexprs go by position: named by the capture)
+    assert all("M=" in r["config"] and "N=" in r["config"] and "K=" in r["config"] for r in conv)
 
 
 def test_report_rejects_unknown_case(tmp_path):

@@ -100,7 +100,9 @@ def capture(arch: int, sink: list):
 
     def run(self, *args, grid, warmup, **kwargs):
         kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
-        sink.append((self.fn.__name__, tuple(grid), kernel, args, kwargs))
+        # the launchers pass constexprs by position (triton/_common.launch_args): named here for the config column
+        named = {self.arg_names[i]: args[i] for i in self.constexprs if i < len(args)}
+        sink.append((self.fn.__name__, tuple(grid), kernel, args, {**named, **kwargs}))
         return kernel
 
     from ..triton import _common
@@ -157,6 +159,14 @@ def _tensors(args):
 
 def _floor_bytes(args) -> int:
     return sum(t.numel() * t.element_size() for t in _tensors(args))
+
+
+def _in_place_bytes(name, args) -> int:
+    """The write of an output passed as one of its own inputs, which _tensors counts once (as a stand-in): the
+    one-consumer backward finishes dx over ga*m in place (gm is argument 0, dx argument 2)."""
+    if name == "_bn_backward_finish_kernel" and args[0] is args[2]:
+        return args[0].numel() * args[0].element_size()
+    return 0
 
 
 def case_tensors(case: Case, dtype: torch.dtype, channels_last: bool):
@@ -216,7 +226,8 @@ def record_case(case: Case, dtype: torch.dtype, channels_last: bool, arch: int) 
                 registers=regs, stack=stack, shared=max(shared, kernel.metadata.shared),
                 mma=mma_kind(kernel.asm["ptx"]) if is_conv else "none",
                 bytes=_floor_bytes(a for a in args if not (name == "_bn_finalize_kernel" and
-                                                          isinstance(a, torch.Tensor) and a.dim() == 4)),
+                                                          isinstance(a, torch.Tensor) and a.dim() == 4))
+                + _in_place_bytes(name, args),
                 flops=conv_flops(case) if is_conv else 0))
     return rows
 
