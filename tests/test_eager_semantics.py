@@ -106,3 +106,15 @@ def test_meta_tensors_propagate_shapes_like_eager():
         assert y.shape == (2, 4, 3, 3) and y.is_contiguous(memory_format=torch.channels_last)
         y.sum().backward()
         assert x.grad.shape == x.shape and x.grad.device.type == "meta"
+
+
+def test_eager_bf16_conv_reference_is_right_here():
+    """The eager convolutions the tests compare against must be right: oneDNN's AMX bf16 kernels (AMX CPUs, torch
+    2.13's CPU build) get this one wrong by ~2.6 (conftest.py caps oneDNN below AMX; this fails without the cap)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 5, 3, generator=g).bfloat16().relu()
+    w = torch.randn(1, 4, 1, 3, generator=g).bfloat16()
+    exact = torch.nn.functional.conv2d(x.double(), w.double(), stride=(1, 2))
+    y = torch.nn.functional.conv2d(x, w, stride=(1, 2)).double()
+    # bf16 output rounding: 2^-8 relative, a few of them for the 12-term sum
+    assert (y - exact).abs().max() <= 2 ** -6 * exact.abs().max() + 1e-3
