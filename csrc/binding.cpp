@@ -533,45 +533,65 @@ at::MemoryFormat memory_format_of(const at::Tensor& t) {
                                                                              : at::MemoryFormat::Contiguous;
 }
 
-// The backward of a layer whose activation has one consumer, in one call (issue 30: from Python, four launcher
-// calls and their allocations cost ~30 us of host time a layer): dgrad (+ per-tile BN-backward sums), the wgrad
-// slabs, one column_sums for both, and with batch statistics the dx finish -- fused_resnet/cuda.py's
-// conv_backward without a process group. need_sums: dgamma or dbeta wanted, or batch statistics. Returns
-// (dx, dW, S1, S2), each undefined (None) where not asked for; dW in the weight's dtype and layout, the sums in
-// the accumulation dtype. num_sms: the SMs split-K fills (two blocks each).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward(
+// Split-K slabs of one conv's dW through conv_wgrad: enough splits to give every SM two blocks, within the grid's
+// z limit (as cuda.py's _wgrad_slabs). num_sms: the SMs split-K fills.
+at::Tensor wgrad_slabs(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& dw, const at::Tensor& mean,
+                       const at::Tensor& scale, const at::Tensor& beta, const std::vector<int64_t>& stride,
+                       const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, bool tf32, bool relu,
+                       int64_t num_sms) {
+  check_filter(dw.size(2), dw.size(3));
+  const int64_t taps = dw.size(2) * dw.size(3);
+  const int64_t pixels = gy.size(0) * gy.size(2) * gy.size(3);
+  const auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+  const int64_t blocks = cdiv(dw.size(0), fr::kTileM) * cdiv(x.size(1), fr::kTileN) * taps;
+  const int64_t p_tiles = std::max<int64_t>(1, cdiv(pixels, fr::kWgradChunk));
+  int64_t split = std::max<int64_t>(1, std::min<int64_t>({p_tiles, cdiv(2 * num_sms, blocks), 65535 / taps}));
+  const int64_t chunk = cdiv(p_tiles, split) * fr::kWgradChunk;
+  split = std::max<int64_t>(1, cdiv(pixels, chunk));
+  return conv_wgrad(gy, x, dw, mean, scale, beta, stride, padding, dilation, chunk, split, tf32, relu);
+}
+
+// The backward of a layer's convs of one activation, in one call (issue 30: from Python, the launcher calls and
+// their allocations cost ~30 us of host time a layer): dgrad (+ per-tile BN-backward sums), the wgrad slabs, one
+// column_sums for both, and with batch statistics the dx finish -- fused_resnet/cuda.py's conv_backward without a
+// process group. A second consumer (gy2 given: a projection block's shortcut, w2 with its own geometry) adds its
+// raw dgrad into the buffer the first conv's dgrad then finishes in place (ga summed before the ReLU mask, so the
+// BN backward runs once), and its dW costs a wgrad and a column_sums (need_dw2). need_sums: dgamma or dbeta wanted,
+// or batch statistics. Returns (dx, dW, S1, S2, dW2), each undefined (None) where not asked for; dW and dW2 in
+// their weight's dtype and layout, the sums in the accumulation dtype. num_sms: the SMs split-K fills.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward(
     const at::Tensor& gy, const at::Tensor& w, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
     const at::Tensor& beta, const at::Tensor& invstd, const std::optional<at::Tensor>& gamma, bool batch_stats,
     bool need_dx, bool need_dw, bool need_sums, std::vector<int64_t> stride, std::vector<int64_t> padding,
-    std::vector<int64_t> dilation, bool tf32, bool relu, int64_t num_sms) {
+    std::vector<int64_t> dilation, bool tf32, bool relu, int64_t num_sms, const std::optional<at::Tensor>& gy2,
+    const std::optional<at::Tensor>& w2, std::vector<int64_t> stride2, std::vector<int64_t> padding2,
+    std::vector<int64_t> dilation2, bool need_dw2) {
   check_4d(gy, "grad_y"); check_4d(w, "weight"); check_4d(x, "x");
+  TORCH_CHECK(gy2.has_value() == w2.has_value(), "fused_resnet._C: conv_backward takes grad_y2 with weight2");
+  if (gy2.has_value()) { check_4d(*gy2, "grad_y2"); check_4d(*w2, "weight2"); }
   batch_stats = batch_stats && need_dx;
   need_sums = need_sums || batch_stats;
   const int64_t c = x.size(1);
   const at::Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
-  at::Tensor dx, out, part, dw, slabs, s1, s2;
+  at::Tensor dx, out, part, dw, slabs, s1, s2, dw2;
   if (need_dx || need_sums) {
     dx = at::empty_like(x, memory_format_of(x));
     // gm (batch statistics) in x's dtype: eager's ReLU-backward output, half a float32 buffer's bytes
     out = batch_stats ? at::empty_like(x, memory_format_of(x)) : dx;
+    std::optional<at::Tensor> addend;
+    if (gy2.has_value()) {
+      conv_dgrad(*gy2, *w2, x, mean_c, scale, beta, invstd_c, out, false, false, stride2, padding2, dilation2, tf32,
+                 std::nullopt, true);
+      addend = out;
+    }
     // the dgrad reads beta for the ReLU mask only: +inf passes every element (the identity activation)
     const at::Tensor mask_beta = relu ? beta : at::full_like(beta, std::numeric_limits<double>::infinity());
     part = conv_dgrad(gy, w, x, mean_c, scale, mask_beta, invstd_c, out, batch_stats, need_sums, stride, padding,
-                      dilation, tf32, std::nullopt, false);
+                      dilation, tf32, addend, false);
   }
   if (need_dw) {
     dw = at::empty_like(w, memory_format_of(w));
-    check_filter(w.size(2), w.size(3));
-    const int64_t taps = w.size(2) * w.size(3);
-    const int64_t pixels = gy.size(0) * gy.size(2) * gy.size(3);
-    const auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
-    const int64_t blocks = cdiv(w.size(0), fr::kTileM) * cdiv(c, fr::kTileN) * taps;
-    const int64_t p_tiles = std::max<int64_t>(1, cdiv(pixels, fr::kWgradChunk));
-    // enough splits to give every SM two blocks, within the grid's z limit (as cuda.py's _wgrad_slabs)
-    int64_t split = std::max<int64_t>(1, std::min<int64_t>({p_tiles, cdiv(2 * num_sms, blocks), 65535 / taps}));
-    const int64_t chunk = cdiv(p_tiles, split) * fr::kWgradChunk;
-    split = std::max<int64_t>(1, cdiv(pixels, chunk));
-    slabs = conv_wgrad(gy, x, dw, mean_c, scale, beta, stride, padding, dilation, chunk, split, tf32, relu);
+    slabs = wgrad_slabs(gy, x, dw, mean_c, scale, beta, stride, padding, dilation, tf32, relu, num_sms);
   }
   if (need_sums) {
     s1 = at::empty({c}, scale.options());
@@ -582,12 +602,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_backward(
               need_sums ? std::optional<at::Tensor>(s2) : std::nullopt,
               need_dw ? std::optional<at::Tensor>(slabs) : std::nullopt,
               need_dw ? std::optional<at::Tensor>(dw) : std::nullopt);
+  if (gy2.has_value() && need_dw2) {
+    dw2 = at::empty_like(*w2, memory_format_of(*w2));
+    column_sums(std::nullopt, std::nullopt, std::nullopt,
+                wgrad_slabs(*gy2, x, dw2, mean_c, scale, beta, stride2, padding2, dilation2, tf32, relu, num_sms),
+                dw2);
+  }
   if (batch_stats) {
     bn_backward_finish(out, x, dx, mean_c, invstd_c, gamma, s1, s2, x.numel() / c);
   } else if (!need_dx) {
     dx = at::Tensor();
   }
-  return std::make_tuple(dx, dw, s1, s2);
+  return std::make_tuple(dx, dw, s1, s2, dw2);
 }
 
 // The post-activation block's end (kernels/bn_add_relu.cu). z, s and the output share one shape and dtype,

@@ -177,11 +177,15 @@ def conv_backward(grad_y, x, weight, mean, scale, beta, invstd, gamma, batch_sta
     need_dx, need_dw, need_dg, need_db = needs
     batch_stats = batch_stats and need_dx
     need_sums = need_dg or need_db or batch_stats
-    if not others and sync is None:  # the common case: all of it in one call into the extension (issue 30)
-        dx, dw, s1, s2 = ext.conv_backward(grad_y, weight, x, mean, scale, beta, invstd, gamma, batch_stats,
-                                           need_dx, need_dw, need_sums, list(stride), list(padding), list(dilation),
-                                           _tf32(), bool(relu), _num_sms(x.device))
-        return dx, dw, (s2 if need_dg else None), (s1 if need_db else None), []
+    if len(others) <= 1 and sync is None:
+        # the common cases, a layer and a projection block's conv1 + shortcut: all of it in one call into the
+        # extension (issue 30)
+        gy2, w2, stride2, padding2, dilation2, need_dw2 = others[0] if others else (None, None, (), (), (), False)
+        dx, dw, s1, s2, dw2 = ext.conv_backward(
+            grad_y, weight, x, mean, scale, beta, invstd, gamma, batch_stats, need_dx, need_dw, need_sums, list(stride),
+            list(padding), list(dilation), _tf32(), bool(relu), _num_sms(x.device), gy2, w2, list(stride2),
+            list(padding2), list(dilation2), bool(need_dw2))
+        return dx, dw, (s2 if need_dg else None), (s1 if need_db else None), ([dw2] if others else [])
     acc = _acc(x.dtype)
     c = x.shape[1]
     mean, invstd = mean.contiguous(), invstd.contiguous()

@@ -293,3 +293,42 @@ def test_pair_launches(backend, device, geometry):
     dgrads = {k: v for k, v in bwd.ops.items() if "dgrad" in k}
     assert convs == want_fwd, dict(fwd.ops)
     assert dgrads == want_dgrad, dict(bwd.ops)
+
+
+@pytest.mark.parametrize("consumers", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_one_call_backward_is_the_python_path_bit_for_bit(consumers, dtype):
+    """The CUDA backend's backward in one call into the extension (a layer, or a projection block's conv1 and
+    shortcut: csrc/binding.cpp conv_backward) against cuda.py's launcher-by-launcher path, which a process-group
+    reducer forces (here one that changes nothing): the same kernels, so every output bit for bit."""
+    if "cuda" not in fused_resnet.available_backends():
+        pytest.skip("the CUDA backend (or its emulated build) is not available")
+    from fused_resnet import cuda
+
+    g = torch.Generator().manual_seed(7)
+    acc = torch.float32
+    for cl, batch_stats, needs, need_dw2, relu, s2 in [
+            (False, True, [1, 1, 1, 1], True, True, 2), (True, True, [1, 1, 1, 1], False, True, 1),
+            (True, False, [1, 1, 0, 0], True, False, 2), (False, True, [1, 0, 0, 0], True, True, 1),
+            (True, True, [0, 1, 1, 1], True, True, 2), (False, False, [0, 0, 1, 1], False, False, 1)]:
+        x = torch.randn(2, 8, 6, 6, generator=g).to(dtype)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        w = torch.randn(16, 8, 3, 3, generator=g).to(dtype)
+        oh = (6 + 2 - 3) // s2 + 1
+        gy = torch.randn(2, 16, oh, oh, generator=g).to(dtype)
+        mean, beta = torch.randn(8, generator=g), torch.randn(8, generator=g)
+        invstd, gamma = torch.rand(8, generator=g) + 0.5, torch.rand(8, generator=g) + 0.5
+        others = ()
+        if consumers == 2:
+            w2 = torch.randn(16, 8, 1, 1, generator=g).to(dtype)
+            gy2 = torch.randn(2, 16, (6 - 1) // s2 + 1, (6 - 1) // s2 + 1, generator=g).to(dtype)
+            others = ((gy2, w2, (s2, s2), (0, 0), (1, 1), need_dw2),)
+        args = (gy, x, w, mean.to(acc), (invstd * gamma).to(acc), beta.to(acc), invstd.to(acc), gamma.to(acc),
+                batch_stats, [bool(v) for v in needs], (s2, s2), (1, 1), (1, 1))
+        one = cuda.conv_backward(*args, sync=None, others=others, relu=relu)
+        python = cuda.conv_backward(*args, sync=lambda s1, s2_, m: (s1, s2_, m), others=others, relu=relu)
+        for a, b in zip([*one[:4], *one[4]], [*python[:4], *python[4]]):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.stride() == b.stride() and torch.equal(a, b)

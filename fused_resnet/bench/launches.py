@@ -56,13 +56,18 @@ CUDA_KERNELS = ("batch_stats", "conv_forward", "conv_forward_pair", "conv_dgrad"
 
 
 def _conv_backward_launches(args):
-    """The kernels `conv_backward` (a layer's whole backward in one call, csrc/binding.cpp) launches, from its
-    arguments (grad_y, weight, x, mean, scale, beta, invstd, gamma, batch_stats, need_dx, need_dw, need_sums, ...)."""
+    """How many of each kernel `conv_backward` (the backward of a layer's convs of one activation in one call,
+    csrc/binding.cpp) launches, from its arguments (grad_y, weight, x, mean, scale, beta, invstd, gamma, batch_stats,
+    need_dx, need_dw, need_sums, stride, padding, dilation, tf32, relu, num_sms, grad_y2, weight2, stride2, padding2,
+    dilation2, need_dw2): a second consumer (grad_y2) adds a raw dgrad, and a wgrad and column_sums for its dW."""
     batch_stats, need_dx, need_dw, need_sums = args[8:12]
+    second = len(args) > 18 and args[18] is not None
+    need_dw2 = second and bool(args[23])
     batch_stats = batch_stats and need_dx
     need_sums = need_sums or batch_stats
-    return {"conv_dgrad": need_dx or need_sums, "conv_wgrad": need_dw, "column_sums": need_sums or need_dw,
-            "bn_backward_finish": batch_stats}
+    dgrad = need_dx or need_sums
+    return {"conv_dgrad": int(dgrad) * (2 if second else 1), "conv_wgrad": int(need_dw) + int(need_dw2),
+            "column_sums": int(need_sums or need_dw) + int(need_dw2), "bn_backward_finish": int(batch_stats)}
 
 
 # Entry points that launch several of the kernels above: which ones, from the call's arguments.
@@ -82,7 +87,7 @@ class _CountedExtension:
             def composite(*args):
                 for kernel, launched in CUDA_COMPOSITES[name](args).items():
                     if launched:
-                        self._mode.ops[f"cuda.{kernel}"] += 1
+                        self._mode.ops[f"cuda.{kernel}"] += int(launched)
                 return attr(*args)
             return composite
         if name not in CUDA_KERNELS:
