@@ -368,16 +368,11 @@ def _conv_grads(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats
         grads = _ref_backward(grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps,
                               stride, padding, dilation, groups, needs, sync, others, relu)
     dx, dw, dg, db = grads[0], grads[1], grads[2], grads[3]
-    # each in its input's dtype and layout (the kernels' usually are already: one check each)
-    if dx is not None and (dx.dtype != x.dtype or dx.stride() != x.stride()):
-        dx = _like(dx, x)
-    if dw is not None and (dw.dtype != weight.dtype or dw.stride() != weight.stride()):
-        dw = _like(dw, weight)
-    if dg is not None:
-        dg = _like(dg, bn_weight)
-    if db is not None:
-        db = _like(db, bn_bias)
-    return dx, dw, dg, db, (_like(grads[4][0], weight2) if others and grads[4][0] is not None else None)
+    dw2 = grads[4][0] if others else None
+    # each in its input's dtype and layout
+    return (None if dx is None else _like(dx, x), None if dw is None else _like(dw, weight),
+            None if dg is None else _like(dg, bn_weight), None if db is None else _like(db, bn_bias),
+            None if dw2 is None else _like(dw2, weight2))
 
 
 def _like(g, ref):
@@ -451,40 +446,51 @@ def _(x, weight, bias, weight2, bias2, bn_weight, bn_bias, mean, invstd, batch_s
 
 # ---------------------------------------------------------------- autograd
 
-def _setup_context(ctx, inputs, output):
-    inputs = tuple(inputs) + (0, None, True)[len(inputs) - 17:]  # trailing defaults, when a caller left them out
+def _with_defaults(args):
+    """The conv op's 20 arguments, with the trailing defaults (sync_group, prologue, relu) a caller left out."""
+    return args if len(args) == 20 else tuple(args) + (0, None, True)[len(args) - 17:]
+
+
+def _save_conv(ctx, args):
+    """What the conv op's backward needs, kept on ctx from its 20 arguments: the registered op's setup_context and the
+    eager node's forward both go through here."""
     (x, weight, bias, bn_weight, bn_bias, mean, invstd, residual, batch_stats, eps, stride, padding,
-     dilation, out_size, groups, out_stats, backend, sync_group, prologue, relu) = inputs
+     dilation, out_size, groups, out_stats, backend, sync_group, prologue, relu) = args
     ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, invstd, *_pack_prologue(prologue))
     ctx.set_materialize_grads(False)  # the statistics outputs get no gradient: no zeros to make for them
-    ctx.has_bias = bias is not None
-    ctx.has_residual = residual is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.conv = (batch_stats, eps, list(stride), list(padding), list(dilation), groups, backend, sync_group, relu)
+    ctx.conv = (batch_stats, eps, stride, padding, dilation, groups, backend, sync_group, relu)
 
 
-def _backward(ctx, grad_y, grad_mean, grad_var, direct=False, ni=None):
-    """ni: needs_input_grad in the op's argument order (the eager path's node orders its arguments otherwise)."""
-    if grad_y is None:  # only the (gradient-free) statistics outputs were used
-        return (None,) * 20
-    x, weight, bn_weight, bn_bias, mean, invstd, *pro = ctx.saved_tensors
-    prologue = _unpack_prologue(*pro)
-    batch_stats, eps, stride, padding, dilation, groups, backend, sync_group, relu = ctx.conv
-    ni = ctx.needs_input_grad if ni is None else ni
-    needs = [bool(ni[0]), bool(ni[1]), bool(ni[3]), bool(ni[4])]
+def _setup_context(ctx, inputs, output):
+    args = _with_defaults(inputs)
+    # the geometry as lists: the backward op's schema (List[int]) takes it from ctx.conv
+    _save_conv(ctx, (*args[:10], list(args[10]), list(args[11]), list(args[12]), *args[13:]))
+
+
+def _conv_node_grads(ctx, grad_y, need_x, need_w, need_bias, need_g, need_b, direct):
+    """(dx, dW, dbias, dgamma, dbeta) from what _save_conv kept, None where not needed: the registered op's backward
+    through the backward op (which gives empty tensors where not needed), the eager node's directly (_conv_grads)."""
     dx = dw = dgamma = dbeta = None
-    if any(needs):
+    if need_x or need_w or need_g or need_b:
+        needs = [bool(need_x), bool(need_w), bool(need_g), bool(need_b)]
+        x, weight, bn_weight, bn_bias, mean, invstd, *pro = ctx.saved_tensors
+        batch_stats, eps, stride, padding, dilation, groups, backend, sync_group, relu = ctx.conv
         grads = (_conv_grads if direct else bn_relu_conv2d_backward_op)(
             grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps, stride, padding, dilation, groups,
-            needs, backend, sync_group, prologue, relu=relu)
-        dx, dw, dgamma, dbeta = (g if need else None for g, need in zip(grads, needs))
-        if dgamma is not None and bn_weight is None:
-            dgamma = None
-        if dbeta is not None and bn_bias is None:
-            dbeta = None
-    dbias = _bias_grad(grad_y, ctx.bias_dtype) if (ctx.has_bias and ni[2]) else None
-    dres = grad_y if (ctx.has_residual and ni[7]) else None
-    return (dx, dw, dbias, dgamma, dbeta, None, None, dres) + (None,) * 12
+            needs, backend, sync_group, _unpack_prologue(*pro), relu=relu)
+        dx, dw, dgamma, dbeta = grads[:4] if direct else (g if need else None for g, need in zip(grads, needs))
+    # a gradient asked for implies its input was given (a None input needs none): no other check needed
+    dbias = _bias_grad(grad_y, ctx.bias_dtype) if need_bias else None
+    return dx, dw, dbias, dgamma, dbeta
+
+
+def _backward(ctx, grad_y, grad_mean, grad_var):
+    if grad_y is None:  # only the (gradient-free) statistics outputs were used
+        return (None,) * 20
+    ni = ctx.needs_input_grad
+    dx, dw, dbias, dgamma, dbeta = _conv_node_grads(ctx, grad_y, ni[0], ni[1], ni[2], ni[3], ni[4], False)
+    return (dx, dw, dbias, dgamma, dbeta, None, None, grad_y if ni[7] else None) + (None,) * 12
 
 
 def _bias_grad(grad_y, dtype):
@@ -584,20 +590,11 @@ class _FusedConv(torch.autograd.Function):
     for the op's 20), so only the differentiable tensors are apply's own arguments and the op's whole argument
     tuple comes as one; y alone comes back when no statistics were asked for (no empty placeholders to make)."""
 
-    # forward and backward are _setup_context's and _backward's for this node's argument order, written out: the
-    # registered op's generic pair (20 arguments padded and unpacked, a 20-gradient tuple) cost ~2 us a step
-
     @staticmethod
     def forward(ctx, x, weight, bias, bn_weight, bn_bias, residual, args):
-        if len(args) < 20:  # trailing defaults (sync_group, prologue, relu), when a caller left them out
-            args = tuple(args) + (0, None, True)[len(args) - 17:]
+        args = _with_defaults(args)
         y, stats = _conv_run(*args)
-        mean, invstd, batch_stats, eps, stride, padding, dilation = args[5], args[6], *args[8:13]
-        groups, backend, sync_group, prologue, relu = args[14], *args[16:]
-        ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, invstd, *_pack_prologue(prologue))
-        ctx.set_materialize_grads(False)  # the statistics outputs get no gradient: no zeros to make for them
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.conv = (batch_stats, eps, stride, padding, dilation, groups, backend, sync_group, relu)
+        _save_conv(ctx, args)
         if stats is None:
             return y
         ctx.mark_non_differentiable(*stats)
@@ -608,14 +605,7 @@ class _FusedConv(torch.autograd.Function):
         if grad_y is None:  # only the (gradient-free) statistics outputs were used
             return None, None, None, None, None, None, None
         n = ctx.needs_input_grad  # apply's order: x, weight, bias, bn_weight, bn_bias, residual, args
-        dx = dw = dgamma = dbeta = None
-        if n[0] or n[1] or n[3] or n[4]:
-            x, weight, bn_weight, bn_bias, mean, invstd, *pro = ctx.saved_tensors
-            batch_stats, eps, stride, padding, dilation, groups, backend, sync_group, relu = ctx.conv
-            dx, dw, dgamma, dbeta, _ = _conv_grads(
-                grad_y, x, weight, bn_weight, bn_bias, mean, invstd, batch_stats, eps, stride, padding, dilation,
-                groups, [n[0], n[1], n[3], n[4]], backend, sync_group, _unpack_prologue(*pro), relu=relu)
-        dbias = _bias_grad(grad_y, ctx.bias_dtype) if n[2] else None
+        dx, dw, dbias, dgamma, dbeta = _conv_node_grads(ctx, grad_y, n[0], n[1], n[2], n[3], n[4], True)
         return dx, dw, dbias, dgamma, dbeta, (grad_y if n[5] else None), None
 
 

@@ -144,10 +144,6 @@ def conv_call(x, weight, bias, residual, bn_weight, bn_bias, running_mean, runni
               defer, counter):
     """bn_relu_conv2d_with_stats with its arguments by position (nn.py's modules call it so), activation as relu."""
     (x, weight, bias, residual), amp_off = _autocast_inputs(x, weight, bias, residual)
-    if amp_off is _NO_CONTEXT:
-        return _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
-                           stride, padding, dilation, groups, residual, backend, input_stats, out_stats, sync_stats,
-                           process_group, relu, defer, counter)
     with amp_off:
         return _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
                            stride, padding, dilation, groups, residual, backend, input_stats, out_stats, sync_stats,
@@ -252,9 +248,7 @@ def pair_call(x, weight, weight2, bias, bias2, bn_weight, bn_bias, running_mean,
             _count(counter)
             return (y, y2, *_empty_stats(y)) if out_stats else (y, y2, None, None)
         out_arg = _out_stats_arg(out_stats, defer, impl, x)
-        if impl in _KERNEL_BACKENDS and not _ops._traced(x) and not (
-                training and sync_stats and _sync.group_id(process_group)):
-            # the common call, as _kernel_eager's
+        if _kernel_eager_applies(impl, x, training, sync_stats, process_group):  # as _with_stats's
             mean, invstd, prologue, counter = _eager_bn(impl, x, bn_weight, bn_bias, running_mean, running_var,
                                                         training, momentum, eps, input_stats, counter)
             y, y2, mean_y, var_y = _ops.eager_pair((
@@ -280,8 +274,7 @@ def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
     geo = validate(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
                    eps, stride, padding, dilation, groups, residual, backend)
     impl = resolve(backend, x.device, geo.groups)
-    if impl in _KERNEL_BACKENDS and x.shape[0] and not _ops._traced(x) and not (
-            training and sync_stats and _sync.group_id(process_group)):
+    if x.shape[0] and _kernel_eager_applies(impl, x, training, sync_stats, process_group):
         return _kernel_eager(impl, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum,
                              eps, geo, residual, input_stats, out_stats, relu, defer, counter)
     if x.shape[0] == 0:
@@ -301,6 +294,13 @@ def _with_stats(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
         out_arg, impl, bn.gid, bn.prologue, relu)
     bn.update_running_stats()
     return (y, *_stats_out(impl, out_arg, mean_y, var_y)) if out_stats else (y, None, None)
+
+
+def _kernel_eager_applies(impl, x, training, sync_stats, process_group) -> bool:
+    """Whether a call takes the kernel backends' eager path (_kernel_eager, the pair's alike): a kernel backend, not
+    traced, no process-group statistics. The caller checks the batch is not empty."""
+    return impl in _KERNEL_BACKENDS and not _ops._traced(x) and not (
+        training and sync_stats and _sync.group_id(process_group))
 
 
 def _eager_bn(impl, x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, input_stats, counter):

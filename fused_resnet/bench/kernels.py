@@ -1,11 +1,12 @@
 """Static kernel report: every Triton launch a training step makes, compiled for a GPU that is not here.
 
 For each benchmark layer case the real launchers (fused_resnet.triton) run on meta tensors; each
-launch (`kernel.run(..., grid=, warmup=False)`, which `kernel[grid](...)` calls too) is turned into a compile-only warm-up for the chosen target (sm_90 / sm_80) through
-a stand-in driver, so the grid, config and specialization are exactly what a GPU run would use. The
-cubin is then read with the cuobjdump that ships in Triton's wheel (registers, stack = spills, shared
-memory) and the PTX says which MMA instruction the conv kernels use (wgmma on sm_90, mma.sync on
-sm_80). Bytes and FLOPs per launch are the floor: every tensor the kernel touches read or written once.
+launch (`kernel.run(..., grid=, warmup=False)`, which `kernel[grid](...)` calls too) is turned into a
+compile-only warm-up for the chosen target (sm_90 / sm_80) through a stand-in driver, so the grid, config
+and specialization are exactly what a GPU run would use. The cubin is then read with the cuobjdump that
+ships in Triton's wheel (registers, stack = spills, shared memory) and the PTX says which MMA instruction
+the conv kernels use (wgmma on sm_90, mma.sync on sm_80). Bytes and FLOPs per launch are the floor: every
+tensor the kernel touches read or written once.
 
 Must run in a process where triton was imported with TRITON_INTERPRET unset (the interpreter replaces
 the kernels at import); `fused-resnet kernels` and the test run it in a subprocess with it unset.

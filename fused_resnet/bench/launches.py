@@ -54,7 +54,6 @@ CUDA_KERNELS = ("batch_stats", "conv_forward", "conv_forward_pair", "conv_dgrad"
                 "column_sums")
 
 
-
 def _conv_backward_launches(args):
     """How many of each kernel `conv_backward` (the backward of a layer's convs of one activation in one call,
     csrc/binding.cpp) launches, from its arguments (grad_y, weight, x, mean, scale, beta, invstd, gamma, batch_stats,
@@ -70,7 +69,7 @@ def _conv_backward_launches(args):
             "column_sums": int(need_sums or need_dw) + int(need_dw2), "bn_backward_finish": int(batch_stats)}
 
 
-# Entry points that launch several of the kernels above: which ones, from the call's arguments.
+# Entry points that launch several of the kernels above: how many of each, from the call's arguments.
 CUDA_COMPOSITES = {"conv_backward": _conv_backward_launches}
 
 
@@ -85,9 +84,9 @@ class _CountedExtension:
         attr = getattr(self._ext, name)
         if name in CUDA_COMPOSITES:
             def composite(*args):
-                for kernel, launched in CUDA_COMPOSITES[name](args).items():
-                    if launched:
-                        self._mode.ops[f"cuda.{kernel}"] += int(launched)
+                for kernel, launches in CUDA_COMPOSITES[name](args).items():
+                    if launches:
+                        self._mode.ops[f"cuda.{kernel}"] += launches
                 return attr(*args)
             return composite
         if name not in CUDA_KERNELS:

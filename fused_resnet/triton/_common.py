@@ -139,7 +139,7 @@ PLAN_ENTRIES = 1024
 
 def launch_args(kernel, kw: dict):
     """A plan's (constexpr values in the kernel's parameter order, launch options) from the keyword arguments
-    of kernel[grid](...), for kernel[grid](*runtime, *constexprs, **options). Triton binds constexprs by
+    of a launch, for kernel.run(*runtime, *constexprs, grid=grid, warmup=False, **options). Triton binds constexprs by
     position as by name; passed positionally, a launch copies two dicts of a dozen entries fewer (2.7 -> 1.35 us a
     launch with the launch itself stubbed, benchmarks/host_overhead.py). The constexprs must be the kernel's
     last parameters, every one of them given."""
