@@ -53,6 +53,7 @@ CASES = {
     "block": "PreActBlock(16, 16), identity shortcut, 1x16x4x4",
     "proj": "PreActBlock(16, 32, stride 2), projection shortcut, 1x16x4x4",
     "postact": "PostActBlock(16, 16) (torchvision's BasicBlock), identity shortcut, 1x16x4x4",
+    "net": "preact_resnet20 (9 PreActBlocks, stem, head), 1x3x8x8",
 }
 
 
@@ -71,6 +72,11 @@ def _build(case, backend="triton"):
                 return self.conv(torch.relu(self.bn(x))) + r
 
         return Eager(), fused, (1, 8, 4, 4), (1, 8, 4, 4)
+    if case == "net":
+        eager = fused_resnet.models.preact_resnet20(fused=False)
+        fused = fused_resnet.models.preact_resnet20(fused=True, backend=backend)
+        fused.load_state_dict(eager.state_dict())
+        return eager, fused, (1, 3, 8, 8), None
     planes, stride = (32, 2) if case == "proj" else (16, 1)
     block = PostActBlock if case == "postact" else PreActBlock
     eager = block(16, planes, stride, fused=False)
@@ -134,9 +140,10 @@ def _memoizing(step, memo):
     return run
 
 
-def measure(case, mode, reps, warmup=20, split=False, backends=("triton",), device="cpu"):
+def measure(case, mode, reps, warmup=20, split=False, backends=("triton",), device="cpu", burst=1):
     """Median host microseconds per step: eager, then each fused backend (then, with split, triton with its
-    launchers memoized), all alternating within each repetition."""
+    launchers memoized), all alternating within each repetition; each runs `burst` steps in a row there, each
+    timed on its own."""
     built = [_build(case, b) for b in backends]
     eager, _, xs, rs = built[0]
     fused = [f for _, f, _, _ in built]
@@ -158,10 +165,11 @@ def measure(case, mode, reps, warmup=20, split=False, backends=("triton",), devi
     clock = time.perf_counter
     for _ in range(reps):
         for s, t in zip(steps, times):
-            t0 = clock()
-            s()
-            t.append(clock() - t0)
-            sync()  # outside the timed region: the next step never waits for a full launch queue
+            for _ in range(burst):
+                t0 = clock()
+                s()
+                t.append(clock() - t0)
+                sync()  # outside the timed region: the next step never waits for a full launch queue
     return tuple(1e6 * statistics.median(t) for t in times)
 
 
@@ -199,6 +207,8 @@ def main():
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: Triton interpreted, launches stubbed; cuda: every launch real (the GPU pass)")
     p.add_argument("--backends", default="triton", help="comma-separated fused backends (cuda on the CPU: its emulated build)")
+    p.add_argument("--burst", type=int, default=1,
+                   help="steps in a row of each variant per repetition, each timed (default 1: strict alternation)")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
     cases, modes, backends = args.cases.split(","), args.modes.split(","), args.backends.split(",")
@@ -222,7 +232,7 @@ def main():
         for case in cases:
             for mode in modes:
                 rows.append((case, mode, *measure(case, mode, args.reps, split=args.split, backends=backends,
-                                                  device=args.device)))
+                                                  device=args.device, burst=args.burst)))
     where = (f"CUDA ({torch.cuda.get_device_name()}), every launch real" if args.device == "cuda"
              else "CPU, 1 thread, launches stubbed (Triton interpreted" + (", CUDA emulated)" if "cuda" in backends
                                                                          else ")"))
