@@ -28,6 +28,7 @@ from .._layout import memory_format_of
 from . import configs
 from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, interpreting, launch_args, launch_plan,
                       mma, next_pow2, plan_env, swizzle, tl_dtype)
+from ._launch import direct_launch
 
 
 @triton.jit
@@ -42,6 +43,7 @@ def _first_tap(phase, pad, stride, dil, step, KSIZE):
     return first
 
 
+@direct_launch
 @triton.jit
 def _conv_dgrad_kernel(
     g_ptr, w_ptr, x_ptr, mean_ptr, scale_ptr, beta_ptr, invstd_ptr, out_ptr, part_ptr, add_ptr,
@@ -131,6 +133,7 @@ def _conv_dgrad_kernel(
         tl.store(out_ptr + o_off, (gm * sc[None, :]).to(out_ptr.dtype.element_ty), mask=emask)
 
 
+@direct_launch
 @triton.jit
 def _bn_backward_finish_kernel(
     gm_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, gamma_ptr, s1_ptr, s2_ptr,

@@ -20,10 +20,12 @@ import triton.language as tl
 
 from . import configs
 from ._common import cdiv, interpreting, launch_args, launch_plan, next_pow2, tl_dtype
+from ._launch import direct_launch
 
 FIN_ROWS = 5  # bn_finalize's output rows: mean, var, invstd, scale, beta
 
 
+@direct_launch
 @triton.jit
 def _bn_finalize_kernel(
     part_ptr, tiles, tile_rows, total,
@@ -160,6 +162,7 @@ def _sum_rows(ptr, rows, length, offs, ACC: tl.constexpr, BLOCK_R: tl.constexpr)
     return acc
 
 
+@direct_launch
 @triton.jit
 def _column_sums_kernel(
     a_ptr, a_rows, a_len, a_out0, a_out1, a_split,

@@ -25,6 +25,7 @@ import triton.language as tl
 from . import configs
 from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, launch_args, launch_plan, mma, plan_env,
                       swizzle, tl_dtype)
+from ._launch import direct_launch
 from .finalize import moments
 from .stats import _tile_mean_m2
 
@@ -39,6 +40,7 @@ def bn_act(xt, mu, sc, be, ACC: tl.constexpr, RELU: tl.constexpr):
     return pre
 
 
+@direct_launch
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, mean_ptr, scale_ptr, beta_ptr, part_ptr,

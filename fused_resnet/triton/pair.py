@@ -37,6 +37,7 @@ from .._layout import memory_format_of
 from . import configs
 from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, launch_args, launch_plan, mma, plan_env,
                       swizzle, tl_dtype)
+from ._launch import direct_launch
 from .dgrad import _first_tap
 from .finalize import moments
 from .forward import bn_act, conv_forward
@@ -54,6 +55,7 @@ def _pick(second, a, b):
     return tl.where(second, b, a)
 
 
+@direct_launch
 @triton.jit
 def _conv_fwd_pair_kernel(
     x_ptr, w_ptr, w2_ptr, bias_ptr, bias2_ptr, y_ptr, y2_ptr, mean_ptr, scale_ptr, beta_ptr, part_ptr,
@@ -267,6 +269,7 @@ def _phase_taps(acc, g_ptr, w_ptr, sgn, sgc, sgh, sgw, swk, swc, swr, sws, nb, i
     return acc
 
 
+@direct_launch
 @triton.jit
 def _conv_dgrad_pair_kernel(
     g_ptr, w_ptr, g2_ptr, w2_ptr, x_ptr, mean_ptr, scale_ptr, beta_ptr, invstd_ptr, out_ptr, part_ptr,

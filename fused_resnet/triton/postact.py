@@ -26,6 +26,7 @@ import triton.language as tl
 from .._layout import memory_format_of
 from . import configs
 from ._common import acc_dtype, cdiv, interpreting, launch_args, launch_plan, next_pow2, tl_dtype
+from ._launch import direct_launch
 
 
 @triton.jit
@@ -52,6 +53,7 @@ def _channel(ptr, offs_c, mask_c, ACC: tl.constexpr):
     return tl.load(ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
 
 
+@direct_launch
 @triton.jit
 def _bn_add_act_kernel(
     z_ptr, s_ptr, y_ptr, mean_ptr, scale_ptr, beta_ptr, smean_ptr, sscale_ptr, sbeta_ptr,
@@ -96,6 +98,7 @@ def _masked_grad(g_ptr, z_ptr, s_ptr, offs_m, offs_c, mask, mask_c, H, W,
     return tl.where(mask, g, 0.0), z.to(ACC), s.to(ACC)
 
 
+@direct_launch
 @triton.jit
 def _bn_add_act_reduce_kernel(
     g_ptr, z_ptr, s_ptr, part_ptr,
@@ -143,6 +146,7 @@ def _bn_backward_of(gm, v, mu, inv, k, sc, s1, s2, M, BATCH: tl.constexpr):
     return gm * sc[None, :]
 
 
+@direct_launch
 @triton.jit
 def _bn_add_act_backward_kernel(
     g_ptr, z_ptr, s_ptr, dz_ptr, ds_ptr, part_ptr, sums_ptr,

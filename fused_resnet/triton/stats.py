@@ -14,6 +14,7 @@ import triton.language as tl
 
 from . import configs
 from ._common import acc_dtype, cdiv, interpreting, launch_args, launch_plan, next_pow2
+from ._launch import direct_launch
 
 
 @triton.jit
@@ -25,6 +26,7 @@ def _tile_mean_m2(v, mask, cnt):
     return mean, tl.sum(d * d, axis=0)
 
 
+@direct_launch
 @triton.jit
 def _channel_stats_kernel(
     x_ptr, part_ptr,

@@ -19,8 +19,10 @@ import triton.language as tl
 from . import configs
 from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, interpreting, launch_args, launch_plan,
                       mma, num_sms, plan_env, tl_dtype)
+from ._launch import direct_launch
 
 
+@direct_launch
 @triton.jit
 def _conv_wgrad_kernel(
     g_ptr, x_ptr, mean_ptr, scale_ptr, beta_ptr, part_ptr,
