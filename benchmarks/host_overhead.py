@@ -1,26 +1,34 @@
-"""Host time per step with the device work taken away: fused vs eager, layer and blocks, eval and training.
+"""Host time per step with the device work taken away: fused vs eager, layer, blocks and a network, eval and training.
 
 Not a timed test (pytest does not collect it): a measurement for benchmarks/NOTES.md. On the CPU, at shapes
 so small (batch 1, 4x4 pixels) that eager's CPU kernels cost next to nothing, so what is timed is dispatch,
-autograd and Python. The fused modules' Triton launches are stubbed out: the launchers' own Python (launch plan,
-allocation) still runs, and so does Triton's `kernel[grid](...)` call down to the interpreter's `run`, which
-the stub replaces; Triton's per-launch argument handling on a GPU (JITFunction.run: binding, specialization,
-cache lookup) does not. `--backends triton,cuda` times the CUDA backend too, through its emulated CPU build
-(FUSED_RESNET_CUDA_EMULATED, built on first use): its launchers' Python, the binding's checks and the params
-structs all run, and the emulated runtime returns from each launch once its configuration is checked
-(emu_skip_launches), where a GPU's cudaLaunchKernel would queue it (a few us, which eager's kernels pay too).
+autograd and Python. Two ways to take the fused modules' Triton launches away:
+- default: Triton interpreted (TRITON_INTERPRET=1), the interpreter's `run` stubbed out. The launchers' own
+  Python (launch plan, allocation) runs; Triton's per-launch handling on a GPU does not.
+- --jit: Triton compiled, as on a GPU: kernels compile for sm_90 (the wheel's ptxas) through a driver that
+  launches nothing (fused_resnet/bench/nolaunch_driver.py), so JITFunction.run (binding, specialization, cache
+  lookup) and the direct launch (fused_resnet/triton/_launch.py) run as on a GPU, up to the launch itself.
+  Backend "triton-jit" is the Triton backend with the direct launch off (every launch through JITFunction.run).
+`--backends triton,cuda` times the CUDA backend too, through its emulated CPU build (FUSED_RESNET_CUDA_EMULATED,
+built on first use): its launchers' Python, the binding's checks and the params structs all run, and the emulated
+runtime returns from each launch once its configuration is checked (emu_skip_launches), where a GPU's
+cudaLaunchKernel would queue it (a few us, which eager's kernels pay too, and Triton's launcher too).
 
 --device cuda (the GPU pass): the same steps on the GPU with every launch real, eager against each fused
 backend; a step's host time is the time to issue it (the stream is synchronized after each step, outside the
 timed region, so no launch waits for a full queue).
 
-Eager and fused steps alternate, one of each per repetition, so that both see the same machine state; the
-ratio is the fused median over the eager median, within this one run.
+Eager and fused steps alternate so that both see the same machine state; the ratio is the fused median over the
+eager median, within this one run. --burst N runs N steps of a variant in a row (each timed) before the next
+variant's: with N = 1 every step follows another variant's, whose code and objects have pushed its own out of the
+CPU's caches; in a network the same layer code runs again for the next layer, so N = 10 is closer to what a
+model's step pays (the "net" case measures a whole network directly).
 
 Modes: "training" (train(), forward + backward), "eval" (eval(), forward + backward: the case of the first
 measurement, issue 13), "inference" (eval() under torch.no_grad(), forward only).
 
-    python benchmarks/host_overhead.py [--reps 300] [--cases layer,block,proj] [--modes ...] [--split] [--backends triton,cuda]
+    python benchmarks/host_overhead.py [--reps 300] [--burst 10] [--cases layer,block,proj] [--modes ...] [--split] [--backends triton,cuda]
+    python benchmarks/host_overhead.py --jit [--backends triton,triton-jit,cuda]
     python benchmarks/host_overhead.py --device cuda [--backends triton,cuda] [--json PATH]
 """
 import argparse
@@ -32,8 +40,12 @@ import sys
 import time
 
 _ON_GPU = "--device=cuda" in sys.argv or any(a == "--device" and b == "cuda" for a, b in zip(sys.argv, sys.argv[1:]))
+_JIT = "--jit" in sys.argv
 if not _ON_GPU:  # the CPU measurement: launches stubbed
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if _JIT:  # compiled kernels: Triton decides at their definition (our import) whether to interpret them
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("FUSED_RESNET_CUDA_EMULATED", "1")  # backend "cuda" through its emulated build
 # The fused_resnet of this checkout, not whichever one is installed (an editable install points elsewhere).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -58,6 +70,7 @@ CASES = {
 
 
 def _build(case, backend="triton"):
+    backend = "triton" if backend == "triton-jit" else backend
     torch.manual_seed(0)
     if case == "layer":
         bn, conv = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1, bias=False)
@@ -133,6 +146,19 @@ def _step(module, mode, x, r, g):
     return step
 
 
+def _without_direct_launch(step):
+    """step with every Triton launch through JITFunction.run (backend "triton-jit")."""
+    from fused_resnet.triton import _launch
+
+    def run():
+        _launch.enabled = False
+        try:
+            step()
+        finally:
+            _launch.enabled = True
+    return run
+
+
 def _memoizing(step, memo):
     def run():
         with memo:
@@ -154,6 +180,7 @@ def measure(case, mode, reps, warmup=20, split=False, backends=("triton",), devi
     with torch.no_grad():
         g = torch.randn_like(eager(x, r) if r is not None else eager(x))
     steps = tuple(_step(m, mode, x, r, g) for m in (eager, *fused))
+    steps = (steps[0], *(_without_direct_launch(s) if b == "triton-jit" else s for b, s in zip(backends, steps[1:])))
     if split:
         steps += (_memoizing(steps[1], memoized_launchers()),)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -174,25 +201,35 @@ def measure(case, mode, reps, warmup=20, split=False, backends=("triton",), devi
 
 
 class stubbed_launches:
-    """Within: every Triton launch (the interpreter's run) returns at once, and so does every launch of the
-    emulated CUDA build when `cuda` (it is loaded); the launchers' Python and the binding still run."""
+    """Within: every Triton launch returns at once (the interpreter's run stubbed; with jit, the no-launch driver's
+    launcher), and so does every launch of the emulated CUDA build when `cuda` (it is loaded); the launchers' Python
+    and the binding still run."""
 
-    def __init__(self, cuda=False):
-        self.emulated = None
+    def __init__(self, cuda=False, jit=False):
+        self.emulated, self.jit, self.driver = None, jit, None
         if cuda:
             from fused_resnet import _emulated
 
             self.emulated = _emulated.load()
 
     def __enter__(self):
-        self._run = interpreter.InterpretedFunction.run
-        interpreter.InterpretedFunction.run = lambda self, *a, grid, warmup, **k: None
+        if self.jit:
+            from fused_resnet.bench.nolaunch_driver import installed
+
+            self.driver = installed()
+            self.driver.__enter__()
+        else:
+            self._run = interpreter.InterpretedFunction.run
+            interpreter.InterpretedFunction.run = lambda self, *a, grid, warmup, **k: None
         if self.emulated is not None:
             self.emulated.emu_skip_launches(True)
         return self
 
     def __exit__(self, *exc):
-        interpreter.InterpretedFunction.run = self._run
+        if self.jit:
+            self.driver.__exit__(*exc)
+        else:
+            interpreter.InterpretedFunction.run = self._run
         if self.emulated is not None:
             self.emulated.emu_skip_launches(False)
 
@@ -206,7 +243,11 @@ def main():
                    help="also time the fused step with the Triton launchers' Python memoized away (glue + autograd)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: Triton interpreted, launches stubbed; cuda: every launch real (the GPU pass)")
-    p.add_argument("--backends", default="triton", help="comma-separated fused backends (cuda on the CPU: its emulated build)")
+    p.add_argument("--backends", default="triton",
+                   help="comma-separated fused backends (cuda on the CPU: its emulated build; triton-jit with --jit: "
+                        "Triton without the direct launch)")
+    p.add_argument("--jit", action="store_true",
+                   help="Triton compiled for sm_90, launches dropped by a no-launch driver, instead of interpreted")
     p.add_argument("--burst", type=int, default=1,
                    help="steps in a row of each variant per repetition, each timed (default 1: strict alternation)")
     p.add_argument("--json", help="also write the rows here")
@@ -219,24 +260,30 @@ def main():
         if m not in MODES:
             p.error(f"unknown mode {m!r}")
     for b in backends:
-        if b not in ("triton", "cuda"):
-            p.error(f"backend {b!r}: triton or cuda")
-    if args.split and (args.device != "cpu" or backends[0] != "triton"):
-        p.error("--split measures the interpreted Triton launchers: --device cpu, triton first")
+        if b not in ("triton", "cuda", "triton-jit") or b == "triton-jit" and not args.jit:
+            p.error(f"backend {b!r}: triton or cuda (or triton-jit, with --jit)")
+    if args.split and (args.device != "cpu" or backends[0] != "triton" or args.jit):
+        p.error("--split measures the interpreted Triton launchers: --device cpu, no --jit, triton first")
+    if args.jit and args.device != "cpu":
+        p.error("--jit is the CPU measurement of compiled Triton launches; --device cuda launches them for real")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU visible")
     torch.set_num_threads(1)
     rows = []
-    stub = stubbed_launches("cuda" in backends) if args.device == "cpu" else contextlib.nullcontext()
+    stub = stubbed_launches("cuda" in backends, args.jit) if args.device == "cpu" else contextlib.nullcontext()
     with stub:
         for case in cases:
             for mode in modes:
                 rows.append((case, mode, *measure(case, mode, args.reps, split=args.split, backends=backends,
                                                   device=args.device, burst=args.burst)))
+    triton_how = ("Triton compiled for sm_90, JITFunction.run and the direct launch run, the launch dropped"
+                  if args.jit else "Triton interpreted, its run stubbed")
     where = (f"CUDA ({torch.cuda.get_device_name()}), every launch real" if args.device == "cuda"
-             else "CPU, 1 thread, launches stubbed (Triton interpreted" + (", CUDA emulated)" if "cuda" in backends
-                                                                         else ")"))
-    print(f"torch {torch.__version__}, {where}; median of {args.reps} steps each, eager and fused alternating")
+             else f"CPU, 1 thread, launches dropped ({triton_how}" + ("; CUDA emulated)" if "cuda" in backends else ")"))
+    import triton
+
+    print(f"torch {torch.__version__}, triton {triton.__version__}, {where}; median of {args.reps} x {args.burst} "
+          f"steps each, eager and fused alternating every {args.burst} step(s)")
     print(f"fused_resnet from {os.path.dirname(fused_resnet.__file__)}")
     for c in cases:
         print(f"  {c}: {CASES[c]}")
