@@ -17,7 +17,8 @@ it goes, and the pass rewrites OUT's summary the moment a stage ends).
   bench      fused-resnet bench --full --kinds model --graphs: preact_resnet50 (224 px), preact_resnet110
              (32 px), resnet50 (torchvision's post-activation layout, 224 px), bf16, training then inference, eager_cl / triton / cuda / compile, each also graphed
   host       benchmarks/host_overhead.py --device cuda: host time per step (every launch real) of a fused layer,
-             block and projection block against eager, training / eval / inference, both backends
+             blocks and preact_resnet20 against eager, training / eval, both backends, Triton with and without
+             its direct launch
   sanitize   compute-sanitizer memcheck of one small case per backend (racecheck if the share allows)
   tests      the test suite (-x), cut at its share
   bench_max  torch.compile max-autotune, merged into the bench results (only with time left over)
@@ -297,8 +298,11 @@ def _bench_steps(ctx, share):
 
 
 def _host_steps(ctx, share):
-    return [Step("host", [PY, "benchmarks/host_overhead.py", "--device", "cuda", "--backends", "triton,cuda",
-                          "--reps", "200", "--json", ctx.work / "host.json"])]
+    # triton-jit: the Triton backend with every launch through JITFunction.run, beside the direct launch (issue 30);
+    # 10 steps in a row per variant (--burst); the network last, the slowest; the JSON is rewritten after each row
+    return [Step("host", [PY, "benchmarks/host_overhead.py", "--device", "cuda", "--backends", "triton,triton-jit,cuda",
+                          "--cases", "layer,block,proj,postact,net", "--modes", "training,eval", "--reps", "40",
+                          "--burst", "10", "--json", ctx.work / "host.json"])]
 
 
 def _collect_host(ctx, entry):

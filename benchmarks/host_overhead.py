@@ -244,8 +244,8 @@ def main():
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: Triton interpreted, launches stubbed; cuda: every launch real (the GPU pass)")
     p.add_argument("--backends", default="triton",
-                   help="comma-separated fused backends (cuda on the CPU: its emulated build; triton-jit with --jit: "
-                        "Triton without the direct launch)")
+                   help="comma-separated fused backends (cuda on the CPU: its emulated build; triton-jit, with --jit "
+                        "or --device cuda: Triton without the direct launch)")
     p.add_argument("--jit", action="store_true",
                    help="Triton compiled for sm_90, launches dropped by a no-launch driver, instead of interpreted")
     p.add_argument("--burst", type=int, default=1,
@@ -260,8 +260,8 @@ def main():
         if m not in MODES:
             p.error(f"unknown mode {m!r}")
     for b in backends:
-        if b not in ("triton", "cuda", "triton-jit") or b == "triton-jit" and not args.jit:
-            p.error(f"backend {b!r}: triton or cuda (or triton-jit, with --jit)")
+        if b not in ("triton", "cuda", "triton-jit") or b == "triton-jit" and not (args.jit or args.device == "cuda"):
+            p.error(f"backend {b!r}: triton or cuda (or triton-jit, with --jit or --device cuda)")
     if args.split and (args.device != "cpu" or backends[0] != "triton" or args.jit):
         p.error("--split measures the interpreted Triton launchers: --device cpu, no --jit, triton first")
     if args.jit and args.device != "cpu":
@@ -269,6 +269,23 @@ def main():
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU visible")
     torch.set_num_threads(1)
+    import triton
+
+    triton_how = ("Triton compiled for sm_90, JITFunction.run and the direct launch run, the launch dropped"
+                  if args.jit else "Triton interpreted, its run stubbed")
+    where = (f"CUDA ({torch.cuda.get_device_name()}), every launch real" if args.device == "cuda"
+             else f"CPU, 1 thread, launches dropped ({triton_how}" + ("; CUDA emulated)" if "cuda" in backends else ")"))
+    names = [*backends] + (["triton, launchers memoized"] if args.split else [])
+
+    def write_json(rows):  # after every row: a run cut short (the GPU pass's deadline) keeps what it measured
+        if args.json:
+            doc = {"torch": torch.__version__, "triton": triton.__version__, "device": where, "reps": args.reps,
+                   "burst": args.burst,
+                   "rows": [{"case": c, "mode": m, "eager_us": e, **{f"{n}_us": f for n, f in zip(names, fs)}}
+                            for c, m, e, *fs in rows]}
+            with open(args.json, "w") as f:
+                json.dump(doc, f, indent=1)
+
     rows = []
     stub = stubbed_launches("cuda" in backends, args.jit) if args.device == "cpu" else contextlib.nullcontext()
     with stub:
@@ -276,12 +293,7 @@ def main():
             for mode in modes:
                 rows.append((case, mode, *measure(case, mode, args.reps, split=args.split, backends=backends,
                                                   device=args.device, burst=args.burst)))
-    triton_how = ("Triton compiled for sm_90, JITFunction.run and the direct launch run, the launch dropped"
-                  if args.jit else "Triton interpreted, its run stubbed")
-    where = (f"CUDA ({torch.cuda.get_device_name()}), every launch real" if args.device == "cuda"
-             else f"CPU, 1 thread, launches dropped ({triton_how}" + ("; CUDA emulated)" if "cuda" in backends else ")"))
-    import triton
-
+                write_json(rows)
     print(f"torch {torch.__version__}, triton {triton.__version__}, {where}; median of {args.reps} x {args.burst} "
           f"steps each, eager and fused alternating every {args.burst} step(s)")
     print(f"fused_resnet from {os.path.dirname(fused_resnet.__file__)}")
@@ -294,14 +306,6 @@ def main():
     print("|---|---|---|" + "---|---|" * len(cols))
     for case, mode, e, *fs in rows:
         print(f"| {case} | {mode} | {e:.0f} | " + " | ".join(f"{f:.0f} | {f / e:.2f}x" for f in fs) + " |")
-    if args.json:
-        names = [*backends] + (["triton, launchers memoized"] if args.split else [])
-        doc = {"torch": torch.__version__, "device": where, "reps": args.reps,
-               "rows": [{"case": c, "mode": m, "eager_us": e, **{f"{n}_us": f for n, f in zip(names, fs)}}
-                        for c, m, e, *fs in rows]}
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
-
 
 if __name__ == "__main__":
     main()

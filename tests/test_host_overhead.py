@@ -77,8 +77,23 @@ def test_script_measures_both_backends(tmp_path):
     assert "CUDA emulated" in doc["device"]
 
 
+def test_script_jit_times_compiled_launches(tmp_path):
+    # --jit: kernels compiled for sm_90, JITFunction.run and the direct launch timed, the launch itself dropped
+    out = tmp_path / "host.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(SCRIPT), "--jit", "--reps", "3", "--burst", "2", "--cases", "layer,net",
+                        "--modes", "training", "--backends", "triton,triton-jit", "--json", str(out)],
+                       capture_output=True, text=True, timeout=900, env=dict(env, PYTHONPATH=str(ROOT)), cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert "Triton compiled for sm_90" in doc["device"]
+    assert {d["case"] for d in doc["rows"]} == {"layer", "net"}
+    assert all(d["triton_us"] > 0 and d["triton-jit_us"] > 0 for d in doc["rows"])
+
+
 @pytest.mark.parametrize("args", [["--cases", "nope"], ["--modes", "fast"], ["--backends", "cudnn"],
-                                  ["--backends", "cuda,triton", "--split"]])
+                                  ["--backends", "cuda,triton", "--split"], ["--backends", "triton-jit"],
+                                  ["--jit", "--split"], ["--jit", "--device", "cuda"]])
 def test_script_refuses_bad_arguments(args):
     r = _run(*args, timeout=120)
     assert r.returncode == 2 and "error" in r.stderr, (r.returncode, r.stderr[-2000:])
