@@ -88,8 +88,29 @@ def _launches(drv, make, mode, direct):
     return [_summary(r) for r in record], _launch.launches - before
 
 
+def _kinds_check():
+    """A kernel whose runtime int and float parameters get other Python types between calls (True == 1 == 1.0 as
+    values; an int where a float was): Triton specializes each differently, so must the direct launch."""
+    import triton
+    import triton.language as tl
+
+    @_launch.direct_launch
+    @triton.jit
+    def scaled(x_ptr, y_ptr, n, f, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs) * f + n, mask=offs < BLOCK)
+
+    x, y = torch.randn(16), torch.empty(16)
+    for n, f in [(1, 2.0), (True, 2.0), (1.0, 2.0), (16, 2.0), (16, 3), (1, 2.0), (True, 2.0), (16, 3), (16, 3.0)]:
+        for _ in range(2):  # the second call of each is a direct launch where it can be
+            scaled.run(x, y, n, f, 16, grid=(1,), warmup=False)
+    print("ok: bool, int and float arguments of equal value each launch the kernel Triton picks for them")
+
+
 def main():
     with installed() as drv:
+        _launch.verify = True
+        _kinds_check()
         _launch.verify = True
         for name, make in SCENARIOS.items():
             for mode in ("training", "eval"):
@@ -119,6 +140,27 @@ def main():
             _step(m, (x, r), "training")
             assert _launch.launches >= before
         print("ok: one module across shapes, dtypes and layouts: every direct launch the kernel Triton picks")
+
+        # Launch hooks (a profiler's) get what they get through JITFunction.run: the launch metadata, its name
+        from triton import knobs
+
+        seen = []
+
+        def hook(metadata):
+            seen.append(None if metadata is None else metadata.get()["name"])
+        m, inputs = _layer(torch.float32, False)
+        for chain in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+            _step(m, inputs, "training")
+            if not hasattr(chain, "add"):  # a Triton whose hooks are plain attributes: nothing to chain
+                continue
+            chain.add(hook)
+            try:
+                _step(m, inputs, "training")
+            finally:
+                chain.remove(hook)
+            assert len(seen) == 7 and all(isinstance(n, str) for n in seen), seen
+            seen.clear()
+        print("ok: launch enter and exit hooks see every direct launch's metadata")
 
         # Whoever replaces JITFunction.run (the launch counter) sees every launch: the direct launch stands aside.
         m, inputs = _layer(torch.float32, False)

@@ -78,9 +78,14 @@ class NoLaunchDriver:
 
         def launch(grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, enter_hook, exit_hook,
                    *args):
+            # the hooks as Triton's launcher calls them, around the launch
+            if enter_hook is not None:
+                enter_hook(launch_metadata)
             driver.launches += 1
             if driver.record is not None:
                 driver.record.append(Launch((grid_x, grid_y, grid_z), stream, function, args))
+            if exit_hook is not None:
+                exit_hook(launch_metadata)
         return launch
 
 

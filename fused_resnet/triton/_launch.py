@@ -8,20 +8,23 @@ on a GPU.
 
 `direct_launch(kernel)` gives one of our @triton.jit kernels a `run` of its own that keeps, per signature, the
 CompiledKernel that JITFunction.run returned for it. A signature is everything Triton specializes on, and more:
-the current device, the launch options, the value of every argument that is neither a tensor nor a float (ints
-and constexprs exactly as given, so width and divisibility included), and each tensor's dtype and 16-byte
-alignment. (Python floats are fp32 parameters whatever their value: Triton does not specialize on them.) The first
-launch of a signature goes through JITFunction.run, which compiles or finds the kernel and launches it; later ones
-launch the same CompiledKernel with the call JITFunction.run ends with (`compiled.run(grid..., stream, function,
-packed_metadata, launch_metadata, enter hook, exit hook, *args)`, identical in Triton 3.6 and 3.9), on the
-current stream, the launch hooks honoured.
+the current device, the launch options by name, every non-tensor argument's type and (but for floats at runtime
+parameters, fp32 whatever their value: Triton does not specialize on them) its value, so ints with their width and
+divisibility, each tensor's dtype and 16-byte alignment, and the knobs JITFunction.run puts into the options
+(debug, instrumentation mode; Triton 3.9's fpsan casts). The first launch of a signature goes through
+JITFunction.run, which compiles or finds the kernel and launches it; later ones launch the same CompiledKernel with
+the call JITFunction.run ends with (`compiled.run(grid..., stream, function, packed_metadata, launch_metadata,
+enter hook, exit hook, *args)`, identical in Triton 3.6 and 3.9), on the current stream, the launch hooks
+honoured (the metadata built whenever either hook chain has a hook).
 
 JITFunction.run is used as it is whenever one of these holds: the kernel is interpreted (TRITON_INTERPRET=1: the
 interpreter's kernels are not wrapped at all), FUSED_RESNET_TRITON_DIRECT=0, JITFunction.run has been replaced
-(the launch counter, the kernel report and the tuner patch it to see every launch), the kernel has pre-run hooks,
-the grid is a callable, warmup, or a tensor argument position holds something else. Tested against Triton's own
-choice of compiled kernel (tests/test_direct_launch.py, through a driver that compiles for sm_90 and launches
-nothing).
+(the launch counter, the kernel report and the tuner patch it to see every launch), the kernel has pre-run hooks
+or global values to check, Triton 3.9's stages-inspection hook is set, the grid is not a tuple, warmup, or an
+argument position holds another kind than at the first launch. Tested against Triton's own choice of compiled
+kernel, in Triton 3.6 and 3.9 (tests/test_direct_launch.py, through a driver that compiles for sm_90 and launches
+nothing). A second reader checked the signature against both Triton versions' JITFunction.run and specialization
+(session 16); its findings (argument types, the exit hook's metadata, option names, 3.9's knobs) are in.
 """
 from __future__ import annotations
 
@@ -64,19 +67,19 @@ def _getter(positions):
 
 
 class _DirectRun:
-    __slots__ = ("kernel", "arity", "tensors", "values", "compiled")
+    __slots__ = ("kernel", "arity", "tensors", "values", "others", "floats", "compiled")
 
     def __init__(self, kernel):
         self.kernel = kernel
         self.arity = len(kernel.params)
-        self.tensors = self.values = None  # argument positions, from the first launch
+        self.tensors = None  # argument positions, from the first launch (_positions)
         self.compiled = {}
 
     def __call__(self, *args, grid, warmup, **options):
         kernel = self.kernel
         run = type(kernel).run
-        if (warmup or run is not _JIT_RUN or not enabled or kernel.pre_run_hooks or len(args) != self.arity
-                or type(grid) is not tuple):
+        if (warmup or run is not _JIT_RUN or not enabled or kernel.pre_run_hooks or kernel.used_global_vals
+                or len(args) != self.arity or type(grid) is not tuple or _stages_hook() is not None):
             return run(kernel, *args, grid=grid, warmup=warmup, **options)
         drv = driver.active
         device = drv.get_current_device()
@@ -85,9 +88,11 @@ class _DirectRun:
         try:
             tensors = self.tensors(args)
             aligned = not (functools.reduce(operator.or_, map(_ptr, tensors), 0) & 15)
-            key = (device, self.values(args), tuple(options.values()), tuple(map(_dtype, tensors)),
-                   aligned or tuple(not (p & 15) for p in map(_ptr, tensors)),
-                   knobs.runtime.debug, knobs.compilation.instrumentation_mode)
+            # every non-tensor argument's type (True == 1 == 1.0 as values; Triton tells them apart), the values of
+            # all but the runtime floats
+            key = (device, self.values(args), tuple(map(type, self.others(args))), tuple(options.items()),
+                   tuple(map(_dtype, tensors)), aligned or tuple(not (p & 15) for p in map(_ptr, tensors)),
+                   knobs.runtime.debug, knobs.compilation.instrumentation_mode, _fpsan())
             compiled = self.compiled.get(key)
         except (AttributeError, TypeError):  # not a tensor where the first launch had one; an unhashable value
             return run(kernel, *args, grid=grid, warmup=warmup, **options)
@@ -95,9 +100,11 @@ class _DirectRun:
             compiled = run(kernel, *args, grid=grid, warmup=False, **options)  # compiles if need be, and launches
             if hasattr(compiled, "result"):  # a future, where Triton compiles asynchronously
                 compiled = compiled.result()
-            # kept only where every position holds what it held at the first launch (a tensor among the values would
-            # be keyed by identity: kept alive, never hit again)
+            # Kept only where every position holds the kind it held at the first launch: a float where the key leaves
+            # out the value (an int there would be specialized by value), no tensor among the values (keyed by
+            # identity: kept alive, never hit again).
             if (type(compiled).__name__ == "CompiledKernel" and getattr(compiled, "function", None) is not None
+                    and all(type(v) is float for v in self.floats(args))
                     and not any(isinstance(v, torch.Tensor) for v in self.values(args))):
                 if len(self.compiled) >= SIGNATURES:
                     self.compiled.clear()
@@ -110,16 +117,35 @@ class _DirectRun:
         global launches
         launches += 1
         # JITFunction.run's last lines, for the kernel it would have found. The launch metadata is only ever read by
-        # the enter hooks: not built (~0.8 us) while their chain is empty.
+        # the launch hooks: not built (~0.8 us) while both their chains are empty.
         stream = drv.get_current_stream(device)
         n = len(grid)
-        enter = knobs.runtime.launch_enter_hook
-        metadata = compiled.launch_metadata(grid, stream, *args) if getattr(enter, "calls", True) else None
+        enter, exit_ = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        metadata = (compiled.launch_metadata(grid, stream, *args)
+                    if getattr(enter, "calls", True) or getattr(exit_, "calls", True) else None)
         compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, compiled.function,
-                     compiled.packed_metadata, metadata, enter, knobs.runtime.launch_exit_hook, *args)
+                     compiled.packed_metadata, metadata, enter, exit_, *args)
         return compiled
 
     def _positions(self, args):
-        tensors = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
-        values = tuple(i for i, a in enumerate(args) if not isinstance(a, (torch.Tensor, float)))
-        self.tensors, self.values = _getter(tensors), _getter(values)
+        """Tensors; non-tensors keyed by value (all but floats at runtime parameters: Triton makes those fp32
+        whatever their value; a constexpr float is part of the kernel); all non-tensors; those runtime floats."""
+        constexpr = [p.is_constexpr for p in self.kernel.params]
+        kinds = ["tensor" if isinstance(a, torch.Tensor) else "float" if type(a) is float and not constexpr[i]
+                 else "value" for i, a in enumerate(args)]
+        self.values = _getter(tuple(i for i, k in enumerate(kinds) if k == "value"))
+        self.others = _getter(tuple(i for i, k in enumerate(kinds) if k != "tensor"))
+        self.floats = _getter(tuple(i for i, k in enumerate(kinds) if k == "float"))
+        self.tensors = _getter(tuple(i for i, k in enumerate(kinds) if k == "tensor"))
+
+
+def _knob(group, name):
+    """A Triton knob's reader, or one giving None where this Triton has no such knob."""
+    holder = getattr(knobs, group, None)
+    if holder is None or not hasattr(holder, name):
+        return lambda: None
+    return lambda: getattr(holder, name)
+
+
+_fpsan = _knob("compilation", "fpsan_homomorphic_casts")  # Triton 3.9: part of JITFunction.run's options
+_stages_hook = _knob("runtime", "add_stages_inspection_hook")  # Triton 3.9: when set, a part of the cache key
