@@ -67,7 +67,7 @@ def _getter(positions):
 
 
 class _DirectRun:
-    __slots__ = ("kernel", "arity", "tensors", "values", "others", "floats", "compiled")
+    __slots__ = ("kernel", "arity", "tensors", "values", "others", "types", "compiled")
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -88,11 +88,14 @@ class _DirectRun:
         try:
             tensors = self.tensors(args)
             aligned = not (functools.reduce(operator.or_, map(_ptr, tensors), 0) & 15)
-            # every non-tensor argument's type (True == 1 == 1.0 as values; Triton tells them apart), the values of
-            # all but the runtime floats
-            key = (device, self.values(args), tuple(map(type, self.others(args))), tuple(options.items()),
-                   tuple(map(_dtype, tensors)), aligned or tuple(not (p & 15) for p in map(_ptr, tensors)),
-                   knobs.runtime.debug, knobs.compilation.instrumentation_mode, _fpsan())
+            # Every non-tensor argument of the type it had at the first launch (True == 1 == 1.0 as values, where
+            # Triton tells them apart): compared, not hashed; then the values of all but the runtime floats.
+            values = self.values(args)
+            if tuple(map(type, values if self.others is None else self.others(args))) != self.types:
+                return run(kernel, *args, grid=grid, warmup=warmup, **options)
+            key = (device, values, tuple(options.items()), tuple(map(_dtype, tensors)),
+                   aligned or tuple(not (p & 15) for p in map(_ptr, tensors)), knobs.runtime.debug,
+                   knobs.compilation.instrumentation_mode, knobs.compilation.fpsan_homomorphic_casts if _FPSAN else None)
             compiled = self.compiled.get(key)
         except (AttributeError, TypeError):  # not a tensor where the first launch had one; an unhashable value
             return run(kernel, *args, grid=grid, warmup=warmup, **options)
@@ -100,12 +103,7 @@ class _DirectRun:
             compiled = run(kernel, *args, grid=grid, warmup=False, **options)  # compiles if need be, and launches
             if hasattr(compiled, "result"):  # a future, where Triton compiles asynchronously
                 compiled = compiled.result()
-            # Kept only where every position holds the kind it held at the first launch: a float where the key leaves
-            # out the value (an int there would be specialized by value), no tensor among the values (keyed by
-            # identity: kept alive, never hit again).
-            if (type(compiled).__name__ == "CompiledKernel" and getattr(compiled, "function", None) is not None
-                    and all(type(v) is float for v in self.floats(args))
-                    and not any(isinstance(v, torch.Tensor) for v in self.values(args))):
+            if type(compiled).__name__ == "CompiledKernel" and getattr(compiled, "function", None) is not None:
                 if len(self.compiled) >= SIGNATURES:
                     self.compiled.clear()
                 self.compiled[key] = compiled
@@ -129,23 +127,22 @@ class _DirectRun:
 
     def _positions(self, args):
         """Tensors; non-tensors keyed by value (all but floats at runtime parameters: Triton makes those fp32
-        whatever their value; a constexpr float is part of the kernel); all non-tensors; those runtime floats."""
+        whatever their value; a constexpr float is part of the kernel); all non-tensors, and their types."""
         constexpr = [p.is_constexpr for p in self.kernel.params]
         kinds = ["tensor" if isinstance(a, torch.Tensor) else "float" if type(a) is float and not constexpr[i]
                  else "value" for i, a in enumerate(args)]
         self.values = _getter(tuple(i for i, k in enumerate(kinds) if k == "value"))
-        self.others = _getter(tuple(i for i, k in enumerate(kinds) if k != "tensor"))
-        self.floats = _getter(tuple(i for i, k in enumerate(kinds) if k == "float"))
+        # None where there are no runtime floats: the non-tensors are the values
+        self.others = _getter(tuple(i for i, k in enumerate(kinds) if k != "tensor")) if "float" in kinds else None
         self.tensors = _getter(tuple(i for i, k in enumerate(kinds) if k == "tensor"))
+        self.types = tuple(map(type, self.values(args) if self.others is None else self.others(args)))
 
 
-def _knob(group, name):
-    """A Triton knob's reader, or one giving None where this Triton has no such knob."""
-    holder = getattr(knobs, group, None)
-    if holder is None or not hasattr(holder, name):
-        return lambda: None
-    return lambda: getattr(holder, name)
+# Triton 3.9: part of JITFunction.run's options (3.6 has no such knob)
+_FPSAN = hasattr(getattr(knobs, "compilation", None), "fpsan_homomorphic_casts")
+_STAGES = getattr(knobs, "runtime", None) if hasattr(getattr(knobs, "runtime", None), "add_stages_inspection_hook") else None
 
 
-_fpsan = _knob("compilation", "fpsan_homomorphic_casts")  # Triton 3.9: part of JITFunction.run's options
-_stages_hook = _knob("runtime", "add_stages_inspection_hook")  # Triton 3.9: when set, a part of the cache key
+def _stages_hook():
+    """Triton 3.9's stages-inspection hook (when set, part of its cache key), None where there is none."""
+    return None if _STAGES is None else _STAGES.add_stages_inspection_hook
