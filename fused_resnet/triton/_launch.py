@@ -67,7 +67,7 @@ def _getter(positions):
 
 
 class _DirectRun:
-    __slots__ = ("kernel", "arity", "tensors", "values", "others", "types", "compiled")
+    __slots__ = ("kernel", "arity", "tensors", "values", "scalars", "types", "compiled")
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -88,11 +88,12 @@ class _DirectRun:
         try:
             tensors = self.tensors(args)
             aligned = not (functools.reduce(operator.or_, map(_ptr, tensors), 0) & 15)
-            # Every non-tensor argument of the type it had at the first launch (True == 1 == 1.0 as values, where
-            # Triton tells them apart): compared, not hashed; then the values of all but the runtime floats.
-            values = self.values(args)
-            if tuple(map(type, values if self.others is None else self.others(args))) != self.types:
+            # Every scalar at a runtime parameter of the type it had at the first launch (True == 1 == 1.0 as values,
+            # where Triton tells them apart; constexprs it keys by value, as we do): compared, not hashed; then the
+            # values of all but the runtime floats.
+            if tuple(map(type, self.scalars(args))) != self.types:
                 return run(kernel, *args, grid=grid, warmup=warmup, **options)
+            values = self.values(args)
             key = (device, values, tuple(options.items()), tuple(map(_dtype, tensors)),
                    aligned or tuple(not (p & 15) for p in map(_ptr, tensors)), knobs.runtime.debug,
                    knobs.compilation.instrumentation_mode, knobs.compilation.fpsan_homomorphic_casts if _FPSAN else None)
@@ -127,15 +128,15 @@ class _DirectRun:
 
     def _positions(self, args):
         """Tensors; non-tensors keyed by value (all but floats at runtime parameters: Triton makes those fp32
-        whatever their value; a constexpr float is part of the kernel); all non-tensors, and their types."""
+        whatever their value; a constexpr float is part of the kernel); scalars at runtime parameters, and their
+        types."""
         constexpr = [p.is_constexpr for p in self.kernel.params]
         kinds = ["tensor" if isinstance(a, torch.Tensor) else "float" if type(a) is float and not constexpr[i]
                  else "value" for i, a in enumerate(args)]
         self.values = _getter(tuple(i for i, k in enumerate(kinds) if k == "value"))
-        # None where there are no runtime floats: the non-tensors are the values
-        self.others = _getter(tuple(i for i, k in enumerate(kinds) if k != "tensor")) if "float" in kinds else None
+        self.scalars = _getter(tuple(i for i, k in enumerate(kinds) if k != "tensor" and not constexpr[i]))
         self.tensors = _getter(tuple(i for i, k in enumerate(kinds) if k == "tensor"))
-        self.types = tuple(map(type, self.values(args) if self.others is None else self.others(args)))
+        self.types = tuple(map(type, self.scalars(args)))
 
 
 # Triton 3.9: part of JITFunction.run's options (3.6 has no such knob)
