@@ -61,17 +61,17 @@ def _run(*args, timeout=600):
 def test_script_measures_both_backends(tmp_path):
     _emulated()
     out = tmp_path / "host.json"
-    r = _run("--reps", "3", "--cases", "layer,postact", "--modes", "inference,training", "--backends",
-             "triton,cuda", "--split", "--json", str(out))
+    r = _run("--reps", "3", "--burst", "2", "--cases", "layer,postact,net", "--modes", "inference,training",
+             "--backends", "triton,cuda", "--split", "--json", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = [l for l in r.stdout.splitlines() if l.startswith("| layer") or l.startswith("| postact")]
-    assert len(rows) == 4, r.stdout
+    rows = [l for l in r.stdout.splitlines() if l.startswith(("| layer", "| postact", "| net"))]
+    assert len(rows) == 6, r.stdout
     for row in rows:  # eager us, then (us, ratio) for triton, cuda and the memoized split
         ratios = re.findall(r"\| ([0-9.]+)x", row)
         assert len(ratios) == 3, row
         assert all(float(v) > 0 for v in ratios), row
     doc = json.loads(out.read_text())
-    assert {(d["case"], d["mode"]) for d in doc["rows"]} == {(c, m) for c in ("layer", "postact")
+    assert {(d["case"], d["mode"]) for d in doc["rows"]} == {(c, m) for c in ("layer", "postact", "net")
                                                              for m in ("inference", "training")}
     assert all(d["triton_us"] > 0 and d["cuda_us"] > 0 and d["eager_us"] > 0 for d in doc["rows"])
     assert "CUDA emulated" in doc["device"]
@@ -81,13 +81,13 @@ def test_script_jit_times_compiled_launches(tmp_path):
     # --jit: kernels compiled for sm_90, JITFunction.run and the direct launch timed, the launch itself dropped
     out = tmp_path / "host.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, str(SCRIPT), "--jit", "--reps", "3", "--burst", "2", "--cases", "layer,net",
+    r = subprocess.run([sys.executable, str(SCRIPT), "--jit", "--reps", "3", "--burst", "2", "--cases", "layer",
                         "--modes", "training", "--backends", "triton,triton-jit", "--json", str(out)],
                        capture_output=True, text=True, timeout=900, env=dict(env, PYTHONPATH=str(ROOT)), cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert "Triton compiled for sm_90" in doc["device"]
-    assert {d["case"] for d in doc["rows"]} == {"layer", "net"}
+    assert {d["case"] for d in doc["rows"]} == {"layer"}
     assert all(d["triton_us"] > 0 and d["triton-jit_us"] > 0 for d in doc["rows"])
 
 
