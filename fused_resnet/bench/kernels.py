@@ -24,8 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .cases import CIFAR_LAYERS, R50_LAYERS, Case
-
-ASSUMED_SMS = {90: 132, 80: 108}  # H100 SXM / A100: what the launchers size split-K grids for
+from .nolaunch_driver import ASSUMED_SMS, NoLaunchDriver
 
 # H100 figures measured on the GPU machines (shared/ENVIRONMENT.md): device copy bandwidth and dense
 # bf16 matmul rate. The prediction assumes a fused kernel reaches 70% of the first and, for the
@@ -66,23 +65,16 @@ class Launch:
     flops: int
 
 
-class _CompileOnlyDriver:
-    """Just enough of a Triton driver to compile (never launch) for a chosen GPU target."""
+class _CompileOnlyDriver(NoLaunchDriver):
+    """The no-launch driver as the report uses it: it only compiles (warm-ups), one "device" per target, meta
+    tensors."""
 
     def __init__(self, arch: int):
-        from triton.backends.compiler import GPUTarget
-
+        super().__init__(arch)
         self.arch = arch
-        self.target = GPUTarget("cuda", arch, 32)
 
     def get_current_device(self):
         return self.arch  # the JIT caches compiled kernels per device: one "device" per target
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return self.target
 
     def get_active_torch_device(self):
         return torch.device("meta")

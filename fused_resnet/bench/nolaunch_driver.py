@@ -13,6 +13,8 @@ import contextlib
 
 import torch
 
+ASSUMED_SMS = {90: 132, 80: 108}  # H100 SXM / A100: what the launchers size split-K grids for
+
 
 class Launch:
     """What a launch handed the launcher: grid, stream, the kernel's function handle, its arguments."""
@@ -23,8 +25,8 @@ class Launch:
 
 
 class _Utils:
-    def __init__(self):
-        self.functions = 0
+    def __init__(self, sms: int):
+        self.functions, self.sms = 0, sms
 
     def load_binary(self, name, kernel, shared, device):
         # (module, function, n_regs, n_spills, n_max_threads): a distinct handle per loaded kernel
@@ -32,7 +34,7 @@ class _Utils:
         return object(), self.functions, 0, 0, 1024
 
     def get_device_properties(self, device):
-        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32,
+        return {"max_shared_mem": 232448, "multiprocessor_count": self.sms, "max_num_regs": 65536, "warpSize": 32,
                 "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 5120}
 
     def unload_module(self, module):
@@ -47,7 +49,7 @@ class NoLaunchDriver:
         from triton.backends.compiler import GPUTarget
 
         self.target = GPUTarget("cuda", arch, 32)
-        self.utils = _Utils()
+        self.utils = _Utils(ASSUMED_SMS[arch])
         self.record = None
         self.launches = 0
 
@@ -104,7 +106,7 @@ def installed(arch: int = 90):
     status = backends._triton_status
     backends._triton_status = lambda: (True, True, "")
     _plan.clear()
-    _common.ASSUMED_GPU = (arch, 132)
+    _common.ASSUMED_GPU = (arch, ASSUMED_SMS[arch])
     driver.set_active(fake)
     try:
         yield fake

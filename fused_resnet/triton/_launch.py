@@ -44,7 +44,11 @@ launches = 0  # direct launches so far (tests, the benchmark)
 
 _ptr = torch.Tensor.data_ptr
 _dtype = operator.attrgetter("dtype")
-
+# Triton 3.9's knobs that JITFunction.run reads into its key: the fpsan casts (an option; 3.6 has no such knob) and
+# the stages-inspection hook (when set, part of the key; 3.6 has the knob but not in its key: a set hook only sends
+# launches through JITFunction.run there)
+_FPSAN = hasattr(knobs.compilation, "fpsan_homomorphic_casts")
+_STAGES = hasattr(knobs.runtime, "add_stages_inspection_hook")
 
 _JIT_RUN = JITFunction.run  # as Triton defines it: a replaced JITFunction.run means someone watches every launch
 
@@ -79,7 +83,8 @@ class _DirectRun:
         kernel = self.kernel
         run = type(kernel).run
         if (warmup or run is not _JIT_RUN or not enabled or kernel.pre_run_hooks or kernel.used_global_vals
-                or len(args) != self.arity or type(grid) is not tuple or _stages_hook() is not None):
+                or len(args) != self.arity or type(grid) is not tuple
+                or _STAGES and knobs.runtime.add_stages_inspection_hook is not None):
             return run(kernel, *args, grid=grid, warmup=warmup, **options)
         drv = driver.active
         device = drv.get_current_device()
@@ -137,13 +142,3 @@ class _DirectRun:
         self.scalars = _getter(tuple(i for i, k in enumerate(kinds) if k != "tensor" and not constexpr[i]))
         self.tensors = _getter(tuple(i for i, k in enumerate(kinds) if k == "tensor"))
         self.types = tuple(map(type, self.scalars(args)))
-
-
-# Triton 3.9: part of JITFunction.run's options (3.6 has no such knob)
-_FPSAN = hasattr(getattr(knobs, "compilation", None), "fpsan_homomorphic_casts")
-_STAGES = getattr(knobs, "runtime", None) if hasattr(getattr(knobs, "runtime", None), "add_stages_inspection_hook") else None
-
-
-def _stages_hook():
-    """Triton 3.9's stages-inspection hook (when set, part of its cache key), None where there is none."""
-    return None if _STAGES is None else _STAGES.add_stages_inspection_hook
