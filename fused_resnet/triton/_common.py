@@ -11,6 +11,7 @@ import triton.language as tl
 
 from .._layout import memory_format_of
 from . import configs
+from ._launch import bind
 
 
 @functools.lru_cache(maxsize=1)
@@ -135,6 +136,15 @@ PLAN_ENTRIES = 1024
 # tuple (issue 30).
 # Launchers call kernel.run(*args, grid=grid, warmup=False, **options): what kernel[grid](...) calls (Triton 3.x),
 # without the proxy lambda that __getitem__ makes at every launch (~0.5 us of host time a launch; issue 30).
+
+
+def plan_launch(kernel, grid, kw: dict, ints=()):
+    """A plan's launch of kernel on grid with the keyword arguments kw (constexprs and options) and the plan's
+    runtime integers `ints` (the parameters just before the constexprs): `launch(*head)` launches
+    kernel(*head, *ints, *constexprs), as kernel.run(..., grid=grid, warmup=False, **options) would, through the
+    plan's own direct launch (_launch.bind: the signature of what the plan fixes is not rebuilt per launch)."""
+    consts, opts = launch_args(kernel, kw)
+    return bind(kernel, grid, (*ints, *consts), opts)
 
 
 def launch_args(kernel, kw: dict):

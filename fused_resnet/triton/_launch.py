@@ -124,9 +124,7 @@ class _DirectRun:
         # the launch hooks: not built (~0.8 us) while both their chains are empty.
         stream = drv.get_current_stream(device)
         n = len(grid)
-        enter, exit_ = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-        metadata = (compiled.launch_metadata(grid, stream, *args)
-                    if getattr(enter, "calls", True) or getattr(exit_, "calls", True) else None)
+        enter, exit_, metadata = _hooks(compiled, grid, stream, args)
         compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, compiled.function,
                      compiled.packed_metadata, metadata, enter, exit_, *args)
         return compiled
@@ -142,3 +140,89 @@ class _DirectRun:
         self.scalars = _getter(tuple(i for i, k in enumerate(kinds) if k != "tensor" and not constexpr[i]))
         self.tensors = _getter(tuple(i for i, k in enumerate(kinds) if k == "tensor"))
         self.types = tuple(map(type, self.scalars(args)))
+
+
+def _hooks(compiled, grid, stream, args):
+    """(enter hook, exit hook, launch metadata) for compiled.run: an empty hook chain is passed as None, which
+    Triton's launcher skips (the chain's call would do nothing, ~0.3 us each), and the metadata, which only the
+    hooks read, is built (~0.8 us) only for a chain that has hooks."""
+    enter, exit_ = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    if not getattr(enter, "calls", True):
+        enter = None
+    if not getattr(exit_, "calls", True):
+        exit_ = None
+    if enter is None and exit_ is None:
+        return None, None, None
+    return enter, exit_, compiled.launch_metadata(grid, stream, *args)
+
+
+def bind(kernel, grid, tail, options):
+    """A launcher plan's launch of kernel: `bound(*head)` launches kernel(*head, *tail) on grid with options,
+    as kernel.run(*head, *tail, grid=grid, warmup=False, **options) would."""
+    return _Bound(kernel, tuple(grid), tuple(tail), dict(options))
+
+
+class _Bound:
+    """The direct launch narrowed to one plan (issue 30): grid, tail (the plan's integers and constexprs) and
+    options are constants of the object, so the signature left to key per launch is the head's: its tensors'
+    dtypes and 16-byte alignment, its scalars (typed, valued but for runtime floats, as _DirectRun keys them), the
+    current device and the knobs. A miss launches through the kernel's run (the direct launch, then JITFunction.run)
+    and keeps the kernel that came back; every condition under which _DirectRun steps aside sends the launch there."""
+    __slots__ = ("kernel", "grid", "tail", "options", "dims", "tensors", "values", "scalars", "types", "cache")
+
+    def __init__(self, kernel, grid, tail, options):
+        self.kernel, self.grid, self.tail, self.options = kernel, grid, tail, options
+        n = len(grid)
+        self.dims = (grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1)
+        self.tensors = None
+        self.cache = {}
+
+    def __call__(self, *head):
+        kernel = self.kernel
+        if (type(kernel) is not JITFunction or JITFunction.run is not _JIT_RUN or not enabled or kernel.pre_run_hooks
+                or kernel.used_global_vals or _STAGES and knobs.runtime.add_stages_inspection_hook is not None):
+            return kernel.run(*head, *self.tail, grid=self.grid, warmup=False, **self.options)
+        drv = driver.active
+        device = drv.get_current_device()
+        if self.tensors is None:
+            self._positions(head)
+        try:
+            tensors = self.tensors(head)
+            aligned = not (functools.reduce(operator.or_, map(_ptr, tensors), 0) & 15)
+            if self.types and tuple(map(type, self.scalars(head))) != self.types:
+                return kernel.run(*head, *self.tail, grid=self.grid, warmup=False, **self.options)
+            key = (device, aligned or tuple(not (p & 15) for p in map(_ptr, tensors)), tuple(map(_dtype, tensors)),
+                   self.values(head), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
+                   knobs.compilation.fpsan_homomorphic_casts if _FPSAN else None)
+            entry = self.cache.get(key)
+        except (AttributeError, TypeError):  # not a tensor where the first launch had one; an unhashable value
+            return kernel.run(*head, *self.tail, grid=self.grid, warmup=False, **self.options)
+        args = head + self.tail
+        if entry is None:
+            compiled = kernel.run(*args, grid=self.grid, warmup=False, **self.options)
+            if type(compiled).__name__ == "CompiledKernel" and getattr(compiled, "function", None) is not None:
+                if len(self.cache) >= SIGNATURES:
+                    self.cache.clear()
+                self.cache[key] = (compiled, compiled.run, compiled.function, compiled.packed_metadata)
+            return compiled
+        compiled, run, function, packed = entry
+        if verify:
+            chosen = _JIT_RUN(kernel, *args, grid=self.grid, warmup=True, **self.options)
+            if chosen is not compiled:
+                raise AssertionError(f"{kernel.fn.__name__}: the plan's kernel is not the one Triton picks")
+        global launches
+        launches += 1
+        stream = drv.get_current_stream(device)
+        enter, exit_, metadata = _hooks(compiled, self.grid, stream, args)
+        run(*self.dims, stream, function, packed, metadata, enter, exit_, *args)
+        return compiled
+
+    def _positions(self, head):
+        """As _DirectRun._positions, over the head alone."""
+        constexpr = [p.is_constexpr for p in self.kernel.params]
+        kinds = ["tensor" if isinstance(a, torch.Tensor) else "float" if type(a) is float and not constexpr[i]
+                 else "value" for i, a in enumerate(head)]
+        self.values = _getter(tuple(i for i, k in enumerate(kinds) if k == "value"))
+        self.scalars = _getter(tuple(i for i, k in enumerate(kinds) if k != "tensor" and not constexpr[i]))
+        self.tensors = _getter(tuple(i for i, k in enumerate(kinds) if k == "tensor"))
+        self.types = tuple(map(type, self.scalars(head)))

@@ -85,7 +85,7 @@ def _one_consumer_plan(grad_y, x, weight, stride, padding, dilation, batch_stats
     b_len = 0
     if need_dw:
         wplan = wgrad_plan(grad_y, x, torch.empty_like(weight), stride, padding, dilation, relu)
-        b_len = wplan[4][1] if wplan[4] is not None else 0
+        b_len = wplan[2][1] if wplan[2] is not None else 0
     splan = column_sums_plan(2 * x.shape[1] if need_sums else 0, b_len, acc_dtype(x.dtype))
     if batch_stats:
         fplan = finish_plan(out, x, out, has_gamma)

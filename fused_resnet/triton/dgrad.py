@@ -26,8 +26,8 @@ import triton.language as tl
 
 from .._layout import memory_format_of
 from . import configs
-from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, interpreting, launch_args, launch_plan,
-                      mma, next_pow2, plan_env, swizzle, tl_dtype)
+from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, interpreting, launch_plan, mma, next_pow2,
+                      plan_env, plan_launch, swizzle, tl_dtype)
 from ._launch import direct_launch
 
 
@@ -136,8 +136,8 @@ def _conv_dgrad_kernel(
 @direct_launch
 @triton.jit
 def _bn_backward_finish_kernel(
-    gm_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, gamma_ptr, s1_ptr, s2_ptr,
-    N, C, H, W, inv_count,
+    gm_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, gamma_ptr, s1_ptr, s2_ptr, inv_count,
+    N, C, H, W,
     sgn, sgc, sgh, sgw,
     sxn, sxc, sxh, sxw,
     sdn, sdc, sdh, sdw,
@@ -189,8 +189,8 @@ def _dgrad_plan(grad_y, x, weight, out, stride, padding, dilation, batch_stats, 
                    IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc_dtype(x.dtype)), DOT_MODE=dot_mode(x.dtype),
                    PRECISION=fp32_precision(), RELU=bool(relu), **cfg)
     part_shape = (phases * tiles_m, 2, c) if need_sums else None
-    return (configs._table(), (phases * tiles_m * cdiv(c, cfg["BLOCK_N"]),), ints,
-            launch_args(_conv_dgrad_kernel, kw_args), part_shape)
+    return (configs._table(), plan_launch(_conv_dgrad_kernel, (phases * tiles_m * cdiv(c, cfg["BLOCK_N"]),), kw_args,
+                                          ints), part_shape)
 
 
 def conv_dgrad(grad_y, x, weight, mean, scale, beta, invstd, batch_stats, need_sums, stride, padding,
@@ -220,10 +220,9 @@ def dgrad_plan(grad_y, x, weight, out, stride, padding, dilation, batch_stats, n
 
 def dgrad_launch(plan, grad_y, x, weight, mean, scale, beta, invstd, out):
     """The dgrad launch of a plan (out: dx, gm, or the addend it accumulates into); returns the partials or None."""
-    _, grid, ints, (consts, opts), part_shape = plan
+    _, launch, part_shape = plan
     part = torch.empty(*part_shape, dtype=acc_dtype(x.dtype), device=x.device) if part_shape is not None else None
-    _conv_dgrad_kernel.run(grad_y, weight, x, mean, scale, beta, invstd, out, part if part is not None else out, out,
-                             *ints, *consts, grid=grid, warmup=False, **opts)
+    launch(grad_y, weight, x, mean, scale, beta, invstd, out, part if part is not None else out, out)
     return part
 
 
@@ -236,8 +235,8 @@ def _finish_plan(gm, x, dx, has_gamma):
     block_m = 64 if interpreting() else max(32, 4096 // block_c)
     kw_args = dict(HAS_GAMMA=has_gamma, ACC=tl_dtype(acc_dtype(x.dtype)), BLOCK_M=block_m, BLOCK_C=block_c,
                    num_warps=4)
-    return (configs._table(), (cdiv(n * h * w, block_m), cdiv(c, block_c)),
-            (n, c, h, w), (*gm.stride(), *x.stride(), *dx.stride()), launch_args(_bn_backward_finish_kernel, kw_args))
+    return (configs._table(), plan_launch(_bn_backward_finish_kernel, (cdiv(n * h * w, block_m), cdiv(c, block_c)),
+                                          kw_args, (n, c, h, w, *gm.stride(), *x.stride(), *dx.stride())))
 
 
 def bn_backward_finish(gm, x, mean, invstd, gamma, s1, s2, count):
@@ -254,6 +253,5 @@ def finish_plan(gm, x, dx, has_gamma):
 
 
 def finish_launch(plan, gm, x, dx, mean, invstd, gamma, s1, s2, count):
-    _, grid, dims, strides, (consts, opts) = plan
-    _bn_backward_finish_kernel.run(gm, x, dx, mean, invstd, gamma if gamma is not None else mean, s1, s2,
-                                     *dims, 1.0 / count, *strides, *consts, grid=grid, warmup=False, **opts)
+    _, launch = plan
+    launch(gm, x, dx, mean, invstd, gamma if gamma is not None else mean, s1, s2, 1.0 / count)

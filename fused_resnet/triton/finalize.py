@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._common import cdiv, interpreting, launch_args, launch_plan, next_pow2, tl_dtype
+from ._common import cdiv, interpreting, launch_plan, next_pow2, plan_launch, tl_dtype
 from ._launch import direct_launch
 
 FIN_ROWS = 5  # bn_finalize's output rows: mean, var, invstd, scale, beta
@@ -32,7 +32,7 @@ def _bn_finalize_kernel(
     x_ptr, sxc,
     mean_ptr, var_ptr, out_ptr,
     gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr,
-    C, eps, momentum, unbiased,
+    eps, momentum, unbiased, C,
     FROM_PARTIALS: tl.constexpr, HAS_PIVOT: tl.constexpr, WRITE_MOMENTS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr, COUNT_BATCH: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -105,7 +105,7 @@ def _finalize_plan(c, acc, from_partials, has_x, write_moments, has_gamma, has_b
                    HAS_BETA=has_beta, UPDATE_RUNNING=update, COUNT_BATCH=count_batch, ACC=tl_dtype(acc),
                    BLOCK_C=block_c,
                    BLOCK_T=32 if interpreting() else 128, num_warps=4)
-    return configs._table(), (cdiv(c, block_c),), launch_args(_bn_finalize_kernel, kw_args)
+    return configs._table(), plan_launch(_bn_finalize_kernel, (cdiv(c, block_c),), kw_args, (c,))
 
 
 def bn_finalize(c, acc, *, partials=None, x=None, mean=None, var=None, gamma=None, beta=None,
@@ -118,7 +118,7 @@ def bn_finalize(c, acc, *, partials=None, x=None, mean=None, var=None, gamma=Non
     from_partials = partials is not None
     update = running_mean is not None
     counted = num_batches_tracked is not None
-    _, grid, (consts, opts) = launch_plan(
+    _, launch = launch_plan(
         _FIN_PLANS,
         (c, acc, from_partials, x is not None, mean is not None, gamma is not None, beta is not None, update, counted),
         _finalize_plan, c, acc, from_partials, x is not None, from_partials and mean is not None, gamma is not None,
@@ -128,15 +128,14 @@ def bn_finalize(c, acc, *, partials=None, x=None, mean=None, var=None, gamma=Non
     if part is None:
         part = out
     dummy = out  # an absent tensor's stand-in (its flag keeps the kernel from reading it)
-    _bn_finalize_kernel.run(
+    launch(
         part, part.shape[1] if from_partials else 1, tile_rows, total,
         x if x is not None else dummy, x.stride(1) if x is not None else 0,
         mean if mean is not None else dummy, var if var is not None else dummy, out,
         gamma if gamma is not None else dummy, beta if beta is not None else dummy,
         running_mean if update else dummy, running_var if update else dummy,
-        num_batches_tracked if counted else dummy, c, float(eps), float(momentum),
-        (count / (count - 1)) if update and count and count > 1 else float("inf"),
-        *consts, grid=grid, warmup=False, **opts)
+        num_batches_tracked if counted else dummy, float(eps), float(momentum),
+        (count / (count - 1)) if update and count and count > 1 else float("inf"))
     return out
 
 
@@ -194,7 +193,7 @@ def _column_sums_plan(a_len, b_len, wide):
     programs = a_programs + cdiv(b_len, block_l)
     kw_args = dict(HAS_B=b_len > 0, ACC=tl.float64 if wide else tl.float32, BLOCK_R=8 if interpreting() else 16,
                    BLOCK_L=block_l, num_warps=4)
-    return configs._table(), (programs,), a_programs, launch_args(_column_sums_kernel, kw_args)
+    return configs._table(), plan_launch(_column_sums_kernel, (programs,), kw_args, (a_programs,))
 
 
 def column_sums(a=None, a_out=(None, None), b=None, b_out=None, a_shape=None):
@@ -215,14 +214,12 @@ def column_sums_plan(a_len, b_len, dtype):
 
 
 def column_sums_launch(plan, a, a_out, b, b_out, a_shape=None):
-    _, grid, a_programs, (consts, opts) = plan
-    if grid[0] == 0:
+    _, launch = plan
+    if launch.grid[0] == 0:
         return
     a_rows, a_len = (a_shape or a.shape) if a is not None else (0, 0)
     b_rows, b_len = b.shape if b is not None else (0, 0)
     dummy = a if a is not None else b
     o0, o1 = a_out if a is not None else (b_out, b_out)
-    _column_sums_kernel.run(
-        dummy if a is None else a, a_rows, a_len, o0, o1, a_len // 2,
-        dummy if b is None else b, b_rows, b_len, b_out if b is not None else dummy,
-        a_programs, *consts, grid=grid, warmup=False, **opts)
+    launch(dummy if a is None else a, a_rows, a_len, o0, o1, a_len // 2,
+           dummy if b is None else b, b_rows, b_len, b_out if b is not None else dummy)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, launch_args, launch_plan, mma, plan_env,
+from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, launch_plan, mma, plan_env, plan_launch,
                       swizzle, tl_dtype)
 from ._launch import direct_launch
 from .finalize import moments
@@ -130,7 +130,7 @@ def _forward_plan(x, weight, res, y, stride, padding, dilation, out_stats, relu,
     kw_args = dict(HAS_BIAS=has_bias, HAS_RES=has_res, OUT_STATS=bool(out_stats), RELU=bool(relu),
                    IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc), DOT_MODE=dot_mode(x.dtype),
                    PRECISION=fp32_precision(), **cfg)
-    return (configs._table(), (tiles_m * cdiv(k, bn),), ints, launch_args(_conv_fwd_kernel, kw_args),
+    return (configs._table(), plan_launch(_conv_fwd_kernel, (tiles_m * cdiv(k, bn),), kw_args, ints),
             ((2, tiles_m, k) if out_stats else None), acc, bm, m)
 
 
@@ -145,13 +145,12 @@ def conv_forward(x, weight, bias, mean, scale, beta, residual, y, stride, paddin
     res = residual if residual is not None else y
     key = (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(), y.shape, y.stride(),
            res.stride(), *stride, *padding, *dilation, out_stats, relu, bias is None, residual is None, *plan_env())
-    _, grid, ints, (consts, opts), part_shape, acc, bm, m = launch_plan(
+    _, launch, part_shape, acc, bm, m = launch_plan(
         _PLANS, key, _forward_plan, x, weight, res, y, stride, padding, dilation, out_stats, relu, bias is not None,
         residual is not None)
     # without statistics the kernel never touches part: scale (the same dtype) stands in
     part = torch.empty(*part_shape, dtype=acc, device=x.device) if part_shape is not None else scale
-    _conv_fwd_kernel.run(x, weight, bias if bias is not None else scale, res, y, mean, scale, beta, part, *ints,
-                           *consts, grid=grid, warmup=False, **opts)
+    launch(x, weight, bias if bias is not None else scale, res, y, mean, scale, beta, part)
     if not out_stats:
         return None
     if out_stats == "partials":  # merged later, by the finalize of the BN that reads y (_deferred.py)

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .._layout import memory_format_of
 from . import configs
-from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, launch_args, launch_plan, mma, plan_env,
+from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, launch_plan, mma, plan_env, plan_launch,
                       swizzle, tl_dtype)
 from ._launch import direct_launch
 from .dgrad import _first_tap
@@ -199,7 +199,7 @@ def _forward_pair_plan(x, weight, weight2, y, y2, stride, padding, dilation, str
     kw_args = dict(SHARED_M=shared_m, HAS_BIAS=has_bias, HAS_BIAS2=has_bias2, OUT_STATS=bool(out_stats),
                    RELU=bool(relu), IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc), DOT_MODE=dot_mode(x.dtype),
                    PRECISION=fp32_precision(), **cfg)
-    return (configs._table(), grid, ints, launch_args(_conv_fwd_pair_kernel, kw_args),
+    return (configs._table(), plan_launch(_conv_fwd_pair_kernel, grid, kw_args, ints),
             ((2, tiles_m1, k1) if out_stats else None), acc, bm, m1)
 
 
@@ -219,7 +219,7 @@ def conv_forward_pair(x, weight, weight2, bias, bias2, mean, scale, beta, y, y2,
     key = (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(), weight2.shape, weight2.stride(),
            y.shape, y.stride(), y2.shape, y2.stride(), *stride, *padding, *dilation, *stride2, *padding2, *dilation2,
            out_stats, relu, bias is None, bias2 is None, SEPARATE_RANGES, *plan_env())
-    _, grid, ints, (consts, opts), part_shape, acc, bm, m1 = launch_plan(
+    _, launch, part_shape, acc, bm, m1 = launch_plan(
         _FWD_PLANS, key, _forward_pair_plan, x, weight, weight2, y, y2, stride, padding, dilation, stride2, padding2,
         dilation2, out_stats, relu, bias is not None, bias2 is not None)
     # without statistics the kernel never touches part: scale (the same dtype) stands in
@@ -228,8 +228,7 @@ def conv_forward_pair(x, weight, weight2, bias, bias2, mean, scale, beta, y, y2,
     # must then have one element type; HAS_BIAS / HAS_BIAS2 keep it from being read).
     b1 = bias if bias is not None else (bias2 if bias2 is not None else scale)
     b2 = bias2 if bias2 is not None else b1
-    _conv_fwd_pair_kernel.run(x, weight, weight2, b1, b2, y, y2, mean, scale, beta, part, *ints, *consts,
-                                grid=grid, warmup=False, **opts)
+    launch(x, weight, weight2, b1, b2, y, y2, mean, scale, beta, part)
     if not out_stats:
         return None
     if out_stats == "partials":  # merged later, by the finalize of the BN that reads y (_deferred.py)
@@ -373,8 +372,8 @@ def _dgrad_pair_plan(grad_y, weight, grad_y2, weight2, x, out, need_sums, batch_
                    IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc_dtype(x.dtype)), DOT_MODE=dot_mode(x.dtype),
                    PRECISION=fp32_precision(), **cfg)
     part_shape = (phases * tiles_m, 2, c) if need_sums else None
-    return (configs._table(), (phases * tiles_m * cdiv(c, cfg["BLOCK_N"]),), ints,
-            launch_args(_conv_dgrad_pair_kernel, kw_args), part_shape)
+    return (configs._table(), plan_launch(_conv_dgrad_pair_kernel, (phases * tiles_m * cdiv(c, cfg["BLOCK_N"]),),
+                                          kw_args, ints), part_shape)
 
 
 def conv_dgrad_pair(grad_y, weight, grad_y2, weight2, x, mean, scale, beta, invstd, batch_stats, need_sums, stride,
@@ -387,10 +386,9 @@ def conv_dgrad_pair(grad_y, weight, grad_y2, weight2, x, mean, scale, beta, invs
     key = (grad_y.shape, grad_y.stride(), grad_y2.shape, grad_y2.stride(), weight.shape, weight.stride(),
            weight2.shape, weight2.stride(), x.shape, x.stride(), x.dtype, x.device, out.stride(), need_sums,
            batch_stats, *stride, *padding, *dilation, *padding2, *dilation2, relu, *plan_env())
-    _, grid, ints, (consts, opts), part_shape = launch_plan(
+    _, launch, part_shape = launch_plan(
         _DGRAD_PLANS, key, _dgrad_pair_plan, grad_y, weight, grad_y2, weight2, x, out, need_sums, batch_stats, stride,
         padding, dilation, padding2, dilation2, relu)
     part = torch.empty(*part_shape, dtype=acc_dtype(x.dtype), device=x.device) if part_shape is not None else None
-    _conv_dgrad_pair_kernel.run(grad_y, weight, grad_y2, weight2, x, mean, scale, beta, invstd, out,
-                                  part if need_sums else out, *ints, *consts, grid=grid, warmup=False, **opts)
+    launch(grad_y, weight, grad_y2, weight2, x, mean, scale, beta, invstd, out, part if need_sums else out)
     return out, part

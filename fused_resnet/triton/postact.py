@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .._layout import memory_format_of
 from . import configs
-from ._common import acc_dtype, cdiv, interpreting, launch_args, launch_plan, next_pow2, tl_dtype
+from ._common import acc_dtype, cdiv, interpreting, launch_plan, next_pow2, plan_launch, tl_dtype
 from ._launch import direct_launch
 
 
@@ -248,20 +248,18 @@ def _forward_plan(z, s, y, sbn, relu):
     bm, bc, tiles, cbs, warps = _tiles(z)
     kw_args = dict(SHORTCUT_BN=sbn, RELU=bool(relu), DT=tl_dtype(z.dtype), ACC=tl_dtype(acc_dtype(z.dtype)),
                    BLOCK_M=bm, BLOCK_C=bc, num_warps=warps, **_no_fma())
-    return (configs._table(), (tiles, cbs), (n, c, h, w, *z.stride(), *s.stride(), *y.stride()),
-            launch_args(_bn_add_act_kernel, kw_args))
+    return configs._table(), plan_launch(_bn_add_act_kernel, (tiles, cbs), kw_args,
+                                         (n, c, h, w, *z.stride(), *s.stride(), *y.stride()))
 
 
 def bn_add_relu_forward(z, mean, scale, beta, s, s_mean, s_scale, s_beta, y, relu=True):
     """y <- act(rnd((z - mean)*scale + beta) + t), t = rnd((s - s_mean)*s_scale + s_beta) when s_mean is
     given, else s. One launch; any strides."""
     sbn = s_mean is not None
-    _, grid, ints, (consts, opts) = launch_plan(
+    _, launch = launch_plan(
         _FWD_PLANS, (z.shape, z.stride(), z.dtype, s.stride(), y.stride(), sbn, relu), _forward_plan, z, s, y, sbn,
         relu)
-    _bn_add_act_kernel.run(
-        z, s, y, mean, scale, beta, s_mean if sbn else mean, s_scale if sbn else scale, s_beta if sbn else beta,
-        *ints, *consts, grid=grid, warmup=False, **opts)
+    launch(z, s, y, mean, scale, beta, s_mean if sbn else mean, s_scale if sbn else scale, s_beta if sbn else beta)
 
 
 def _backward_plan(g, z, s, dz_like, ds_like, sbn, relu, need_dz, need_ds, need_sums, batch, s_batch, has_sums,
@@ -271,15 +269,13 @@ def _backward_plan(g, z, s, dz_like, ds_like, sbn, relu, need_dz, need_ds, need_
     groups = _row_groups(tiles, cbs)
     common = dict(SHORTCUT_BN=sbn, RELU=bool(relu), DT=tl_dtype(z.dtype), ACC=tl_dtype(acc_dtype(z.dtype)),
                   BLOCK_M=bm, BLOCK_C=bc, num_warps=warps, **_no_fma())
-    reduce = ((groups, cbs), (n, c, h, w, tiles, *g.stride(), *z.stride(), *s.stride()),
-              launch_args(_bn_add_act_reduce_kernel, common))
-    finish = ((groups if (need_dz or need_ds) else 1, cbs),
-              (n, c, h, w, tiles, groups if has_sums else 0, *g.stride(), *z.stride(), *s.stride(),
-               *dz_like.stride(), *ds_like.stride()),
-              launch_args(_bn_add_act_backward_kernel, dict(
-                  NEED_DZ=need_dz, NEED_DS=need_ds, HAS_SUMS=has_sums, WRITE_SUMS=need_sums, BATCH=batch,
-                  S_BATCH=s_batch, HAS_GAMMA=has_gamma, HAS_SGAMMA=has_sgamma, BLOCK_P=next_pow2(min(groups, 64)),
-                  **common)))
+    reduce = plan_launch(_bn_add_act_reduce_kernel, (groups, cbs), common,
+                         (n, c, h, w, tiles, *g.stride(), *z.stride(), *s.stride()))
+    finish = plan_launch(_bn_add_act_backward_kernel, (groups if (need_dz or need_ds) else 1, cbs), dict(
+        NEED_DZ=need_dz, NEED_DS=need_ds, HAS_SUMS=has_sums, WRITE_SUMS=need_sums, BATCH=batch, S_BATCH=s_batch,
+        HAS_GAMMA=has_gamma, HAS_SGAMMA=has_sgamma, BLOCK_P=next_pow2(min(groups, 64)), **common),
+        (n, c, h, w, tiles, groups if has_sums else 0, *g.stride(), *z.stride(), *s.stride(), *dz_like.stride(),
+         *ds_like.stride()))
     return configs._table(), groups, reduce, finish
 
 
@@ -308,14 +304,10 @@ def bn_add_relu_backward(g, z, mean, scale, beta, invstd, gamma, batch_stats,
     if has_sums:
         part = torch.empty(groups, 3, c, dtype=acc, device=z.device)
         sums = torch.empty(3, c, dtype=acc, device=z.device) if need_sums else None
-        grid, ints, (consts, opts) = reduce
-        _bn_add_act_reduce_kernel.run(g, z, s, part, mean, scale, beta, invstd, *sp, *ints, *consts, grid=grid,
-                                      warmup=False, **opts)
+        reduce(g, z, s, part, mean, scale, beta, invstd, *sp)
     if need_dz or need_ds or sums is not None:
         # Only the affine gradients wanted: one program per channel block totals the partial rows.
-        grid, ints, (consts, opts) = finish
-        _bn_add_act_backward_kernel.run(
-            g, z, s, dz_like, ds_like, part if has_sums else invstd,
-            sums if sums is not None else invstd, mean, scale, beta, invstd, gamma if gamma is not None else invstd,
-            *sp[:3], sp[3], s_gamma if has_sgamma else invstd, *ints, *consts, grid=grid, warmup=False, **opts)
+        finish(g, z, s, dz_like, ds_like, part if has_sums else invstd, sums if sums is not None else invstd, mean,
+               scale, beta, invstd, gamma if gamma is not None else invstd, *sp[:3], sp[3],
+               s_gamma if has_sgamma else invstd)
     return dz, ds, sums

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._common import acc_dtype, cdiv, interpreting, launch_args, launch_plan, next_pow2
+from ._common import acc_dtype, cdiv, interpreting, launch_plan, next_pow2, plan_launch
 from ._launch import direct_launch
 
 
@@ -72,17 +72,17 @@ def _stats_plan(x):
     # per tile keeps that within the register file (sm_80 spilled at 4 warps).
     kw_args = dict(ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_M=block_m, BLOCK_C=block_c,
                    num_warps=4 if x.stride(1) == 1 else 8)
-    return (configs._table(), (tiles, cdiv(c, block_c)), (n, c, h, w, *x.stride()),
-            launch_args(_channel_stats_kernel, kw_args), (2, tiles, c), acc, block_m, m)
+    return (configs._table(), plan_launch(_channel_stats_kernel, (tiles, cdiv(c, block_c)), kw_args,
+                                          (n, c, h, w, *x.stride())), (2, tiles, c), acc, block_m, m)
 
 
 def stats_partials(x: torch.Tensor):
     """Per-tile (mean - pivot, M2) of x per channel: ([2, tiles, C], rows per tile, total rows), for
     finalize.bn_finalize (the pivot is x[0, c, 0, 0], read by both kernels from x itself)."""
-    _, grid, ints, (consts, opts), part_shape, acc, block_m, m = launch_plan(
+    _, launch, part_shape, acc, block_m, m = launch_plan(
         _PLANS, (x.shape, x.stride(), x.dtype), _stats_plan, x)
     part = torch.empty(*part_shape, dtype=acc, device=x.device)
-    _channel_stats_kernel.run(x, part, *ints, *consts, grid=grid, warmup=False, **opts)
+    launch(x, part)
     return part, block_m, m
 
 

@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, interpreting, launch_args, launch_plan,
-                      mma, num_sms, plan_env, tl_dtype)
+from ._common import (acc_dtype, cdiv, conv_config, dot_mode, fp32_precision, interpreting, launch_plan, mma, num_sms,
+                      plan_env, plan_launch, tl_dtype)
 from ._launch import direct_launch
 
 
@@ -109,7 +109,7 @@ def _wgrad_plan(grad_y, x, dw, stride, padding, dilation, relu):
             kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
     kw_args = dict(IN_DTYPE=tl_dtype(x.dtype), ACC=tl_dtype(acc), DOT_MODE=dot_mode(x.dtype),
                    PRECISION=fp32_precision(), RELU=bool(relu), **cfg)
-    return (configs._table(), (base * split,), ints, launch_args(_conv_wgrad_kernel, kw_args),
+    return (configs._table(), plan_launch(_conv_wgrad_kernel, (base * split,), kw_args, ints),
             ((split, dw.numel()) if split > 1 else None), acc)
 
 
@@ -127,7 +127,7 @@ def wgrad_plan(grad_y, x, dw, stride, padding, dilation, relu):
 
 
 def wgrad_launch(plan, grad_y, x, dw, mean, scale, beta):
-    _, grid, ints, (consts, opts), part_shape, acc = plan
+    _, launch, part_shape, acc = plan
     part = torch.empty(*part_shape, dtype=acc, device=x.device) if part_shape is not None else dw
-    _conv_wgrad_kernel.run(grad_y, x, mean, scale, beta, part, *ints, *consts, grid=grid, warmup=False, **opts)
+    launch(grad_y, x, mean, scale, beta, part)
     return part if part_shape is not None else None
