@@ -105,6 +105,15 @@ def _kinds_check():
         for _ in range(2):  # the second call of each is a direct launch where it can be
             scaled.run(x, y, n, f, 16, grid=(1,), warmup=False)
     print("ok: bool, int and float arguments of equal value each launch the kernel Triton picks for them")
+    # The same through a plan's launch (_launch.bind), the scalars in its head, the constexpr in its tail: its own
+    # signature, keyed apart from the kernel's
+    bound = _launch.bind(scaled, (1,), (16,), {})
+    for n, f in [(1, 2.0), (True, 2.0), (1.0, 2.0), (16, 2.0), (16, 3), (1, 2.0), (True, 2.0), (16, 3), (16, 3.0)]:
+        for _ in range(2):
+            before = _launch.launches
+            bound(x, y, n, f)
+        assert _launch.launches == before + 1 or type(n) is not int or type(f) is not float, (n, f)
+    print("ok: the same arguments through a plan's launch: the kernel Triton picks, launched directly")
 
 
 def main():

@@ -17,6 +17,15 @@ the call JITFunction.run ends with (`compiled.run(grid..., stream, function, pac
 enter hook, exit hook, *args)`, identical in Triton 3.6 and 3.9), on the current stream, the launch hooks
 honoured (the metadata built whenever either hook chain has a hook).
 
+Our launchers go one step further (session 17): each launch plan (_common.launch_plan: what a launcher derives
+once per shape) binds its kernel's launch, `bind(kernel, grid, tail, options)`. The plan's integers, constexprs,
+grid and options are then constants of that object, so the signature left to build per launch is that of the
+arguments the launcher passes at each call, the head: its tensors' dtypes and alignment, its scalars (typed, and
+valued but for runtime floats), with the device and the knobs. That needs no audit of which values a plan's key
+fixes: whatever the plan fixes is in the tail, whatever it does not is in the head. A miss goes through the
+kernel's run (below) and keeps what came back. 3.3-5.7 us a launch instead of 5-7 (conv_forward: 7.4 -> 4.3),
+against ~0.3-0.5 us for the launcher call itself (benchmarks/NOTES.md, session 17).
+
 JITFunction.run is used as it is whenever one of these holds: the kernel is interpreted (TRITON_INTERPRET=1: the
 interpreter's kernels are not wrapped at all), FUSED_RESNET_TRITON_DIRECT=0, JITFunction.run has been replaced
 (the launch counter, the kernel report and the tuner patch it to see every launch), the kernel has pre-run hooks
@@ -168,10 +177,11 @@ class _Bound:
     dtypes and 16-byte alignment, its scalars (typed, valued but for runtime floats, as _DirectRun keys them), the
     current device and the knobs. A miss launches through the kernel's run (the direct launch, then JITFunction.run)
     and keeps the kernel that came back; every condition under which _DirectRun steps aside sends the launch there."""
-    __slots__ = ("kernel", "grid", "tail", "options", "dims", "tensors", "values", "scalars", "types", "cache")
+    __slots__ = ("kernel", "jit", "grid", "tail", "options", "dims", "tensors", "values", "scalars", "types", "cache")
 
     def __init__(self, kernel, grid, tail, options):
         self.kernel, self.grid, self.tail, self.options = kernel, grid, tail, options
+        self.jit = type(kernel)  # JITFunction: a compiled kernel; else the interpreter's, launched by its own run
         n = len(grid)
         self.dims = (grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1)
         self.tensors = None
@@ -179,7 +189,7 @@ class _Bound:
 
     def __call__(self, *head):
         kernel = self.kernel
-        if (type(kernel) is not JITFunction or JITFunction.run is not _JIT_RUN or not enabled or kernel.pre_run_hooks
+        if (self.jit is not JITFunction or JITFunction.run is not _JIT_RUN or not enabled or kernel.pre_run_hooks
                 or kernel.used_global_vals or _STAGES and knobs.runtime.add_stages_inspection_hook is not None):
             return kernel.run(*head, *self.tail, grid=self.grid, warmup=False, **self.options)
         drv = driver.active
@@ -188,18 +198,17 @@ class _Bound:
             self._positions(head)
         try:
             tensors = self.tensors(head)
-            aligned = not (functools.reduce(operator.or_, map(_ptr, tensors), 0) & 15)
+            ptrs = tuple(map(_ptr, tensors))
             if self.types and tuple(map(type, self.scalars(head))) != self.types:
                 return kernel.run(*head, *self.tail, grid=self.grid, warmup=False, **self.options)
-            key = (device, aligned or tuple(not (p & 15) for p in map(_ptr, tensors)), tuple(map(_dtype, tensors)),
-                   self.values(head), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
-                   knobs.compilation.fpsan_homomorphic_casts if _FPSAN else None)
+            key = (device, not (functools.reduce(operator.or_, ptrs, 0) & 15) or tuple(not (p & 15) for p in ptrs),
+                   tuple(map(_dtype, tensors)), self.values(head), knobs.runtime.debug,
+                   knobs.compilation.instrumentation_mode, knobs.compilation.fpsan_homomorphic_casts if _FPSAN else None)
             entry = self.cache.get(key)
         except (AttributeError, TypeError):  # not a tensor where the first launch had one; an unhashable value
             return kernel.run(*head, *self.tail, grid=self.grid, warmup=False, **self.options)
-        args = head + self.tail
         if entry is None:
-            compiled = kernel.run(*args, grid=self.grid, warmup=False, **self.options)
+            compiled = kernel.run(*head, *self.tail, grid=self.grid, warmup=False, **self.options)
             if type(compiled).__name__ == "CompiledKernel" and getattr(compiled, "function", None) is not None:
                 if len(self.cache) >= SIGNATURES:
                     self.cache.clear()
@@ -207,14 +216,18 @@ class _Bound:
             return compiled
         compiled, run, function, packed = entry
         if verify:
-            chosen = _JIT_RUN(kernel, *args, grid=self.grid, warmup=True, **self.options)
+            chosen = _JIT_RUN(kernel, *head, *self.tail, grid=self.grid, warmup=True, **self.options)
             if chosen is not compiled:
                 raise AssertionError(f"{kernel.fn.__name__}: the plan's kernel is not the one Triton picks")
         global launches
         launches += 1
         stream = drv.get_current_stream(device)
-        enter, exit_, metadata = _hooks(compiled, self.grid, stream, args)
-        run(*self.dims, stream, function, packed, metadata, enter, exit_, *args)
+        runtime = knobs.runtime
+        if getattr(runtime.launch_enter_hook, "calls", True) or getattr(runtime.launch_exit_hook, "calls", True):
+            enter, exit_, metadata = _hooks(compiled, self.grid, stream, head + self.tail)
+            run(*self.dims, stream, function, packed, metadata, enter, exit_, *head, *self.tail)
+        else:  # _hooks' answer for two empty chains, without the call
+            run(*self.dims, stream, function, packed, None, None, None, *head, *self.tail)
         return compiled
 
     def _positions(self, head):
