@@ -23,8 +23,9 @@ grid and options are then constants of that object, so the signature left to bui
 arguments the launcher passes at each call, the head: its tensors' dtypes and alignment, its scalars (typed, and
 valued but for runtime floats), with the device and the knobs. That needs no audit of which values a plan's key
 fixes: whatever the plan fixes is in the tail, whatever it does not is in the head. A miss goes through the
-kernel's run (below) and keeps what came back. 3.3-5.7 us a launch instead of 5-7 (conv_forward: 7.4 -> 4.3),
-against ~0.3-0.5 us for the launcher call itself (benchmarks/NOTES.md, session 17).
+kernel's run (below) and keeps what came back. In one process, interleaved: a conv kernel's launch 4.2-5.6 us
+instead of 8.6-10.4 through its run, the statistics kernels' 3.1-5.4 instead of 5.0-7.1, against 0.3-0.8 us for
+the no-launch driver's launcher itself (benchmarks/NOTES.md, session 17).
 
 JITFunction.run is used as it is whenever one of these holds: the kernel is interpreted (TRITON_INTERPRET=1: the
 interpreter's kernels are not wrapped at all), FUSED_RESNET_TRITON_DIRECT=0, JITFunction.run has been replaced
