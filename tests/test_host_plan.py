@@ -343,3 +343,33 @@ def test_conv_output_has_torch_empty_strides(fmt):
             y = _ops._output(x, k, size)
             ref = torch.empty((shape[0], k, *size), memory_format=memory_format_of(x))
             assert (y.shape, y.stride(), y.dtype, y.device) == (ref.shape, ref.stride(), ref.dtype, ref.device)
+
+
+def test_forced_config_never_reuses_a_stored_plan():
+    """The tuning sweep forces each candidate config in turn: a plan stored before (same shapes, unforced) must not
+    stand in for it, or every candidate would be timed with the old config."""
+    from fused_resnet.triton import configs, forward
+
+    x = torch.randn(2, 8, 6, 6)
+    w = torch.randn(8, 8, 3, 3)
+    c = torch.randn(8)
+    y = torch.empty(2, 8, 6, 6)
+    forward.conv_forward(x, w, None, c, c.abs(), c, None, y, (1, 1), (1, 1), (1, 1))
+    stored = list(forward._PLANS.values())
+    assert stored
+    seen = []
+    real = forward._forward_plan
+
+    def spy(*args):
+        plan = real(*args)
+        seen.append(plan)
+        return plan
+    forward._forward_plan = spy
+    try:
+        cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=1)
+        with configs.forced("fwd", cfg):
+            forward.conv_forward(x, w, None, c, c.abs(), c, None, y, (1, 1), (1, 1), (1, 1))
+    finally:
+        forward._forward_plan = real
+    assert len(seen) == 1 and seen[0] not in stored
+    assert seen[0][1].tail[-4:] == (16, 16, 16, 1) and seen[0][1].options == dict(num_warps=4, num_stages=1)

@@ -98,7 +98,7 @@ def capture(arch: int, sink: list):
         sink.append((self.fn.__name__, tuple(grid), kernel, args, {**named, **kwargs}))
         return kernel
 
-    from ..triton import _common
+    from ..triton import _common, _launch  # noqa: F401  (_launch keeps Triton's own JITFunction.run: imported first)
 
     _common.ASSUMED_GPU = (arch, ASSUMED_SMS[arch])
     driver.set_active(_CompileOnlyDriver(arch))

@@ -106,6 +106,7 @@ def count_device_ops():
     from triton.runtime.jit import JITFunction
 
     from .. import cuda as cuda_launchers
+    from ..triton import _launch  # noqa: F401  (it keeps Triton's own JITFunction.run: before it is replaced here)
 
     mode = DeviceOps()
     real_ext = cuda_launchers._ext

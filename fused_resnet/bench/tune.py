@@ -79,6 +79,8 @@ def _spills(fn) -> int:
     """Spill bytes of the Triton kernels one call of fn launches (compiled for this GPU)."""
     from triton.runtime.jit import JITFunction
 
+    from ..triton import _launch  # noqa: F401  (it keeps Triton's own JITFunction.run: before it is replaced here)
+
     seen = []
     original = JITFunction.run  # what the launchers call (kernel.run(..., grid=, warmup=False)), and kernel[grid] too
 

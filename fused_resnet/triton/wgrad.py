@@ -120,7 +120,7 @@ def conv_wgrad_partial(grad_y, x, dw, mean, scale, beta, stride, padding, dilati
 
 
 def wgrad_plan(grad_y, x, dw, stride, padding, dilation, relu):
-    """conv_wgrad_partial's launch plan for these tensors' metadata; its [4] is the slabs' shape (None: one split)."""
+    """conv_wgrad_partial's launch plan for these tensors' metadata; its [2] is the slabs' shape (None: one split)."""
     key = (grad_y.shape, grad_y.stride(), x.shape, x.stride(), x.dtype, x.device, dw.shape, dw.stride(), *stride,
            *padding, *dilation, relu, *plan_env())
     return launch_plan(_PLANS, key, _wgrad_plan, grad_y, x, dw, stride, padding, dilation, relu)
