@@ -26,6 +26,11 @@ if not torch.cuda.is_available():
 # paths have their own tests with TF32's tolerance (test_cuda_kernels.py).
 torch.backends.cudnn.allow_tf32 = False
 
+# Under pytest-xdist (the README's command: one worker per core), each worker gets its share of the cores for
+# torch's own threads: two workers of two threads each on two cores would contend (OpenMP's waiting threads).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 import pytest  # noqa: E402
 
 import fused_resnet  # noqa: E402
