@@ -140,16 +140,20 @@ class _DirectRun:
         return compiled
 
     def _positions(self, args):
-        """Tensors; non-tensors keyed by value (all but floats at runtime parameters: Triton makes those fp32
-        whatever their value; a constexpr float is part of the kernel); scalars at runtime parameters, and their
-        types."""
-        constexpr = [p.is_constexpr for p in self.kernel.params]
-        kinds = ["tensor" if isinstance(a, torch.Tensor) else "float" if type(a) is float and not constexpr[i]
-                 else "value" for i, a in enumerate(args)]
-        self.values = _getter(tuple(i for i, k in enumerate(kinds) if k == "value"))
-        self.scalars = _getter(tuple(i for i, k in enumerate(kinds) if k != "tensor" and not constexpr[i]))
-        self.tensors = _getter(tuple(i for i, k in enumerate(kinds) if k == "tensor"))
-        self.types = tuple(map(type, self.scalars(args)))
+        _positions(self, args)
+
+
+def _positions(run, args):
+    """run's getters over a launch's arguments (a _DirectRun's all, a plan's head), from its first launch: tensors;
+    non-tensors keyed by value (all but floats at runtime parameters: Triton makes those fp32 whatever their value;
+    a constexpr float is part of the kernel); scalars at runtime parameters, and their types."""
+    constexpr = [p.is_constexpr for p in run.kernel.params]
+    kinds = ["tensor" if isinstance(a, torch.Tensor) else "float" if type(a) is float and not constexpr[i]
+             else "value" for i, a in enumerate(args)]
+    run.values = _getter(tuple(i for i, k in enumerate(kinds) if k == "value"))
+    run.scalars = _getter(tuple(i for i, k in enumerate(kinds) if k != "tensor" and not constexpr[i]))
+    run.tensors = _getter(tuple(i for i, k in enumerate(kinds) if k == "tensor"))
+    run.types = tuple(map(type, run.scalars(args)))
 
 
 def _hooks(compiled, grid, stream, args):
@@ -232,11 +236,4 @@ class _Bound:
         return compiled
 
     def _positions(self, head):
-        """As _DirectRun._positions, over the head alone."""
-        constexpr = [p.is_constexpr for p in self.kernel.params]
-        kinds = ["tensor" if isinstance(a, torch.Tensor) else "float" if type(a) is float and not constexpr[i]
-                 else "value" for i, a in enumerate(head)]
-        self.values = _getter(tuple(i for i, k in enumerate(kinds) if k == "value"))
-        self.scalars = _getter(tuple(i for i, k in enumerate(kinds) if k != "tensor" and not constexpr[i]))
-        self.tensors = _getter(tuple(i for i, k in enumerate(kinds) if k == "tensor"))
-        self.types = tuple(map(type, self.scalars(head)))
+        _positions(self, head)  # the head's first positions are the kernel's first parameters
