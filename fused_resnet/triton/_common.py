@@ -134,8 +134,9 @@ PLAN_ENTRIES = 1024
 
 # Scratch and outputs are allocated as torch.empty(*shape, ...): sizes as separate ints parse ~0.8 us faster than a
 # tuple (issue 30).
-# Launchers call kernel.run(*args, grid=grid, warmup=False, **options): what kernel[grid](...) calls (Triton 3.x),
-# without the proxy lambda that __getitem__ makes at every launch (~0.5 us of host time a launch; issue 30).
+# Launchers launch through their plan's bound launch (plan_launch), which falls back to kernel.run(*args, grid=grid,
+# warmup=False, **options): what kernel[grid](...) calls (Triton 3.x), without the proxy lambda that __getitem__
+# makes at every launch (~0.5 us of host time a launch; issue 30).
 
 
 def plan_launch(kernel, grid, kw: dict, ints=()):
